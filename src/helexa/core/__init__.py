@@ -1,0 +1,1 @@
+"""Code shared by cortex and neuron: wire types, errors, config loading."""

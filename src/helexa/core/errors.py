@@ -1,0 +1,72 @@
+"""API errors and their OpenAI wire envelope.
+
+Every failure a daemon reports travels as an ``ApiError``; the HTTP layer renders
+it in the envelope of the protocol the client spoke.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApiError(Exception):
+    """An error with an HTTP status and an OpenAI-style type/code/param."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    def openai_body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "code": self.code,
+                "param": self.param,
+            }
+        }
+
+    def __repr__(self) -> str:
+        return f"ApiError({self.status}, {self.code!r}, {self.message!r})"
+
+
+def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, code=code or "invalid_request", param=param)
+
+
+def not_found(message: str, *, code: str = "not_found", param: str | None = None) -> ApiError:
+    return ApiError(404, message, type="not_found_error", code=code, param=param)
+
+
+def model_not_found(model: str) -> ApiError:
+    return not_found(
+        f"model {model!r} is not loaded on this neuron", code="model_not_found", param="model"
+    )
+
+
+def unavailable(message: str, *, code: str, retry_after: int = 1) -> ApiError:
+    return ApiError(
+        503,
+        message,
+        type="service_unavailable",
+        code=code,
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+def internal(message: str, *, code: str = "internal_error") -> ApiError:
+    return ApiError(500, message, type="server_error", code=code)

@@ -1,0 +1,165 @@
+"""HTTP plumbing shared by both daemons: strict JSON bodies, error envelopes, SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from helexa.core.errors import ApiError, bad_request
+
+log = logging.getLogger("helexa.http")
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _common_prefix(locs: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+    prefix = locs[0]
+    for loc in locs[1:]:
+        size = 0
+        while size < min(len(prefix), len(loc)) and prefix[size] == loc[size]:
+            size += 1
+        prefix = prefix[:size]
+    return prefix
+
+
+def validation_error(exc: ValidationError) -> ApiError:
+    # A union field fails once per member ("stop.str", "stop.list[str]"): name the field.
+    locs = [tuple(e["loc"]) for e in exc.errors()]
+    param = _loc(_common_prefix(locs) or locs[0]) or None
+    detail = "; ".join(f"{_loc(e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
+    return bad_request(f"invalid request: {detail}", param=param)
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"malformed JSON body: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def validate(model: type[ModelT], data: dict[str, Any]) -> ModelT:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+async def read_body(request: Request, model: type[ModelT]) -> ModelT:
+    return validate(model, parse_json(await request.body()))
+
+
+def openai_error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.openai_body(), status_code=exc.status, headers=exc.headers)
+
+
+async def api_error_handler(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return openai_error_response(exc)
+
+
+async def http_error_handler(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return openai_error_response(ApiError(exc.status_code, str(exc.detail), type=kind, code=code))
+
+
+async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error", extra={"path": request.url.path, "error": repr(exc)}, exc_info=exc)
+    return openai_error_response(
+        ApiError(
+            500,
+            f"internal error: {type(exc).__name__}: {exc}",
+            type="server_error",
+            code="internal_error",
+        )
+    )
+
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+class EventStreamResponse:
+    """``text/event-stream`` whose body generator is closed the moment the client leaves.
+
+    The body runs in its own task while ``receive`` is watched for ``http.disconnect``;
+    a disconnect (or a failed send) cancels the body at whatever it awaits, so the
+    generator's cleanup (cancelling a generation, releasing a slot) runs immediately.
+    """
+
+    def __init__(
+        self,
+        body: AsyncIterator[bytes],
+        *,
+        on_close: Callable[[], None] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.body = body
+        self.on_close = on_close
+        self.headers = {**SSE_HEADERS, **(headers or {})}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
+        raw_headers += [(k.encode(), v.encode()) for k, v in self.headers.items()]
+
+        async def pump() -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
+            async for chunk in self.body:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        pump_task = asyncio.ensure_future(pump())
+        watch_task = asyncio.ensure_future(watch())
+        try:
+            await asyncio.wait({pump_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pump_task, watch_task):
+                task.cancel()
+            for task in (pump_task, watch_task):
+                with contextlib.suppress(asyncio.CancelledError, OSError, Exception):
+                    await task
+            aclose = getattr(self.body, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+            if self.on_close is not None:
+                self.on_close()
+
+
+def sse_data(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_KEEPALIVE = b": keep-alive\n\n"

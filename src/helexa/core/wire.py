@@ -1,0 +1,196 @@
+"""Wire types shared by cortex and neuron: defined once, validated by pydantic."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# --- model lifecycle --------------------------------------------------------------------------
+
+
+class ModelSpec(Wire):
+    """How to load one model: what ``/models/load`` takes and ``default_models`` lists."""
+
+    model_id: str = Field(min_length=1)
+    harness: str = "transformers"
+    quant: str | None = None
+    tensor_parallel: int | None = Field(default=None, ge=1)
+    devices: list[int] | None = None
+
+
+class UnloadRequest(Wire):
+    model_id: str = Field(min_length=1)
+
+
+ModelState = Literal["loading", "loaded", "poisoned"]
+
+
+class ModelStatus(Wire):
+    id: str
+    harness: str
+    status: ModelState
+    devices: list[int]
+    vram_used_mb: int
+    context_length: int | None
+
+
+# --- discovery and health ---------------------------------------------------------------------
+
+
+class DeviceInfo(Wire):
+    index: int
+    name: str
+    vram_total_mb: int
+    compute_capability: str | None = None
+
+
+class CpuInfo(Wire):
+    cores: int
+    memory_total_mb: int
+
+
+class Discovery(Wire):
+    hostname: str
+    os: str
+    kernel: str
+    cuda_version: str | None
+    driver_version: str | None
+    devices: list[DeviceInfo]
+    cpu: CpuInfo
+    harnesses: list[str]
+
+
+class DeviceHealth(Wire):
+    index: int
+    vram_used_mb: int
+    vram_free_mb: int
+    utilization_pct: int | None = None
+    temp_c: int | None = None
+
+
+class CpuHealth(Wire):
+    memory_used_mb: int
+    memory_free_mb: int
+
+
+class ActivationFailure(Wire):
+    model_id: str
+    error: str
+
+
+class Activation(Wire):
+    state: Literal["pre_warming", "ready"]
+    pending: list[str]
+    in_progress: str | None
+    completed: list[str]
+    failed: list[ActivationFailure]
+
+
+class ModelLoadInfo(Wire):
+    in_flight: int
+    queued: int
+
+
+class Health(Wire):
+    uptime_secs: float
+    devices: list[DeviceHealth]
+    cpu: CpuHealth
+    activation: Activation
+    models: dict[str, ModelLoadInfo]
+
+
+# --- inference requests -----------------------------------------------------------------------
+
+
+class ChatMessage(Wire):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+
+class StreamOptions(Wire):
+    include_usage: bool = False
+
+
+class SamplingFields(Wire):
+    """Sampling knobs shared by chat and legacy completions (OpenAI names plus common extras)."""
+
+    model: str = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    seed: int | None = None
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    stop: str | list[str] | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=None, ge=1, le=1)
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 16:
+            raise ValueError("at most 16 stop sequences")
+        return value
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        return [s for s in stops if s]
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str]
+    echo: bool = False
+
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise ValueError("exactly one prompt per request is supported")
+        return self.prompt[0]
+
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+
+class TokenizeRequest(Wire):
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class Usage(Wire):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int

@@ -1,0 +1,1 @@
+"""neuron: the per-GPU-host daemon (discovery, model lifecycle, in-process inference)."""

@@ -1,0 +1,3 @@
+from helexa.neuron.cli import main
+
+main()

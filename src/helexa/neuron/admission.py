@@ -1,0 +1,87 @@
+"""Per-model admission: a few generations run, a bounded queue waits, the rest get 503."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+
+from helexa.core.errors import unavailable
+
+
+class Admission:
+    def __init__(
+        self, *, max_concurrent: int, max_queue: int, timeout_s: float, retry_after_s: int
+    ) -> None:
+        self.max_concurrent = max_concurrent
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self.retry_after_s = retry_after_s
+        self.in_flight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._closed = False
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def close(self) -> None:
+        """Stop admitting (drain): every queued request is turned away now."""
+        self._closed = True
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(self._shutting_down())
+
+    def _shutting_down(self) -> Exception:
+        return unavailable(
+            "the neuron is shutting down", code="shutting_down", retry_after=self.retry_after_s
+        )
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting in the bounded queue; 503 when full, timed out or draining.
+
+        The caller owns the slot until it calls ``release()`` exactly once.
+        """
+        if self._closed:
+            raise self._shutting_down()
+        if self.in_flight < self.max_concurrent and not self._waiters:
+            self.in_flight += 1
+            return
+        if len(self._waiters) >= self.max_queue:
+            raise unavailable(
+                "the model's request queue is full",
+                code="queue_full",
+                retry_after=self.retry_after_s,
+            )
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), self.timeout_s)
+        except TimeoutError:
+            self._abandon(waiter)
+            raise unavailable(
+                f"waited {self.timeout_s:g}s for a free slot on this model",
+                code="queue_timeout",
+                retry_after=self.retry_after_s,
+            ) from None
+        except asyncio.CancelledError:
+            self._abandon(waiter)
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes straight to the next waiter
+                return
+        self.in_flight -= 1
+
+    def _abandon(self, waiter: asyncio.Future[None]) -> None:
+        if waiter.done() and waiter.exception() is None:
+            self.release()  # a slot arrived just as we gave up: pass it on
+            return
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
+        if not waiter.done():
+            waiter.cancel()

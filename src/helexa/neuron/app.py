@@ -1,0 +1,169 @@
+"""The neuron's HTTP API (§1.4): every error in the OpenAI envelope."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from helexa.core.errors import ApiError, not_found
+from helexa.core.http import (
+    JSONResponse,
+    api_error_handler,
+    http_error_handler,
+    read_body,
+    unhandled_error_handler,
+)
+from helexa.core.wire import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelSpec,
+    TokenizeRequest,
+    UnloadRequest,
+)
+from helexa.neuron.inference import respond
+from helexa.neuron.service import Neuron
+
+
+def _dump(value: Any) -> Any:
+    return value.model_dump(mode="json")
+
+
+def build_app(neuron: Neuron) -> Starlette:
+    settings = neuron.settings
+
+    def require_admin(request: Request) -> None:
+        if settings.admin_token is None:
+            return
+        supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(supplied.encode(), settings.admin_token.encode()):
+            raise ApiError(
+                401,
+                "a valid admin token is required (Authorization: Bearer …)",
+                type="authentication_error",
+                code="unauthorized",
+            )
+
+    async def discovery(_request: Request) -> Response:
+        return JSONResponse(_dump(neuron.hardware.discovery(sorted(neuron.harnesses))))
+
+    async def health(_request: Request) -> Response:
+        return JSONResponse(_dump(neuron.health()))
+
+    async def models(_request: Request) -> Response:
+        return JSONResponse([_dump(m) for m in neuron.models()])
+
+    async def openai_models(_request: Request) -> Response:
+        data = [
+            {"id": m.id, "object": "model", "created": 0, "owned_by": "helexa"}
+            for m in neuron.models()
+            if m.status == "loaded"
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def load(request: Request) -> Response:
+        require_admin(request)
+        spec = await read_body(request, ModelSpec)
+        outcome, status = await neuron.load(spec)
+        return JSONResponse({"status": outcome, "model": _dump(status)})
+
+    async def unload(request: Request) -> Response:
+        require_admin(request)
+        body = await read_body(request, UnloadRequest)
+        await neuron.unload(body.model_id)
+        return JSONResponse({"status": "unloaded"})
+
+    async def endpoint(request: Request) -> Response:
+        model_id = request.path_params["model_id"]
+        if not any(m.id == model_id for m in neuron.models()):
+            raise not_found(
+                f"model {model_id!r} is not on this neuron",
+                code="model_not_found",
+                param="model_id",
+            )
+        return JSONResponse({"url": f"{str(request.base_url).rstrip('/')}/v1"})
+
+    async def chat_completions(request: Request) -> Response:
+        body = await read_body(request, ChatCompletionRequest)
+        harness = neuron.harness_of(body.model)
+        prompt = await harness.prepare_chat(
+            body.model, body.messages, body.tools, body.chat_template_kwargs
+        )
+        return await respond(
+            harness=harness,
+            gate=neuron.admission(body.model),
+            body=body,
+            prompt=prompt,
+            keepalive_s=settings.keepalive_s,
+        )
+
+    async def completions(request: Request) -> Response:
+        body = await read_body(request, CompletionRequest)
+        harness = neuron.harness_of(body.model)
+        try:
+            text = body.prompt_text()
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="prompt", code="invalid_request") from None
+        prompt = await harness.prepare_text(body.model, text)
+        return await respond(
+            harness=harness,
+            gate=neuron.admission(body.model),
+            body=body,
+            prompt=prompt,
+            keepalive_s=settings.keepalive_s,
+        )
+
+    async def tokenize(request: Request) -> Response:
+        body = await read_body(request, TokenizeRequest)
+        harness = neuron.harness_of(body.model)
+        if body.messages:
+            prompt = await harness.prepare_chat(
+                body.model, body.messages, body.tools, body.chat_template_kwargs
+            )
+        elif body.prompt is not None:
+            prompt = await harness.prepare_text(body.model, body.prompt)
+        else:
+            raise ApiError(
+                400, "give either messages or prompt", param="messages", code="invalid_request"
+            )
+        return JSONResponse({"count": len(prompt.token_ids)})
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        neuron.start()
+        try:
+            yield
+        finally:
+            neuron.begin_drain()
+            await neuron.stop_prewarm()
+            await neuron.unload_all()
+            neuron.pool.stop()
+
+    routes = [
+        Route("/discovery", discovery, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/models", models, methods=["GET"]),
+        Route("/models/load", load, methods=["POST"]),
+        Route("/models/unload", unload, methods=["POST"]),
+        Route("/models/{model_id:path}/endpoint", endpoint, methods=["GET"]),
+        Route("/v1/models", openai_models, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            ApiError: api_error_handler,
+            HTTPException: http_error_handler,
+            Exception: unhandled_error_handler,
+        },
+    )

@@ -1,0 +1,69 @@
+"""neuron.toml: what one host serves and how (env prefix ``NEURON_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from helexa.core.wire import ModelSpec
+
+DEFAULT_PORT = 13131
+DEFAULT_CONFIG_PATH = Path("/etc/neuron/neuron.toml")
+
+
+class HarnessEntry(BaseModel):
+    name: str
+
+
+class TransformersHarnessSettings(BaseModel):
+    hf_cache: Path | None = None
+    # dtypes per device kind; "auto" picks bf16 (fp16 without bf16 support) on CUDA, fp32 on CPU.
+    cuda_dtype: str = "auto"
+    cpu_dtype: str = "float32"
+
+
+class HarnessSettings(BaseModel):
+    transformers: TransformersHarnessSettings = Field(default_factory=TransformersHarnessSettings)
+
+
+class CpuSettings(BaseModel):
+    memory_mb: int | None = Field(default=None, ge=1)  # None: 80 % of RAM
+    threads: int | None = Field(default=None, ge=1)
+
+
+class AdmissionSettings(BaseModel):
+    max_concurrent: int = Field(default=4, ge=1)  # generations interleaved per model
+    max_queue: int = Field(default=32, ge=0)  # waiting beyond those
+    queue_timeout_s: float = Field(default=30.0, gt=0)
+    retry_after_s: int = Field(default=2, ge=1)
+
+
+class NeuronSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="NEURON_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
+    harnesses: list[HarnessEntry] = Field(
+        default_factory=lambda: [HarnessEntry(name="transformers")]
+    )
+    harness: HarnessSettings = Field(default_factory=HarnessSettings)
+    default_models: list[ModelSpec] = Field(default_factory=list)
+    model_dirs: list[Path] = Field(default_factory=list)
+    cpu: CpuSettings = Field(default_factory=CpuSettings)
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    admin_token: str | None = None
+    keepalive_s: float = Field(default=5.0, gt=0)  # SSE comment cadence while prefilling
+    drain_timeout_s: float = Field(default=90.0, ge=0)  # in-flight grace on SIGTERM (< 120 s)
+    log_level: str = "info"
+
+    @field_validator("harnesses")
+    @classmethod
+    def _unique_harnesses(cls, value: list[HarnessEntry]) -> list[HarnessEntry]:
+        names = [h.name for h in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"harness listed twice: {names}")
+        return value

@@ -1,0 +1,1 @@
+"""Harnesses: in-process inference engines behind one small interface."""

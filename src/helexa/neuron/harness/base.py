@@ -1,0 +1,136 @@
+"""The engine seam: what every harness offers and what generation yields.
+
+Callers (the HTTP layer, activation, shutdown) only see ``Harness`` and
+``TokenStream``; further engines (llama.cpp, diffusion, …) plug in here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from helexa.core.wire import ChatMessage, ModelSpec, ModelStatus
+from helexa.neuron.sampling import SamplingParams
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    stop_sequence: str | None = None
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A prompt rendered and tokenized for one model, plus what sampling needs to know."""
+
+    token_ids: list[int]
+    context_length: int
+    generation_defaults: dict[str, Any]
+    eos_ids: frozenset[int]
+
+
+class Harness(Protocol):
+    name: str
+
+    async def load(self, spec: ModelSpec) -> ModelStatus: ...
+
+    async def unload(self, model_id: str) -> None: ...
+
+    def list(self) -> list[ModelStatus]: ...
+
+    def has(self, model_id: str) -> bool: ...
+
+    async def prepare_chat(
+        self,
+        model_id: str,
+        messages: list[ChatMessage],
+        tools: list[dict[str, Any]] | None,
+        template_kwargs: dict[str, Any] | None,
+    ) -> PreparedPrompt: ...
+
+    async def prepare_text(self, model_id: str, text: str) -> PreparedPrompt: ...
+
+    def generate(
+        self, model_id: str, prompt: PreparedPrompt, params: SamplingParams
+    ) -> TokenStream: ...
+
+    def memory_used_bytes(self, device: str) -> int: ...
+
+    async def shutdown(self) -> None: ...
+
+
+class TokenStream:
+    """Text deltas of one generation, produced on a device thread, consumed on the loop.
+
+    Pieces and the end travel through ``call_soon_threadsafe`` in the order the device
+    thread produced them, so nothing emitted before the end can be lost. A slow
+    consumer gets everything that piled up in one batch (one wake-up, not one per token).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._pieces: list[str] = []
+        self._wakeup = asyncio.Event()
+        self._future: Future[Finish] | None = None
+        self._ended = False
+        self._cancel_hook: Callable[[], None] | None = None
+        self.finish: Finish | None = None
+
+    # -- producer side (device thread) --------------------------------------------------------
+
+    def emit(self, text: str) -> None:
+        self._loop.call_soon_threadsafe(self._deliver, text)
+
+    def _deliver(self, text: str) -> None:
+        self._pieces.append(text)
+        self._wakeup.set()
+
+    def _end(self) -> None:
+        self._ended = True
+        self._wakeup.set()
+
+    def attach(self, future: Future[Finish], cancel_hook: Callable[[], None]) -> None:
+        self._future = future
+        self._cancel_hook = cancel_hook
+        future.add_done_callback(lambda _f: self._loop.call_soon_threadsafe(self._end))
+
+    # -- consumer side (event loop) ---------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Ask the device thread to stop before its next token."""
+        if self._cancel_hook is not None:
+            self._cancel_hook()
+
+    async def next_batch(self, timeout: float | None = None) -> list[str] | None:
+        """Text pieces that arrived since the last call, waiting for at least one.
+
+        Returns ``None`` when ``timeout`` passes with nothing new (time for a keep-alive).
+        Once the generation ended, returns the last pieces (maybe none) and sets
+        ``finish``; raises what the generation raised.
+        """
+        assert self._future is not None, "stream not attached to a job"
+        while not self._pieces and not self._ended:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except TimeoutError:
+                return None
+            self._wakeup.clear()
+        pieces, self._pieces = self._pieces, []
+        if self._ended and self.finish is None:
+            if pieces and self._future.exception() is not None:
+                return pieces  # text produced before the failure first; the error next call
+            self.finish = self._future.result()
+        return pieces
+
+    async def __aiter__(self) -> AsyncIterator[list[str]]:
+        while self.finish is None:
+            pieces = await self.next_batch()
+            if pieces:
+                yield pieces

@@ -1,0 +1,1 @@
+"""The ``transformers`` harness: PyTorch + Hugging Face transformers, in-process."""

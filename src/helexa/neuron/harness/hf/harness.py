@@ -1,0 +1,282 @@
+"""The ``transformers`` harness: dense safetensors and GGUF, on CUDA or the CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from helexa.core.errors import ApiError, bad_request, model_not_found
+from helexa.core.wire import ChatMessage, ModelSpec, ModelStatus
+from helexa.neuron.devices import CPU, DevicePool, cuda_key
+from helexa.neuron.harness.base import PreparedPrompt, TokenStream
+from helexa.neuron.harness.hf import loader
+from helexa.neuron.harness.hf.decode import DecodeJob
+from helexa.neuron.harness.hf.prompt import encode_text, render_chat
+from helexa.neuron.model_files import ModelFiles, hf_cache_dir, locate
+from helexa.neuron.sampling import SamplingParams
+
+log = logging.getLogger("helexa.neuron.harness.transformers")
+
+MB = 1024 * 1024
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    device_key: str
+    device: torch.device
+    model: Any
+    tokenizer: Any
+    bytes: int
+    context_length: int
+    generation_defaults: dict[str, Any]
+    eos_ids: frozenset[int]
+    loaded: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def insufficient_memory(message: str) -> ApiError:
+    return ApiError(
+        409, message, type="invalid_request_error", code="insufficient_memory", param="model_id"
+    )
+
+
+class TransformersHarness:
+    name = "transformers"
+
+    def __init__(
+        self,
+        pool: DevicePool,
+        *,
+        hf_cache: Path | None,
+        model_dirs: list[Path],
+        cpu_budget_bytes: int,
+        cuda_dtype: str = "auto",
+        cpu_dtype: str = "float32",
+    ) -> None:
+        self._pool = pool
+        self._hf_cache = hf_cache
+        self._model_dirs = model_dirs
+        self._cpu_budget = cpu_budget_bytes
+        self._cuda_dtype = cuda_dtype
+        self._cpu_dtype = cpu_dtype
+        self._models: dict[str, LoadedModel] = {}
+        self._loading: dict[str, str] = {}  # model_id -> device key, while a load is running
+        self._reserved: dict[str, int] = {}  # device key -> bytes of loads in progress
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def has(self, model_id: str) -> bool:
+        return model_id in self._models
+
+    def get(self, model_id: str) -> LoadedModel:
+        try:
+            return self._models[model_id]
+        except KeyError:
+            raise model_not_found(model_id) from None
+
+    def memory_used_bytes(self, device: str) -> int:
+        return sum(m.bytes for m in self._models.values() if m.device_key == device)
+
+    def _status(self, m: LoadedModel) -> ModelStatus:
+        worker = self._pool.worker(m.device_key)
+        index = m.device.index if m.device.type == "cuda" else None
+        return ModelStatus(
+            id=m.spec.model_id,
+            harness=self.name,
+            status="poisoned" if worker.poisoned else "loaded",
+            devices=[] if index is None else [index],
+            vram_used_mb=m.bytes // MB,
+            context_length=m.context_length,
+        )
+
+    def list(self) -> list[ModelStatus]:
+        return [self._status(m) for m in self._models.values()]
+
+    def loading(self) -> dict[str, str]:
+        return dict(self._loading)
+
+    # -- placement --------------------------------------------------------------------------
+
+    async def _free_bytes(self, key: str) -> int:
+        if key == CPU:
+            return self._cpu_budget - self.memory_used_bytes(CPU)
+        index = int(key.split(":")[1])
+        free, _total = await asyncio.wrap_future(
+            self._pool.worker(key).submit(torch.cuda.mem_get_info, index)
+        )
+        return int(free)
+
+    async def _place(self, spec: ModelSpec, need: int) -> str:
+        """The device key for a model needing ``need`` bytes (refusing, with the reason)."""
+        if (spec.tensor_parallel or 1) > 1 or (spec.devices and len(spec.devices) > 1):
+            raise bad_request(
+                "the transformers harness places a model on exactly one device; "
+                "tensor_parallel and multi-device placement are not supported",
+                param="devices",
+            )
+        if spec.devices == []:
+            candidates = [CPU]
+        elif spec.devices:
+            index = spec.devices[0]
+            if index not in self._pool.cuda_indices:
+                raise bad_request(
+                    f"no CUDA device {index} on this host (have {self._pool.cuda_indices})",
+                    param="devices",
+                )
+            candidates = [cuda_key(index)]
+        elif self._pool.cuda_indices:
+            candidates = [cuda_key(i) for i in self._pool.cuda_indices]
+        else:
+            candidates = [CPU]
+        room = {}
+        for key in candidates:
+            room[key] = await self._free_bytes(key) - self._reserved.get(key, 0)
+        best = max(candidates, key=lambda k: room[k])
+        if room[best] < need:
+            raise insufficient_memory(
+                f"not enough memory: the model needs ~{need // MB} MB, the best device "
+                f"({best}) has {max(room[best], 0) // MB} MB free"
+            )
+        return best
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def load(self, spec: ModelSpec) -> ModelStatus:
+        model_id = spec.model_id
+        started = time.monotonic()
+        files: ModelFiles = await asyncio.to_thread(
+            locate,
+            model_id,
+            spec.quant,
+            cache_dir=hf_cache_dir(self._hf_cache),
+            model_dirs=self._model_dirs,
+        )
+        config = await asyncio.to_thread(loader.read_json, files.root / "config.json")
+        if files.gguf_file is None:
+            loader.check_architecture(config)
+        on_cuda = bool(self._pool.cuda_indices) and spec.devices != []
+        dtype = loader.pick_dtype(
+            self._cuda_dtype if on_cuda else self._cpu_dtype,
+            cuda=on_cuda,
+            bf16_supported=on_cuda and torch.cuda.is_bf16_supported(),
+        )
+        need = await asyncio.to_thread(loader.estimate_bytes, files, dtype)
+        key = await self._place(spec, need)
+        device = torch.device(key)
+        self._reserved[key] = self._reserved.get(key, 0) + need
+        self._loading[model_id] = key
+        try:
+            tokenizer_task = asyncio.create_task(asyncio.to_thread(loader.load_tokenizer, files))
+            worker = self._pool.worker(key)
+            try:
+                model = await asyncio.wrap_future(
+                    worker.submit(loader.load_weights, files, dtype, device)
+                )
+            except BaseException:
+                await asyncio.gather(tokenizer_task, return_exceptions=True)
+                raise
+            tokenizer = await tokenizer_task
+            gen_config = await asyncio.to_thread(
+                loader.read_json, files.root / "generation_config.json"
+            )
+            self._models[model_id] = LoadedModel(
+                spec=spec,
+                device_key=key,
+                device=device,
+                model=model,
+                tokenizer=tokenizer,
+                bytes=loader.model_bytes(model),
+                context_length=loader.context_length(config, model),
+                generation_defaults=loader.generation_defaults(gen_config),
+                eos_ids=loader.eos_ids(gen_config, config, tokenizer),
+            )
+        finally:
+            self._reserved[key] -= need
+            self._loading.pop(model_id, None)
+        loaded = self._models[model_id]
+        log.info(
+            "model loaded",
+            extra={
+                "model_id": model_id,
+                "device": key,
+                "dtype": str(dtype).removeprefix("torch."),
+                "mb": loaded.bytes // MB,
+                "secs": round(time.monotonic() - started, 3),
+                "gguf": files.gguf_file,
+            },
+        )
+        return self._status(loaded)
+
+    async def unload(self, model_id: str) -> None:
+        loaded = self.get(model_id)
+        loaded.loaded = False  # running generations stop at their next step
+        del self._models[model_id]
+        worker = self._pool.worker(loaded.device_key)
+
+        def release() -> None:
+            loaded.model = None
+            gc.collect()
+            if loaded.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+        try:
+            await asyncio.wrap_future(worker.submit(release))
+        finally:
+            loaded.tokenizer = None
+
+    async def shutdown(self) -> None:
+        for model_id in list(self._models):
+            await self.unload(model_id)
+
+    # -- inference --------------------------------------------------------------------------
+
+    def _prepared(self, loaded: LoadedModel, ids: list[int]) -> PreparedPrompt:
+        return PreparedPrompt(
+            token_ids=ids,
+            context_length=loaded.context_length,
+            generation_defaults=loaded.generation_defaults,
+            eos_ids=loaded.eos_ids,
+        )
+
+    async def prepare_chat(
+        self,
+        model_id: str,
+        messages: list[ChatMessage],
+        tools: list[dict[str, Any]] | None,
+        template_kwargs: dict[str, Any] | None,
+    ) -> PreparedPrompt:
+        loaded = self.get(model_id)
+        ids = await asyncio.to_thread(
+            render_chat, loaded.tokenizer, messages, tools, template_kwargs
+        )
+        return self._prepared(loaded, ids)
+
+    async def prepare_text(self, model_id: str, text: str) -> PreparedPrompt:
+        loaded = self.get(model_id)
+        ids = await asyncio.to_thread(encode_text, loaded.tokenizer, text)
+        return self._prepared(loaded, ids)
+
+    def generate(
+        self, model_id: str, prompt: PreparedPrompt, params: SamplingParams
+    ) -> TokenStream:
+        loaded = self.get(model_id)
+        stream = TokenStream(asyncio.get_running_loop())
+        job = DecodeJob(
+            model=loaded.model,
+            tokenizer=loaded.tokenizer,
+            prompt_ids=prompt.token_ids,
+            params=params,
+            device=loaded.device,
+            emit=stream.emit,
+            is_loaded=lambda: loaded.loaded,
+        )
+        stream.attach(self._pool.worker(loaded.device_key).submit_stepped(job), job.cancel)
+        return stream

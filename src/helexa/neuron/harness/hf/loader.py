@@ -1,0 +1,178 @@
+"""Blocking helpers that turn located model files into a tokenizer, weights and metadata."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from helexa.core.errors import ApiError, bad_request, not_found
+from helexa.neuron.model_files import ModelFiles
+
+SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def unsupported(message: str) -> ApiError:
+    return bad_request(message, param="model_id", code="unsupported_architecture")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise bad_request(f"{path.name} is unreadable: {exc}", param="model_id") from exc
+
+
+def check_architecture(config: dict[str, Any]) -> None:
+    """Refuse early, with the reason, what transformers cannot run as a causal LM."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if not model_type:
+        raise unsupported("config.json has no model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise unsupported(
+            f"architecture {model_type!r} is not supported as a causal LM by transformers "
+            f"(architectures: {config.get('architectures')})"
+        )
+
+
+def pick_dtype(setting: str, *, cuda: bool, bf16_supported: bool) -> torch.dtype:
+    if setting != "auto":
+        try:
+            return DTYPES[setting]
+        except KeyError:
+            raise bad_request(f"unknown dtype {setting!r}; use one of {sorted(DTYPES)}") from None
+    if not cuda:
+        return torch.float32
+    return torch.bfloat16 if bf16_supported else torch.float16
+
+
+def _safetensors_elements(path: Path) -> int:
+    with path.open("rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_len))
+    total = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        count = 1
+        for dim in meta["shape"]:
+            count *= dim
+        total += count
+    return total
+
+
+def _gguf_elements(path: Path) -> int:
+    from gguf import GGUFReader
+
+    return sum(int(t.n_elements) for t in GGUFReader(path).tensors)
+
+
+def estimate_bytes(files: ModelFiles, dtype: torch.dtype) -> int:
+    """Memory the weights take once loaded in ``dtype`` (parameter count times element size)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    if files.gguf_file is not None:
+        return _gguf_elements(files.root / files.gguf_file) * element
+    shards = sorted(files.root.glob("*.safetensors"))
+    if not shards:
+        raise not_found(
+            f"no *.safetensors weights in {files.root}",
+            code="model_weights_not_found",
+            param="model_id",
+        )
+    return sum(_safetensors_elements(p) for p in shards) * element
+
+
+def load_tokenizer(files: ModelFiles) -> Any:
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {}
+    if files.gguf_file:
+        kwargs["gguf_file"] = files.gguf_file
+    try:
+        return AutoTokenizer.from_pretrained(str(files.root), **kwargs)
+    except Exception as exc:
+        raise bad_request(
+            f"cannot load the tokenizer: {exc}", param="model_id", code="tokenizer_unavailable"
+        ) from exc
+
+
+def load_weights(files: ModelFiles, dtype: torch.dtype, device: torch.device) -> Any:
+    """Runs on the device's worker thread."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if files.gguf_file:
+        kwargs["gguf_file"] = files.gguf_file
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(files.root), **kwargs)
+    except (ValueError, KeyError, NotImplementedError) as exc:
+        raise unsupported(f"transformers cannot load this model: {exc}") from exc
+    except OSError as exc:
+        raise not_found(
+            f"cannot read the weights: {exc}", code="model_weights_not_found", param="model_id"
+        ) from exc
+    model = model.to(device)
+    model.eval()
+    return model
+
+
+def model_bytes(model: Any) -> int:
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return params + sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def _as_ids(value: Any) -> set[int]:
+    if value is None:
+        return set()
+    if isinstance(value, int):
+        return {value}
+    return {int(v) for v in value}
+
+
+def eos_ids(
+    generation_config: dict[str, Any], config: dict[str, Any], tokenizer: Any
+) -> frozenset[int]:
+    """Every id that ends generation: generation_config, config and the tokenizer's."""
+    ids = _as_ids(generation_config.get("eos_token_id"))
+    ids |= _as_ids(config.get("eos_token_id"))
+    ids |= _as_ids(getattr(tokenizer, "eos_token_id", None))
+    return frozenset(ids)
+
+
+def generation_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
+    """Sampling defaults the model ships with; ``do_sample: false`` means greedy."""
+    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    defaults = {k: generation_config[k] for k in keys if generation_config.get(k) is not None}
+    if generation_config.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults
+
+
+def context_length(config: dict[str, Any], model: Any) -> int:
+    text_config = config.get("text_config") or config
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        if isinstance(text_config.get(key), int):
+            return int(text_config[key])
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(value) if value else 2048

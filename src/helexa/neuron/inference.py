@@ -1,0 +1,146 @@
+"""One inference request end to end: sampling, admission, generation, response shaping."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from starlette.responses import Response
+
+from helexa.core.errors import ApiError, internal, unavailable
+from helexa.core.http import (
+    SSE_DONE,
+    SSE_KEEPALIVE,
+    EventStreamResponse,
+    JSONResponse,
+    sse_data,
+)
+from helexa.core.wire import ChatCompletionRequest, CompletionRequest
+from helexa.neuron.admission import Admission
+from helexa.neuron.harness.base import Harness, PreparedPrompt, TokenStream
+from helexa.neuron.harness.hf.decode import ModelGone
+from helexa.neuron.openai_format import (
+    ChunkFactory,
+    chat_completion,
+    finish_reason,
+    text_completion,
+)
+from helexa.neuron.output_parser import OutputParser, PlainText, merge_deltas
+from helexa.neuron.sampling import resolve_sampling
+from helexa.neuron.workers import WorkerPoisoned
+
+log = logging.getLogger("helexa.neuron.inference")
+
+
+def generation_error(exc: BaseException) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, WorkerPoisoned):
+        return unavailable(str(exc), code="device_poisoned", retry_after=30)
+    if isinstance(exc, ModelGone):
+        return unavailable(str(exc), code="model_unloaded")
+    return internal(f"generation failed: {type(exc).__name__}: {exc}", code="generation_failed")
+
+
+def parser_for(_request: ChatCompletionRequest | CompletionRequest) -> OutputParser:
+    return PlainText()
+
+
+async def respond(
+    *,
+    harness: Harness,
+    gate: Admission,
+    body: ChatCompletionRequest | CompletionRequest,
+    prompt: PreparedPrompt,
+    keepalive_s: float,
+) -> Response:
+    chat = isinstance(body, ChatCompletionRequest)
+    params = resolve_sampling(
+        body,
+        token_limit=body.token_limit(),
+        generation_defaults=prompt.generation_defaults,
+        eos_ids=prompt.eos_ids,
+        context_length=prompt.context_length,
+        prompt_tokens=len(prompt.token_ids),
+    )
+    await gate.acquire()
+    try:
+        stream = harness.generate(body.model, prompt, params)
+    except BaseException:
+        gate.release()
+        raise
+    parser = parser_for(body)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def close() -> None:
+            stream.cancel()
+            gate.release()
+
+        return EventStreamResponse(
+            stream_body(
+                stream, ChunkFactory(body.model, chat=chat), parser, include_usage, keepalive_s
+            ),
+            on_close=close,
+        )
+    try:
+        pieces: list[str] = []
+        async for batch in stream:
+            pieces.extend(batch)
+    except Exception as exc:
+        raise generation_error(exc) from exc
+    finally:
+        stream.cancel()
+        gate.release()
+    assert stream.finish is not None
+    text = "".join(pieces)
+    if chat:
+        message = merge_deltas([*parser.feed(text), *parser.finish()])
+        return JSONResponse(chat_completion(body.model, message, stream.finish))
+    return JSONResponse(text_completion(body.model, text, stream.finish))
+
+
+async def stream_body(
+    stream: TokenStream,
+    chunks: ChunkFactory,
+    parser: OutputParser,
+    include_usage: bool,
+    keepalive_s: float,
+) -> AsyncIterator[bytes]:
+    started = time.monotonic()
+    if chunks.chat:
+        yield sse_data(chunks.role())
+    try:
+        while stream.finish is None:
+            pieces = await stream.next_batch(keepalive_s)
+            if pieces is None:
+                yield SSE_KEEPALIVE
+                continue
+            if pieces:
+                frames = [sse_data(chunks.delta(d)) for d in parser.feed("".join(pieces))]
+                if frames:
+                    yield b"".join(frames)
+    except Exception as exc:
+        error = generation_error(exc)
+        log.warning(
+            "generation failed mid-stream", extra={"model": chunks.model, "error": error.message}
+        )
+        yield sse_data(error.openai_body())
+        return
+    finish = stream.finish
+    tail = [sse_data(chunks.delta(d)) for d in parser.finish()]
+    tail.append(sse_data(chunks.final(finish_reason(finish, tool_calls=parser.saw_tool_calls))))
+    if include_usage:
+        tail.append(sse_data(chunks.usage(finish)))
+    tail.append(SSE_DONE)
+    yield b"".join(tail)
+    elapsed = time.monotonic() - started
+    log.debug(
+        "stream done",
+        extra={
+            "model": chunks.model,
+            "tokens": finish.completion_tokens,
+            "secs": round(elapsed, 3),
+        },
+    )

@@ -1,0 +1,161 @@
+"""Where a model's files are: the Hugging Face cache (download only what is missing) or a
+directory under ``model_dirs``. Paths outside those directories are refused."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+from helexa.core.errors import ApiError, bad_request, not_found
+
+log = logging.getLogger("helexa.neuron.model_files")
+
+# Files worth fetching for a dense checkpoint (never *.gguf, *.bin, *.pt, ...).
+DENSE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    root: Path  # directory holding config/tokenizer (and weights unless GGUF)
+    gguf_file: str | None = None  # file name inside root when loading a GGUF
+
+
+def hf_cache_dir(setting: Path | None, env: Mapping[str, str] = os.environ) -> Path:
+    """The weight cache, first hit wins: harness setting, HF_HUB_CACHE, HF_HOME/hub, default."""
+    if setting is not None:
+        return Path(setting).expanduser()
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"]).expanduser()
+    if env.get("HF_HOME"):
+        return Path(env["HF_HOME"]).expanduser() / "hub"
+    return Path("~/.cache/huggingface/hub").expanduser()
+
+
+def hub_offline(env: Mapping[str, str] = os.environ) -> bool:
+    return env.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def looks_like_path(model_id: str) -> bool:
+    parts = model_id.replace("\\", "/").split("/")
+    return model_id.startswith(("/", "~", ".")) or ".." in parts or "\x00" in model_id
+
+
+def resolve_local_dir(model_id: str, model_dirs: list[Path]) -> Path | None:
+    """The directory for ``model_id`` under one of ``model_dirs``, if it names one.
+
+    Raises 403 when ``model_id`` is a path that escapes every configured directory.
+    """
+    for base in model_dirs:
+        base_real = base.expanduser().resolve()
+        candidate = (base_real / model_id.lstrip("/")).resolve()
+        if Path(model_id).is_absolute():
+            candidate = Path(model_id).resolve()
+        if candidate.is_relative_to(base_real) and candidate != base_real and candidate.is_dir():
+            return candidate
+    if looks_like_path(model_id):
+        raise ApiError(
+            403,
+            f"model_id {model_id!r} is a path outside the configured model_dirs",
+            type="permission_error",
+            code="path_not_allowed",
+            param="model_id",
+        )
+    return None
+
+
+def select_gguf(file_names: list[str], quant: str) -> str:
+    """The one GGUF file whose name carries the ``quant`` tag (case-insensitive)."""
+    tag = quant.lower()
+    ggufs = sorted(f for f in file_names if f.lower().endswith(".gguf"))
+    tagged = [
+        f
+        for f in ggufs
+        if re.search(rf"(^|[^a-z0-9]){re.escape(tag)}([^a-z0-9]|$)", Path(f).name.lower())
+    ]
+    if not tagged:
+        available = ", ".join(Path(f).name for f in ggufs) or "none"
+        raise not_found(
+            f"no GGUF file tagged {quant!r} (available: {available})",
+            code="model_weights_not_found",
+            param="quant",
+        )
+    if len(tagged) > 1:
+        raise bad_request(
+            f"quant {quant!r} matches several files: {', '.join(tagged)}", param="quant"
+        )
+    return tagged[0]
+
+
+def _list_files(root: Path) -> list[str]:
+    return [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
+
+
+def locate(
+    model_id: str,
+    quant: str | None,
+    *,
+    cache_dir: Path,
+    model_dirs: list[Path],
+    env: Mapping[str, str] = os.environ,
+) -> ModelFiles:
+    """Find (and if needed and allowed, download) the files for one model. Blocking."""
+    local = resolve_local_dir(model_id, model_dirs)
+    if local is not None:
+        root = local
+    else:
+        if not REPO_ID.match(model_id):
+            raise bad_request(
+                f"model_id {model_id!r} is neither a Hugging Face repo id (org/name) nor a "
+                "directory under model_dirs",
+                param="model_id",
+            )
+        patterns = (
+            ["*.json", "*.jinja", "*.txt", "*.model", f"*{quant}*.gguf"]
+            if quant
+            else (DENSE_PATTERNS)
+        )
+        root = _from_hub(model_id, patterns, cache_dir, env)
+    gguf = select_gguf(_list_files(root), quant) if quant else None
+    if gguf is None and not (root / "config.json").is_file():
+        raise not_found(
+            f"{model_id}: no config.json in {root}",
+            code="model_weights_not_found",
+            param="model_id",
+        )
+    return ModelFiles(root=root, gguf_file=gguf)
+
+
+def _from_hub(model_id: str, patterns: list[str], cache_dir: Path, env: Mapping[str, str]) -> Path:
+    try:
+        return Path(
+            snapshot_download(
+                model_id, cache_dir=cache_dir, local_files_only=True, allow_patterns=patterns
+            )
+        )
+    except HFValidationError as exc:
+        raise bad_request(f"invalid model_id {model_id!r}: {exc}", param="model_id") from exc
+    except LocalEntryNotFoundError:
+        if hub_offline(env):
+            raise not_found(
+                f"{model_id} is not in the weight cache {cache_dir} and the hub is offline "
+                "(HF_HUB_OFFLINE)",
+                code="model_weights_not_found",
+                param="model_id",
+            ) from None
+    log.info("downloading model", extra={"model_id": model_id, "cache": str(cache_dir)})
+    try:
+        return Path(snapshot_download(model_id, cache_dir=cache_dir, allow_patterns=patterns))
+    except Exception as exc:  # network, auth, missing repo: all mean "no weights here"
+        raise not_found(
+            f"{model_id}: weights not cached in {cache_dir} and download failed: {exc}",
+            code="model_weights_not_found",
+            param="model_id",
+        ) from exc

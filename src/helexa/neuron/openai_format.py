@@ -1,0 +1,123 @@
+"""OpenAI response objects and stream chunks (pure functions, no I/O)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from helexa.neuron.harness.base import Finish
+
+
+def completion_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage_of(finish: Finish) -> dict[str, int]:
+    return {
+        "prompt_tokens": finish.prompt_tokens,
+        "completion_tokens": finish.completion_tokens,
+        "total_tokens": finish.prompt_tokens + finish.completion_tokens,
+    }
+
+
+def finish_reason(finish: Finish, *, tool_calls: bool) -> str:
+    if tool_calls and finish.reason == "stop":
+        return "tool_calls"
+    return "length" if finish.reason == "length" else "stop"
+
+
+class ChunkFactory:
+    """Builds the chunks of one streamed answer (shared id, created, model)."""
+
+    def __init__(self, model: str, *, chat: bool) -> None:
+        self.id = completion_id("chatcmpl" if chat else "cmpl")
+        self.created = int(time.time())
+        self.model = model
+        self.chat = chat
+        self.object = "chat.completion.chunk" if chat else "text_completion"
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    def role(self) -> dict[str, Any]:
+        return self._chunk(
+            [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ]
+        )
+
+    def delta(self, delta: dict[str, Any]) -> dict[str, Any]:
+        if self.chat:
+            return self._chunk(
+                [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]
+            )
+        return self._chunk(
+            [
+                {
+                    "index": 0,
+                    "text": delta.get("content", ""),
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ]
+        )
+
+    def final(self, reason: str) -> dict[str, Any]:
+        if self.chat:
+            return self._chunk(
+                [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}]
+            )
+        return self._chunk([{"index": 0, "text": "", "logprobs": None, "finish_reason": reason}])
+
+    def usage(self, finish: Finish) -> dict[str, Any]:
+        chunk = self._chunk([])
+        chunk["usage"] = usage_of(finish)
+        return chunk
+
+
+def chat_completion(model: str, message: dict[str, Any], finish: Finish) -> dict[str, Any]:
+    return {
+        "id": completion_id("chatcmpl"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": finish_reason(finish, tool_calls=bool(message.get("tool_calls"))),
+            }
+        ],
+        "usage": usage_of(finish),
+    }
+
+
+def text_completion(model: str, text: str, finish: Finish) -> dict[str, Any]:
+    return {
+        "id": completion_id("cmpl"),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": finish_reason(finish, tool_calls=False),
+            }
+        ],
+        "usage": usage_of(finish),
+    }

@@ -1,0 +1,152 @@
+"""Sampling parameters and the logits → token decision (pure, no I/O).
+
+Defaults come from the request, then the model's ``generation_config.json``,
+then built-in fallbacks (``resolve_sampling``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from helexa.core.errors import bad_request
+from helexa.core.wire import SamplingFields
+
+FALLBACK_TEMPERATURE = 1.0
+FALLBACK_TOP_P = 1.0
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = FALLBACK_TEMPERATURE
+    top_p: float = FALLBACK_TOP_P
+    top_k: int = 0  # 0 / -1: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_new_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    eos_ids: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def penalises(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+def _pick(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def resolve_sampling(
+    request: SamplingFields,
+    *,
+    token_limit: int | None,
+    generation_defaults: dict[str, Any],
+    eos_ids: frozenset[int],
+    context_length: int,
+    prompt_tokens: int,
+) -> SamplingParams:
+    """Merge request, model defaults and fallbacks; enforce the context window."""
+    room = context_length - prompt_tokens
+    if room <= 0:
+        raise bad_request(
+            f"this model's maximum context length is {context_length} tokens; the prompt has "
+            f"{prompt_tokens} tokens, leaving no room to generate",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    max_new = room if token_limit is None else min(token_limit, room)
+    top_k = _pick(request.top_k, generation_defaults.get("top_k"), 0)
+    return SamplingParams(
+        temperature=float(
+            _pick(request.temperature, generation_defaults.get("temperature"), FALLBACK_TEMPERATURE)
+        ),
+        top_p=float(_pick(request.top_p, generation_defaults.get("top_p"), FALLBACK_TOP_P)),
+        top_k=max(int(top_k), 0),
+        min_p=float(_pick(request.min_p, generation_defaults.get("min_p"), 0.0)),
+        repetition_penalty=float(
+            _pick(request.repetition_penalty, generation_defaults.get("repetition_penalty"), 1.0)
+        ),
+        presence_penalty=float(request.presence_penalty or 0.0),
+        frequency_penalty=float(request.frequency_penalty or 0.0),
+        seed=request.seed,
+        max_new_tokens=max_new,
+        stop=tuple(request.stop_strings()),
+        eos_ids=eos_ids,
+    )
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generated_counts: dict[int, int],
+    prompt_ids: frozenset[int] = frozenset(),
+) -> torch.Tensor:
+    """Repetition over prompt + output (multiplicative, HF semantics), then presence and
+    frequency over the output (additive, OpenAI semantics)."""
+    if not params.penalises:
+        return logits
+    if params.repetition_penalty != 1.0:
+        seen = prompt_ids.union(generated_counts)
+        if seen:
+            ids = torch.tensor(sorted(seen), device=logits.device)
+            picked = logits.index_select(-1, ids)
+            rp = params.repetition_penalty
+            picked = torch.where(picked > 0, picked / rp, picked * rp)
+            logits = logits.index_copy(-1, ids, picked)
+    if (params.presence_penalty or params.frequency_penalty) and generated_counts:
+        ids = torch.tensor(list(generated_counts), device=logits.device)
+        counts = torch.tensor(
+            list(generated_counts.values()), device=logits.device, dtype=logits.dtype
+        )
+        picked = logits.index_select(-1, ids)
+        picked = picked - params.presence_penalty - params.frequency_penalty * counts
+        logits = logits.index_copy(-1, ids, picked)
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p truncation (masked to -inf)."""
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        threshold = probs.max(dim=-1, keepdim=True).values * params.min_p
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # Drop a token when the mass before it already reaches top_p; the first always stays.
+        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= params.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_token(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generated_counts: dict[int, int],
+    generator: torch.Generator | None,
+    prompt_ids: frozenset[int] = frozenset(),
+) -> int:
+    """Choose the next token id from a 1-D logits vector."""
+    logits = apply_penalties(logits.float(), params, generated_counts, prompt_ids)
+    if params.greedy:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(filter_logits(logits, params), dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,204 @@
+"""The neuron itself: hardware, device workers, harnesses, loads, admission, activation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from helexa.core.errors import ApiError, bad_request, model_not_found
+from helexa.core.wire import CpuHealth, Health, ModelLoadInfo, ModelSpec, ModelStatus
+from helexa.neuron.activation import ActivationTracker, prewarm
+from helexa.neuron.admission import Admission
+from helexa.neuron.config import NeuronSettings
+from helexa.neuron.devices import CPU, DevicePool
+from helexa.neuron.discovery import MB, Hardware, total_memory_bytes
+from helexa.neuron.harness.base import Harness
+from helexa.neuron.harness.hf.harness import TransformersHarness
+
+log = logging.getLogger("helexa.neuron")
+
+
+def cuda_indices(hardware: Hardware) -> list[int]:
+    if not hardware.devices:
+        return []
+    import torch
+
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+class Neuron:
+    def __init__(self, settings: NeuronSettings, hardware: Hardware | None = None) -> None:
+        self.settings = settings
+        self.hardware = hardware or Hardware()
+        self.started = time.monotonic()
+        self.cpu_budget_bytes = (
+            settings.cpu.memory_mb * MB
+            if settings.cpu.memory_mb
+            else int(total_memory_bytes() * 0.8)
+        )
+        self.pool = DevicePool(cuda_indices(self.hardware), cpu_threads=settings.cpu.threads)
+        self.harnesses: dict[str, Harness] = {}
+        for entry in settings.harnesses:
+            self.harnesses[entry.name] = self._build_harness(entry.name)
+        self.activation = ActivationTracker(settings.default_models)
+        self._loads: dict[str, asyncio.Future[ModelStatus]] = {}
+        self._admission: dict[str, Admission] = {}
+        self.draining = False
+        self._prewarm: asyncio.Future[None] | None = None
+        self._load_specs: dict[str, ModelSpec] = {}
+
+    def _build_harness(self, name: str) -> Harness:
+        if name == "transformers":
+            hf = self.settings.harness.transformers
+            return TransformersHarness(
+                self.pool,
+                hf_cache=hf.hf_cache,
+                model_dirs=self.settings.model_dirs,
+                cpu_budget_bytes=self.cpu_budget_bytes,
+                cuda_dtype=hf.cuda_dtype,
+                cpu_dtype=hf.cpu_dtype,
+            )
+        raise ValueError(f"unknown harness {name!r} in config (known: transformers)")
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.pool.start()
+
+    def start_prewarm(self) -> None:
+        """Called once the listener is bound: /health answers while models load."""
+        self._prewarm = asyncio.ensure_future(
+            prewarm(self.settings.default_models, self.activation, self.load)
+        )
+
+    async def stop_prewarm(self) -> None:
+        if self._prewarm is not None and not self._prewarm.done():
+            self._prewarm.cancel()
+            await asyncio.gather(self._prewarm, return_exceptions=True)
+
+    def harness_of(self, model_id: str) -> Harness:
+        for harness in self.harnesses.values():
+            if harness.has(model_id):
+                return harness
+        raise model_not_found(model_id)
+
+    async def load(self, spec: ModelSpec) -> tuple[str, ModelStatus]:
+        """Load ``spec``; concurrent loads of one id share a single attempt."""
+        harness = self.harnesses.get(spec.harness)
+        if harness is None:
+            raise bad_request(
+                f"unknown harness {spec.harness!r} (this neuron runs: {sorted(self.harnesses)})",
+                param="harness",
+                code="unknown_harness",
+            )
+        if harness.has(spec.model_id):
+            status = next(s for s in harness.list() if s.id == spec.model_id)
+            return "already_loaded", status
+        pending = self._loads.get(spec.model_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load_once(harness, spec))
+            self._loads[spec.model_id] = pending
+            self._load_specs[spec.model_id] = spec
+            pending.add_done_callback(lambda _f: self._forget_load(spec.model_id))
+        return "loaded", await asyncio.shield(pending)
+
+    def _forget_load(self, model_id: str) -> None:
+        self._loads.pop(model_id, None)
+        self._load_specs.pop(model_id, None)
+
+    async def _load_once(self, harness: Harness, spec: ModelSpec) -> ModelStatus:
+        log.info(
+            "load", extra={"model_id": spec.model_id, "harness": spec.harness, "quant": spec.quant}
+        )
+        try:
+            return await harness.load(spec)
+        except ApiError as exc:
+            log.warning(
+                "load refused",
+                extra={"model_id": spec.model_id, "status": exc.status, "error": exc.message},
+            )
+            raise
+
+    async def unload(self, model_id: str) -> None:
+        if model_id in self._loads:
+            raise ApiError(
+                409, f"model {model_id!r} is still loading", code="model_loading", param="model_id"
+            )
+        harness = self.harness_of(model_id)
+        await harness.unload(model_id)
+        log.info("unloaded", extra={"model_id": model_id})
+
+    async def unload_all(self) -> None:
+        """Unload every model; one failure is logged and the sweep goes on."""
+        for harness in self.harnesses.values():
+            for status in harness.list():
+                try:
+                    await harness.unload(status.id)
+                    log.info("unloaded", extra={"model_id": status.id})
+                except Exception as exc:
+                    log.warning("unload failed", extra={"model_id": status.id, "error": str(exc)})
+
+    def admission(self, model_id: str) -> Admission:
+        gate = self._admission.get(model_id)
+        if gate is None:
+            limits = self.settings.admission
+            gate = Admission(
+                max_concurrent=limits.max_concurrent,
+                max_queue=limits.max_queue,
+                timeout_s=limits.queue_timeout_s,
+                retry_after_s=limits.retry_after_s,
+            )
+            if self.draining:
+                gate.close()
+            self._admission[model_id] = gate
+        return gate
+
+    def begin_drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        for gate in self._admission.values():
+            gate.close()
+        log.info(
+            "drain started", extra={"in_flight": sum(g.in_flight for g in self._admission.values())}
+        )
+
+    # -- views ------------------------------------------------------------------------------
+
+    def models(self) -> list[ModelStatus]:
+        statuses = [s for h in self.harnesses.values() for s in h.list()]
+        loaded = {s.id for s in statuses}
+        for model_id, spec in self._load_specs.items():
+            if model_id not in loaded:
+                statuses.append(
+                    ModelStatus(
+                        id=model_id,
+                        harness=spec.harness,
+                        status="loading",
+                        devices=[],
+                        vram_used_mb=0,
+                        context_length=None,
+                    )
+                )
+        return statuses
+
+    def health(self) -> Health:
+        cpu_used = sum(h.memory_used_bytes(CPU) for h in self.harnesses.values())
+        models = {
+            s.id: ModelLoadInfo(
+                in_flight=self._admission[s.id].in_flight if s.id in self._admission else 0,
+                queued=self._admission[s.id].queued if s.id in self._admission else 0,
+            )
+            for s in self.models()
+        }
+        return Health(
+            uptime_secs=round(time.monotonic() - self.started, 3),
+            devices=self.hardware.device_health(),
+            cpu=CpuHealth(
+                memory_used_mb=cpu_used // MB,
+                memory_free_mb=max(self.cpu_budget_bytes - cpu_used, 0) // MB,
+            ),
+            activation=self.activation.snapshot(),
+            models=models,
+        )
