@@ -37,8 +37,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def neuron(tmp_path_factory: pytest.TempPathFactory, hf_cache: Path,
-           model_dir: Path) -> Iterator[tuple[Daemon, str]]:
+def neuron(
+    tmp_path_factory: pytest.TempPathFactory, hf_cache: Path, model_dir: Path
+) -> Iterator[tuple[Daemon, str]]:
     """One real neuron for the API tests, the tiny model pre-warmed."""
     work = tmp_path_factory.mktemp("neuron")
     daemon, base = start_neuron(

@@ -93,8 +93,9 @@ def test_non_streaming_chat(client: openai.OpenAI) -> None:
 
 def test_stream_matches_non_stream_for_same_seed(client: openai.OpenAI) -> None:
     whole = chat(client, max_tokens=24, seed=11, temperature=1.0)
-    text, chunks = stream_text(client, max_tokens=24, seed=11, temperature=1.0,
-                               stream_options={"include_usage": True})
+    text, chunks = stream_text(
+        client, max_tokens=24, seed=11, temperature=1.0, stream_options={"include_usage": True}
+    )
     assert text == whole.choices[0].message.content
     assert chunks[0].choices[0].delta.role == "assistant"
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -112,8 +113,12 @@ def test_stream_without_include_usage_has_no_usage_chunk(client: openai.OpenAI) 
 
 
 def test_seeded_sampling_is_reproducible_and_seed_matters(client: openai.OpenAI) -> None:
-    params = {"max_tokens": 20, "temperature": 1.3, "top_p": 0.95,
-              "extra_body": {"top_k": 50, "min_p": 0.01}}
+    params = {
+        "max_tokens": 20,
+        "temperature": 1.3,
+        "top_p": 0.95,
+        "extra_body": {"top_k": 50, "min_p": 0.01},
+    }
     first = chat(client, seed=1234, **params).choices[0].message.content
     again = chat(client, seed=1234, **params).choices[0].message.content
     assert first == again
@@ -129,8 +134,14 @@ def test_greedy_is_deterministic(client: openai.OpenAI) -> None:
 
 def test_penalties_change_greedy_output(client: openai.OpenAI) -> None:
     plain = chat(client, max_tokens=40, temperature=0).choices[0].message.content
-    penalised = chat(client, max_tokens=40, temperature=0, frequency_penalty=2.0,
-                     presence_penalty=2.0, extra_body={"repetition_penalty": 1.8})
+    penalised = chat(
+        client,
+        max_tokens=40,
+        temperature=0,
+        frequency_penalty=2.0,
+        presence_penalty=2.0,
+        extra_body={"repetition_penalty": 1.8},
+    )
     assert penalised.choices[0].message.content != plain
 
 
@@ -158,16 +169,21 @@ def test_stop_string_cuts_output(client: openai.OpenAI) -> None:
 def test_context_length_exceeded(client: openai.OpenAI) -> None:
     long = "weather city rain " * 1200
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=TINY_REPO_ID, max_tokens=5,
-                                       messages=[{"role": "user", "content": long}])
+        client.chat.completions.create(
+            model=TINY_REPO_ID, max_tokens=5, messages=[{"role": "user", "content": long}]
+        )
     assert info.value.status_code == 400
     assert info.value.body["code"] == "context_length_exceeded"
 
 
 def test_keepalive_comments_while_prefilling(base: str) -> None:
     """keepalive_s is 5 ms on this neuron; a ~1500-token prefill takes longer."""
-    body = {"model": TINY_REPO_ID, "stream": True, "max_tokens": 2,
-            "messages": [{"role": "user", "content": "the weather in a city " * 250}]}
+    body = {
+        "model": TINY_REPO_ID,
+        "stream": True,
+        "max_tokens": 2,
+        "messages": [{"role": "user", "content": "the weather in a city " * 250}],
+    }
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=30) as response:
         raw = b"".join(response.iter_raw()).decode()
     assert ": keep-alive\n\n" in raw
@@ -177,8 +193,13 @@ def test_keepalive_comments_while_prefilling(base: str) -> None:
 def test_client_disconnect_stops_generation(neuron, base: str) -> None:  # type: ignore[no-untyped-def]
     daemon = neuron[0]
     before = daemon.log().count("generation cancelled")
-    body = {"model": TINY_REPO_ID, "stream": True, "max_tokens": 1900, "temperature": 0,
-            "messages": MSGS}
+    body = {
+        "model": TINY_REPO_ID,
+        "stream": True,
+        "max_tokens": 1900,
+        "temperature": 0,
+        "messages": MSGS,
+    }
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=30) as response:
         lines = response.iter_lines()
         for _ in range(4):
@@ -215,12 +236,19 @@ def test_admission_queue_full_is_503_with_retry_after(base: str) -> None:
 
 
 def test_legacy_completions(client: openai.OpenAI) -> None:
-    whole = client.completions.create(model=TINY_REPO_ID, prompt="The weather", max_tokens=10,
-                                      seed=5, temperature=0.8)
+    whole = client.completions.create(
+        model=TINY_REPO_ID, prompt="The weather", max_tokens=10, seed=5, temperature=0.8
+    )
     assert whole.object == "text_completion"
     assert whole.choices[0].finish_reason in {"stop", "length"}
-    streamed = client.completions.create(model=TINY_REPO_ID, prompt="The weather", max_tokens=10,
-                                         seed=5, temperature=0.8, stream=True)
+    streamed = client.completions.create(
+        model=TINY_REPO_ID,
+        prompt="The weather",
+        max_tokens=10,
+        seed=5,
+        temperature=0.8,
+        stream=True,
+    )
     assert "".join(c.choices[0].text for c in streamed if c.choices) == whole.choices[0].text
 
 
@@ -238,8 +266,9 @@ def post(base: str, path: str, **kwargs) -> httpx.Response:  # type: ignore[no-u
     return httpx.post(f"{base}{path}", timeout=30, **kwargs)
 
 
-def assert_envelope(response: httpx.Response, status: int, *, code: str | None = None,
-                    param: str | None = None) -> dict:
+def assert_envelope(
+    response: httpx.Response, status: int, *, code: str | None = None, param: str | None = None
+) -> dict:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     error = response.json()["error"]
@@ -253,10 +282,10 @@ def assert_envelope(response: httpx.Response, status: int, *, code: str | None =
 
 
 def test_malformed_json_is_400(base: str) -> None:
-    assert_envelope(post(base, "/v1/chat/completions", content=b'{"model": '), 400,
-                    code="invalid_json")
-    assert_envelope(post(base, "/v1/chat/completions", content=b"[1, 2]"), 400,
-                    code="invalid_json")
+    assert_envelope(
+        post(base, "/v1/chat/completions", content=b'{"model": '), 400, code="invalid_json"
+    )
+    assert_envelope(post(base, "/v1/chat/completions", content=b"[1, 2]"), 400, code="invalid_json")
 
 
 @pytest.mark.parametrize(
@@ -277,8 +306,7 @@ def test_wrong_types_name_the_field(base: str, patch: dict, param: str) -> None:
 
 
 def test_missing_model_field(base: str) -> None:
-    assert_envelope(post(base, "/v1/chat/completions", json={"messages": MSGS}), 400,
-                    param="model")
+    assert_envelope(post(base, "/v1/chat/completions", json={"messages": MSGS}), 400, param="model")
 
 
 def test_unknown_model_is_404(client: openai.OpenAI, base: str) -> None:
@@ -294,10 +322,18 @@ def test_unknown_route_and_method_use_envelope(base: str) -> None:
 
 
 def test_image_content_on_text_model_is_400(base: str) -> None:
-    body = {"model": TINY_REPO_ID, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}
-    assert_envelope(post(base, "/v1/chat/completions", json=body), 400,
-                    param="messages[0].content")
+    body = {
+        "model": TINY_REPO_ID,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+                ],
+            }
+        ],
+    }
+    assert_envelope(post(base, "/v1/chat/completions", json=body), 400, param="messages[0].content")
 
 
 # --- load / unload ----------------------------------------------------------------------------
@@ -305,20 +341,35 @@ def test_image_content_on_text_model_is_400(base: str) -> None:
 
 @pytest.mark.parametrize("model_id", ["../../etc", "/etc", "~/secrets", "local-tiny/../../x"])
 def test_path_escape_is_403(base: str, model_id: str) -> None:
-    assert_envelope(post(base, "/models/load", json={"model_id": model_id}), 403,
-                    code="path_not_allowed", param="model_id")
+    assert_envelope(
+        post(base, "/models/load", json={"model_id": model_id}),
+        403,
+        code="path_not_allowed",
+        param="model_id",
+    )
 
 
 def test_load_errors_are_4xx_with_reason(base: str) -> None:
-    assert_envelope(post(base, "/models/load", json={"model_id": "a/b", "harness": "vllm"}), 400,
-                    code="unknown_harness")
-    missing = assert_envelope(post(base, "/models/load", json={"model_id": "nobody/absent"}), 404,
-                              code="model_weights_not_found")
+    assert_envelope(
+        post(base, "/models/load", json={"model_id": "a/b", "harness": "vllm"}),
+        400,
+        code="unknown_harness",
+    )
+    missing = assert_envelope(
+        post(base, "/models/load", json={"model_id": "nobody/absent"}),
+        404,
+        code="model_weights_not_found",
+    )
     assert "offline" in missing["message"]
-    assert_envelope(post(base, "/models/load", json={"model_id": "bogus-arch"}), 400,
-                    code="unsupported_architecture")
-    assert_envelope(post(base, "/models/load", json={"model_id": TINY_REPO_ID + "-nope",
-                                                     "quant": "Q4_K_M"}), 404)
+    assert_envelope(
+        post(base, "/models/load", json={"model_id": "bogus-arch"}),
+        400,
+        code="unsupported_architecture",
+    )
+    assert_envelope(
+        post(base, "/models/load", json={"model_id": TINY_REPO_ID + "-nope", "quant": "Q4_K_M"}),
+        404,
+    )
     assert_envelope(post(base, "/models/load", json={}), 400, param="model_id")
     assert_envelope(post(base, "/models/unload", json={"model_id": "never/loaded"}), 404)
 
@@ -331,17 +382,24 @@ def test_already_loaded(base: str) -> None:
 def test_concurrent_duplicate_loads_share_one_load(neuron, base: str) -> None:  # type: ignore[no-untyped-def]
     daemon = neuron[0]
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        responses = list(pool.map(
-            lambda _i: post(base, "/models/load", json={"model_id": LOCAL_MODEL}), range(6)))
+        responses = list(
+            pool.map(
+                lambda _i: post(base, "/models/load", json={"model_id": LOCAL_MODEL}), range(6)
+            )
+        )
     assert [r.status_code for r in responses] == [200] * 6
-    loads = [ln for ln in daemon.log().splitlines()
-             if "msg=load " in ln and f"model_id={LOCAL_MODEL} " in ln]
+    loads = [
+        ln
+        for ln in daemon.log().splitlines()
+        if "msg=load " in ln and f"model_id={LOCAL_MODEL} " in ln
+    ]
     assert len(loads) == 1, loads
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
     answer = client.chat.completions.create(model=LOCAL_MODEL, messages=MSGS, max_tokens=3)
     assert answer.usage.completion_tokens >= 1
     assert post(base, "/models/unload", json={"model_id": LOCAL_MODEL}).json() == {
-        "status": "unloaded"}
+        "status": "unloaded"
+    }
     assert_envelope(post(base, "/models/unload", json={"model_id": LOCAL_MODEL}), 404)
     assert LOCAL_MODEL not in {m["id"] for m in httpx.get(f"{base}/models").json()}
 

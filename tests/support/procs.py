@@ -22,8 +22,14 @@ def free_port() -> int:
 class Daemon:
     """A console script run as a child process, its output in ``log_path``."""
 
-    def __init__(self, args: list[str], *, log_path: Path, env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        *,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.args = args
         self.log_path = log_path
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -32,8 +38,9 @@ class Daemon:
 
     def start(self) -> Daemon:
         log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
-                                     env=self.env, cwd=self.cwd)
+        self.proc = subprocess.Popen(
+            self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd
+        )
         return self
 
     def log(self) -> str:
@@ -76,8 +83,15 @@ def console_script(name: str) -> str:
     return str(path) if path.exists() else name
 
 
-def start_neuron(workdir: Path, config_toml: str, *, hf_cache: Path, name: str = "neuron",
-                 ready_models: bool = True, port: int | None = None) -> tuple[Daemon, str]:
+def start_neuron(
+    workdir: Path,
+    config_toml: str,
+    *,
+    hf_cache: Path,
+    name: str = "neuron",
+    ready_models: bool = True,
+    port: int | None = None,
+) -> tuple[Daemon, str]:
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / f"{name}.toml"

@@ -170,7 +170,7 @@ class DeviceWorker:
                     self._jobs.put(item)
             except BaseException as exc:
                 if self._is_fault(exc):
+                    self._poison(exc)  # first, so whoever sees the failure sees the poison
                     self._fail(future, WorkerPoisoned(f"{self.name} worker is poisoned: {exc}"))
-                    self._poison(exc)
                 else:
                     self._fail(future, exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +65,7 @@ class DecodeJob:
         self._last: int | None = None
         self._counts: dict[int, int] = {}
         self._generated = 0
+        self._first_token_at = 0.0
         self._finish: Finish | None = None
         self.cancelled = False
 
@@ -83,6 +85,12 @@ class DecodeJob:
                     "completion_tokens": self._generated,
                     "max_tokens": self._params.max_new_tokens,
                 },
+            )
+        if self._generated > 1 and log.isEnabledFor(logging.DEBUG):
+            rate = (self._generated - 1) / (time.perf_counter() - self._first_token_at)
+            log.debug(
+                "generation done",
+                extra={"reason": reason, "tokens": self._generated, "decode_tok_s": round(rate, 1)},
             )
         self._finish = Finish(
             reason=reason,
@@ -121,6 +129,8 @@ class DecodeJob:
             self._flush()
             return self._end("stop")
         self._generated += 1
+        if self._generated == 1:
+            self._first_token_at = time.perf_counter()
         self._counts[token] = self._counts.get(token, 0) + 1
         text = self._stops.push(self._detok.push(token))
         if text:

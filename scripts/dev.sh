@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up .venv (CPU torch pin first where no torch is installed) and run a task in it.
+#   scripts/dev.sh test   - install with test extras, ruff, then the whole test suite
+#   scripts/dev.sh setup  - install only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_PIN=${TORCH_PIN:-torch==2.13.0}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+py="$VENV/bin/python"
+pip_q() { "$py" -m pip install --disable-pip-version-check -q "$@"; }
+
+# An unpinned `torch` pulls gigabytes of CUDA wheels; on hosts without torch take the
+# pinned build first. GPU hosts that already have their CUDA torch keep it
+# (the project only asks for torch>=2.4).
+if ! "$py" -c "import torch" >/dev/null 2>&1; then
+  pip_q "$TORCH_PIN"
+fi
+
+task=${1:-test}
+case "$task" in
+  setup)
+    pip_q -e .
+    ;;
+  test)
+    pip_q -e ".[test]"
+    "$VENV/bin/ruff" check src tests bench
+    shift || true
+    HF_HUB_OFFLINE=1 "$py" -m pytest "$@"
+    ;;
+  *)
+    echo "usage: scripts/dev.sh [setup|test] [pytest args]" >&2
+    exit 2
+    ;;
+esac

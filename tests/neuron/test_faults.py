@@ -1,0 +1,89 @@
+"""Failures inside generation, through the real harness and app with an injected fault:
+an error frame mid-stream (never a silent [DONE]), and a poisoned device worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from helexa.core.settings import load_settings
+from helexa.core.wire import ModelSpec
+from helexa.neuron.app import build_app
+from helexa.neuron.config import NeuronSettings
+from helexa.neuron.harness.hf.decode import DecodeJob
+from helexa.neuron.service import Neuron
+from tests.conftest import LOCAL_MODEL
+
+BODY = {
+    "model": LOCAL_MODEL,
+    "stream": True,
+    "max_tokens": 50,
+    "temperature": 0,
+    "messages": [{"role": "user", "content": "weather"}],
+}
+
+
+def fail_after(monkeypatch: pytest.MonkeyPatch, calls: int, error: BaseException) -> None:
+    original = DecodeJob._forward
+    count = {"n": 0}
+
+    def forward(self: DecodeJob):  # type: ignore[no-untyped-def]
+        count["n"] += 1
+        if count["n"] > calls:
+            raise error
+        return original(self)
+
+    monkeypatch.setattr(DecodeJob, "_forward", forward)
+
+
+def frames(raw: str) -> list[str]:
+    return [block.removeprefix("data: ") for block in raw.split("\n\n") if block.startswith("data")]
+
+
+def test_mid_stream_failures(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_settings(
+        NeuronSettings, None, {"model_dirs": [model_dir], "admin_token": "s3cret"}
+    )
+
+    async def scenario() -> None:
+        neuron = Neuron(settings)
+        neuron.start()
+        try:
+            await neuron.load(ModelSpec(model_id=LOCAL_MODEL))
+            transport = httpx.ASGITransport(app=build_app(neuron))
+            async with httpx.AsyncClient(transport=transport, base_url="http://neuron") as client:
+                # The admin routes want the token.
+                denied = await client.post("/models/unload", json={"model_id": LOCAL_MODEL})
+                assert denied.status_code == 401
+                assert denied.json()["error"]["type"] == "authentication_error"
+
+                # An ordinary error after a few tokens: an error frame, no [DONE], no poison.
+                fail_after(monkeypatch, 4, ValueError("boom"))
+                raw = (await client.post("/v1/chat/completions", json=BODY)).text
+                data = frames(raw)
+                assert data[-1] != "[DONE]"
+                error = json.loads(data[-1])["error"]
+                assert error["code"] == "generation_failed" and "boom" in error["message"]
+                assert any("content" in json.loads(d)["choices"][0]["delta"] for d in data[1:-1])
+                assert neuron.pool.worker("cpu").poisoned is None
+                monkeypatch.undo()
+
+                # A CUDA fault: error frame, the worker is poisoned, the model says so.
+                fail_after(monkeypatch, 2, RuntimeError("CUDA error: an illegal memory access"))
+                raw = (await client.post("/v1/chat/completions", json=BODY)).text
+                error = json.loads(frames(raw)[-1])["error"]
+                assert error["code"] == "device_poisoned"
+                assert "cpu worker is poisoned" in error["message"]
+                models = (await client.get("/models")).json()
+                assert [m["status"] for m in models] == ["poisoned"]
+                again = await client.post("/v1/chat/completions", json={**BODY, "stream": False})
+                assert again.status_code == 503 and again.headers["retry-after"]
+                assert again.json()["error"]["code"] == "device_poisoned"
+        finally:
+            neuron.pool.stop()
+
+    asyncio.run(scenario())

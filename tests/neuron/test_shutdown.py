@@ -1,0 +1,97 @@
+"""A neuron of its own: pre-warm with a failing entry, then SIGTERM with streams in flight."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from helexa.core.tiny_model import TINY_REPO_ID
+from tests.support.procs import start_neuron
+
+STREAM = {
+    "model": TINY_REPO_ID,
+    "stream": True,
+    "max_tokens": 700,
+    "temperature": 0,
+    "messages": [{"role": "user", "content": "Tell me about the weather in the city."}],
+}
+
+
+def test_prewarm_then_sigterm_drains_streams_and_unloads(tmp_path: Path, hf_cache: Path) -> None:
+    daemon, base = start_neuron(
+        tmp_path,
+        f"""
+drain_timeout_s = 60
+[admission]
+max_concurrent = 2
+max_queue = 4
+[[default_models]]
+model_id = "nobody/absent"
+[[default_models]]
+model_id = "{TINY_REPO_ID}"
+""",
+        hf_cache=hf_cache,
+    )
+    try:
+        activation = httpx.get(f"{base}/health").json()["activation"]
+        assert activation["state"] == "ready"
+        assert activation["completed"] == [TINY_REPO_ID]
+        assert [f["model_id"] for f in activation["failed"]] == ["nobody/absent"]
+        assert "offline" in activation["failed"][0]["error"]
+
+        streams: list[list[str]] = [[], []]
+        started = [threading.Event(), threading.Event()]
+
+        def consume(index: int) -> None:
+            with httpx.stream(
+                "POST", f"{base}/v1/chat/completions", json=STREAM, timeout=60
+            ) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        streams[index].append(line.removeprefix("data: "))
+                        if len(streams[index]) == 3:
+                            started[index].set()
+
+        queued: dict[str, httpx.Response] = {}
+
+        def wait_in_queue() -> None:
+            queued["r"] = httpx.post(
+                f"{base}/v1/chat/completions", json={**STREAM, "stream": False}, timeout=60
+            )
+
+        threads = [threading.Thread(target=consume, args=(i,)) for i in (0, 1)]
+        for thread in threads:
+            thread.start()
+        assert all(event.wait(30) for event in started)
+        waiter = threading.Thread(target=wait_in_queue)
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{base}/health").json()["models"][TINY_REPO_ID]["queued"] < 1:
+            assert time.monotonic() < deadline, "third request never queued"
+            time.sleep(0.02)
+
+        daemon.signal(signal.SIGTERM)
+        for thread in (*threads, waiter):
+            thread.join(60)
+        assert daemon.proc is not None
+        assert daemon.proc.wait(60) == 0
+
+        for frames in streams:  # both in-flight streams finished properly
+            assert frames[-1] == "[DONE]"
+            final = json.loads(frames[-2])
+            assert final["choices"][0]["finish_reason"] in {"stop", "length"}
+        rejected = queued["r"]
+        assert rejected.status_code == 503
+        assert rejected.json()["error"]["code"] == "shutting_down"
+        assert rejected.headers["retry-after"]
+        log = daemon.log()
+        assert "drain started" in log
+        assert f"msg=unloaded model_id={TINY_REPO_ID}" in log
+        assert log.index("drain started") < log.index("msg=unloaded")
+    finally:
+        daemon.stop()
