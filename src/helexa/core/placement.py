@@ -1,0 +1,152 @@
+"""Where a model may and should go, and what to evict for it: pure decisions, no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from helexa.core.catalogue import ModelProfile
+
+CPU_POOL = -1  # the pool key of a neuron's CPU memory budget
+WEIGHTS_FACTOR = 1.2  # need = 1.2 x weight files when a profile gives no vram_mb
+
+
+@dataclass(frozen=True)
+class Device:
+    index: int
+    total_mb: int
+    free_mb: int
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A model loaded on a neuron, as the evictor sees it."""
+
+    model_id: str
+    size_mb: int
+    pools: tuple[int, ...]  # device indices, or (CPU_POOL,)
+    last_used: float
+    in_flight: int = 0
+    pinned: bool = False
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class NeuronView:
+    name: str
+    healthy: bool
+    devices: tuple[Device, ...]
+    cpu_free_mb: int
+    pending_mb: dict[int, int] = field(default_factory=dict)  # loads in flight per pool
+    residents: tuple[Resident, ...] = ()
+
+
+def need_mb(profile: ModelProfile, weights_mb: int | None = None) -> int:
+    if profile.vram_mb is not None:
+        return profile.vram_mb
+    return int(WEIGHTS_FACTOR * weights_mb) if weights_mb else 0
+
+
+def eligible_devices(profile: ModelProfile, view: NeuronView) -> list[Device]:
+    return [d for d in view.devices if d.total_mb >= profile.min_device_vram_mb]
+
+
+def feasible(profile: ModelProfile, view: NeuronView) -> bool:
+    """Whether the neuron's hardware could ever hold the model (memory use aside)."""
+    if profile.pinned_on and view.name not in profile.pinned_on:
+        return False
+    if profile.cpu_ok:
+        return True
+    return len(eligible_devices(profile, view)) >= max(profile.min_devices, 1)
+
+
+def pools_for(profile: ModelProfile, view: NeuronView) -> list[int]:
+    """Memory pools a load may use: eligible GPUs, or the CPU budget for CPU-capable
+    profiles on GPU-less neurons (a GPU host still prefers its GPUs)."""
+    devices = [d.index for d in eligible_devices(profile, view)]
+    if profile.cpu_ok and not devices:
+        return [CPU_POOL]
+    return devices
+
+
+def pool_free(view: NeuronView, pool: int) -> int:
+    if pool == CPU_POOL:
+        free = view.cpu_free_mb
+    else:
+        free = next((d.free_mb for d in view.devices if d.index == pool), 0)
+    return free - view.pending_mb.get(pool, 0)
+
+
+def best_free(profile: ModelProfile, view: NeuronView) -> int:
+    pools = pools_for(profile, view)
+    return max((pool_free(view, p) for p in pools), default=0)
+
+
+def rank_neurons(profile: ModelProfile, views: Sequence[NeuronView]) -> list[NeuronView]:
+    """Healthy feasible neurons, pinned ones first, then by most free memory."""
+    candidates = [v for v in views if v.healthy and feasible(profile, v)]
+    return sorted(
+        candidates,
+        key=lambda v: (v.name not in profile.pinned_on, -best_free(profile, v), v.name),
+    )
+
+
+Strategy = Literal["lru", "priority"]
+
+
+def plan_eviction(
+    residents: Sequence[Resident],
+    free_mb: int,
+    need: int,
+    strategy: Strategy,
+) -> list[str] | None:
+    """Models to unload, in order, so that ``need`` fits in one pool; None if impossible.
+
+    Never a pinned model or one serving a request. ``lru``: least recently used first;
+    ``priority``: lowest priority first, LRU among equals.
+    """
+    if free_mb >= need:
+        return []
+    movable = [r for r in residents if not r.pinned and r.in_flight == 0]
+    if strategy == "priority":
+        movable.sort(key=lambda r: (r.priority, r.last_used))
+    else:
+        movable.sort(key=lambda r: r.last_used)
+    plan: list[str] = []
+    for resident in movable:
+        plan.append(resident.model_id)
+        free_mb += resident.size_mb
+        if free_mb >= need:
+            return plan
+    return None
+
+
+@dataclass(frozen=True)
+class Placement:
+    neuron: str
+    pool: int
+    evict: tuple[str, ...] = ()
+
+
+def place(
+    profile: ModelProfile,
+    views: Sequence[NeuronView],
+    need: int,
+    strategy: Strategy,
+) -> Placement | None:
+    """Where to cold-load: the first ranked neuron with room, else the ranked neuron and
+    pool whose eviction plan is shortest. None when nothing can make room."""
+    ranked = rank_neurons(profile, views)
+    for view in ranked:
+        for pool in sorted(pools_for(profile, view), key=lambda p: -pool_free(view, p)):
+            if pool_free(view, pool) >= need:
+                return Placement(view.name, pool)
+    best: Placement | None = None
+    for view in ranked:
+        for pool in pools_for(profile, view):
+            residents = [r for r in view.residents if pool in r.pools]
+            plan = plan_eviction(residents, pool_free(view, pool), need, strategy)
+            if plan is not None and (best is None or len(plan) < len(best.evict)):
+                best = Placement(view.name, pool, tuple(plan))
+    return best

@@ -1,0 +1,1 @@
+"""cortex: the gateway — one OpenAI API in front of every neuron."""

@@ -1,0 +1,3 @@
+from helexa.cortex.cli import main
+
+main()

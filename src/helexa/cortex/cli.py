@@ -1,0 +1,159 @@
+"""``cortex serve | status | check-config``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from helexa.core.settings import ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="cortex: the helexa gateway and its fleet tools.")
+log = logging.getLogger("helexa.cortex")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="cortex.toml (default /etc/cortex/cortex.toml)"),
+]
+
+
+def _config_path(config: Path | None) -> Path | None:
+    from helexa.cortex.config import DEFAULT_CONFIG_PATH
+
+    if config is not None:
+        if not config.exists():
+            typer.echo(f"cortex: config file {config} does not exist", err=True)
+            raise typer.Exit(2)
+        return config
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Run the gateway: OpenAI API on gateway.listen, Prometheus on gateway.metrics_listen."""
+    from helexa.core.logs import setup_logging
+    from helexa.cortex.config import load_config, split_listen
+
+    path = _config_path(config)
+    try:
+        loaded = load_config(path)
+    except ConfigError as exc:
+        typer.echo(f"cortex: bad configuration:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+    settings = loaded.settings
+    setup_logging(settings.log_level)
+
+    from helexa.core.serving import DrainingServer, uvicorn_config
+    from helexa.cortex.app import Gateway, build_app
+
+    gateway = Gateway(loaded)
+    host, port = split_listen(settings.gateway.listen)
+    metrics_host, metrics_port = split_listen(settings.gateway.metrics_listen)
+    log.info("starting", extra={"config": str(path) if path else "defaults",
+                                "listen": settings.gateway.listen,
+                                "neurons": len(settings.neurons),
+                                "catalogue": len(loaded.catalogue.models)})
+    try:
+        gateway.metrics.serve(metrics_host, metrics_port)
+    except OSError as exc:
+        typer.echo(f"cortex: cannot serve metrics on {settings.gateway.metrics_listen}: {exc}",
+                   err=True)
+        raise typer.Exit(1) from None
+    server = DrainingServer(
+        uvicorn_config(build_app(gateway), host, port, drain_timeout_s=30, loop="uvloop",
+                       http="httptools", backlog=4096),
+        on_drain=lambda: None,
+    )
+    server.run()
+    if not server.started:
+        sys.exit(1)
+
+
+@app.command("check-config")
+def check_config(path: Annotated[Path, typer.Argument(help="cortex.toml to validate")]) -> None:
+    """Validate cortex.toml and the models.toml it points to."""
+    from helexa.cortex.config import load_config
+
+    if not path.exists():
+        typer.echo(f"{path}: no such file", err=True)
+        raise typer.Exit(2)
+    try:
+        loaded = load_config(path)
+    except ConfigError as exc:
+        typer.echo(f"invalid:\n{exc}", err=True)
+        raise typer.Exit(1) from None
+    catalogue = loaded.catalogue
+    typer.echo(f"ok: {len(loaded.settings.neurons)} neurons, {len(catalogue.models)} models, "
+               f"{len(catalogue.aliases)} aliases")
+
+
+def _fetch(endpoint: str) -> dict[str, Any]:
+    import httpx
+
+    try:
+        response = httpx.get(f"{endpoint.rstrip('/')}/admin/fleet", timeout=10)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        typer.echo(f"cortex status: cannot reach {endpoint}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    return response.json()
+
+
+@app.command()
+def status(
+    endpoint: Annotated[str, typer.Option(help="cortex base URL")] = "http://127.0.0.1:31313",
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Neurons (health, devices, memory) and models (where loaded, status)."""
+    fleet = _fetch(endpoint)
+    if as_json:
+        typer.echo(json.dumps(fleet, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]cortex[/] {endpoint}  status: "
+                  f"{'[green]ok' if fleet['status'] == 'ok' else '[yellow]degraded'}[/]  "
+                  f"neurons {fleet['nodes']['healthy']}/{fleet['nodes']['total']} healthy")
+    neurons = Table(title="neurons")
+    for column in ("name", "health", "endpoint", "devices", "memory", "models", "in flight"):
+        neurons.add_column(column)
+    for n in fleet["neurons"]:
+        readings = {d["index"]: d for d in n["device_health"]}
+        devices = "\n".join(
+            f"{d['index']}: {d['name']} ({d['vram_total_mb'] // 1024} GiB)" for d in n["devices"]
+        ) or "cpu only"
+        memory = "\n".join(
+            f"gpu{i}: {r['vram_used_mb']}/{r['vram_used_mb'] + r['vram_free_mb']} MB"
+            for i, r in readings.items())
+        if n["cpu"]:
+            cpu = n["cpu"]
+            memory += ("\n" if memory else "") + (
+                f"cpu: {cpu['memory_used_mb']}/{cpu['memory_used_mb'] + cpu['memory_free_mb']} MB")
+        neurons.add_row(n["name"], "[green]up" if n["healthy"] else "[red]down", n["endpoint"],
+                        devices, memory or "-", str(len(n["models"])), str(n["in_flight"]))
+    console.print(neurons)
+    models = Table(title="models")
+    for column in ("model", "loaded", "where", "feasible on"):
+        models.add_column(column)
+    for m in fleet["models"]:
+        where = ", ".join(f"{loc['node']} ({loc['status']}, {loc['vram_used_mb']} MB)"
+                          for loc in m["locations"]) or "-"
+        name = m["id"] + (f" → {m['alias_of']}" if m.get("alias_of") else "")
+        models.add_row(name, "yes" if m["loaded"] else "no", where,
+                       ", ".join(m["feasible_on"]) or "-")
+    console.print(models)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""cortex.toml (env prefix ``CORTEX_``) plus the models.toml catalogue it points to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from helexa.core.catalogue import Catalogue, load_catalogue
+from helexa.core.settings import ConfigError, load_settings
+
+DEFAULT_CONFIG_PATH = Path("/etc/cortex/cortex.toml")
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class GatewaySettings(BaseModel):
+    listen: str = "0.0.0.0:31313"
+    metrics_listen: str = "0.0.0.0:31314"
+
+    @field_validator("listen", "metrics_listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        split_listen(value)
+        return value
+
+
+class EvictionSettings(BaseModel):
+    strategy: Literal["lru", "priority"] = "lru"
+    defrag_after_cycles: int = Field(default=50, ge=0)
+
+
+class NeuronEntry(BaseModel):
+    name: str = Field(min_length=1)
+    endpoint: str
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"expected http://host:port, got {value!r}")
+        return value.rstrip("/")
+
+
+class PollerSettings(BaseModel):
+    interval_s: float = Field(default=2.0, gt=0)
+    timeout_s: float = Field(default=3.0, gt=0)
+    unhealthy_after: int = Field(default=2, ge=1)  # consecutive failures
+
+
+class ProxySettings(BaseModel):
+    connect_timeout_s: float = Field(default=3.0, gt=0)
+    idle_timeout_s: float = Field(default=120.0, gt=0)  # between bytes, not in total
+    load_timeout_s: float = Field(default=1800.0, gt=0)
+    retry_after_s: int = Field(default=5, ge=1)
+
+
+class CortexSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CORTEX_", env_nested_delimiter="__",
+                                      extra="forbid")
+
+    models_config: Path = Path("models.toml")
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    eviction: EvictionSettings = Field(default_factory=EvictionSettings)
+    poller: PollerSettings = Field(default_factory=PollerSettings)
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
+    neurons: list[NeuronEntry] = Field(default_factory=list)
+    admin_token: str | None = None  # sent to neurons' admin routes
+    log_level: str = "info"
+
+    @field_validator("neurons")
+    @classmethod
+    def _unique(cls, value: list[NeuronEntry]) -> list[NeuronEntry]:
+        names = [n.name for n in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"neuron names must be unique; repeated: {dupes}")
+        return value
+
+
+@dataclass(frozen=True)
+class CortexConfig:
+    settings: CortexSettings
+    catalogue: Catalogue
+    path: Path | None
+
+
+def load_config(path: Path | None) -> CortexConfig:
+    """cortex.toml and its catalogue, cross-checked; ConfigError names what is wrong."""
+    settings = load_settings(CortexSettings, path)
+    models_path = settings.models_config
+    if not models_path.is_absolute():
+        models_path = (path.parent if path else Path.cwd()) / models_path
+    catalogue = load_catalogue(models_path)
+    known = {n.name for n in settings.neurons}
+    problems = [
+        f"{models_path}: model {p.id!r} is pinned_on unknown neuron(s) "
+        f"{sorted(set(p.pinned_on) - known)}"
+        for p in catalogue.models.values()
+        if set(p.pinned_on) - known
+    ]
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return CortexConfig(settings=settings, catalogue=catalogue, path=path)
