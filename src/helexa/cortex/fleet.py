@@ -39,6 +39,7 @@ class NeuronState:
     last_used: dict[str, float] = field(default_factory=dict)
     pending_mb: dict[int, int] = field(default_factory=dict)  # cold loads cortex started here
     cycles: int = 0  # loads + unloads since the last defrag
+    loaded_since_poll: set[str] = field(default_factory=set)  # not yet in health.free
 
     def loaded(self, model_id: str) -> bool:
         status = self.models.get(model_id)
@@ -58,31 +59,44 @@ class NeuronState:
 
 
 def view_of(state: NeuronState, catalogue: Catalogue) -> NeuronView:
-    """The placement module's picture of one neuron."""
-    free = {d.index: d.vram_free_mb for d in (state.health.devices if state.health else [])}
-    devices = tuple(
-        Device(index=d.index, total_mb=d.vram_total_mb, free_mb=free.get(d.index, 0))
-        for d in (state.discovery.devices if state.discovery else [])
-    )
+    """The placement module's picture of one neuron.
+
+    A resident counts as the larger of what it uses and its profile's estimate (the
+    estimate is what placement promised it; a neuron's free figure only shows use), and
+    a model loaded since the last poll counts in full: the free figure predates it.
+    """
     residents = []
+    unaccounted: dict[int, int] = {}
     for model_id, status in state.models.items():
         profile = catalogue.profile(model_id)
+        size = max(status.vram_used_mb, profile.vram_mb or 0 if profile else 0)
+        pools = tuple(status.devices) or (CPU_POOL,)
+        reported = 0 if model_id in state.loaded_since_poll else status.vram_used_mb
+        for pool in pools:
+            unaccounted[pool] = unaccounted.get(pool, 0) + size - reported
         residents.append(
             Resident(
                 model_id=model_id,
-                size_mb=status.vram_used_mb or (profile.vram_mb or 0 if profile else 0),
-                pools=tuple(status.devices) or (CPU_POOL,),
+                size_mb=size,
+                pools=pools,
                 last_used=state.last_used.get(model_id, 0.0),
                 in_flight=state.in_flight.get(model_id, 0) + (status.status != "loaded"),
                 pinned=bool(profile and state.name in profile.pinned_on),
                 priority=profile.priority if profile else 0,
             )
         )
+    free = {d.index: d.vram_free_mb for d in (state.health.devices if state.health else [])}
+    devices = tuple(
+        Device(index=d.index, total_mb=d.vram_total_mb,
+               free_mb=free.get(d.index, 0) - unaccounted.get(d.index, 0))
+        for d in (state.discovery.devices if state.discovery else [])
+    )
+    cpu_free = state.health.cpu.memory_free_mb if state.health else 0
     return NeuronView(
         name=state.name,
         healthy=state.healthy,
         devices=devices,
-        cpu_free_mb=state.health.cpu.memory_free_mb if state.health else 0,
+        cpu_free_mb=cpu_free - unaccounted.get(CPU_POOL, 0),
         pending_mb=dict(state.pending_mb),
         residents=tuple(residents),
     )
@@ -122,6 +136,7 @@ class Fleet:
             self._failed(state, exc)
             return
         state.health = health
+        state.loaded_since_poll.clear()
         gone = set(state.models) - {m.id for m in models}
         for model_id in gone:
             log.info("model pruned", extra={"neuron": state.name, "model": model_id})
@@ -139,6 +154,7 @@ class Fleet:
         if state.healthy and state.failures >= self.settings.unhealthy_after:
             state.healthy = False
             state.discovery = None  # refreshed on reconnect: the host may have changed
+            state.models.clear()  # nothing there can be served; the poller refills it
             log.warning("neuron unhealthy", extra={"neuron": state.name,
                                                    "failures": state.failures,
                                                    "error": str(exc)})

@@ -164,6 +164,7 @@ class Router:
         if isinstance(model, dict):
             state.models[profile.id] = ModelStatus.model_validate(model)
         if payload.get("status") == "loaded":
+            state.loaded_since_poll.add(profile.id)
             state.cycles += 1
             self.metrics.load_seconds.labels(profile.id, state.name).observe(elapsed)
             if cold:

@@ -1,0 +1,119 @@
+"""A small real fleet: three neurons (tiny models, small CPU budgets) behind one cortex,
+and a second cortex in front of a single neuron for eviction."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from helexa.core.tiny_model import write_tiny_model_to_hf_cache
+from tests.support.fleet import start_cortex
+from tests.support.procs import Daemon, free_port, start_neuron
+
+REPOS = ["helexa/tiny-a", "helexa/tiny-b", "helexa/tiny-c", "helexa/tiny-k", "helexa/tiny-p"]
+
+
+@dataclass
+class Fleet:
+    cortex: Daemon
+    base: str
+    metrics: str
+    neurons: dict[str, tuple[Daemon, str]]
+
+    def neuron_logs(self) -> str:
+        return "".join(d.log() for d, _ in self.neurons.values())
+
+
+@pytest.fixture(scope="session")
+def fleet_cache(hf_cache: Path) -> Path:
+    for repo in REPOS:
+        write_tiny_model_to_hf_cache(hf_cache, repo)
+    return hf_cache
+
+
+def _start_neurons(work: Path, cache: Path, specs: dict[str, str]) -> dict[str, tuple[Daemon, str]]:
+    with concurrent.futures.ThreadPoolExecutor(len(specs)) as pool:
+        futures = {name: pool.submit(start_neuron, work, toml, hf_cache=cache, name=name)
+                   for name, toml in specs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+@pytest.fixture(scope="session")
+def fleet(tmp_path_factory: pytest.TempPathFactory, fleet_cache: Path) -> Iterator[Fleet]:
+    work = tmp_path_factory.mktemp("fleet")
+    budget = "keepalive_s = 0.5\n[cpu]\nmemory_mb = 200\n"
+    neurons = _start_neurons(work, fleet_cache, {n: budget for n in ("n1", "n2", "n3")})
+    models = """
+[[models]]
+id = "helexa/tiny-a"
+vram_mb = 60
+min_devices = 0
+[[models]]
+id = "helexa/tiny-b"
+vram_mb = 60
+min_devices = 0
+[[models]]
+id = "helexa/tiny-k"
+vram_mb = 60
+min_devices = 0
+[[models]]
+id = "helexa/tiny-p"
+vram_mb = 60
+min_devices = 0
+pinned_on = ["n3"]
+[[models]]
+id = "helexa/gpu-only"
+vram_mb = 60
+min_devices = 1
+[aliases]
+"helexa/fast" = "helexa/tiny-a"
+"""
+    cortex, base, metrics = start_cortex(work, {n: u for n, (_d, u) in neurons.items()}, models)
+    yield Fleet(cortex, base, metrics, neurons)
+    cortex.stop()
+    for daemon, _ in neurons.values():
+        daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def solo(tmp_path_factory: pytest.TempPathFactory, fleet_cache: Path) -> Iterator[Fleet]:
+    """One neuron with room for two 60 MB profiles; a ghost neuron that never answers."""
+    work = tmp_path_factory.mktemp("solo")
+    neurons = _start_neurons(work, fleet_cache,
+                             {"solo": "keepalive_s = 0.5\n[cpu]\nmemory_mb = 130\n"})
+    models = """
+[[models]]
+id = "helexa/tiny-a"
+vram_mb = 60
+min_devices = 0
+[[models]]
+id = "helexa/tiny-b"
+vram_mb = 60
+min_devices = 0
+[[models]]
+id = "helexa/tiny-c"
+vram_mb = 60
+min_devices = 0
+[[models]]
+id = "helexa/tiny-p"
+vram_mb = 60
+min_devices = 0
+pinned_on = ["solo"]
+[[models]]
+id = "helexa/haunted"
+vram_mb = 10
+min_devices = 0
+pinned_on = ["ghost"]
+"""
+    endpoints = {"solo": neurons["solo"][1], "ghost": f"http://127.0.0.1:{free_port()}"}
+    cortex, base, metrics = start_cortex(work, endpoints, models,
+                                         extra='[eviction]\nstrategy = "lru"\n'
+                                               "defrag_after_cycles = 0\n")
+    yield Fleet(cortex, base, metrics, neurons)
+    cortex.stop()
+    for daemon, _ in neurons.values():
+        daemon.stop()

@@ -1,0 +1,84 @@
+"""Eviction through a real cortex and neuron (budget: two 60 MB profiles), plus a ghost
+neuron that never answers. Tests run in file order against one shared pair."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import openai
+import pytest
+
+from tests.cortex.conftest import Fleet
+from tests.cortex.test_fleet import MSGS, client, metric, models
+
+
+def loaded(fleet: Fleet) -> set[str]:
+    return {m for m, entry in models(fleet).items() if entry["loaded"]}
+
+
+def ask(fleet: Fleet, model: str) -> None:
+    client(fleet).chat.completions.create(model=model, messages=MSGS, max_tokens=2)
+
+
+def test_health_degraded_while_a_neuron_is_down(solo: Fleet) -> None:
+    assert httpx.get(f"{solo.base}/health").json() == {
+        "status": "degraded", "nodes": {"healthy": 1, "total": 2}}
+
+
+def test_model_pinned_to_a_dead_neuron_is_503(solo: Fleet) -> None:
+    response = httpx.post(f"{solo.base}/v1/chat/completions",
+                          json={"model": "helexa/haunted", "messages": MSGS})
+    assert response.status_code == 503
+    assert response.headers["retry-after"].isdigit()
+    assert response.json()["error"]["code"] == "no_feasible_neuron"
+
+
+def test_lru_eviction_when_the_budget_is_full(solo: Fleet) -> None:
+    ask(solo, "helexa/tiny-a")
+    ask(solo, "helexa/tiny-b")
+    assert loaded(solo) == {"helexa/tiny-a", "helexa/tiny-b"}
+    ask(solo, "helexa/tiny-b")  # a is now least recently used
+    ask(solo, "helexa/tiny-c")
+    assert loaded(solo) == {"helexa/tiny-b", "helexa/tiny-c"}
+    assert metric(solo, "cortex_evictions_total", model="helexa/tiny-a") == 1
+    assert "msg=evict model=helexa/tiny-a node=solo for=helexa/tiny-c" in solo.cortex.log()
+
+
+def test_busy_models_are_never_evicted(solo: Fleet) -> None:
+    started = [threading.Event(), threading.Event()]
+    finished: list[str] = []
+
+    def stream(model: str, flag: threading.Event) -> None:
+        body = {"model": model, "messages": MSGS, "max_tokens": 1200, "temperature": 0,
+                "stream": True}
+        with httpx.stream("POST", f"{solo.base}/v1/chat/completions", json=body,
+                          timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    flag.set()
+                    last = line
+        finished.append(last)
+
+    threads = [threading.Thread(target=stream, args=(m, f))
+               for m, f in zip(("helexa/tiny-b", "helexa/tiny-c"), started, strict=True)]
+    for thread in threads:
+        thread.start()
+    assert all(flag.wait(30) for flag in started)
+    with pytest.raises(openai.APIStatusError) as info:
+        ask(solo, "helexa/tiny-a")
+    assert info.value.status_code == 503
+    assert info.value.body["code"] == "insufficient_capacity"
+    for thread in threads:
+        thread.join(60)
+    assert finished == ["data: [DONE]", "data: [DONE]"]  # both streams were left alone
+    assert loaded(solo) == {"helexa/tiny-b", "helexa/tiny-c"}
+
+
+def test_pinned_model_survives_eviction(solo: Fleet) -> None:
+    ask(solo, "helexa/tiny-p")  # evicts one of b/c
+    survivor = (loaded(solo) - {"helexa/tiny-p"}).pop()
+    ask(solo, survivor)  # p is now the least recently used, but pinned here
+    ask(solo, "helexa/tiny-a")
+    assert loaded(solo) == {"helexa/tiny-p", "helexa/tiny-a"}
+    assert metric(solo, "cortex_evictions_total", model=survivor) >= 1
