@@ -37,8 +37,10 @@ def fleet_cache(hf_cache: Path) -> Path:
 
 def _start_neurons(work: Path, cache: Path, specs: dict[str, str]) -> dict[str, tuple[Daemon, str]]:
     with concurrent.futures.ThreadPoolExecutor(len(specs)) as pool:
-        futures = {name: pool.submit(start_neuron, work, toml, hf_cache=cache, name=name)
-                   for name, toml in specs.items()}
+        futures = {
+            name: pool.submit(start_neuron, work, toml, hf_cache=cache, name=name)
+            for name, toml in specs.items()
+        }
         return {name: f.result() for name, f in futures.items()}
 
 
@@ -83,8 +85,9 @@ min_devices = 1
 def solo(tmp_path_factory: pytest.TempPathFactory, fleet_cache: Path) -> Iterator[Fleet]:
     """One neuron with room for two 60 MB profiles; a ghost neuron that never answers."""
     work = tmp_path_factory.mktemp("solo")
-    neurons = _start_neurons(work, fleet_cache,
-                             {"solo": "keepalive_s = 0.5\n[cpu]\nmemory_mb = 130\n"})
+    neurons = _start_neurons(
+        work, fleet_cache, {"solo": "keepalive_s = 0.5\n[cpu]\nmemory_mb = 130\n"}
+    )
     models = """
 [[models]]
 id = "helexa/tiny-a"
@@ -110,9 +113,9 @@ min_devices = 0
 pinned_on = ["ghost"]
 """
     endpoints = {"solo": neurons["solo"][1], "ghost": f"http://127.0.0.1:{free_port()}"}
-    cortex, base, metrics = start_cortex(work, endpoints, models,
-                                         extra='[eviction]\nstrategy = "lru"\n'
-                                               "defrag_after_cycles = 0\n")
+    cortex, base, metrics = start_cortex(
+        work, endpoints, models, extra='[eviction]\nstrategy = "lru"\ndefrag_after_cycles = 0\n'
+    )
     yield Fleet(cortex, base, metrics, neurons)
     cortex.stop()
     for daemon, _ in neurons.values():

@@ -23,12 +23,15 @@ def ask(fleet: Fleet, model: str) -> None:
 
 def test_health_degraded_while_a_neuron_is_down(solo: Fleet) -> None:
     assert httpx.get(f"{solo.base}/health").json() == {
-        "status": "degraded", "nodes": {"healthy": 1, "total": 2}}
+        "status": "degraded",
+        "nodes": {"healthy": 1, "total": 2},
+    }
 
 
 def test_model_pinned_to_a_dead_neuron_is_503(solo: Fleet) -> None:
-    response = httpx.post(f"{solo.base}/v1/chat/completions",
-                          json={"model": "helexa/haunted", "messages": MSGS})
+    response = httpx.post(
+        f"{solo.base}/v1/chat/completions", json={"model": "helexa/haunted", "messages": MSGS}
+    )
     assert response.status_code == 503
     assert response.headers["retry-after"].isdigit()
     assert response.json()["error"]["code"] == "no_feasible_neuron"
@@ -50,18 +53,26 @@ def test_busy_models_are_never_evicted(solo: Fleet) -> None:
     finished: list[str] = []
 
     def stream(model: str, flag: threading.Event) -> None:
-        body = {"model": model, "messages": MSGS, "max_tokens": 1200, "temperature": 0,
-                "stream": True}
-        with httpx.stream("POST", f"{solo.base}/v1/chat/completions", json=body,
-                          timeout=60) as response:
+        body = {
+            "model": model,
+            "messages": MSGS,
+            "max_tokens": 1200,
+            "temperature": 0,
+            "stream": True,
+        }
+        with httpx.stream(
+            "POST", f"{solo.base}/v1/chat/completions", json=body, timeout=60
+        ) as response:
             for line in response.iter_lines():
                 if line.startswith("data: "):
                     flag.set()
                     last = line
         finished.append(last)
 
-    threads = [threading.Thread(target=stream, args=(m, f))
-               for m, f in zip(("helexa/tiny-b", "helexa/tiny-c"), started, strict=True)]
+    threads = [
+        threading.Thread(target=stream, args=(m, f))
+        for m, f in zip(("helexa/tiny-b", "helexa/tiny-c"), started, strict=True)
+    ]
     for thread in threads:
         thread.start()
     assert all(flag.wait(30) for flag in started)

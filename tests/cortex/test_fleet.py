@@ -55,7 +55,8 @@ def test_catalogue_topology_and_aliases(fleet: Fleet) -> None:
     alias = entries["helexa/fast"]
     assert alias["alias_of"] == "helexa/tiny-a"
     assert {k: v for k, v in alias.items() if k not in ("id", "alias_of")} == {
-        k: v for k, v in a.items() if k != "id"}
+        k: v for k, v in a.items() if k != "id"
+    }
 
 
 def test_infeasible_profile_is_503_with_retry_after(fleet: Fleet) -> None:
@@ -93,8 +94,10 @@ def test_alias_routes_to_the_concrete_model_and_loaded_first(fleet: Fleet) -> No
     assert listing["helexa/tiny-a"]["loaded"] is True
     assert listing["helexa/fast"]["locations"] == listing["helexa/tiny-a"]["locations"]
     # Cold loads spread by free memory: a and b landed on different neurons.
-    assert listing["helexa/tiny-a"]["locations"][0]["node"] != \
-        listing["helexa/tiny-b"]["locations"][0]["node"]
+    assert (
+        listing["helexa/tiny-a"]["locations"][0]["node"]
+        != listing["helexa/tiny-b"]["locations"][0]["node"]
+    )
 
 
 def test_pinned_model_loads_on_its_neuron(fleet: Fleet) -> None:
@@ -104,13 +107,20 @@ def test_pinned_model_loads_on_its_neuron(fleet: Fleet) -> None:
 
 def test_streaming_passthrough_and_usage(fleet: Fleet) -> None:
     sdk = client(fleet)
-    with_usage = list(sdk.chat.completions.create(
-        model="helexa/tiny-a", messages=MSGS, max_tokens=6, stream=True,
-        stream_options={"include_usage": True}))
+    with_usage = list(
+        sdk.chat.completions.create(
+            model="helexa/tiny-a",
+            messages=MSGS,
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert with_usage[0].choices[0].delta.role == "assistant"
     assert with_usage[-1].usage is not None and with_usage[-1].usage.completion_tokens >= 1
-    without = list(sdk.chat.completions.create(model="helexa/tiny-a", messages=MSGS,
-                                               max_tokens=6, stream=True))
+    without = list(
+        sdk.chat.completions.create(model="helexa/tiny-a", messages=MSGS, max_tokens=6, stream=True)
+    )
     assert all(c.usage is None for c in without)  # cortex asked for it, the client did not
     assert [c for c in without if c.choices and c.choices[0].finish_reason]
 
@@ -125,11 +135,13 @@ def test_seeded_answers_match_direct_neuron(fleet: Fleet) -> None:
 
 def test_legacy_completions_end_to_end(fleet: Fleet) -> None:
     sdk = client(fleet)
-    whole = sdk.completions.create(model="helexa/tiny-a", prompt="The weather", max_tokens=5,
-                                   seed=2)
+    whole = sdk.completions.create(
+        model="helexa/tiny-a", prompt="The weather", max_tokens=5, seed=2
+    )
     assert whole.object == "text_completion" and whole.usage.completion_tokens >= 1
-    streamed = sdk.completions.create(model="helexa/tiny-a", prompt="The weather", max_tokens=5,
-                                      seed=2, stream=True)
+    streamed = sdk.completions.create(
+        model="helexa/tiny-a", prompt="The weather", max_tokens=5, seed=2, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed if c.choices) == whole.choices[0].text
 
 
@@ -148,16 +160,23 @@ def test_malformed_bodies_and_unknown_models(fleet: Fleet) -> None:
     assert envelope(httpx.post(url, json={"model": 5, "messages": MSGS}), 400)["param"] == "model"
     bad = envelope(httpx.post(url, json={"model": "helexa/tiny-a", "messages": "hi"}), 400)
     assert bad["param"] == "messages"  # the neuron's validation, passed through
-    assert envelope(httpx.post(url, json={"model": "nobody/nothing", "messages": MSGS}),
-                    404)["code"] == "model_not_found"
+    assert (
+        envelope(httpx.post(url, json={"model": "nobody/nothing", "messages": MSGS}), 404)["code"]
+        == "model_not_found"
+    )
     envelope(httpx.get(f"{fleet.base}/v2/nothing"), 404)
     envelope(httpx.get(url), 405)
 
 
 def test_client_disconnect_cancels_the_neuron_generation(fleet: Fleet) -> None:
     before = fleet.neuron_logs().count("generation cancelled")
-    body = {"model": "helexa/tiny-a", "messages": MSGS, "max_tokens": 1900, "temperature": 0,
-            "stream": True}
+    body = {
+        "model": "helexa/tiny-a",
+        "messages": MSGS,
+        "max_tokens": 1900,
+        "temperature": 0,
+        "stream": True,
+    }
     with httpx.stream("POST", f"{fleet.base}/v1/chat/completions", json=body) as response:
         lines = response.iter_lines()
         for _ in range(4):
@@ -173,10 +192,12 @@ def test_metrics_are_scraped(fleet: Fleet) -> None:
     assert metric(fleet, "cortex_prompt_tokens_total", model="helexa/tiny-a") > 0
     assert metric(fleet, "cortex_completion_tokens_total", model="helexa/tiny-a") > 0
     text = httpx.get(f"{fleet.metrics}/metrics").text
-    assert re.search(r'cortex_time_to_first_token_seconds_bucket\{le="0.05",model="helexa/tiny-a"',
-                     text)
-    assert re.search(r'cortex_request_duration_seconds_bucket\{le="\+Inf",model="helexa/tiny-b"',
-                     text)
+    assert re.search(
+        r'cortex_time_to_first_token_seconds_bucket\{le="0.05",model="helexa/tiny-a"', text
+    )
+    assert re.search(
+        r'cortex_request_duration_seconds_bucket\{le="\+Inf",model="helexa/tiny-b"', text
+    )
     assert metric(fleet, "cortex_tokens_per_second_count", model="helexa/tiny-a") >= 1
     assert metric(fleet, "cortex_model_load_seconds_count", model="helexa/tiny-b") == 1
     for node in ("n1", "n2", "n3"):
@@ -186,27 +207,45 @@ def test_metrics_are_scraped(fleet: Fleet) -> None:
 
 
 def test_status_cli(fleet: Fleet) -> None:
-    result = subprocess.run([console_script("cortex"), "status", "--endpoint", fleet.base,
-                             "--json"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [console_script("cortex"), "status", "--endpoint", fleet.base, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
     assert status["status"] == "ok" and status["nodes"] == {"healthy": 3, "total": 3}
     assert {n["name"] for n in status["neurons"]} == {"n1", "n2", "n3"}
-    table = subprocess.run([console_script("cortex"), "status", "--endpoint", fleet.base],
-                           capture_output=True, text=True, timeout=30, env={"COLUMNS": "160"})
+    table = subprocess.run(
+        [console_script("cortex"), "status", "--endpoint", fleet.base],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"COLUMNS": "160"},
+    )
     assert table.returncode == 0 and "helexa/tiny-a" in table.stdout and "n3" in table.stdout
 
 
 def test_neuron_killed_mid_stream(fleet: Fleet) -> None:
     """An error event (not a silent end), failover to another neuron, /health degraded."""
-    loaded = httpx.post(f"{fleet.base}/admin/models/load",
-                        json={"model_id": "helexa/tiny-k", "node": "n2"}, timeout=60)
+    loaded = httpx.post(
+        f"{fleet.base}/admin/models/load",
+        json={"model_id": "helexa/tiny-k", "node": "n2"},
+        timeout=60,
+    )
     assert loaded.json() == {"status": "loaded", "node": "n2"}
-    body = {"model": "helexa/tiny-k", "messages": MSGS, "max_tokens": 1900, "temperature": 0,
-            "stream": True}
+    body = {
+        "model": "helexa/tiny-k",
+        "messages": MSGS,
+        "max_tokens": 1900,
+        "temperature": 0,
+        "stream": True,
+    }
     events: list[str] = []
-    with httpx.stream("POST", f"{fleet.base}/v1/chat/completions", json=body,
-                      timeout=30) as response:
+    with httpx.stream(
+        "POST", f"{fleet.base}/v1/chat/completions", json=body, timeout=30
+    ) as response:
         for line in response.iter_lines():
             if line.startswith("data: "):
                 events.append(line[6:])
@@ -216,8 +255,9 @@ def test_neuron_killed_mid_stream(fleet: Fleet) -> None:
     error = json.loads(events[-1])["error"]
     assert error["code"] in {"upstream_broken", "upstream_timeout"} and "n2" in error["message"]
     # Failover: the model is cold-loaded on a surviving neuron.
-    answer = client(fleet).chat.completions.create(model="helexa/tiny-k", messages=MSGS,
-                                                   max_tokens=3)
+    answer = client(fleet).chat.completions.create(
+        model="helexa/tiny-k", messages=MSGS, max_tokens=3
+    )
     assert answer.usage.completion_tokens >= 1
     nodes = {loc["node"] for loc in models(fleet)["helexa/tiny-k"]["locations"]}
     assert nodes and "n2" not in nodes

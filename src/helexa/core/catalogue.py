@@ -67,14 +67,15 @@ def parse_catalogue(data: dict[str, Any], source: str) -> Catalogue:
     aliases_raw = data.get("aliases", {})
     aliases: dict[str, str] = {}
     if not isinstance(aliases_raw, dict):
-        problems.append(f"{source}: [aliases] must be a table of name = \"model id\"")
+        problems.append(f'{source}: [aliases] must be a table of name = "model id"')
         aliases_raw = {}
     for alias, target in aliases_raw.items():
         if not isinstance(target, str):
             problems.append(f"{source}: alias {alias!r} must map to a model id string")
         elif target not in models:
-            problems.append(f"{source}: alias {alias!r} points to {target!r}, "
-                            "which is not in the catalogue")
+            problems.append(
+                f"{source}: alias {alias!r} points to {target!r}, which is not in the catalogue"
+            )
         elif alias in models:
             problems.append(f"{source}: alias {alias!r} shadows a catalogue model id")
         else:

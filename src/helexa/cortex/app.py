@@ -43,8 +43,11 @@ class Gateway:
         self.config = config
         self.started = int(time.time())
         self.metrics = Metrics()
-        self.fleet = Fleet(config.settings.neurons, config.settings.poller,
-                           on_round=lambda: self.metrics.refresh(self.fleet))
+        self.fleet = Fleet(
+            config.settings.neurons,
+            config.settings.poller,
+            on_round=lambda: self.metrics.refresh(self.fleet),
+        )
         self.router = Router(config.settings, config.catalogue, self.fleet, self.metrics)
 
     def model_entries(self) -> list[dict[str, Any]]:
@@ -55,14 +58,20 @@ class Gateway:
         entries: dict[str, dict[str, Any]] = {}
         for model_id in ids:
             locations = [
-                {"node": s.name, "status": s.models[model_id].status,
-                 "vram_used_mb": s.models[model_id].vram_used_mb}
-                for s in self.fleet.neurons.values() if model_id in s.models
+                {
+                    "node": s.name,
+                    "status": s.models[model_id].status,
+                    "vram_used_mb": s.models[model_id].vram_used_mb,
+                }
+                for s in self.fleet.neurons.values()
+                if model_id in s.models
             ]
             profile = catalogue.profile(model_id)
             feasible_on = [
-                s.name for s in self.fleet.neurons.values()
-                if s.discovery is not None and profile is not None
+                s.name
+                for s in self.fleet.neurons.values()
+                if s.discovery is not None
+                and profile is not None
                 and feasible(profile, view_of(s, catalogue))
             ]
             entries[model_id] = {
@@ -81,23 +90,27 @@ class Gateway:
     def health(self) -> dict[str, Any]:
         total = len(self.fleet.neurons)
         healthy = self.fleet.healthy_count()
-        return {"status": "ok" if total and healthy == total else "degraded",
-                "nodes": {"healthy": healthy, "total": total}}
+        return {
+            "status": "ok" if total and healthy == total else "degraded",
+            "nodes": {"healthy": healthy, "total": total},
+        }
 
     def fleet_view(self) -> dict[str, Any]:
         neurons = []
         for s in self.fleet.neurons.values():
             health = s.health
-            neurons.append({
-                "name": s.name,
-                "endpoint": s.endpoint,
-                "healthy": s.healthy,
-                "devices": [d.model_dump() for d in s.discovery.devices] if s.discovery else [],
-                "device_health": [d.model_dump() for d in health.devices] if health else [],
-                "cpu": health.cpu.model_dump() if health else None,
-                "models": [m.model_dump() for m in s.models.values()],
-                "in_flight": s.busy(),
-            })
+            neurons.append(
+                {
+                    "name": s.name,
+                    "endpoint": s.endpoint,
+                    "healthy": s.healthy,
+                    "devices": [d.model_dump() for d in s.discovery.devices] if s.discovery else [],
+                    "device_health": [d.model_dump() for d in health.devices] if health else [],
+                    "cpu": health.cpu.model_dump() if health else None,
+                    "models": [m.model_dump() for m in s.models.values()],
+                    "in_flight": s.busy(),
+                }
+            )
         return {**self.health(), "neurons": neurons, "models": self.model_entries()}
 
 
@@ -116,8 +129,12 @@ def build_app(gateway: Gateway) -> Starlette:
     def require_admin(request: Request) -> None:
         token = settings.admin_token
         if token and request.headers.get("authorization") != f"Bearer {token}":
-            raise ApiError(401, "a valid admin token is required", type="authentication_error",
-                           code="unauthorized")
+            raise ApiError(
+                401,
+                "a valid admin token is required",
+                type="authentication_error",
+                code="unauthorized",
+            )
 
     async def admin_load(request: Request) -> Response:
         require_admin(request)
@@ -144,8 +161,11 @@ def build_app(gateway: Gateway) -> Starlette:
 
     proxy_args = (gateway.router, gateway.fleet, gateway.metrics)
     routes = [
-        Route("/v1/chat/completions", OpenAIProxy("/v1/chat/completions", *proxy_args),
-              methods=["POST"]),
+        Route(
+            "/v1/chat/completions",
+            OpenAIProxy("/v1/chat/completions", *proxy_args),
+            methods=["POST"],
+        ),
         Route("/v1/completions", OpenAIProxy("/v1/completions", *proxy_args), methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),

@@ -12,8 +12,11 @@ import typer
 
 from helexa.core.settings import ConfigError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="cortex: the helexa gateway and its fleet tools.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="cortex: the helexa gateway and its fleet tools.",
+)
 log = logging.getLogger("helexa.cortex")
 
 ConfigOption = Annotated[
@@ -54,19 +57,32 @@ def serve(config: ConfigOption = None) -> None:
     gateway = Gateway(loaded)
     host, port = split_listen(settings.gateway.listen)
     metrics_host, metrics_port = split_listen(settings.gateway.metrics_listen)
-    log.info("starting", extra={"config": str(path) if path else "defaults",
-                                "listen": settings.gateway.listen,
-                                "neurons": len(settings.neurons),
-                                "catalogue": len(loaded.catalogue.models)})
+    log.info(
+        "starting",
+        extra={
+            "config": str(path) if path else "defaults",
+            "listen": settings.gateway.listen,
+            "neurons": len(settings.neurons),
+            "catalogue": len(loaded.catalogue.models),
+        },
+    )
     try:
         gateway.metrics.serve(metrics_host, metrics_port)
     except OSError as exc:
-        typer.echo(f"cortex: cannot serve metrics on {settings.gateway.metrics_listen}: {exc}",
-                   err=True)
+        typer.echo(
+            f"cortex: cannot serve metrics on {settings.gateway.metrics_listen}: {exc}", err=True
+        )
         raise typer.Exit(1) from None
     server = DrainingServer(
-        uvicorn_config(build_app(gateway), host, port, drain_timeout_s=30, loop="uvloop",
-                       http="httptools", backlog=4096),
+        uvicorn_config(
+            build_app(gateway),
+            host,
+            port,
+            drain_timeout_s=30,
+            loop="uvloop",
+            http="httptools",
+            backlog=4096,
+        ),
         on_drain=lambda: None,
     )
     server.run()
@@ -88,8 +104,10 @@ def check_config(path: Annotated[Path, typer.Argument(help="cortex.toml to valid
         typer.echo(f"invalid:\n{exc}", err=True)
         raise typer.Exit(1) from None
     catalogue = loaded.catalogue
-    typer.echo(f"ok: {len(loaded.settings.neurons)} neurons, {len(catalogue.models)} models, "
-               f"{len(catalogue.aliases)} aliases")
+    typer.echo(
+        f"ok: {len(loaded.settings.neurons)} neurons, {len(catalogue.models)} models, "
+        f"{len(catalogue.aliases)} aliases"
+    )
 
 
 def _fetch(endpoint: str) -> dict[str, Any]:
@@ -118,36 +136,57 @@ def status(
     from rich.table import Table
 
     console = Console()
-    console.print(f"[bold]cortex[/] {endpoint}  status: "
-                  f"{'[green]ok' if fleet['status'] == 'ok' else '[yellow]degraded'}[/]  "
-                  f"neurons {fleet['nodes']['healthy']}/{fleet['nodes']['total']} healthy")
+    console.print(
+        f"[bold]cortex[/] {endpoint}  status: "
+        f"{'[green]ok' if fleet['status'] == 'ok' else '[yellow]degraded'}[/]  "
+        f"neurons {fleet['nodes']['healthy']}/{fleet['nodes']['total']} healthy"
+    )
     neurons = Table(title="neurons")
     for column in ("name", "health", "endpoint", "devices", "memory", "models", "in flight"):
         neurons.add_column(column)
     for n in fleet["neurons"]:
         readings = {d["index"]: d for d in n["device_health"]}
-        devices = "\n".join(
-            f"{d['index']}: {d['name']} ({d['vram_total_mb'] // 1024} GiB)" for d in n["devices"]
-        ) or "cpu only"
+        devices = (
+            "\n".join(
+                f"{d['index']}: {d['name']} ({d['vram_total_mb'] // 1024} GiB)"
+                for d in n["devices"]
+            )
+            or "cpu only"
+        )
         memory = "\n".join(
             f"gpu{i}: {r['vram_used_mb']}/{r['vram_used_mb'] + r['vram_free_mb']} MB"
-            for i, r in readings.items())
+            for i, r in readings.items()
+        )
         if n["cpu"]:
             cpu = n["cpu"]
             memory += ("\n" if memory else "") + (
-                f"cpu: {cpu['memory_used_mb']}/{cpu['memory_used_mb'] + cpu['memory_free_mb']} MB")
-        neurons.add_row(n["name"], "[green]up" if n["healthy"] else "[red]down", n["endpoint"],
-                        devices, memory or "-", str(len(n["models"])), str(n["in_flight"]))
+                f"cpu: {cpu['memory_used_mb']}/{cpu['memory_used_mb'] + cpu['memory_free_mb']} MB"
+            )
+        neurons.add_row(
+            n["name"],
+            "[green]up" if n["healthy"] else "[red]down",
+            n["endpoint"],
+            devices,
+            memory or "-",
+            str(len(n["models"])),
+            str(n["in_flight"]),
+        )
     console.print(neurons)
     models = Table(title="models")
     for column in ("model", "loaded", "where", "feasible on"):
         models.add_column(column)
     for m in fleet["models"]:
-        where = ", ".join(f"{loc['node']} ({loc['status']}, {loc['vram_used_mb']} MB)"
-                          for loc in m["locations"]) or "-"
+        where = (
+            ", ".join(
+                f"{loc['node']} ({loc['status']}, {loc['vram_used_mb']} MB)"
+                for loc in m["locations"]
+            )
+            or "-"
+        )
         name = m["id"] + (f" → {m['alias_of']}" if m.get("alias_of") else "")
-        models.add_row(name, "yes" if m["loaded"] else "no", where,
-                       ", ".join(m["feasible_on"]) or "-")
+        models.add_row(
+            name, "yes" if m["loaded"] else "no", where, ", ".join(m["feasible_on"]) or "-"
+        )
     console.print(models)
 
 

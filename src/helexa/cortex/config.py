@@ -66,8 +66,9 @@ class ProxySettings(BaseModel):
 
 
 class CortexSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CORTEX_", env_nested_delimiter="__",
-                                      extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="CORTEX_", env_nested_delimiter="__", extra="forbid"
+    )
 
     models_config: Path = Path("models.toml")
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)

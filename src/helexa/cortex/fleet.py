@@ -87,8 +87,11 @@ def view_of(state: NeuronState, catalogue: Catalogue) -> NeuronView:
         )
     free = {d.index: d.vram_free_mb for d in (state.health.devices if state.health else [])}
     devices = tuple(
-        Device(index=d.index, total_mb=d.vram_total_mb,
-               free_mb=free.get(d.index, 0) - unaccounted.get(d.index, 0))
+        Device(
+            index=d.index,
+            total_mb=d.vram_total_mb,
+            free_mb=free.get(d.index, 0) - unaccounted.get(d.index, 0),
+        )
         for d in (state.discovery.devices if state.discovery else [])
     )
     cpu_free = state.health.cpu.memory_free_mb if state.health else 0
@@ -103,8 +106,12 @@ def view_of(state: NeuronState, catalogue: Catalogue) -> NeuronView:
 
 
 class Fleet:
-    def __init__(self, entries: list[NeuronEntry], settings: PollerSettings,
-                 on_round: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        entries: list[NeuronEntry],
+        settings: PollerSettings,
+        on_round: Callable[[], None] | None = None,
+    ) -> None:
         self.settings = settings
         self._on_round = on_round
         self.neurons: dict[str, NeuronState] = {
@@ -115,8 +122,12 @@ class Fleet:
         self.polled = asyncio.Event()  # set after the first full round
 
     async def _get(self, state: NeuronState, path: str) -> bytes:
-        response = await state.pool.request("GET", path, connect_timeout=self.settings.timeout_s,
-                                            header_timeout=self.settings.timeout_s)
+        response = await state.pool.request(
+            "GET",
+            path,
+            connect_timeout=self.settings.timeout_s,
+            header_timeout=self.settings.timeout_s,
+        )
         try:
             body = await response.read(self.settings.timeout_s)
         finally:
@@ -129,7 +140,8 @@ class Fleet:
         try:
             if state.discovery is None:
                 state.discovery = Discovery.model_validate_json(
-                    await self._get(state, "/discovery"))
+                    await self._get(state, "/discovery")
+                )
             models = _MODEL_LIST.validate_json(await self._get(state, "/models"))
             health = Health.model_validate_json(await self._get(state, "/health"))
         except (UpstreamError, ValidationError, ValueError, orjson.JSONDecodeError) as exc:
@@ -144,8 +156,7 @@ class Fleet:
         state.models = {m.id: m for m in models}
         state.failures = 0
         if not state.healthy:
-            log.info("neuron healthy", extra={"neuron": state.name,
-                                              "models": len(state.models)})
+            log.info("neuron healthy", extra={"neuron": state.name, "models": len(state.models)})
         state.healthy = True
         state.ever_seen = True
 
@@ -155,9 +166,10 @@ class Fleet:
             state.healthy = False
             state.discovery = None  # refreshed on reconnect: the host may have changed
             state.models.clear()  # nothing there can be served; the poller refills it
-            log.warning("neuron unhealthy", extra={"neuron": state.name,
-                                                   "failures": state.failures,
-                                                   "error": str(exc)})
+            log.warning(
+                "neuron unhealthy",
+                extra={"neuron": state.name, "failures": state.failures, "error": str(exc)},
+            )
         elif not state.ever_seen and state.failures == 1:
             log.warning("neuron unreachable", extra={"neuron": state.name, "error": str(exc)})
 
@@ -190,4 +202,3 @@ class Fleet:
 
     def healthy_count(self) -> int:
         return sum(s.healthy for s in self.neurons.values())
-

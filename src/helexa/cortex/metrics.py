@@ -19,30 +19,48 @@ class Metrics:
         r = self.registry
         labels = ("model", "node")
         self.requests = Counter("cortex_requests", "Requests routed", labels, registry=r)
-        self.errors = Counter("cortex_request_errors", "Failed requests",
-                              (*labels, "reason"), registry=r)
-        self.duration = Histogram("cortex_request_duration_seconds",
-                                  "Whole request, stream included", labels,
-                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("cortex_time_to_first_token_seconds", "Time to first token",
-                              labels, buckets=TTFT_BUCKETS, registry=r)
-        self.tps = Histogram("cortex_tokens_per_second", "Completion tokens per second",
-                             labels, buckets=TPS_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("cortex_prompt_tokens", "Prompt tokens", labels,
-                                     registry=r)
-        self.completion_tokens = Counter("cortex_completion_tokens", "Completion tokens",
-                                         labels, registry=r)
-        self.cold_starts = Counter("cortex_cold_starts", "Cold loads triggered by requests",
-                                   labels, registry=r)
-        self.load_seconds = Histogram("cortex_model_load_seconds", "Model load time", labels,
-                                      buckets=LOAD_BUCKETS, registry=r)
+        self.errors = Counter(
+            "cortex_request_errors", "Failed requests", (*labels, "reason"), registry=r
+        )
+        self.duration = Histogram(
+            "cortex_request_duration_seconds",
+            "Whole request, stream included",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "cortex_time_to_first_token_seconds",
+            "Time to first token",
+            labels,
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tps = Histogram(
+            "cortex_tokens_per_second",
+            "Completion tokens per second",
+            labels,
+            buckets=TPS_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("cortex_prompt_tokens", "Prompt tokens", labels, registry=r)
+        self.completion_tokens = Counter(
+            "cortex_completion_tokens", "Completion tokens", labels, registry=r
+        )
+        self.cold_starts = Counter(
+            "cortex_cold_starts", "Cold loads triggered by requests", labels, registry=r
+        )
+        self.load_seconds = Histogram(
+            "cortex_model_load_seconds", "Model load time", labels, buckets=LOAD_BUCKETS, registry=r
+        )
         self.evictions = Counter("cortex_evictions", "Models evicted", labels, registry=r)
-        self.neuron_up = Gauge("cortex_neuron_up", "Neuron healthy (1) or not (0)", ("node",),
-                               registry=r)
-        self.model_loaded = Gauge("cortex_model_loaded", "Model loaded on node", labels,
-                                  registry=r)
-        self.vram_used = Gauge("cortex_neuron_vram_used_bytes", "VRAM in use on the node",
-                               ("node",), registry=r)
+        self.neuron_up = Gauge(
+            "cortex_neuron_up", "Neuron healthy (1) or not (0)", ("node",), registry=r
+        )
+        self.model_loaded = Gauge("cortex_model_loaded", "Model loaded on node", labels, registry=r)
+        self.vram_used = Gauge(
+            "cortex_neuron_vram_used_bytes", "VRAM in use on the node", ("node",), registry=r
+        )
 
     def error(self, model: str, node: str, reason: str) -> None:
         self.errors.labels(model, node, reason).inc()
@@ -56,7 +74,8 @@ class Metrics:
             self.vram_used.labels(state.name).set(used * MB)
             for model_id, status in state.models.items():
                 self.model_loaded.labels(model_id, state.name).set(
-                    1 if status.status == "loaded" else 0)
+                    1 if status.status == "loaded" else 0
+                )
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

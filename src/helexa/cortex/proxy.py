@@ -22,8 +22,11 @@ from helexa.cortex.upstream import Response, UpstreamError, UpstreamTimeout
 log = logging.getLogger("helexa.cortex.proxy")
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
-SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
-               (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
 FIRST_TOKEN = re.compile(rb'"(?:content|text|reasoning_content)":"[^"]|"tool_calls":\[')
 USAGE_ONLY = re.compile(rb'"choices":\[\]')
 
@@ -40,10 +43,12 @@ async def read_body(receive: Receive) -> bytes:
     return b"".join(parts)
 
 
-async def send_json(send: Send, status: int, body: bytes,
-                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": JSON_HEADERS + (headers or [])})
+async def send_json(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send(
+        {"type": "http.response.start", "status": status, "headers": JSON_HEADERS + (headers or [])}
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -114,8 +119,9 @@ class OpenAIProxy:
             return
         await self.forward(body, model, send, receive)
 
-    async def forward(self, body: dict[str, Any], requested: str, send: Send,
-                      receive: Receive) -> None:
+    async def forward(
+        self, body: dict[str, Any], requested: str, send: Send, receive: Receive
+    ) -> None:
         started = time.monotonic()
         model_id = self.router.catalogue.resolve(requested)
         body["model"] = model_id
@@ -137,19 +143,28 @@ class OpenAIProxy:
                 state.last_used[model_id] = time.monotonic()
                 try:
                     upstream = await state.pool.request(
-                        "POST", self.path, payload, connect_timeout=self.connect_timeout,
-                        header_timeout=self.idle_timeout)
+                        "POST",
+                        self.path,
+                        payload,
+                        connect_timeout=self.connect_timeout,
+                        header_timeout=self.idle_timeout,
+                    )
                     break
                 except UpstreamError as exc:
                     self._done(state, model_id)
                     self.fleet.report_failure(state, exc)
                     self.metrics.error(model_id, state.name, "upstream_connect")
                     if len(tried) >= 2:
-                        raise ApiError(503, f"neuron {state.name} failed: {exc}",
-                                       type="service_unavailable", code="upstream_unavailable",
-                                       headers={"Retry-After": "1"}) from exc
-                    log.info("retry on another neuron", extra={"model": model_id,
-                                                               "failed": state.name})
+                        raise ApiError(
+                            503,
+                            f"neuron {state.name} failed: {exc}",
+                            type="service_unavailable",
+                            code="upstream_unavailable",
+                            headers={"Retry-After": "1"},
+                        ) from exc
+                    log.info(
+                        "retry on another neuron", extra={"model": model_id, "failed": state.name}
+                    )
                     state = None
         except ApiError as exc:
             self.metrics.error(model_id, state.name if state else "", exc.code or "error")
@@ -159,8 +174,7 @@ class OpenAIProxy:
         self.metrics.requests.labels(model_id, node).inc()
         try:
             if stream and upstream.status == 200:
-                tap = await self._pipe_stream(upstream, send, receive, keep_usage, model_id,
-                                              node)
+                tap = await self._pipe_stream(upstream, send, receive, keep_usage, model_id, node)
                 usage, first = (tap.usage, tap.first_token_at) if tap else (None, None)
             else:
                 usage, first = await self._pipe_whole(upstream, send, model_id, node)
@@ -178,8 +192,9 @@ class OpenAIProxy:
         state.in_flight[model_id] -= 1
         state.last_used[model_id] = time.monotonic()
 
-    def _count_tokens(self, model_id: str, node: str, usage: dict[str, Any], first: float,
-                      end: float) -> None:
+    def _count_tokens(
+        self, model_id: str, node: str, usage: dict[str, Any], first: float, end: float
+    ) -> None:
         prompt = usage.get("prompt_tokens") or 0
         completion = usage.get("completion_tokens") or 0
         self.metrics.prompt_tokens.labels(model_id, node).inc(prompt)
@@ -187,19 +202,29 @@ class OpenAIProxy:
         if completion and end > first:
             self.metrics.tps.labels(model_id, node).observe(completion / (end - first))
 
-    async def _pipe_whole(self, upstream: Response, send: Send, model_id: str,
-                          node: str) -> tuple[dict[str, Any] | None, float | None]:
+    async def _pipe_whole(
+        self, upstream: Response, send: Send, model_id: str, node: str
+    ) -> tuple[dict[str, Any] | None, float | None]:
         try:
             data = await upstream.read(self.idle_timeout)
         except UpstreamError as exc:
             self.metrics.error(model_id, node, "upstream_read")
-            await send_error(send, ApiError(502, f"neuron {node} failed mid-response: {exc}",
-                                            type="server_error", code="upstream_failed"))
+            await send_error(
+                send,
+                ApiError(
+                    502,
+                    f"neuron {node} failed mid-response: {exc}",
+                    type="server_error",
+                    code="upstream_failed",
+                ),
+            )
             return None, None
-        headers = [(k.lower(), v) for k, v in upstream.headers
-                   if k.lower() in (b"content-type", b"retry-after")]
-        await send({"type": "http.response.start", "status": upstream.status,
-                    "headers": headers})
+        headers = [
+            (k.lower(), v)
+            for k, v in upstream.headers
+            if k.lower() in (b"content-type", b"retry-after")
+        ]
+        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         await send({"type": "http.response.body", "body": data})
         if upstream.status != 200:
             self.metrics.error(model_id, node, f"status_{upstream.status}")
@@ -209,8 +234,15 @@ class OpenAIProxy:
             usage = orjson.loads(data).get("usage")
         return usage, None
 
-    async def _pipe_stream(self, upstream: Response, send: Send, receive: Receive,
-                           keep_usage: bool, model_id: str, node: str) -> StreamTap | None:
+    async def _pipe_stream(
+        self,
+        upstream: Response,
+        send: Send,
+        receive: Receive,
+        keep_usage: bool,
+        model_id: str,
+        node: str,
+    ) -> StreamTap | None:
         tap = StreamTap(keep_usage)
 
         async def pump() -> None:
@@ -219,17 +251,19 @@ class OpenAIProxy:
                 while (chunk := await upstream.next_chunk(self.idle_timeout)) is not None:
                     out = tap.feed(chunk)
                     if out:
-                        await send({"type": "http.response.body", "body": out,
-                                    "more_body": True})
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
                 rest = tap.flush()
             except UpstreamError as exc:
-                reason = "upstream_timeout" if isinstance(exc, UpstreamTimeout) else \
-                    "upstream_broken"
+                reason = (
+                    "upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_broken"
+                )
                 self.metrics.error(model_id, node, reason)
-                log.warning("stream broke", extra={"model": model_id, "node": node,
-                                                   "error": str(exc)})
-                error = ApiError(502, f"neuron {node} failed mid-stream: {exc}",
-                                 type="server_error", code=reason)
+                log.warning(
+                    "stream broke", extra={"model": model_id, "node": node, "error": str(exc)}
+                )
+                error = ApiError(
+                    502, f"neuron {node} failed mid-stream: {exc}", type="server_error", code=reason
+                )
                 rest = tap.flush() + b"data: " + orjson.dumps(error.openai_body()) + b"\n\n"
             await send({"type": "http.response.body", "body": rest, "more_body": False})
 

@@ -21,15 +21,17 @@ log = logging.getLogger("helexa.cortex.router")
 
 
 class Router:
-    def __init__(self, settings: CortexSettings, catalogue: Catalogue, fleet: Fleet,
-                 metrics: Metrics) -> None:
+    def __init__(
+        self, settings: CortexSettings, catalogue: Catalogue, fleet: Fleet, metrics: Metrics
+    ) -> None:
         self.settings = settings
         self.catalogue = catalogue
         self.fleet = fleet
         self.metrics = metrics
         self._cold: dict[str, asyncio.Future[NeuronState]] = {}
         self._neuron_locks: dict[str, asyncio.Lock] = {
-            name: asyncio.Lock() for name in fleet.neurons}
+            name: asyncio.Lock() for name in fleet.neurons
+        }
         self._defrag_tasks: dict[str, asyncio.Task[None]] = {}
 
     # -- errors ---------------------------------------------------------------------------
@@ -43,8 +45,12 @@ class Router:
         """The healthy neuron with the model loaded and the least in-flight work."""
         best: NeuronState | None = None
         for state in self.fleet.neurons.values():
-            if state.healthy and state.name not in exclude and state.loaded(model_id) and (
-                    best is None or state.busy() < best.busy()):
+            if (
+                state.healthy
+                and state.name not in exclude
+                and state.loaded(model_id)
+                and (best is None or state.busy() < best.busy())
+            ):
                 best = state
         return best
 
@@ -52,26 +58,40 @@ class Router:
         state = self.replica(model_id, exclude)
         if state is not None:
             return state
-        loading = next((s for s in self.fleet.neurons.values()
-                        if s.healthy and s.name not in exclude and model_id in s.models
-                        and s.models[model_id].status == "loading"), None)
+        loading = next(
+            (
+                s
+                for s in self.fleet.neurons.values()
+                if s.healthy
+                and s.name not in exclude
+                and model_id in s.models
+                and s.models[model_id].status == "loading"
+            ),
+            None,
+        )
         if loading is not None:  # pre-warm (or another client's load) in progress: join it
-            await self._load_on(loading, self.catalogue.profile(model_id)
-                                or ModelProfile(id=model_id))
+            await self._load_on(
+                loading, self.catalogue.profile(model_id) or ModelProfile(id=model_id)
+            )
             return loading
         profile = self.catalogue.profile(model_id)
         if profile is None:
             if not any(s.healthy for s in self.fleet.neurons.values()):
-                raise self._unavailable("no healthy neuron to serve the request",
-                                        "no_healthy_neuron")
-            raise not_found(f"model {model_id!r} is not in the catalogue and not loaded on any "
-                            "neuron", code="model_not_found", param="model")
+                raise self._unavailable(
+                    "no healthy neuron to serve the request", "no_healthy_neuron"
+                )
+            raise not_found(
+                f"model {model_id!r} is not in the catalogue and not loaded on any neuron",
+                code="model_not_found",
+                param="model",
+            )
         # A neuron where the model is poisoned must not be chosen to load it again.
         poisoned = {s.name for s in self.fleet.neurons.values() if model_id in s.models}
         return await self.cold_load(profile, exclude | poisoned)
 
-    async def cold_load(self, profile: ModelProfile,
-                        exclude: frozenset[str] = frozenset()) -> NeuronState:
+    async def cold_load(
+        self, profile: ModelProfile, exclude: frozenset[str] = frozenset()
+    ) -> NeuronState:
         """One load per model however many requests ask for it at once."""
         pending = self._cold.get(profile.id)
         if pending is None:
@@ -82,31 +102,51 @@ class Router:
 
     async def _cold_load(self, profile: ModelProfile, exclude: frozenset[str]) -> NeuronState:
         need = need_mb(profile)
-        views = [view_of(s, self.catalogue) for s in self.fleet.neurons.values()
-                 if s.name not in exclude]
+        views = [
+            view_of(s, self.catalogue) for s in self.fleet.neurons.values() if s.name not in exclude
+        ]
         if not rank_neurons(profile, views):
             raise self._unavailable(
                 f"no healthy neuron can host {profile.id!r} (feasible neurons are down or "
-                "none matches its profile)", "no_feasible_neuron")
+                "none matches its profile)",
+                "no_feasible_neuron",
+            )
         placement = place(profile, views, need, self.settings.eviction.strategy)
         if placement is None:
             raise self._unavailable(
                 f"no neuron has room for {profile.id!r} ({need} MB) and nothing idle can be "
-                "evicted", "insufficient_capacity")
+                "evicted",
+                "insufficient_capacity",
+            )
         state = self.fleet.neurons[placement.neuron]
-        log.info("route cold-load", extra={"model": profile.id, "node": state.name,
-                                           "pool": placement.pool, "need_mb": need,
-                                           "evict": ",".join(placement.evict) or None})
+        log.info(
+            "route cold-load",
+            extra={
+                "model": profile.id,
+                "node": state.name,
+                "pool": placement.pool,
+                "need_mb": need,
+                "evict": ",".join(placement.evict) or None,
+            },
+        )
         async with self._neuron_locks[state.name]:
             for victim in placement.evict:
                 if state.in_flight.get(victim, 0):
-                    raise self._unavailable(f"{victim!r} became busy while making room for "
-                                            f"{profile.id!r}", "insufficient_capacity")
+                    raise self._unavailable(
+                        f"{victim!r} became busy while making room for {profile.id!r}",
+                        "insufficient_capacity",
+                    )
                 await self.unload(state, victim)
                 self.metrics.evictions.labels(victim, state.name).inc()
-                log.info("evict", extra={"model": victim, "node": state.name,
-                                         "for": profile.id,
-                                         "strategy": self.settings.eviction.strategy})
+                log.info(
+                    "evict",
+                    extra={
+                        "model": victim,
+                        "node": state.name,
+                        "for": profile.id,
+                        "strategy": self.settings.eviction.strategy,
+                    },
+                )
             state.pending_mb[placement.pool] = state.pending_mb.get(placement.pool, 0) + need
             try:
                 await self._load_on(state, profile, cold=True)
@@ -121,11 +161,17 @@ class Router:
         token = self.settings.admin_token
         return [(b"Authorization", b"Bearer " + token.encode())] if token else []
 
-    async def _post(self, state: NeuronState, path: str, body: dict[str, object],
-                    timeout: float) -> tuple[int, dict]:
+    async def _post(
+        self, state: NeuronState, path: str, body: dict[str, object], timeout: float
+    ) -> tuple[int, dict]:
         response = await state.pool.request(
-            "POST", path, orjson.dumps(body), headers=self._admin_headers(),
-            connect_timeout=self.settings.proxy.connect_timeout_s, header_timeout=timeout)
+            "POST",
+            path,
+            orjson.dumps(body),
+            headers=self._admin_headers(),
+            connect_timeout=self.settings.proxy.connect_timeout_s,
+            header_timeout=timeout,
+        )
         try:
             raw = await response.read(timeout)
         finally:
@@ -136,8 +182,9 @@ class Router:
             payload = {"error": {"message": raw.decode(errors="replace")[:300]}}
         return response.status, payload
 
-    async def _load_on(self, state: NeuronState, profile: ModelProfile, *,
-                       cold: bool = False) -> None:
+    async def _load_on(
+        self, state: NeuronState, profile: ModelProfile, *, cold: bool = False
+    ) -> None:
         spec: dict[str, object] = {"model_id": profile.id, "harness": profile.harness}
         if profile.quant:
             spec["quant"] = profile.quant
@@ -145,20 +192,25 @@ class Router:
             spec["devices"] = []
         started = time.monotonic()
         try:
-            status, payload = await self._post(state, "/models/load", spec,
-                                               self.settings.proxy.load_timeout_s)
+            status, payload = await self._post(
+                state, "/models/load", spec, self.settings.proxy.load_timeout_s
+            )
         except UpstreamError as exc:
             self.fleet.report_failure(state, exc)
             self.metrics.error(profile.id, state.name, "load_failed")
-            raise self._unavailable(f"loading {profile.id!r} on {state.name} failed: {exc}",
-                                    "load_failed") from exc
+            raise self._unavailable(
+                f"loading {profile.id!r} on {state.name} failed: {exc}", "load_failed"
+            ) from exc
         if status != 200:
             reason = (payload.get("error") or {}).get("message", f"status {status}")
             self.metrics.error(profile.id, state.name, "load_failed")
-            log.warning("load failed", extra={"model": profile.id, "node": state.name,
-                                              "status": status, "error": reason})
-            raise self._unavailable(f"loading {profile.id!r} on {state.name} failed: {reason}",
-                                    "load_failed")
+            log.warning(
+                "load failed",
+                extra={"model": profile.id, "node": state.name, "status": status, "error": reason},
+            )
+            raise self._unavailable(
+                f"loading {profile.id!r} on {state.name} failed: {reason}", "load_failed"
+            )
         elapsed = time.monotonic() - started
         model = payload.get("model")
         if isinstance(model, dict):
@@ -169,20 +221,30 @@ class Router:
             self.metrics.load_seconds.labels(profile.id, state.name).observe(elapsed)
             if cold:
                 self.metrics.cold_starts.labels(profile.id, state.name).inc()
-            log.info("load", extra={"model": profile.id, "node": state.name,
-                                    "secs": round(elapsed, 3), "cold": cold})
+            log.info(
+                "load",
+                extra={
+                    "model": profile.id,
+                    "node": state.name,
+                    "secs": round(elapsed, 3),
+                    "cold": cold,
+                },
+            )
 
     async def unload(self, state: NeuronState, model_id: str) -> None:
         try:
-            status, payload = await self._post(state, "/models/unload", {"model_id": model_id},
-                                               self.settings.proxy.load_timeout_s)
+            status, payload = await self._post(
+                state, "/models/unload", {"model_id": model_id}, self.settings.proxy.load_timeout_s
+            )
         except UpstreamError as exc:
-            raise self._unavailable(f"unloading {model_id!r} on {state.name} failed: {exc}",
-                                    "unload_failed") from exc
+            raise self._unavailable(
+                f"unloading {model_id!r} on {state.name} failed: {exc}", "unload_failed"
+            ) from exc
         if status not in (200, 404):
             reason = (payload.get("error") or {}).get("message", f"status {status}")
-            raise self._unavailable(f"unloading {model_id!r} on {state.name} failed: {reason}",
-                                    "unload_failed")
+            raise self._unavailable(
+                f"unloading {model_id!r} on {state.name} failed: {reason}", "unload_failed"
+            )
         state.models.pop(model_id, None)
         state.last_used.pop(model_id, None)
         state.cycles += 1
@@ -199,12 +261,17 @@ class Router:
         return state
 
     async def admin_unload(self, model_id: str, node: str | None) -> list[str]:
-        targets = [s for s in self.fleet.neurons.values()
-                   if (node is None or s.name == node) and model_id in s.models]
+        targets = [
+            s
+            for s in self.fleet.neurons.values()
+            if (node is None or s.name == node) and model_id in s.models
+        ]
         if not targets:
-            raise not_found(f"model {model_id!r} is not loaded"
-                            + (f" on {node}" if node else " anywhere"),
-                            code="model_not_found", param="model_id")
+            raise not_found(
+                f"model {model_id!r} is not loaded" + (f" on {node}" if node else " anywhere"),
+                code="model_not_found",
+                param="model_id",
+            )
         for state in targets:
             async with self._neuron_locks[state.name]:
                 await self.unload(state, model_id)
@@ -226,17 +293,19 @@ class Router:
             await asyncio.sleep(0.5)
         async with self._neuron_locks[state.name]:
             resident = [m for m, s in state.models.items() if s.status == "loaded"]
-            log.info("defrag", extra={"node": state.name, "cycles": state.cycles,
-                                      "models": ",".join(resident)})
+            log.info(
+                "defrag",
+                extra={"node": state.name, "cycles": state.cycles, "models": ",".join(resident)},
+            )
             try:
                 for model_id in resident:
                     await self.unload(state, model_id)
                 for model_id in resident:
-                    await self._load_on(state, self.catalogue.profile(model_id)
-                                        or ModelProfile(id=model_id))
+                    await self._load_on(
+                        state, self.catalogue.profile(model_id) or ModelProfile(id=model_id)
+                    )
             except ApiError as exc:
-                log.warning("defrag incomplete", extra={"node": state.name,
-                                                        "error": exc.message})
+                log.warning("defrag incomplete", extra={"node": state.name, "error": exc.message})
             state.cycles = 0
 
     async def stop(self) -> None:

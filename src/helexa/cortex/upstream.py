@@ -193,8 +193,9 @@ class Pool:
         conn.transport = transport  # type: ignore[assignment]
         return conn
 
-    def _encode(self, method: str, path: str, body: bytes | None,
-                headers: list[tuple[bytes, bytes]] | None) -> bytes:
+    def _encode(
+        self, method: str, path: str, body: bytes | None, headers: list[tuple[bytes, bytes]] | None
+    ) -> bytes:
         lines = [f"{method} {path} HTTP/1.1".encode(), b"Host: " + self._host_header]
         if body is not None:
             lines.append(b"Content-Type: application/json")
