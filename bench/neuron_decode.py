@@ -49,7 +49,7 @@ def bare_rate(snapshot: Path, tokens: int) -> tuple[float, int, str]:
         str(snapshot), loader.load_weights(files, torch.float32, torch.device("cpu"))
     )
     tokenizer = _TOK_CACHE.setdefault(str(snapshot), loader.load_tokenizer(files))
-    ids = render_chat(tokenizer, [ChatMessage(**m) for m in PROMPT], None, None)
+    _text, ids = render_chat(tokenizer, [ChatMessage(**m) for m in PROMPT], None, None)
     gen_config = loader.read_json(snapshot / "generation_config.json")
     params = SamplingParams(
         temperature=0.0, max_new_tokens=tokens, eos_ids=loader.eos_ids(gen_config, {}, tokenizer)

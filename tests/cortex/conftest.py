@@ -120,3 +120,28 @@ pinned_on = ["ghost"]
     cortex.stop()
     for daemon, _ in neurons.values():
         daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """The real cortex in front of a scripted neuron that emits tool calls on cue."""
+    import sys
+
+    work = tmp_path_factory.mktemp("scripted")
+    port = free_port()
+    repo_root = Path(__file__).resolve().parents[2]
+    neuron = Daemon(
+        [sys.executable, "-m", "tests.support.scripted_neuron", "--port", str(port)],
+        log_path=work / "scripted.log",
+        cwd=repo_root,
+    ).start()
+    url = f"http://127.0.0.1:{port}"
+    neuron.wait_http(f"{url}/health")
+    models = (
+        '[[models]]\nid = "scripted/qwen"\nvram_mb = 1\nmin_devices = 0\n'
+        '[aliases]\n"claude-test" = "scripted/qwen"\n'
+    )
+    cortex, base, metrics = start_cortex(work, {"scripted": url}, models)
+    yield Fleet(cortex, base, metrics, {"scripted": (neuron, url)})
+    cortex.stop()
+    neuron.stop()

@@ -267,3 +267,16 @@ def test_cli_refuses_unparseable_config(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "line 1" in result.stderr and str(broken) in result.stderr
+
+
+def test_invalid_byte_runs_are_not_held_back_forever(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """A model emitting lone continuation bytes must still stream (as U+FFFD)."""
+    byte_ids = [
+        i
+        for t, i in tokenizer.get_vocab().items()
+        if len(t) == 1 and tokenizer.decode([i]) == "\ufffd"
+    ]
+    assert byte_ids
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = [detok.push(byte_ids[0]) for _ in range(12)]
+    assert any(pieces[:6]), "the stream stalled on invalid bytes"

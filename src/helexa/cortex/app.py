@@ -25,7 +25,9 @@ from helexa.core.http import (
 from helexa.core.placement import feasible
 from helexa.core.wire import Wire
 from helexa.cortex.config import CortexConfig
+from helexa.cortex.dispatch import Dispatcher
 from helexa.cortex.fleet import Fleet, view_of
+from helexa.cortex.messages import CountTokens, MessagesProxy
 from helexa.cortex.metrics import Metrics
 from helexa.cortex.proxy import OpenAIProxy
 from helexa.cortex.router import Router
@@ -159,14 +161,16 @@ def build_app(gateway: Gateway) -> Starlette:
             await gateway.router.stop()
             await gateway.fleet.stop()
 
-    proxy_args = (gateway.router, gateway.fleet, gateway.metrics)
+    dispatcher = Dispatcher(gateway.router, gateway.fleet, gateway.metrics)
     routes = [
         Route(
             "/v1/chat/completions",
-            OpenAIProxy("/v1/chat/completions", *proxy_args),
+            OpenAIProxy("/v1/chat/completions", dispatcher),
             methods=["POST"],
         ),
-        Route("/v1/completions", OpenAIProxy("/v1/completions", *proxy_args), methods=["POST"]),
+        Route("/v1/completions", OpenAIProxy("/v1/completions", dispatcher), methods=["POST"]),
+        Route("/v1/messages", MessagesProxy(dispatcher), methods=["POST"]),
+        Route("/v1/messages/count_tokens", CountTokens(dispatcher), methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/", health, methods=["GET"]),

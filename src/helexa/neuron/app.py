@@ -93,8 +93,9 @@ def build_app(neuron: Neuron) -> Starlette:
     async def chat_completions(request: Request) -> Response:
         body = await read_body(request, ChatCompletionRequest)
         harness = neuron.harness_of(body.model)
+        tools = None if body.tool_choice == "none" else body.tools
         prompt = await harness.prepare_chat(
-            body.model, body.messages, body.tools, body.chat_template_kwargs
+            body.model, body.messages, tools, body.chat_template_kwargs
         )
         return await respond(
             harness=harness,

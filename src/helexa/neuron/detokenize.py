@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+MAX_HELD_TOKENS = 4
+
 
 class Decoder(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
@@ -39,7 +41,12 @@ class IncrementalDetokenizer:
             self._ids[self._prefix_start : self._emitted_start], skip_special_tokens=self._skip
         )
         full_text = self._tok.decode(window, skip_special_tokens=self._skip)
-        if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
+        pending = len(self._ids) - self._emitted_start
+        # A code point spans at most 4 byte tokens: past that the bytes are simply invalid
+        # and holding them back would stall the stream forever.
+        if (full_text.endswith("\ufffd") and pending < MAX_HELD_TOKENS) or len(full_text) <= len(
+            prefix_text
+        ):
             return ""
         delta = full_text[len(prefix_text) :]
         self._prefix_start = self._emitted_start

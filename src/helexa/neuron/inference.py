@@ -26,7 +26,7 @@ from helexa.neuron.openai_format import (
     finish_reason,
     text_completion,
 )
-from helexa.neuron.output_parser import OutputParser, PlainText, merge_deltas
+from helexa.neuron.output_parser import OutputParser, PlainText, TaggedOutput, merge_deltas
 from helexa.neuron.sampling import resolve_sampling
 from helexa.neuron.workers import WorkerPoisoned
 
@@ -43,8 +43,18 @@ def generation_error(exc: BaseException) -> ApiError:
     return internal(f"generation failed: {type(exc).__name__}: {exc}", code="generation_failed")
 
 
-def parser_for(_request: ChatCompletionRequest | CompletionRequest) -> OutputParser:
-    return PlainText()
+def parser_for(
+    request: ChatCompletionRequest | CompletionRequest, prompt: PreparedPrompt
+) -> OutputParser:
+    """Tagged output for chat with models that write <think>/<tool_call>; raw text else."""
+    if not isinstance(request, ChatCompletionRequest):
+        return PlainText()
+    tools = prompt.tool_call_tags and bool(request.tools) and request.tool_choice != "none"
+    if not (prompt.reasoning_tags or tools):
+        return PlainText()
+    return TaggedOutput(
+        reasoning=prompt.reasoning_tags, tools=tools, in_reasoning=prompt.opens_reasoning
+    )
 
 
 async def respond(
@@ -70,7 +80,7 @@ async def respond(
     except BaseException:
         gate.release()
         raise
-    parser = parser_for(body)
+    parser = parser_for(body, prompt)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -97,7 +107,9 @@ async def respond(
     text = "".join(pieces)
     if chat:
         message = merge_deltas([*parser.feed(text), *parser.finish()])
-        return JSONResponse(chat_completion(body.model, message, stream.finish))
+        return JSONResponse(
+            chat_completion(body.model, message, stream.finish, tool_calls=parser.saw_tool_calls)
+        )
     return JSONResponse(text_completion(body.model, text, stream.finish))
 
 
@@ -130,7 +142,8 @@ async def stream_body(
         return
     finish = stream.finish
     tail = [sse_data(chunks.delta(d)) for d in parser.finish()]
-    tail.append(sse_data(chunks.final(finish_reason(finish, tool_calls=parser.saw_tool_calls))))
+    reason = finish_reason(finish, tool_calls=parser.saw_tool_calls)
+    tail.append(sse_data(chunks.final(reason, finish.stop_sequence)))
     if include_usage:
         tail.append(sse_data(chunks.usage(finish)))
     tail.append(SSE_DONE)

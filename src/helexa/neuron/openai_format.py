@@ -74,12 +74,20 @@ class ChunkFactory:
             ]
         )
 
-    def final(self, reason: str) -> dict[str, Any]:
+    def final(self, reason: str, stop_sequence: str | None = None) -> dict[str, Any]:
+        """The finishing chunk; ``stop_reason`` names the stop string that matched (vLLM's
+        extension), which Anthropic clients need as ``stop_sequence``."""
+        choice: dict[str, Any] = {
+            "index": 0,
+            "logprobs": None,
+            "finish_reason": reason,
+            "stop_reason": stop_sequence,
+        }
         if self.chat:
-            return self._chunk(
-                [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}]
-            )
-        return self._chunk([{"index": 0, "text": "", "logprobs": None, "finish_reason": reason}])
+            choice["delta"] = {}
+        else:
+            choice["text"] = ""
+        return self._chunk([choice])
 
     def usage(self, finish: Finish) -> dict[str, Any]:
         chunk = self._chunk([])
@@ -87,7 +95,9 @@ class ChunkFactory:
         return chunk
 
 
-def chat_completion(model: str, message: dict[str, Any], finish: Finish) -> dict[str, Any]:
+def chat_completion(
+    model: str, message: dict[str, Any], finish: Finish, *, tool_calls: bool
+) -> dict[str, Any]:
     return {
         "id": completion_id("chatcmpl"),
         "object": "chat.completion",
@@ -98,7 +108,8 @@ def chat_completion(model: str, message: dict[str, Any], finish: Finish) -> dict
                 "index": 0,
                 "message": message,
                 "logprobs": None,
-                "finish_reason": finish_reason(finish, tool_calls=bool(message.get("tool_calls"))),
+                "finish_reason": finish_reason(finish, tool_calls=tool_calls),
+                "stop_reason": finish.stop_sequence,
             }
         ],
         "usage": usage_of(finish),
@@ -117,6 +128,7 @@ def text_completion(model: str, text: str, finish: Finish) -> dict[str, Any]:
                 "text": text,
                 "logprobs": None,
                 "finish_reason": finish_reason(finish, tool_calls=False),
+                "stop_reason": finish.stop_sequence,
             }
         ],
         "usage": usage_of(finish),

@@ -34,6 +34,9 @@ class PreparedPrompt:
     context_length: int
     generation_defaults: dict[str, Any]
     eos_ids: frozenset[int]
+    reasoning_tags: bool = False  # the model writes <think>…</think>
+    tool_call_tags: bool = False  # the model writes <tool_call>…</tool_call>
+    opens_reasoning: bool = False  # the rendered prompt already opened <think>
 
 
 class Harness(Protocol):

@@ -126,8 +126,7 @@ class DecodeJob:
         token = next_token(logits, self._params, self._counts, self._generator, self._prompt_set)
         self._last = token
         if token in self._params.eos_ids:
-            self._flush()
-            return self._end("stop")
+            return self._end("stop", self._flush())
         self._generated += 1
         if self._generated == 1:
             self._first_token_at = time.perf_counter()
@@ -138,13 +137,15 @@ class DecodeJob:
         if self._stops.matched is not None:
             return self._end("stop", self._stops.matched)
         if self._generated >= self._params.max_new_tokens:
-            self._flush()
-            return self._end("length")
+            matched = self._flush()
+            return self._end("stop" if matched else "length", matched)
         return False
 
-    def _flush(self) -> None:
+    def _flush(self) -> str | None:
+        """Emit what the detokenizer held back; the stop string it completed, if any."""
         tail = self._stops.push(self._detok.flush())
         if self._stops.matched is None:
             tail += self._stops.flush()
         if tail:
             self._emit(tail)
+        return self._stops.matched

@@ -18,8 +18,9 @@ from helexa.neuron.devices import CPU, DevicePool, cuda_key
 from helexa.neuron.harness.base import PreparedPrompt, TokenStream
 from helexa.neuron.harness.hf import loader
 from helexa.neuron.harness.hf.decode import DecodeJob
-from helexa.neuron.harness.hf.prompt import encode_text, render_chat
+from helexa.neuron.harness.hf.prompt import encode_text, opens_reasoning, render_chat
 from helexa.neuron.model_files import ModelFiles, hf_cache_dir, locate
+from helexa.neuron.output_parser import CALL_OPEN, THINK_OPEN
 from helexa.neuron.sampling import SamplingParams
 
 log = logging.getLogger("helexa.neuron.harness.transformers")
@@ -38,6 +39,7 @@ class LoadedModel:
     context_length: int
     generation_defaults: dict[str, Any]
     eos_ids: frozenset[int]
+    tags: frozenset[str] = frozenset()  # reasoning / tool-call tags in the vocabulary
     loaded: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -197,6 +199,7 @@ class TransformersHarness:
                 context_length=loader.context_length(config, model),
                 generation_defaults=loader.generation_defaults(gen_config),
                 eos_ids=loader.eos_ids(gen_config, config, tokenizer),
+                tags=loader.output_tags(tokenizer),
             )
         finally:
             self._reserved[key] -= need
@@ -238,12 +241,15 @@ class TransformersHarness:
 
     # -- inference --------------------------------------------------------------------------
 
-    def _prepared(self, loaded: LoadedModel, ids: list[int]) -> PreparedPrompt:
+    def _prepared(self, loaded: LoadedModel, ids: list[int], text: str = "") -> PreparedPrompt:
         return PreparedPrompt(
             token_ids=ids,
             context_length=loaded.context_length,
             generation_defaults=loaded.generation_defaults,
             eos_ids=loaded.eos_ids,
+            reasoning_tags=THINK_OPEN in loaded.tags,
+            tool_call_tags=CALL_OPEN in loaded.tags,
+            opens_reasoning=THINK_OPEN in loaded.tags and opens_reasoning(text),
         )
 
     async def prepare_chat(
@@ -254,10 +260,10 @@ class TransformersHarness:
         template_kwargs: dict[str, Any] | None,
     ) -> PreparedPrompt:
         loaded = self.get(model_id)
-        ids = await asyncio.to_thread(
+        text, ids = await asyncio.to_thread(
             render_chat, loaded.tokenizer, messages, tools, template_kwargs
         )
-        return self._prepared(loaded, ids)
+        return self._prepared(loaded, ids, text)
 
     async def prepare_text(self, model_id: str, text: str) -> PreparedPrompt:
         loaded = self.get(model_id)

@@ -176,3 +176,10 @@ def context_length(config: dict[str, Any], model: Any) -> int:
             return int(text_config[key])
     value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     return int(value) if value else 2048
+
+
+def output_tags(tokenizer: Any) -> frozenset[str]:
+    """Which reasoning / tool-call tags the model can write (single tokens in its vocab)."""
+    vocab = tokenizer.get_vocab()
+    tags = ("<think>", "</think>", "<tool_call>", "</tool_call>")
+    return frozenset(t for t in tags if t in vocab)

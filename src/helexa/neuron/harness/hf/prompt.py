@@ -61,7 +61,7 @@ def render_chat(
     messages: list[ChatMessage],
     tools: list[dict[str, Any]] | None,
     template_kwargs: dict[str, Any] | None,
-) -> list[int]:
+) -> tuple[str, list[int]]:
     if not getattr(tokenizer, "chat_template", None):
         raise bad_request(
             "this model has no chat template; use /v1/completions with a raw prompt",
@@ -82,7 +82,13 @@ def render_chat(
         raise bad_request(
             f"the chat template rejected the messages: {exc}", param="messages"
         ) from exc
-    return tokenizer.encode(text, add_special_tokens=False)
+    return text, tokenizer.encode(text, add_special_tokens=False)
+
+
+def opens_reasoning(prompt_text: str) -> bool:
+    """Templates of thinking models may end the prompt inside an open <think> block."""
+    tail = prompt_text.rstrip()
+    return tail.endswith("<think>")
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:

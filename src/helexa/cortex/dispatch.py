@@ -1,0 +1,153 @@
+"""Getting a request to a neuron and accounting for it: routing, one retry before the
+first byte, in-flight counts, metrics. Shared by every proxied route."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.types import Receive
+
+from helexa.core.errors import ApiError
+from helexa.cortex.fleet import Fleet, NeuronState
+from helexa.cortex.metrics import Metrics
+from helexa.cortex.router import Router
+from helexa.cortex.upstream import Response, UpstreamError
+
+log = logging.getLogger("helexa.cortex.proxy")
+
+
+class EventBuffer:
+    """Passes on only whole SSE events; a tail split across reads waits for the rest."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._partial:
+            chunk, self._partial = self._partial + chunk, b""
+        if not chunk.endswith(b"\n\n"):
+            cut = chunk.rfind(b"\n\n") + 2
+            chunk, self._partial = chunk[:cut], chunk[cut:]
+        return chunk
+
+    def flush(self) -> bytes:
+        rest, self._partial = self._partial, b""
+        return rest
+
+
+@dataclass
+class Call:
+    """One request in flight on one neuron."""
+
+    state: NeuronState
+    upstream: Response
+    model_id: str
+    started: float
+
+    @property
+    def node(self) -> str:
+        return self.state.name
+
+
+class Dispatcher:
+    def __init__(self, router: Router, fleet: Fleet, metrics: Metrics) -> None:
+        self.router = router
+        self.fleet = fleet
+        self.metrics = metrics
+        self.idle_timeout = router.settings.proxy.idle_timeout_s
+        self.connect_timeout = router.settings.proxy.connect_timeout_s
+
+    async def open(self, model_id: str, path: str, payload: bytes) -> Call:
+        """Route and send; a neuron that fails before its first byte is reported and the
+        request retried once elsewhere. Raises ApiError (already counted in metrics)."""
+        started = time.monotonic()
+        tried: set[str] = set()
+        state: NeuronState | None = None
+        try:
+            while True:
+                state = await self.router.route(model_id, frozenset(tried))
+                tried.add(state.name)
+                state.in_flight[model_id] = state.in_flight.get(model_id, 0) + 1
+                state.last_used[model_id] = time.monotonic()
+                try:
+                    upstream = await state.pool.request(
+                        "POST",
+                        path,
+                        payload,
+                        connect_timeout=self.connect_timeout,
+                        header_timeout=self.idle_timeout,
+                    )
+                except UpstreamError as exc:
+                    self._release(state, model_id)
+                    self.fleet.report_failure(state, exc)
+                    self.metrics.error(model_id, state.name, "upstream_connect")
+                    if len(tried) >= 2:
+                        raise ApiError(
+                            503,
+                            f"neuron {state.name} failed: {exc}",
+                            type="service_unavailable",
+                            code="upstream_unavailable",
+                            headers={"Retry-After": "1"},
+                        ) from exc
+                    log.info(
+                        "retry on another neuron", extra={"model": model_id, "failed": state.name}
+                    )
+                    continue
+                self.metrics.requests.labels(model_id, state.name).inc()
+                return Call(state, upstream, model_id, started)
+        except ApiError as exc:
+            self.metrics.error(model_id, state.name if state else "", exc.code or "error")
+            raise
+
+    def _release(self, state: NeuronState, model_id: str) -> None:
+        state.in_flight[model_id] -= 1
+        state.last_used[model_id] = time.monotonic()
+
+    def close(self, call: Call, usage: dict[str, Any] | None, first_token_at: float | None) -> None:
+        """Hand the connection back and record the request's metrics."""
+        call.upstream.close()
+        self._release(call.state, call.model_id)
+        end = time.monotonic()
+        labels = (call.model_id, call.node)
+        self.metrics.duration.labels(*labels).observe(end - call.started)
+        if first_token_at is not None:
+            self.metrics.ttft.labels(*labels).observe(first_token_at - call.started)
+        if usage:
+            prompt = usage.get("prompt_tokens") or 0
+            completion = usage.get("completion_tokens") or 0
+            self.metrics.prompt_tokens.labels(*labels).inc(prompt)
+            self.metrics.completion_tokens.labels(*labels).inc(completion)
+            since = first_token_at or call.started
+            if completion and end > since:
+                self.metrics.tps.labels(*labels).observe(completion / (end - since))
+
+
+async def until_done_or_disconnect(
+    pump: Callable[[], Awaitable[None]], receive: Receive, on_disconnect: Callable[[], None]
+) -> None:
+    """Run ``pump`` while watching for the client leaving; if it leaves, cancel the pump
+    (closing the upstream makes the neuron stop generating)."""
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    pump_task = asyncio.ensure_future(pump())
+    watch_task = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({pump_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch_task.cancel()
+        if not pump_task.done():
+            pump_task.cancel()
+            on_disconnect()
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            await pump_task
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch_task

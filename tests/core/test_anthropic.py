@@ -1,0 +1,278 @@
+"""Anthropic ⇄ OpenAI translation without I/O; streams are checked by the official SDK's
+own stream helpers over an in-memory transport."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anthropic
+import httpx2
+import pytest
+
+from helexa.core import anthropic as tr
+from helexa.core.errors import ApiError
+
+TOOLS = [
+    {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+    }
+]
+
+
+def request(**kwargs: Any) -> tr.MessagesRequest:
+    base = {"model": "m", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+    return tr.MessagesRequest.model_validate({**base, **kwargs})
+
+
+# --- requests ---------------------------------------------------------------------------------
+
+
+def test_request_mapping_everything() -> None:
+    req = request(
+        system=[{"type": "text", "text": "Be brief."}, {"type": "text", "text": " Really."}],
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Weather? "},
+                    {
+                        "type": "image",
+                        "source": {"type": "base64", "media_type": "image/png", "data": "QUJD"},
+                    },
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": "use tool", "signature": "x"},
+                    {"type": "text", "text": "Checking."},
+                    {
+                        "type": "tool_use",
+                        "id": "toolu_1",
+                        "name": "get_weather",
+                        "input": {"city": "Paris"},
+                    },
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "toolu_1",
+                        "content": [{"type": "text", "text": "21C"}],
+                    },
+                    {"type": "text", "text": "Thanks"},
+                ],
+            },
+        ],
+        tools=TOOLS,
+        tool_choice={"type": "tool", "name": "get_weather"},
+        stop_sequences=["END"],
+        temperature=0.5,
+        top_p=0.9,
+        top_k=20,
+        metadata={"user_id": "u-1"},
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        stream=True,
+    )
+    body = tr.to_openai(req, "Qwen/Qwen3-8B")
+    assert body["model"] == "Qwen/Qwen3-8B"
+    messages = body["messages"]
+    assert messages[0] == {"role": "system", "content": "Be brief. Really."}
+    assert messages[1]["content"][0] == {"type": "text", "text": "Weather? "}
+    assert messages[1]["content"][1]["image_url"]["url"] == "data:image/png;base64,QUJD"
+    assistant = messages[2]
+    assert assistant["content"] == "Checking." and assistant["reasoning_content"] == "use tool"
+    assert assistant["tool_calls"][0]["id"] == "toolu_1"
+    assert json.loads(assistant["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris"}
+    assert messages[3] == {"role": "tool", "tool_call_id": "toolu_1", "content": "21C"}
+    assert messages[4] == {"role": "user", "content": "Thanks"}
+    assert body["tools"][0]["function"]["parameters"]["properties"]["city"]["type"] == "string"
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert body["stop"] == ["END"] and body["user"] == "u-1"
+    assert (body["temperature"], body["top_p"], body["top_k"]) == (0.5, 0.9, 20)
+    assert body["chat_template_kwargs"] == {"enable_thinking": True}
+    assert body["stream"] and body["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize(
+    ("choice", "expected"),
+    [({"type": "auto"}, "auto"), ({"type": "any"}, "required"), ({"type": "none"}, "none")],
+)
+def test_tool_choice(choice: dict, expected: str) -> None:
+    assert tr.to_openai(request(tools=TOOLS, tool_choice=choice), "m")["tool_choice"] == expected
+
+
+def test_thinking_off_by_default_and_bad_blocks() -> None:
+    assert tr.to_openai(request(), "m")["chat_template_kwargs"] == {"enable_thinking": False}
+    with pytest.raises(ApiError) as info:
+        tr.to_openai(request(messages=[{"role": "user", "content": [{"type": "video"}]}]), "m")
+    assert info.value.status == 400 and info.value.param == "messages[0].content"
+    assert tr.error_body(404, "x") == {
+        "type": "error",
+        "error": {"type": "not_found_error", "message": "x"},
+    }
+    assert tr.error_from_openai(503, b'{"error": {"message": "busy"}}')["error"] == {
+        "type": "overloaded_error",
+        "message": "busy",
+    }
+
+
+# --- responses --------------------------------------------------------------------------------
+
+
+def completion(message: dict, finish: str, stop: str | None = None) -> dict:
+    return {
+        "choices": [{"message": message, "finish_reason": finish, "stop_reason": stop}],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 7},
+    }
+
+
+def test_response_blocks_and_stop_reasons() -> None:
+    out = tr.from_openai(
+        completion(
+            {
+                "content": "Checking.",
+                "reasoning_content": "think",
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            "tool_calls",
+        ),
+        "claude-x",
+    )
+    assert out["model"] == "claude-x" and out["type"] == "message"
+    assert [b["type"] for b in out["content"]] == ["thinking", "text", "tool_use"]
+    assert out["content"][2]["input"] == {"city": "Paris"}
+    assert out["stop_reason"] == "tool_use"
+    assert out["usage"] == {"input_tokens": 11, "output_tokens": 7}
+    assert (
+        tr.from_openai(completion({"content": "a"}, "length"), "m")["stop_reason"] == "max_tokens"
+    )
+    stopped = tr.from_openai(completion({"content": "a"}, "stop", "END"), "m")
+    assert (stopped["stop_reason"], stopped["stop_sequence"]) == ("stop_sequence", "END")
+    assert tr.from_openai(completion({"content": "a"}, "stop"), "m")["stop_reason"] == "end_turn"
+
+
+# --- streams ----------------------------------------------------------------------------------
+
+
+def chunks(*deltas: dict, finish: str = "stop", stop: str | None = None) -> list[dict]:
+    out = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
+    out += [{"choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+    out.append(
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": finish, "stop_reason": stop}]}
+    )
+    out.append({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 5}})
+    return out
+
+
+def call_delta(index: int, args: str, name: str | None = None, id_: str | None = None) -> dict:
+    function: dict[str, Any] = {"arguments": args}
+    if name:
+        function["name"] = name
+    call: dict[str, Any] = {"index": index, "function": function}
+    if id_:
+        call.update(id=id_, type="function")
+    return {"tool_calls": [call]}
+
+
+def translate(stream: list[dict], model: str = "claude-x") -> bytes:
+    translator = tr.StreamTranslator(model)
+    events = translator.start()
+    for chunk in stream:
+        events += translator.feed(chunk)
+    return tr.render(events + translator.finish())
+
+
+def sdk_final(sse: bytes) -> tuple[anthropic.types.Message, list[str]]:
+    """Run the bytes through the official SDK's messages.stream()."""
+    transport = httpx2.MockTransport(
+        lambda _req: httpx2.Response(
+            200, content=sse, headers={"content-type": "text/event-stream"}
+        )
+    )
+    client = anthropic.Anthropic(
+        api_key="x", base_url="http://cortex", http_client=httpx2.Client(transport=transport)
+    )
+    with client.messages.stream(
+        model="claude-x", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+    ) as stream:
+        texts = list(stream.text_stream)
+        return stream.get_final_message(), texts
+
+
+def test_tool_call_split_across_many_chunks() -> None:
+    args = '{"city": "Paris", "unit": "celsius"}'
+    deltas = [call_delta(0, "", "get_weather", "call_1")]
+    deltas += [call_delta(0, args[i : i + 3]) for i in range(0, len(args), 3)]
+    message, _ = sdk_final(translate(chunks(*deltas, finish="tool_calls")))
+    assert message.stop_reason == "tool_use"
+    [block] = message.content
+    assert block.type == "tool_use" and block.id == "call_1" and block.name == "get_weather"
+    assert block.input == {"city": "Paris", "unit": "celsius"}
+    assert message.usage.output_tokens == 5 and message.model == "claude-x"
+
+
+def test_parallel_tool_calls() -> None:
+    message, _ = sdk_final(
+        translate(
+            chunks(
+                call_delta(0, '{"city": "Paris"}', "get_weather", "call_1"),
+                call_delta(1, '{"tz":', "get_time", "call_2"),
+                call_delta(1, ' "CET"}'),
+                finish="tool_calls",
+            )
+        )
+    )
+    assert [(b.name, b.input) for b in message.content] == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_time", {"tz": "CET"}),
+    ]
+
+
+def test_reasoning_then_text_then_tool_call() -> None:
+    sse = translate(
+        chunks(
+            {"reasoning_content": "I should "},
+            {"reasoning_content": "look."},
+            {"content": "Let me "},
+            {"content": "check."},
+            call_delta(0, '{"city": "Oslo"}', "get_weather", "call_9"),
+            finish="tool_calls",
+        )
+    )
+    message, texts = sdk_final(sse)
+    assert [b.type for b in message.content] == ["thinking", "text", "tool_use"]
+    assert message.content[0].thinking == "I should look."
+    assert texts == ["Let me ", "check."]
+    names = [line.split(b": ", 1)[1] for line in sse.split(b"\n") if line.startswith(b"event")]
+    assert names[:2] == [b"message_start", b"ping"]
+    assert names[-2:] == [b"message_delta", b"message_stop"]
+    assert names.count(b"content_block_start") == names.count(b"content_block_stop") == 3
+
+
+def test_length_stop_and_stop_sequence() -> None:
+    message, texts = sdk_final(translate(chunks({"content": "partial"}, finish="length")))
+    assert message.stop_reason == "max_tokens" and texts == ["partial"]
+    message, _ = sdk_final(translate(chunks({"content": "x"}, stop="END")))
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "END")
+
+
+def test_error_event_is_raised_by_the_sdk() -> None:
+    translator = tr.StreamTranslator("claude-x")
+    sse = tr.render(
+        translator.start()
+        + translator.feed(chunks({"content": "a"})[1])
+        + translator.error(502, "neuron died")
+    )
+    with pytest.raises(anthropic.APIStatusError, match="neuron died"):
+        sdk_final(sse)

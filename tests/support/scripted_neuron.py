@@ -1,0 +1,248 @@
+"""A neuron stand-in that answers chat completions from a script, for tool-calling tests
+(the tiny random model cannot be made to call tools). Its OpenAI output has exactly the
+shape the real neuron's parser produces; cortex in front of it is the real one.
+
+    python -m tests.support.scripted_neuron --port N
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+MODEL = "scripted/qwen"
+RECEIVED: list[dict[str, Any]] = []
+
+WEATHER_ARGS = '{"city": "Paris", "unit": "celsius"}'
+
+
+def script_for(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Deltas for one answer: a tool-call turn, or the answer after a tool result."""
+    last = body["messages"][-1]
+    if last["role"] == "tool":
+        return [
+            {"content": "It is "},
+            {"content": f"{last['content']} in Paris."},
+            {"finish_reason": "stop"},
+        ]
+    if not body.get("tools"):
+        return [{"content": "No tools, "}, {"content": "plain answer."}, {"finish_reason": "stop"}]
+    deltas: list[dict[str, Any]] = [
+        {"reasoning_content": "The user asks about "},
+        {"reasoning_content": "weather; use the tool."},
+        {"content": "Let me check."},
+    ]
+    # The call arrives whole in the real neuron; split it here to exercise accumulation.
+    call_id = "call_abc123"
+    pieces = [WEATHER_ARGS[i : i + 7] for i in range(0, len(WEATHER_ARGS), 7)]
+    deltas.append(
+        {
+            "tool_calls": [
+                {
+                    "index": 0,
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""},
+                }
+            ]
+        }
+    )
+    deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": p}}]} for p in pieces]
+    if "time" in json.dumps(body["messages"]):
+        deltas.append(
+            {
+                "tool_calls": [
+                    {
+                        "index": 1,
+                        "id": "call_def456",
+                        "type": "function",
+                        "function": {"name": "get_time", "arguments": '{"tz": "CET"}'},
+                    }
+                ]
+            }
+        )
+    deltas.append({"finish_reason": "tool_calls"})
+    return deltas
+
+
+def chunk(delta: dict[str, Any], created: int) -> dict[str, Any]:
+    finish = delta.pop("finish_reason", None)
+    return {
+        "id": "chatcmpl-scripted",
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": finish,
+                "stop_reason": None,
+            }
+        ],
+    }
+
+
+async def chat(request: Request) -> Response:
+    body = await request.json()
+    RECEIVED.append(body)
+    deltas = script_for(body)
+    usage = {
+        "prompt_tokens": 42,
+        "completion_tokens": len(deltas),
+        "total_tokens": 42 + len(deltas),
+    }
+    created = int(time.time())
+    if not body.get("stream"):
+        message: dict[str, Any] = {"role": "assistant", "content": None}
+        calls: dict[int, dict[str, Any]] = {}
+        finish = "stop"
+        for delta in deltas:
+            finish = delta.get("finish_reason", finish)
+            for key in ("content", "reasoning_content"):
+                if delta.get(key):
+                    message[key] = (message.get(key) or "") + delta[key]
+            for call in delta.get("tool_calls", []):
+                slot = calls.setdefault(
+                    call["index"],
+                    {
+                        "id": call.get("id"),
+                        "type": "function",
+                        "function": {"name": "", "arguments": ""},
+                    },
+                )
+                slot["function"]["name"] += call["function"].get("name", "")
+                slot["function"]["arguments"] += call["function"].get("arguments", "")
+        if calls:
+            message["tool_calls"] = [calls[i] for i in sorted(calls)]
+        return JSONResponse(
+            {
+                "id": "chatcmpl-scripted",
+                "object": "chat.completion",
+                "created": created,
+                "model": MODEL,
+                "usage": usage,
+                "choices": [
+                    {"index": 0, "message": message, "finish_reason": finish, "stop_reason": None}
+                ],
+            }
+        )
+
+    async def events():  # type: ignore[no-untyped-def]
+        yield "data: " + json.dumps(chunk({"role": "assistant", "content": ""}, created)) + "\n\n"
+        for delta in deltas:
+            await asyncio.sleep(0.002)
+            yield "data: " + json.dumps(chunk(dict(delta), created)) + "\n\n"
+        if (body.get("stream_options") or {}).get("include_usage"):
+            yield (
+                "data: "
+                + json.dumps(
+                    {
+                        "id": "chatcmpl-scripted",
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": MODEL,
+                        "choices": [],
+                        "usage": usage,
+                    }
+                )
+                + "\n\n"
+            )
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def tokenize(request: Request) -> Response:
+    body = await request.json()
+    return JSONResponse({"count": len(json.dumps(body.get("messages", []))) // 4})
+
+
+def _static(payload: Any):  # type: ignore[no-untyped-def]
+    async def handler(_request: Request) -> Response:
+        return JSONResponse(payload)
+
+    return handler
+
+
+async def received(_request: Request) -> Response:
+    return JSONResponse(RECEIVED)
+
+
+MODELS = [
+    {
+        "id": MODEL,
+        "harness": "transformers",
+        "status": "loaded",
+        "devices": [],
+        "vram_used_mb": 1,
+        "context_length": 32768,
+    }
+]
+app = Starlette(
+    routes=[
+        Route(
+            "/discovery",
+            _static(
+                {
+                    "hostname": "scripted",
+                    "os": "test",
+                    "kernel": "test",
+                    "cuda_version": None,
+                    "driver_version": None,
+                    "devices": [],
+                    "cpu": {"cores": 1, "memory_total_mb": 1000},
+                    "harnesses": ["transformers"],
+                }
+            ),
+        ),
+        Route(
+            "/health",
+            _static(
+                {
+                    "uptime_secs": 1.0,
+                    "devices": [],
+                    "cpu": {"memory_used_mb": 1, "memory_free_mb": 900},
+                    "activation": {
+                        "state": "ready",
+                        "pending": [],
+                        "in_progress": None,
+                        "completed": [MODEL],
+                        "failed": [],
+                    },
+                    "models": {MODEL: {"in_flight": 0, "queued": 0}},
+                }
+            ),
+        ),
+        Route("/models", _static(MODELS)),
+        Route(
+            "/models/load",
+            _static({"status": "already_loaded", "model": MODELS[0]}),
+            methods=["POST"],
+        ),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/_received", received),
+    ]
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
