@@ -16,10 +16,37 @@ from typing import cast
 import httptools
 import orjson
 
-_DONE = b"data: [DONE]"
-# Substring of a content delta ("tok "); the role chunk has empty content, ids are hex.
-_CONTENT = b'"tok '
-_TAIL = 48  # bytes kept across body pieces so markers split between reads are still seen
+_TAIL = 64  # bytes kept across body pieces so markers split between reads are still seen
+_DETAIL = 400  # bytes of an error response kept for the report
+
+
+@dataclass(frozen=True)
+class Format:
+    """How one kind of response is validated and timed (all markers are byte substrings)."""
+
+    stream: bool
+    first: bytes = b""  # stream: the first content event; timed when first seen
+    last: bytes = b""  # stream: the last event; timed when first seen
+    end: bytes = b""  # stream: the body must end with this (trailing whitespace aside)
+    error: bytes = b""  # stream: seen anywhere, the response counts as an error
+    json_type: str = ""  # non-stream: the JSON body's "type" must be this
+
+
+# OpenAI chat SSE: content deltas carry "tok " (the role chunk has empty content, ids are
+# hex); cortex reports a broken upstream as a `data: {"error": ...}` event.
+OPENAI_STREAM = Format(
+    stream=True, first=b'"tok ', last=b"data: [DONE]", end=b"data: [DONE]", error=b'data: {"error"'
+)
+OPENAI_JSON = Format(stream=False)
+# Anthropic Messages SSE: ... content_block_delta* ... message_delta, message_stop.
+ANTHROPIC_STREAM = Format(
+    stream=True,
+    first=b"event: content_block_delta",
+    last=b"event: message_stop",
+    end=b'data: {"type":"message_stop"}',
+    error=b"event: error",
+)
+ANTHROPIC_JSON = Format(stream=False, json_type="message")
 
 
 @dataclass
@@ -32,10 +59,13 @@ class Result:
     latency_ns: list[int] = field(default_factory=list)  # to response end / [DONE]
     first_ns: list[int] = field(default_factory=list)  # to first content chunk (streams)
     error_kinds: dict[str, int] = field(default_factory=dict)
+    error_samples: list[str] = field(default_factory=list)  # first few error bodies
 
-    def error(self, kind: str) -> None:
+    def error(self, kind: str, detail: str = "") -> None:
         self.errors += 1
         self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
+        if len(self.error_samples) < 3:
+            self.error_samples.append(f"{kind}: {detail}" if detail else kind)
 
     def merge(self, other: Result) -> None:
         self.elapsed_ns += other.elapsed_ns
@@ -45,6 +75,7 @@ class Result:
         self.first_ns += other.first_ns
         for k, v in other.error_kinds.items():
             self.error_kinds[k] = self.error_kinds.get(k, 0) + v
+        self.error_samples += other.error_samples[: max(0, 3 - len(self.error_samples))]
 
 
 def percentile(samples: list[int], q: float) -> float:
@@ -67,14 +98,17 @@ def build_request(host: str, port: int, path: str, body: dict[str, object]) -> b
 class _Conn(asyncio.Protocol):
     """One client connection; one request in flight at a time."""
 
-    def __init__(self, stream: bool) -> None:
-        self.stream = stream
+    def __init__(self, fmt: Format) -> None:
+        self.fmt = fmt
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
-        self.waiter: asyncio.Future[tuple[int, int, int, str]] | None = None
+        self.waiter: asyncio.Future[tuple[int, int, int, str, str]] | None = None
         self.alive = True
         self.status = 0
         self.tail = b""
+        self.body: list[bytes] = []  # whole body, only where it is checked as JSON
+        self.detail = b""  # error text kept for the report
+        self.saw_error = False
         self.t_first = 0
         self.t_done = 0
 
@@ -95,6 +129,9 @@ class _Conn(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.status = 0
         self.tail = b""
+        self.body = []
+        self.detail = b""
+        self.saw_error = False
         self.t_first = 0
         self.t_done = 0
 
@@ -102,31 +139,56 @@ class _Conn(asyncio.Protocol):
         self.status = self.parser.get_status_code()
 
     def on_body(self, body: bytes) -> None:
+        fmt = self.fmt
+        if self.status != 200 or self.saw_error:
+            if len(self.detail) < _DETAIL:
+                self.detail += body
+            return
         buf = self.tail + body
-        if self.stream:
-            if not self.t_first and _CONTENT in buf:
+        if fmt.stream:
+            if not self.t_first and fmt.first in buf:
                 self.t_first = time.perf_counter_ns()
-            if not self.t_done and _DONE in buf:
+            if not self.t_done and fmt.last in buf:
                 self.t_done = time.perf_counter_ns()
+            if fmt.error and fmt.error in buf:
+                self.saw_error = True
+                self.detail = buf[buf.index(fmt.error) :]
+        elif fmt.json_type:
+            self.body.append(body)
         self.tail = buf[-_TAIL:]
 
     def on_message_complete(self) -> None:
         now = time.perf_counter_ns()
         if not self.parser.should_keep_alive():
             self.alive = False
+        fmt = self.fmt
         err = ""
         if self.status != 200:
             err = f"http {self.status}"
-        elif self.stream:
-            if not self.tail.rstrip().endswith(_DONE):
-                err = "no [DONE]"
+        elif fmt.stream:
+            if self.saw_error:
+                err = "error event"
+            elif not self.tail.rstrip().endswith(fmt.end):
+                err = f"no {fmt.end.decode()}"
+                self.detail = self.tail
             elif not self.t_first:
                 err = "no content"
+        elif fmt.json_type:
+            raw = b"".join(self.body)
+            try:
+                doc = orjson.loads(raw)
+                ok = isinstance(doc, dict) and doc.get("type") == fmt.json_type
+            except orjson.JSONDecodeError:
+                ok = False
+            if not ok:
+                err = f"not a {fmt.json_type}"
+                self.detail = raw[:_DETAIL]
         elif not self.tail:
             err = "empty body"
+        detail = self.detail[:_DETAIL].decode(errors="replace") if err else ""
         w, self.waiter = self.waiter, None
         if w is not None and not w.done():
-            w.set_result((self.t_first, self.t_done or now, now, err))
+            w.set_result((self.t_first, self.t_done or now, now, err, detail))
 
     # --- client side ---
     def _fail(self, kind: str) -> None:
@@ -137,9 +199,11 @@ class _Conn(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def send(self, request: bytes) -> asyncio.Future[tuple[int, int, int, str]]:
+    def send(self, request: bytes) -> asyncio.Future[tuple[int, int, int, str, str]]:
         assert self.transport is not None
-        fut: asyncio.Future[tuple[int, int, int, str]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[tuple[int, int, int, str, str]] = (
+            asyncio.get_running_loop().create_future()
+        )
         self.waiter = fut
         self.transport.write(request)
         return fut
@@ -152,7 +216,7 @@ class _Budget:
 
 
 async def _worker(
-    host: str, port: int, request: bytes, stream: bool, budget: _Budget, res: Result
+    host: str, port: int, request: bytes, fmt: Format, budget: _Budget, res: Result
 ) -> None:
     loop = asyncio.get_running_loop()
     conn: _Conn | None = None
@@ -162,7 +226,7 @@ async def _worker(
                 if conn is not None and conn.transport is not None:
                     conn.transport.close()
                 try:
-                    _, conn = await loop.create_connection(lambda: _Conn(stream), host, port)
+                    _, conn = await loop.create_connection(lambda: _Conn(fmt), host, port)
                 except OSError:
                     res.error("connect")
                     conn = None
@@ -171,16 +235,16 @@ async def _worker(
             budget.remaining -= 1
             t0 = time.perf_counter_ns()
             try:
-                t_first, t_done, _, err = await conn.send(request)
+                t_first, t_done, _, err, detail = await conn.send(request)
             except ConnectionError as e:
                 res.error(str(e) or "disconnect")
                 continue
             if err:
-                res.error(err)
+                res.error(err, detail)
                 continue
             res.ok += 1
             res.latency_ns.append(t_done - t0)
-            if stream:
+            if fmt.stream:
                 res.first_ns.append(t_first - t0)
     finally:
         if conn is not None and conn.transport is not None:
@@ -192,7 +256,7 @@ async def run_load(
     port: int,
     request: bytes,
     *,
-    stream: bool,
+    fmt: Format,
     concurrency: int,
     duration_s: float,
     max_requests: int = 0,
@@ -204,7 +268,7 @@ async def run_load(
     t0 = time.perf_counter_ns()
     budget = _Budget(t0 + int(duration_s * 1e9), max_requests if max_requests > 0 else -1)
     tasks = [
-        asyncio.ensure_future(_worker(host, port, request, stream, budget, res))
+        asyncio.ensure_future(_worker(host, port, request, fmt, budget, res))
         for _ in range(concurrency)
     ]
     # One watchdog for the whole run instead of a per-request timeout (cheaper).

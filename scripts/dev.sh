@@ -22,13 +22,25 @@ if ! "$py" -c "import torch" >/dev/null 2>&1; then
   pip_q "$TORCH_PIN"
 fi
 
+# rpmbuild lets the packaging tests build the source RPMs; best effort (root + apt only).
+want_rpmbuild() {
+  if ! command -v rpmbuild >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+      && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -q --no-install-recommends rpm >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && \
+           apt-get install -y -q --no-install-recommends rpm >/dev/null 2>&1; } \
+      || echo "note: could not install rpm; the RPM build test will be skipped" >&2
+  fi
+}
+
 task=${1:-test}
 case "$task" in
   setup)
-    pip_q -e .
+    pip_q -e ".[neuron]"
     ;;
   test)
-    pip_q -e ".[test]"
+    pip_q -e ".[neuron,test]"
+    want_rpmbuild
     "$VENV/bin/ruff" check src tests bench
     shift || true
     HF_HUB_OFFLINE=1 "$py" -m pytest "$@"

@@ -190,6 +190,27 @@ def status(
     console.print(models)
 
 
+@app.command()
+def up(
+    port: Annotated[int, typer.Option(help="gateway port")] = 31313,
+    model: Annotated[str, typer.Option(help="Hugging Face model id to serve")] = "Qwen/Qwen3-0.6B",
+    tiny: Annotated[
+        bool,
+        typer.Option(
+            "--tiny", help="serve a tiny self-built model (no download; for trying the pipeline)"
+        ),
+    ] = False,
+    host: Annotated[str, typer.Option(help="listen address")] = "127.0.0.1",
+    workdir: Annotated[
+        Path | None, typer.Option(help="where configs and logs go (default: a new temp dir)")
+    ] = None,
+) -> None:
+    """A whole local fleet on this machine: a neuron and a gateway serving a model."""
+    from helexa.cortex.up import run_up
+
+    raise typer.Exit(run_up(host=host, port=port, model=model, tiny=tiny, workdir=workdir))
+
+
 def main() -> None:
     app()
 

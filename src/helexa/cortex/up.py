@@ -1,0 +1,333 @@
+"""``cortex up``: a whole local fleet on one machine — a neuron and a gateway serving a
+model — for a first run and for demos. Both run as child processes and stop together."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.prompt import Confirm
+
+DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
+HUB_PROBE_URL = "https://huggingface.co/api/models/Qwen/Qwen3-0.6B"
+
+
+class UpFailed(Exception):
+    """cortex up cannot go on; the message says why and what to do."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    from helexa.neuron.model_files import hub_offline
+
+    if hub_offline():
+        return False
+    try:
+        httpx.head(HUB_PROBE_URL, timeout=timeout, follow_redirects=True)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+def cached(model: str, cache: Path) -> bool:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from helexa.neuron.model_files import DENSE_PATTERNS
+
+    try:
+        root = Path(
+            snapshot_download(
+                model, cache_dir=cache, local_files_only=True, allow_patterns=DENSE_PATTERNS
+            )
+        )
+    except LocalEntryNotFoundError:
+        return False
+    return (root / "config.json").is_file() and any(root.glob("*.safetensors"))
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def tail(self, lines: int = 15) -> str:
+        text = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class LocalFleet:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        model: str,
+        tiny: bool,
+        workdir: Path | None,
+        console: Console,
+    ) -> None:
+        from helexa.neuron.model_files import hf_cache_dir
+
+        self.host = host
+        self.port = port
+        self.model = model
+        self.tiny = tiny
+        self.console = console
+        self.work = workdir or Path(tempfile.mkdtemp(prefix="helexa-up-"))
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.cache = hf_cache_dir(None)
+        self.children: list[Child] = []
+
+    # -- model ----------------------------------------------------------------------------
+
+    def prepare_model(self) -> None:
+        if self.tiny:
+            from helexa.core.tiny_model import TINY_REPO_ID, write_tiny_model_to_hf_cache
+
+            self.model = TINY_REPO_ID
+            with self.console.status("building the tiny test model"):
+                write_tiny_model_to_hf_cache(self.cache, TINY_REPO_ID)
+            self.console.print(f"[green]✓[/] tiny model {TINY_REPO_ID} in {self.cache}")
+            return
+        if cached(self.model, self.cache):
+            self.console.print(f"[green]✓[/] {self.model} is in the cache ({self.cache})")
+            return
+        with self.console.status("checking the Hugging Face hub"):
+            reachable = hub_reachable()
+        if not reachable:
+            message = (
+                f"{self.model} is not in the model cache ({self.cache}) and the Hugging "
+                "Face hub cannot be reached from this machine."
+            )
+            if sys.stdin.isatty() and Confirm.ask(
+                f"[yellow]{message}[/]\nServe a tiny self-built model instead, so the whole "
+                "pipeline still runs?",
+                default=True,
+                console=self.console,
+            ):
+                self.tiny = True
+                self.prepare_model()
+                return
+            raise UpFailed(
+                f"{message}\nRun `cortex up --tiny` to try helexa with a tiny "
+                "self-built model, or fetch the model on a connected machine into "
+                "that cache."
+            )
+        from huggingface_hub import snapshot_download
+
+        from helexa.neuron.model_files import DENSE_PATTERNS
+
+        self.console.print(f"downloading {self.model} into {self.cache}")
+        snapshot_download(self.model, cache_dir=self.cache, allow_patterns=DENSE_PATTERNS)
+
+    # -- processes ------------------------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> Child:
+        log = self.work / f"{name}.log"
+        handle = log.open("wb")
+        proc = subprocess.Popen(
+            args,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+            start_new_session=True,
+        )
+        child = Child(name, proc, log)
+        self.children.append(child)
+        return child
+
+    def _wait(self, child: Child, url: str, what: str, ready: Any, timeout: float) -> Any:
+        started = time.monotonic()
+        with self.console.status(what) as status:
+            while True:
+                if child.proc.poll() is not None:
+                    raise UpFailed(
+                        f"the {child.name} exited ({child.proc.returncode}):\n{child.tail()}"
+                    )
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    response = httpx.get(url, timeout=2)
+                    if response.status_code == 200:
+                        verdict = ready(response.json())
+                        if verdict:
+                            return verdict
+                elapsed = time.monotonic() - started
+                if elapsed > timeout:
+                    raise UpFailed(
+                        f"the {child.name} was not ready after {timeout:.0f}s:\n{child.tail()}"
+                    )
+                status.update(f"{what} ({elapsed:.0f}s)")
+                time.sleep(0.25)
+
+    def start(self) -> None:
+        neuron_port = free_port(self.host)
+        metrics_port = self.port + 1 if port_free(self.host, self.port + 1) else free_port()
+        neuron_url = f"http://{self.host}:{neuron_port}"
+        (self.work / "neuron.toml").write_text(
+            f'host = "{self.host}"\nport = {neuron_port}\n'
+            f'[harness.transformers]\nhf_cache = "{self.cache}"\n'
+            f'[[default_models]]\nmodel_id = "{self.model}"\n'
+        )
+        (self.work / "models.toml").write_text(
+            f'[[models]]\nid = "{self.model}"\nmin_devices = 0\n'
+            f'[aliases]\n"helexa/default" = "{self.model}"\n'
+        )
+        (self.work / "cortex.toml").write_text(
+            f'models_config = "models.toml"\n[gateway]\nlisten = "{self.host}:{self.port}"\n'
+            f'metrics_listen = "{self.host}:{metrics_port}"\n[poller]\ninterval_s = 1.0\n'
+            f'[[neurons]]\nname = "local"\nendpoint = "{neuron_url}"\n'
+        )
+        offline = {"HF_HUB_OFFLINE": "1"}  # the model is in the cache by now
+        neuron = self._spawn(
+            "neuron",
+            [sys.executable, "-m", "helexa.neuron", "--config", str(self.work / "neuron.toml")],
+            offline,
+        )
+
+        def activated(health: dict[str, Any]) -> bool:
+            activation = health["activation"]
+            if activation["failed"]:
+                failure = activation["failed"][0]
+                raise UpFailed(
+                    f"the neuron could not load {failure['model_id']}: {failure['error']}"
+                )
+            return activation["state"] == "ready"
+
+        self._wait(
+            neuron,
+            f"{neuron_url}/health",
+            f"loading {self.model} on the neuron",
+            activated,
+            timeout=1800,
+        )
+        self.console.print(f"[green]✓[/] neuron on {neuron_url} with {self.model} loaded")
+        gateway = self._spawn(
+            "cortex",
+            [
+                sys.executable,
+                "-m",
+                "helexa.cortex",
+                "serve",
+                "--config",
+                str(self.work / "cortex.toml"),
+            ],
+            {},
+        )
+
+        def serving(listing: dict[str, Any]) -> bool:
+            return any(m["id"] == self.model and m["loaded"] for m in listing["data"])
+
+        self._wait(gateway, f"{self.base}/v1/models", "starting the gateway", serving, timeout=120)
+        self.console.print(f"[green]✓[/] gateway on {self.base}")
+
+    @property
+    def base(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def banner(self) -> str:
+        chat = '{"model": "helexa/default", "messages": [{"role": "user", "content": "Hello!"}]}'
+        messages = (
+            '{"model": "helexa/default", "max_tokens": 64, "messages": '
+            '[{"role": "user", "content": "Hello!"}]}'
+        )
+        return (
+            f"\nhelexa is up: {self.base}  (model {self.model}, alias helexa/default)\n\n"
+            f"  curl -s {self.base}/v1/chat/completions -H 'content-type: application/json' "
+            f"-d '{chat}'\n\n"
+            f"  curl -s {self.base}/v1/messages -H 'content-type: application/json' "
+            f"-d '{messages}'\n\n"
+            f"  export ANTHROPIC_BASE_URL={self.base}\n"
+            f"  export OPENAI_BASE_URL={self.base}/v1\n\n"
+            f"logs and configs: {self.work}    Ctrl-C stops everything.\n"
+        )
+
+    def run_until_stopped(self) -> int:
+        stop = {"signal": 0}
+
+        def request_stop(signum: int, _frame: Any) -> None:
+            stop["signal"] = signum
+
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+        while not stop["signal"]:
+            for child in self.children:
+                if child.proc.poll() is not None:
+                    self.console.print(
+                        f"[red]the {child.name} exited "
+                        f"({child.proc.returncode}):[/]\n{child.tail()}"
+                    )
+                    return 1
+            time.sleep(0.3)
+        return 0
+
+    def shutdown(self) -> None:
+        for child in reversed(self.children):  # gateway first, then the neuron
+            child.stop()
+        self.children.clear()
+
+
+def run_up(*, host: str, port: int, model: str, tiny: bool, workdir: Path | None) -> int:
+    console = Console()
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        console.print("[red]cortex up runs a neuron too, which needs the inference stack:[/] "
+                      "pip install 'helexa[neuron]'")
+        return 1
+    if not port_free(host, port):
+        console.print(f"[red]port {port} on {host} is in use[/] (choose another with --port)")
+        return 1
+    fleet = LocalFleet(
+        host=host, port=port, model=model, tiny=tiny, workdir=workdir, console=console
+    )
+    try:
+        fleet.prepare_model()
+        fleet.start()
+        console.print(fleet.banner(), soft_wrap=True, highlight=False)
+        code = fleet.run_until_stopped()
+    except UpFailed as exc:
+        console.print(f"[red]{exc}[/]")
+        code = 1
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        with console.status("stopping"):
+            fleet.shutdown()
+    console.print("stopped")
+    return code

@@ -1,0 +1,70 @@
+"""`cortex up --tiny`: a whole local fleet, one answer through the gateway, clean stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import anthropic
+import openai
+
+from tests.support.procs import console_script, free_port
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def test_cortex_up_tiny(tmp_path: Path) -> None:
+    port = free_port()
+    work = tmp_path / "fleet"
+    out = tmp_path / "up.out"
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "COLUMNS": "200"}
+    with out.open("wb") as handle:
+        proc = subprocess.Popen(
+            [console_script("cortex"), "up", "--tiny", "--port", str(port), "--workdir", str(work)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "helexa is up" not in out.read_text(errors="replace"):
+            assert proc.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.2)
+        banner = out.read_text()
+        base = f"http://127.0.0.1:{port}"
+        assert f"export ANTHROPIC_BASE_URL={base}" in banner
+        assert f"curl -s {base}/v1/chat/completions" in banner
+        children = set(processes_mentioning(str(work))) - {proc.pid}
+        assert len(children) == 2  # a neuron and a gateway
+        chat = openai.OpenAI(base_url=f"{base}/v1", api_key="x").chat.completions.create(
+            model="helexa/default", max_tokens=4, messages=[{"role": "user", "content": "Hi"}]
+        )
+        assert chat.usage.completion_tokens >= 1
+        message = anthropic.Anthropic(base_url=base, api_key="x").messages.create(
+            model="helexa/default", max_tokens=4, messages=[{"role": "user", "content": "Hi"}]
+        )
+        assert message.model == "helexa/default" and message.usage.output_tokens >= 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert processes_mentioning(str(work)) == []
+        assert "stopped" in out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in processes_mentioning(str(work)):
+            os.kill(pid, signal.SIGKILL)
