@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute
 from starlette.types import Receive, Scope, Send
 
 from helexa.core.errors import ApiError, bad_request
@@ -106,13 +108,37 @@ async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
-class EventStreamResponse:
-    """``text/event-stream`` whose body generator is closed the moment the client leaves.
+async def until_done_or_disconnect(
+    pump: Callable[[], Awaitable[None]],
+    receive: Receive,
+    on_disconnect: Callable[[], None] | None = None,
+) -> None:
+    """Run ``pump`` (which sends a response) while watching ``receive`` for the client
+    leaving; if it leaves, ``pump`` is cancelled at whatever it awaits, so its cleanup
+    (cancelling a generation, closing an upstream) runs at once, not at the next send."""
 
-    The body runs in its own task while ``receive`` is watched for ``http.disconnect``;
-    a disconnect (or a failed send) cancels the body at whatever it awaits, so the
-    generator's cleanup (cancelling a generation, releasing a slot) runs immediately.
-    """
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    pump_task = asyncio.ensure_future(pump())
+    watch_task = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({pump_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch_task.cancel()
+        if not pump_task.done():
+            pump_task.cancel()
+            if on_disconnect is not None:
+                on_disconnect()
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            await pump_task
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch_task
+
+
+class EventStreamResponse:
+    """``text/event-stream`` whose body generator is closed the moment the client leaves."""
 
     def __init__(
         self,
@@ -135,26 +161,28 @@ class EventStreamResponse:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        pump_task = asyncio.ensure_future(pump())
-        watch_task = asyncio.ensure_future(watch())
         try:
-            await asyncio.wait({pump_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+            await until_done_or_disconnect(pump, receive)
         finally:
-            for task in (pump_task, watch_task):
-                task.cancel()
-            for task in (pump_task, watch_task):
-                with contextlib.suppress(asyncio.CancelledError, OSError, Exception):
-                    await task
             aclose = getattr(self.body, "aclose", None)
             if aclose is not None:
                 with contextlib.suppress(Exception):
                     await aclose()
             if self.on_close is not None:
                 self.on_close()
+
+
+def openai_app(routes: list[BaseRoute], lifespan: Any) -> Starlette:
+    """A Starlette app whose every error, routing ones included, is an OpenAI envelope."""
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            ApiError: api_error_handler,
+            HTTPException: http_error_handler,
+            Exception: unhandled_error_handler,
+        },
+    )
 
 
 def sse_data(payload: dict[str, Any]) -> bytes:

@@ -9,7 +9,6 @@ from typing import Any
 
 from pydantic import Field
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -17,10 +16,8 @@ from starlette.routing import Route
 from helexa.core.errors import ApiError
 from helexa.core.http import (
     JSONResponse,
-    api_error_handler,
-    http_error_handler,
+    openai_app,
     read_body,
-    unhandled_error_handler,
 )
 from helexa.core.placement import feasible
 from helexa.core.wire import Wire
@@ -178,12 +175,4 @@ def build_app(gateway: Gateway) -> Starlette:
         Route("/admin/models/load", admin_load, methods=["POST"]),
         Route("/admin/models/unload", admin_unload, methods=["POST"]),
     ]
-    return Starlette(
-        routes=routes,
-        lifespan=lifespan,
-        exception_handlers={
-            ApiError: api_error_handler,
-            HTTPException: http_error_handler,
-            Exception: unhandled_error_handler,
-        },
-    )
+    return openai_app(routes, lifespan)

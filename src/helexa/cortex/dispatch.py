@@ -3,15 +3,10 @@ first byte, in-flight counts, metrics. Shared by every proxied route."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-
-from starlette.types import Receive
 
 from helexa.core.errors import ApiError
 from helexa.cortex.fleet import Fleet, NeuronState
@@ -126,28 +121,3 @@ class Dispatcher:
             since = first_token_at or call.started
             if completion and end > since:
                 self.metrics.tps.labels(*labels).observe(completion / (end - since))
-
-
-async def until_done_or_disconnect(
-    pump: Callable[[], Awaitable[None]], receive: Receive, on_disconnect: Callable[[], None]
-) -> None:
-    """Run ``pump`` while watching for the client leaving; if it leaves, cancel the pump
-    (closing the upstream makes the neuron stop generating)."""
-
-    async def watch() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    pump_task = asyncio.ensure_future(pump())
-    watch_task = asyncio.ensure_future(watch())
-    try:
-        await asyncio.wait({pump_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch_task.cancel()
-        if not pump_task.done():
-            pump_task.cancel()
-            on_disconnect()
-        with contextlib.suppress(asyncio.CancelledError, OSError):
-            await pump_task
-        with contextlib.suppress(asyncio.CancelledError):
-            await watch_task

@@ -12,8 +12,8 @@ from starlette.types import Receive, Scope, Send
 
 from helexa.core import anthropic
 from helexa.core.errors import ApiError
-from helexa.core.http import parse_json, validate
-from helexa.cortex.dispatch import Call, Dispatcher, EventBuffer, until_done_or_disconnect
+from helexa.core.http import parse_json, until_done_or_disconnect, validate
+from helexa.cortex.dispatch import Call, Dispatcher, EventBuffer
 from helexa.cortex.proxy import SSE_HEADERS, read_body, send_json
 from helexa.cortex.upstream import UpstreamError, UpstreamTimeout
 

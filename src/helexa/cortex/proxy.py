@@ -12,8 +12,8 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from helexa.core.errors import ApiError, bad_request
-from helexa.core.http import parse_json
-from helexa.cortex.dispatch import Call, Dispatcher, EventBuffer, until_done_or_disconnect
+from helexa.core.http import parse_json, until_done_or_disconnect
+from helexa.cortex.dispatch import Call, Dispatcher, EventBuffer
 from helexa.cortex.upstream import UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("helexa.cortex.proxy")

@@ -307,8 +307,10 @@ def run_up(*, host: str, port: int, model: str, tiny: bool, workdir: Path | None
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError:
-        console.print("[red]cortex up runs a neuron too, which needs the inference stack:[/] "
-                      "pip install 'helexa[neuron]'")
+        console.print(
+            "[red]cortex up runs a neuron too, which needs the inference stack:[/] "
+            "pip install 'helexa[neuron]'"
+        )
         return 1
     if not port_free(host, port):
         console.print(f"[red]port {port} on {host} is in use[/] (choose another with --port)")

@@ -8,7 +8,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -16,10 +15,8 @@ from starlette.routing import Route
 from helexa.core.errors import ApiError, not_found
 from helexa.core.http import (
     JSONResponse,
-    api_error_handler,
-    http_error_handler,
+    openai_app,
     read_body,
-    unhandled_error_handler,
 )
 from helexa.core.wire import (
     ChatCompletionRequest,
@@ -159,12 +156,4 @@ def build_app(neuron: Neuron) -> Starlette:
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/tokenize", tokenize, methods=["POST"]),
     ]
-    return Starlette(
-        routes=routes,
-        lifespan=lifespan,
-        exception_handlers={
-            ApiError: api_error_handler,
-            HTTPException: http_error_handler,
-            Exception: unhandled_error_handler,
-        },
-    )
+    return openai_app(routes, lifespan)
