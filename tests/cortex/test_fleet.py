@@ -187,6 +187,17 @@ def test_client_disconnect_cancels_the_neuron_generation(fleet: Fleet) -> None:
         time.sleep(0.05)
 
 
+def test_non_streaming_client_that_leaves_cancels_upstream(fleet: Fleet) -> None:
+    before = fleet.neuron_logs().count("generation cancelled")
+    body = {"model": "helexa/tiny-a", "messages": MSGS, "max_tokens": 1900, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{fleet.base}/v1/chat/completions", json=body, timeout=0.5)
+    deadline = time.monotonic() + 10
+    while fleet.neuron_logs().count("generation cancelled") == before:
+        assert time.monotonic() < deadline, "the neuron kept generating for nobody"
+        time.sleep(0.05)
+
+
 def test_metrics_are_scraped(fleet: Fleet) -> None:
     assert metric(fleet, "cortex_requests_total", model="helexa/tiny-a") >= 8
     assert metric(fleet, "cortex_prompt_tokens_total", model="helexa/tiny-a") > 0

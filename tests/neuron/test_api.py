@@ -411,3 +411,16 @@ def test_gguf_load_by_quant_tag(base: str) -> None:
     answer = client.chat.completions.create(model=GGUF_REPO_ID, messages=MSGS, max_tokens=4)
     assert answer.usage.prompt_tokens > 5
     assert post(base, "/models/unload", json={"model_id": GGUF_REPO_ID}).status_code == 200
+
+
+def test_non_streaming_client_that_leaves_stops_generation(neuron, base: str) -> None:  # type: ignore[no-untyped-def]
+    daemon = neuron[0]
+    before = daemon.log().count("generation cancelled")
+    body = {"model": TINY_REPO_ID, "max_tokens": 1900, "temperature": 0, "messages": MSGS}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base}/v1/chat/completions", json=body, timeout=0.5)
+    deadline = time.monotonic() + 10
+    while daemon.log().count("generation cancelled") == before:
+        assert time.monotonic() < deadline, "the neuron kept generating for nobody"
+        time.sleep(0.05)
+    assert "client left; generation cancelled" in daemon.log()

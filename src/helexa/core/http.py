@@ -22,6 +22,7 @@ from helexa.core.errors import ApiError, bad_request
 log = logging.getLogger("helexa.http")
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+T = TypeVar("T")
 
 
 class JSONResponse(Response):
@@ -108,6 +109,44 @@ async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(work: Awaitable[T], receive: Receive) -> T:
+    """Await ``work`` in this task while one watcher task waits for the client to leave;
+    if it leaves first, this task is cancelled at whatever ``work`` awaits (so what it
+    started stops) and ``ClientGone`` is raised. One extra task: this is the hot path."""
+    me = asyncio.current_task()
+    assert me is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _disconnected(receive)
+        gone = True
+        me.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        result = await work
+    except asyncio.CancelledError:
+        if gone:
+            me.uncancel()
+            raise ClientGone from None
+        raise
+    finally:
+        watcher.cancel()
+    if gone:  # it left just as the work finished: drop the cancellation we asked for
+        me.uncancel()
+    return result
+
+
 async def until_done_or_disconnect(
     pump: Callable[[], Awaitable[None]],
     receive: Receive,
@@ -117,12 +156,8 @@ async def until_done_or_disconnect(
     leaving; if it leaves, ``pump`` is cancelled at whatever it awaits, so its cleanup
     (cancelling a generation, closing an upstream) runs at once, not at the next send."""
 
-    async def watch() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
     pump_task = asyncio.ensure_future(pump())
-    watch_task = asyncio.ensure_future(watch())
+    watch_task = asyncio.ensure_future(_disconnected(receive))
     try:
         await asyncio.wait({pump_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
     finally:

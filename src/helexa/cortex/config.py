@@ -61,6 +61,8 @@ class PollerSettings(BaseModel):
 class ProxySettings(BaseModel):
     connect_timeout_s: float = Field(default=3.0, gt=0)
     idle_timeout_s: float = Field(default=120.0, gt=0)  # between bytes, not in total
+    # A non-streaming answer shows no sign of life until it is done: wait this long.
+    generation_timeout_s: float = Field(default=1800.0, gt=0)
     load_timeout_s: float = Field(default=1800.0, gt=0)
     retry_after_s: int = Field(default=5, ge=1)
 

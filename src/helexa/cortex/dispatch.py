@@ -12,7 +12,7 @@ from helexa.core.errors import ApiError
 from helexa.cortex.fleet import Fleet, NeuronState
 from helexa.cortex.metrics import Metrics
 from helexa.cortex.router import Router
-from helexa.cortex.upstream import Response, UpstreamError
+from helexa.cortex.upstream import Response, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("helexa.cortex.proxy")
 
@@ -57,8 +57,9 @@ class Dispatcher:
         self.metrics = metrics
         self.idle_timeout = router.settings.proxy.idle_timeout_s
         self.connect_timeout = router.settings.proxy.connect_timeout_s
+        self.generation_timeout = router.settings.proxy.generation_timeout_s
 
-    async def open(self, model_id: str, path: str, payload: bytes) -> Call:
+    async def open(self, model_id: str, path: str, payload: bytes, *, stream: bool) -> Call:
         """Route and send; a neuron that fails before its first byte is reported and the
         request retried once elsewhere. Raises ApiError (already counted in metrics)."""
         started = time.monotonic()
@@ -76,10 +77,19 @@ class Dispatcher:
                         path,
                         payload,
                         connect_timeout=self.connect_timeout,
-                        header_timeout=self.idle_timeout,
+                        header_timeout=self.idle_timeout if stream else self.generation_timeout,
                     )
-                except UpstreamError as exc:
+                except BaseException as exc:
                     self._release(state, model_id)
+                    if not isinstance(exc, UpstreamError):
+                        raise  # cancelled (the client left): counted out, nothing to retry
+                    if isinstance(exc, UpstreamTimeout):  # sent and maybe running: no retry
+                        raise ApiError(
+                            504,
+                            f"neuron {state.name} did not answer: {exc}",
+                            type="timeout_error",
+                            code="upstream_timeout",
+                        ) from exc
                     self.fleet.report_failure(state, exc)
                     self.metrics.error(model_id, state.name, "upstream_connect")
                     if len(tried) >= 2:

@@ -12,7 +12,13 @@ from starlette.types import Receive, Scope, Send
 
 from helexa.core import anthropic
 from helexa.core.errors import ApiError
-from helexa.core.http import parse_json, until_done_or_disconnect, validate
+from helexa.core.http import (
+    ClientGone,
+    parse_json,
+    unless_disconnected,
+    until_done_or_disconnect,
+    validate,
+)
 from helexa.cortex.dispatch import Call, Dispatcher, EventBuffer
 from helexa.cortex.proxy import SSE_HEADERS, read_body, send_json
 from helexa.cortex.upstream import UpstreamError, UpstreamTimeout
@@ -43,9 +49,16 @@ class MessagesProxy:
             request = validate(anthropic.MessagesRequest, parse_json(await read_body(receive)))
             model_id = self.catalogue.resolve(request.model)
             body = anthropic.to_openai(request, model_id)
-            call = await self.dispatcher.open(model_id, "/v1/chat/completions", orjson.dumps(body))
+            call = await unless_disconnected(
+                self.dispatcher.open(
+                    model_id, "/v1/chat/completions", orjson.dumps(body), stream=request.stream
+                ),
+                receive,
+            )
         except ApiError as exc:
             await send_anthropic_error(send, exc)
+            return
+        except ClientGone:
             return
         usage: dict[str, Any] | None = None
         first: float | None = None
@@ -62,7 +75,9 @@ class MessagesProxy:
                 )
                 usage, first = translator.usage, marks.get("first")
             else:
-                usage = await self._whole(call, request.model, send)
+                usage = await unless_disconnected(self._whole(call, request.model, send), receive)
+        except ClientGone:
+            self.metrics.error(model_id, call.node, "client_disconnected")
         finally:
             self.dispatcher.close(call, usage, first)
 
@@ -185,7 +200,9 @@ class CountTokens:
             request = validate(anthropic.CountTokensRequest, parse_json(await read_body(receive)))
             model_id = self.catalogue.resolve(request.model)
             body = anthropic.to_tokenize(request, model_id)
-            call = await self.dispatcher.open(model_id, "/tokenize", orjson.dumps(body))
+            call = await self.dispatcher.open(
+                model_id, "/tokenize", orjson.dumps(body), stream=False
+            )
         except ApiError as exc:
             await send_anthropic_error(send, exc)
             return

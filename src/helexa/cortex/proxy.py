@@ -12,7 +12,12 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from helexa.core.errors import ApiError, bad_request
-from helexa.core.http import parse_json, until_done_or_disconnect
+from helexa.core.http import (
+    ClientGone,
+    parse_json,
+    unless_disconnected,
+    until_done_or_disconnect,
+)
 from helexa.cortex.dispatch import Call, Dispatcher, EventBuffer
 from helexa.cortex.upstream import UpstreamError, UpstreamTimeout
 
@@ -114,10 +119,15 @@ class OpenAIProxy:
                 options = options if isinstance(options, dict) else {}
                 keep_usage = options.get("include_usage") is True
                 body["stream_options"] = {**options, "include_usage": True}
-            call = await self.dispatcher.open(model_id, self.path, orjson.dumps(body))
+            call = await unless_disconnected(
+                self.dispatcher.open(model_id, self.path, orjson.dumps(body), stream=stream),
+                receive,
+            )
         except ApiError as exc:
             await send_error(send, exc)
             return
+        except ClientGone:
+            return  # left while its request was routed or answered: nobody to tell
         usage: dict[str, Any] | None = None
         first: float | None = None
         try:
@@ -130,7 +140,9 @@ class OpenAIProxy:
                 )
                 usage, first = tap.usage, tap.first_token_at
             else:
-                usage = await self._pipe_whole(call, send)
+                usage = await unless_disconnected(self._pipe_whole(call, send), receive)
+        except ClientGone:
+            self.metrics.error(model_id, call.node, "client_disconnected")
         finally:
             self.dispatcher.close(call, usage, first)
 

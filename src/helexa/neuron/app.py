@@ -100,6 +100,7 @@ def build_app(neuron: Neuron) -> Starlette:
             body=body,
             prompt=prompt,
             keepalive_s=settings.keepalive_s,
+            receive=request.receive,
         )
 
     async def completions(request: Request) -> Response:
@@ -116,6 +117,7 @@ def build_app(neuron: Neuron) -> Starlette:
             body=body,
             prompt=prompt,
             keepalive_s=settings.keepalive_s,
+            receive=request.receive,
         )
 
     async def tokenize(request: Request) -> Response:

@@ -7,14 +7,17 @@ import time
 from collections.abc import AsyncIterator
 
 from starlette.responses import Response
+from starlette.types import Receive
 
 from helexa.core.errors import ApiError, internal, unavailable
 from helexa.core.http import (
     SSE_DONE,
     SSE_KEEPALIVE,
+    ClientGone,
     EventStreamResponse,
     JSONResponse,
     sse_data,
+    unless_disconnected,
 )
 from helexa.core.wire import ChatCompletionRequest, CompletionRequest
 from helexa.neuron.admission import Admission
@@ -64,7 +67,10 @@ async def respond(
     body: ChatCompletionRequest | CompletionRequest,
     prompt: PreparedPrompt,
     keepalive_s: float,
+    receive: Receive,
 ) -> Response:
+    """Answer one request. A client that leaves while queued or while a non-streaming
+    answer is generated stops the work (streams are watched by EventStreamResponse)."""
     chat = isinstance(body, ChatCompletionRequest)
     params = resolve_sampling(
         body,
@@ -74,7 +80,11 @@ async def respond(
         context_length=prompt.context_length,
         prompt_tokens=len(prompt.token_ids),
     )
-    await gate.acquire()
+    try:
+        await unless_disconnected(gate.acquire(), receive)
+    except ClientGone:
+        log.info("client left while queued", extra={"model": body.model})
+        return Response(status_code=499)
     try:
         stream = harness.generate(body.model, prompt, params)
     except BaseException:
@@ -94,10 +104,18 @@ async def respond(
             ),
             on_close=close,
         )
-    try:
+
+    async def collect() -> list[str]:
         pieces: list[str] = []
         async for batch in stream:
             pieces.extend(batch)
+        return pieces
+
+    try:
+        pieces = await unless_disconnected(collect(), receive)
+    except ClientGone:
+        log.info("client left; generation cancelled", extra={"model": body.model})
+        return Response(status_code=499)
     except Exception as exc:
         raise generation_error(exc) from exc
     finally:
