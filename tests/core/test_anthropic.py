@@ -112,6 +112,13 @@ def test_thinking_off_by_default_and_bad_blocks() -> None:
     with pytest.raises(ApiError) as info:
         tr.to_openai(request(messages=[{"role": "user", "content": [{"type": "video"}]}]), "m")
     assert info.value.status == 400 and info.value.param == "messages[0].content"
+    for bad in (
+        [{"type": "tool_result", "tool_use_id": "t", "content": ["plain"]}],
+        [{"type": "image", "source": "http://x/y.png"}],
+    ):
+        with pytest.raises(ApiError) as nested:
+            tr.to_openai(request(messages=[{"role": "user", "content": bad}]), "m")
+        assert nested.value.status == 400
     assert tr.error_body(404, "x") == {
         "type": "error",
         "error": {"type": "not_found_error", "message": "x"},

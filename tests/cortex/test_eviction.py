@@ -4,6 +4,7 @@ neuron that never answers. Tests run in file order against one shared pair."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import httpx
 import openai
@@ -11,6 +12,7 @@ import pytest
 
 from tests.cortex.conftest import Fleet
 from tests.cortex.test_fleet import MSGS, client, metric, models
+from tests.support.fleet import start_cortex
 
 
 def loaded(fleet: Fleet) -> set[str]:
@@ -93,3 +95,29 @@ def test_pinned_model_survives_eviction(solo: Fleet) -> None:
     ask(solo, "helexa/tiny-a")
     assert loaded(solo) == {"helexa/tiny-p", "helexa/tiny-a"}
     assert metric(solo, "cortex_evictions_total", model=survivor) >= 1
+
+
+def test_model_unloaded_behind_cortexs_back_is_rerouted(solo: Fleet, tmp_path: Path) -> None:
+    """A cortex that polls rarely still believes the model is there; the neuron's 404 is
+    a routing miss (load it again), never a 404 for the client."""
+    neuron_url = solo.neurons["solo"][1]
+    slow, base, _ = start_cortex(
+        tmp_path,
+        {"solo": neuron_url},
+        '[[models]]\nid = "helexa/tiny-a"\nmin_devices = 0\n',
+        poll_interval_s=60,
+    )
+    try:
+        sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        sdk.chat.completions.create(model="helexa/tiny-a", messages=MSGS, max_tokens=2)
+        assert (
+            httpx.post(
+                f"{neuron_url}/models/unload", json={"model_id": "helexa/tiny-a"}
+            ).status_code
+            == 200
+        )
+        answer = sdk.chat.completions.create(model="helexa/tiny-a", messages=MSGS, max_tokens=2)
+        assert answer.usage.completion_tokens >= 1
+        assert 'msg="stale route" model=helexa/tiny-a node=solo' in slow.log()
+    finally:
+        slow.stop()

@@ -215,6 +215,8 @@ def test_metrics_are_scraped(fleet: Fleet) -> None:
         assert metric(fleet, "cortex_neuron_up", node=node) == 1
     assert metric(fleet, "cortex_model_loaded", model="helexa/tiny-a") == 1
     assert metric(fleet, "cortex_request_errors_total", model="helexa/gpu-only") >= 1
+    assert metric(fleet, "cortex_request_errors_total", model="unknown") >= 1
+    assert 'model="nobody/nothing"' not in text  # client-chosen names are not labels
 
 
 def test_status_cli(fleet: Fleet) -> None:

@@ -145,6 +145,12 @@ def test_penalties_change_greedy_output(client: openai.OpenAI) -> None:
     assert penalised.choices[0].message.content != plain
 
 
+def test_vanishing_temperature_is_greedy(client: openai.OpenAI) -> None:
+    greedy = chat(client, max_tokens=8, temperature=0).choices[0].message.content
+    tiny = chat(client, max_tokens=8, temperature=1e-39).choices[0].message.content
+    assert tiny == greedy
+
+
 def test_max_tokens_and_max_completion_tokens(client: openai.OpenAI) -> None:
     for kwargs in ({"max_tokens": 3}, {"max_completion_tokens": 3}):
         answer = chat(client, temperature=0, **kwargs)
@@ -298,6 +304,8 @@ def test_malformed_json_is_400(base: str) -> None:
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
         ({"stop": 7}, "stop"),
         ({"n": 2}, "n"),
+        ({"seed": 2**64}, "seed"),
+        ({"repetition_penalty": 1e-39}, "repetition_penalty"),
     ],
 )
 def test_wrong_types_name_the_field(base: str, patch: dict, param: str) -> None:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from helexa.core.settings import load_settings
+from helexa.core.tiny_model import write_tiny_model
 from helexa.core.wire import ModelSpec
 from helexa.neuron.app import build_app
 from helexa.neuron.config import NeuronSettings
@@ -18,6 +19,7 @@ from helexa.neuron.harness.hf.decode import DecodeJob
 from helexa.neuron.service import Neuron
 from tests.conftest import LOCAL_MODEL
 
+ADMIN = {"authorization": "Bearer s3cret"}
 BODY = {
     "model": LOCAL_MODEL,
     "stream": True,
@@ -83,6 +85,24 @@ def test_mid_stream_failures(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -
                 again = await client.post("/v1/chat/completions", json={**BODY, "stream": False})
                 assert again.status_code == 503 and again.headers["retry-after"]
                 assert again.json()["error"]["code"] == "device_poisoned"
+                streamed = await client.post("/v1/chat/completions", json=BODY)
+                assert streamed.status_code == 503  # refused before any 200 was sent
+                assert streamed.json()["error"]["code"] == "device_poisoned"
+                refused = await client.post(
+                    "/models/load", json={"model_id": "bogus-arch"}, headers=ADMIN
+                )
+                assert refused.status_code in (400, 503)  # checked before placement
+                write_tiny_model(model_dir / "poison-probe")
+                other = await client.post(
+                    "/models/load", json={"model_id": "poison-probe"}, headers=ADMIN
+                )
+                assert other.status_code == 503
+                assert other.json()["error"]["code"] == "device_poisoned"
+                # Recovery path: the poisoned model can still be unloaded.
+                gone = await client.post(
+                    "/models/unload", json={"model_id": LOCAL_MODEL}, headers=ADMIN
+                )
+                assert gone.status_code == 200
         finally:
             neuron.pool.stop()
 

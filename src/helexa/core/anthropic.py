@@ -98,6 +98,8 @@ def _text_of_blocks(blocks: list[dict[str, Any]], where: str) -> str:
 
 def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
     source = block.get("source") or {}
+    if not isinstance(source, dict):
+        raise bad_request(f"{where}: an image source must be an object", param=where)
     if source.get("type") == "base64":
         url = f"data:{source.get('media_type', 'image/png')};base64,{source.get('data', '')}"
     elif source.get("type") == "url":
@@ -110,6 +112,10 @@ def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
 def _tool_result_content(block: dict[str, Any], where: str) -> str:
     content = block.get("content", "")
     if isinstance(content, list):
+        if not all(isinstance(b, dict) for b in content):
+            raise bad_request(
+                f"{where}: tool_result content must be a string or blocks", param=where
+            )
         content = "".join(str(b.get("text", "")) for b in content if b.get("type") == "text")
     text = str(content)
     return f"Error: {text}" if block.get("is_error") else text
@@ -176,7 +182,7 @@ def _convert_message(index: int, message: AnthropicMessage) -> list[dict[str, An
 
 
 def _tool(tool: dict[str, Any], index: int) -> dict[str, Any]:
-    if not tool.get("name"):
+    if not isinstance(tool, dict) or not tool.get("name"):
         raise bad_request(f"tools[{index}]: a tool needs a name", param=f"tools[{index}].name")
     return {
         "type": "function",

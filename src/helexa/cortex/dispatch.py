@@ -63,12 +63,13 @@ class Dispatcher:
         """Route and send; a neuron that fails before its first byte is reported and the
         request retried once elsewhere. Raises ApiError (already counted in metrics)."""
         started = time.monotonic()
-        tried: set[str] = set()
+        failed: set[str] = set()  # neurons that broke: routed around on the retry
+        attempts = 0
         state: NeuronState | None = None
         try:
             while True:
-                state = await self.router.route(model_id, frozenset(tried))
-                tried.add(state.name)
+                state = await self.router.route(model_id, frozenset(failed))
+                attempts += 1
                 state.in_flight[model_id] = state.in_flight.get(model_id, 0) + 1
                 state.last_used[model_id] = time.monotonic()
                 try:
@@ -85,14 +86,16 @@ class Dispatcher:
                         raise  # cancelled (the client left): counted out, nothing to retry
                     if isinstance(exc, UpstreamTimeout):  # sent and maybe running: no retry
                         raise ApiError(
-                            504,
+                            503,
                             f"neuron {state.name} did not answer: {exc}",
-                            type="timeout_error",
+                            type="service_unavailable",
                             code="upstream_timeout",
+                            headers={"Retry-After": "5"},
                         ) from exc
+                    failed.add(state.name)
                     self.fleet.report_failure(state, exc)
                     self.metrics.error(model_id, state.name, "upstream_connect")
-                    if len(tried) >= 2:
+                    if attempts >= 2:
                         raise ApiError(
                             503,
                             f"neuron {state.name} failed: {exc}",
@@ -104,10 +107,38 @@ class Dispatcher:
                         "retry on another neuron", extra={"model": model_id, "failed": state.name}
                     )
                     continue
+                if upstream.status == 404:
+                    # Our picture was stale (evicted, restarted neuron): a routing miss.
+                    raw = await upstream.read(self.idle_timeout)
+                    upstream.close()
+                    self._release(state, model_id)
+                    if b"model_not_found" not in raw:
+                        raise ApiError(
+                            404,
+                            raw.decode(errors="replace")[:500],
+                            type="not_found_error",
+                            code="not_found",
+                        )
+                    state.models.pop(model_id, None)
+                    log.info("stale route", extra={"model": model_id, "node": state.name})
+                    if attempts >= 2:
+                        raise ApiError(
+                            503,
+                            f"{model_id!r} vanished from neuron {state.name}",
+                            type="service_unavailable",
+                            code="model_moved",
+                            headers={"Retry-After": "1"},
+                        )
+                    continue
                 self.metrics.requests.labels(model_id, state.name).inc()
                 return Call(state, upstream, model_id, started)
         except ApiError as exc:
-            self.metrics.error(model_id, state.name if state else "", exc.code or "error")
+            # Client-chosen names must not become label values: unknown ones share one.
+            known = self.router.catalogue.profile(model_id) is not None or any(
+                model_id in s.models for s in self.fleet.neurons.values()
+            )
+            label = model_id if known else "unknown"
+            self.metrics.error(label, state.name if state else "", exc.code or "error")
             raise
 
     def _release(self, state: NeuronState, model_id: str) -> None:

@@ -39,7 +39,11 @@ class NeuronState:
     last_used: dict[str, float] = field(default_factory=dict)
     pending_mb: dict[int, int] = field(default_factory=dict)  # cold loads cortex started here
     cycles: int = 0  # loads + unloads since the last defrag
-    loaded_since_poll: set[str] = field(default_factory=set)  # not yet in health.free
+    # What cortex itself changed since the poll it last applied began: a poll snapshot
+    # taken before a load or unload finished must not undo it.
+    polled_at: float = 0.0
+    loaded_at: dict[str, float] = field(default_factory=dict)
+    unloading: set[str] = field(default_factory=set)
 
     def loaded(self, model_id: str) -> bool:
         status = self.models.get(model_id)
@@ -71,7 +75,8 @@ def view_of(state: NeuronState, catalogue: Catalogue) -> NeuronView:
         profile = catalogue.profile(model_id)
         size = max(status.vram_used_mb, profile.vram_mb or 0 if profile else 0)
         pools = tuple(status.devices) or (CPU_POOL,)
-        reported = 0 if model_id in state.loaded_since_poll else status.vram_used_mb
+        fresh = state.loaded_at.get(model_id, -1.0) >= state.polled_at
+        reported = 0 if fresh else status.vram_used_mb
         for pool in pools:
             unaccounted[pool] = unaccounted.get(pool, 0) + size - reported
         residents.append(
@@ -137,6 +142,7 @@ class Fleet:
         return body
 
     async def poll_one(self, state: NeuronState) -> None:
+        began = time.monotonic()
         try:
             if state.discovery is None:
                 state.discovery = Discovery.model_validate_json(
@@ -148,12 +154,15 @@ class Fleet:
             self._failed(state, exc)
             return
         state.health = health
-        state.loaded_since_poll.clear()
-        gone = set(state.models) - {m.id for m in models}
-        for model_id in gone:
+        snapshot = {m.id: m for m in models if m.id not in state.unloading}
+        for model_id, loaded_at in state.loaded_at.items():  # loaded after the snapshot
+            if loaded_at >= began and model_id in state.models and model_id not in snapshot:
+                snapshot[model_id] = state.models[model_id]
+        for model_id in set(state.models) - set(snapshot):
             log.info("model pruned", extra={"neuron": state.name, "model": model_id})
             state.last_used.pop(model_id, None)
-        state.models = {m.id: m for m in models}
+        state.models = snapshot
+        state.polled_at = began
         state.failures = 0
         if not state.healthy:
             log.info("neuron healthy", extra={"neuron": state.name, "models": len(state.models)})

@@ -196,5 +196,6 @@ class OpenAIProxy:
                 type="server_error",
                 code=reason,
             )
-            rest = tap.flush() + b"data: " + orjson.dumps(error.openai_body()) + b"\n\n"
+            tap.flush()  # a half-received event cannot be completed: drop it
+            rest = b"data: " + orjson.dumps(error.openai_body()) + b"\n\n"
         await send({"type": "http.response.body", "body": rest, "more_body": False})

@@ -29,6 +29,7 @@ class Router:
         self.fleet = fleet
         self.metrics = metrics
         self._cold: dict[str, asyncio.Future[NeuronState]] = {}
+        self._placing = asyncio.Lock()
         self._neuron_locks: dict[str, asyncio.Lock] = {
             name: asyncio.Lock() for name in fleet.neurons
         }
@@ -76,6 +77,10 @@ class Router:
             return loading
         profile = self.catalogue.profile(model_id)
         if profile is None:
+            if exclude:  # a retry: the model exists, only its neuron just failed
+                raise self._unavailable(
+                    f"no other neuron serves {model_id!r}", "upstream_unavailable"
+                )
             if not any(s.healthy for s in self.fleet.neurons.values()):
                 raise self._unavailable(
                     "no healthy neuron to serve the request", "no_healthy_neuron"
@@ -102,56 +107,52 @@ class Router:
 
     async def _cold_load(self, profile: ModelProfile, exclude: frozenset[str]) -> NeuronState:
         need = need_mb(profile)
-        views = [
-            view_of(s, self.catalogue) for s in self.fleet.neurons.values() if s.name not in exclude
-        ]
-        if not rank_neurons(profile, views):
-            raise self._unavailable(
-                f"no healthy neuron can host {profile.id!r} (feasible neurons are down or "
-                "none matches its profile)",
-                "no_feasible_neuron",
-            )
-        placement = place(profile, views, need, self.settings.eviction.strategy)
-        if placement is None:
-            raise self._unavailable(
-                f"no neuron has room for {profile.id!r} ({need} MB) and nothing idle can be "
-                "evicted",
-                "insufficient_capacity",
-            )
-        state = self.fleet.neurons[placement.neuron]
-        log.info(
-            "route cold-load",
-            extra={
-                "model": profile.id,
-                "node": state.name,
-                "pool": placement.pool,
-                "need_mb": need,
-                "evict": ",".join(placement.evict) or None,
-            },
-        )
-        async with self._neuron_locks[state.name]:
-            for victim in placement.evict:
-                if state.in_flight.get(victim, 0):
-                    raise self._unavailable(
-                        f"{victim!r} became busy while making room for {profile.id!r}",
-                        "insufficient_capacity",
-                    )
-                await self.unload(state, victim)
-                self.metrics.evictions.labels(victim, state.name).inc()
-                log.info(
-                    "evict",
-                    extra={
-                        "model": victim,
-                        "node": state.name,
-                        "for": profile.id,
-                        "strategy": self.settings.eviction.strategy,
-                    },
+        # Planning, evicting and reserving happen under one lock, so concurrent cold loads
+        # of different models never plan against the same free memory or victims.
+        async with self._placing:
+            views = [
+                view_of(s, self.catalogue)
+                for s in self.fleet.neurons.values()
+                if s.name not in exclude
+            ]
+            if not rank_neurons(profile, views):
+                raise self._unavailable(
+                    f"no healthy neuron can host {profile.id!r} (feasible neurons are down or "
+                    "none matches its profile)",
+                    "no_feasible_neuron",
                 )
-            state.pending_mb[placement.pool] = state.pending_mb.get(placement.pool, 0) + need
+            placement = place(profile, views, need, self.settings.eviction.strategy)
+            if placement is None:
+                raise self._unavailable(
+                    f"no neuron has room for {profile.id!r} ({need} MB) and nothing idle can "
+                    "be evicted",
+                    "insufficient_capacity",
+                )
+            state = self.fleet.neurons[placement.neuron]
+            log.info(
+                "route cold-load",
+                extra={
+                    "model": profile.id,
+                    "node": state.name,
+                    "pool": placement.pool,
+                    "need_mb": need,
+                    "evict": ",".join(placement.evict) or None,
+                },
+            )
+            neuron_lock = self._neuron_locks[state.name]
+            await neuron_lock.acquire()
             try:
-                await self._load_on(state, profile, cold=True)
-            finally:
-                state.pending_mb[placement.pool] -= need
+                for victim in placement.evict:
+                    await self._evict(state, victim, profile.id)
+            except BaseException:
+                neuron_lock.release()
+                raise
+            state.pending_mb[placement.pool] = state.pending_mb.get(placement.pool, 0) + need
+        try:
+            await self._load_on(state, profile, cold=True)
+        finally:
+            state.pending_mb[placement.pool] -= need
+            neuron_lock.release()
         self._maybe_defrag(state)
         return state
 
@@ -216,7 +217,7 @@ class Router:
         if isinstance(model, dict):
             state.models[profile.id] = ModelStatus.model_validate(model)
         if payload.get("status") == "loaded":
-            state.loaded_since_poll.add(profile.id)
+            state.loaded_at[profile.id] = time.monotonic()
             state.cycles += 1
             self.metrics.load_seconds.labels(profile.id, state.name).observe(elapsed)
             if cold:
@@ -231,7 +232,28 @@ class Router:
                 },
             )
 
+    async def _evict(self, state: NeuronState, victim: str, for_model: str) -> None:
+        if state.in_flight.get(victim, 0):
+            raise self._unavailable(
+                f"{victim!r} became busy while making room for {for_model!r}",
+                "insufficient_capacity",
+            )
+        await self.unload(state, victim)
+        self.metrics.evictions.labels(victim, state.name).inc()
+        log.info(
+            "evict",
+            extra={
+                "model": victim,
+                "node": state.name,
+                "for": for_model,
+                "strategy": self.settings.eviction.strategy,
+            },
+        )
+
     async def unload(self, state: NeuronState, model_id: str) -> None:
+        # Not routable from now on; a failed unload comes back with the next poll.
+        state.models.pop(model_id, None)
+        state.unloading.add(model_id)
         try:
             status, payload = await self._post(
                 state, "/models/unload", {"model_id": model_id}, self.settings.proxy.load_timeout_s
@@ -240,13 +262,15 @@ class Router:
             raise self._unavailable(
                 f"unloading {model_id!r} on {state.name} failed: {exc}", "unload_failed"
             ) from exc
+        finally:
+            state.unloading.discard(model_id)
         if status not in (200, 404):
             reason = (payload.get("error") or {}).get("message", f"status {status}")
             raise self._unavailable(
                 f"unloading {model_id!r} on {state.name} failed: {reason}", "unload_failed"
             )
-        state.models.pop(model_id, None)
         state.last_used.pop(model_id, None)
+        state.loaded_at.pop(model_id, None)
         state.cycles += 1
 
     async def admin_load(self, model_id: str, node: str | None) -> NeuronState:

@@ -159,7 +159,8 @@ class Response:
             return
         self._released = True
         conn = self._conn
-        if conn.complete and conn.keep_alive and conn.error is None and not conn.closed:
+        reusable = conn.complete and conn.keep_alive and conn.error is None and not conn.closed
+        if reusable and not conn.paused and not conn.body:
             self._pool.put_back(conn)
         elif conn.transport is not None:
             conn.transport.close()

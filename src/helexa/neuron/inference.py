@@ -87,9 +87,9 @@ async def respond(
         return Response(status_code=499)
     try:
         stream = harness.generate(body.model, prompt, params)
-    except BaseException:
+    except Exception as exc:
         gate.release()
-        raise
+        raise generation_error(exc) from exc
     parser = parser_for(body, prompt)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

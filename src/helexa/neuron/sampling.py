@@ -16,6 +16,7 @@ from helexa.core.wire import SamplingFields
 
 FALLBACK_TEMPERATURE = 1.0
 FALLBACK_TOP_P = 1.0
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Temperatures this small overflow the softmax; they mean greedy anyway.
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def penalises(self) -> bool:
@@ -149,4 +151,6 @@ def next_token(
     if params.greedy:
         return int(torch.argmax(logits))
     probs = torch.softmax(filter_logits(logits, params), dim=-1)
+    if not torch.isfinite(probs).all():  # extreme penalties: fall back to the best token
+        return int(torch.argmax(logits))
     return int(torch.multinomial(probs, 1, generator=generator))

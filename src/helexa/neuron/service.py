@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 
-from helexa.core.errors import ApiError, bad_request, model_not_found
+from helexa.core.errors import ApiError, bad_request, model_not_found, unavailable
 from helexa.core.wire import CpuHealth, Health, ModelLoadInfo, ModelSpec, ModelStatus
 from helexa.neuron.activation import ActivationTracker, prewarm
 from helexa.neuron.admission import Admission
@@ -15,6 +15,7 @@ from helexa.neuron.devices import CPU, DevicePool
 from helexa.neuron.discovery import MB, Hardware, total_memory_bytes
 from helexa.neuron.harness.base import Harness
 from helexa.neuron.harness.hf.harness import TransformersHarness
+from helexa.neuron.workers import WorkerPoisoned
 
 log = logging.getLogger("helexa.neuron")
 
@@ -113,6 +114,13 @@ class Neuron:
         )
         try:
             return await harness.load(spec)
+        except WorkerPoisoned as exc:
+            error = unavailable(str(exc), code="device_poisoned", retry_after=30)
+            log.warning(
+                "load refused",
+                extra={"model_id": spec.model_id, "status": 503, "error": error.message},
+            )
+            raise error from exc
         except ApiError as exc:
             log.warning(
                 "load refused",
@@ -171,12 +179,14 @@ class Neuron:
         loaded = {s.id for s in statuses}
         for model_id, spec in self._load_specs.items():
             if model_id not in loaded:
+                # Where it is going, once placed: cortex counts it against that device.
+                key = self.harnesses[spec.harness].loading().get(model_id, CPU)
                 statuses.append(
                     ModelStatus(
                         id=model_id,
                         harness=spec.harness,
                         status="loading",
-                        devices=[],
+                        devices=[] if key == CPU else [int(key.split(":")[1])],
                         vram_used_mb=0,
                         context_length=None,
                     )

@@ -50,6 +50,10 @@ class Harness(Protocol):
 
     def has(self, model_id: str) -> bool: ...
 
+    def loading(self) -> dict[str, str]:
+        """Loads in progress: model id -> the device key it is being placed on."""
+        ...
+
     async def prepare_chat(
         self,
         model_id: str,

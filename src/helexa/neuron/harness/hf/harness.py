@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from helexa.core.errors import ApiError, bad_request, model_not_found
+from helexa.core.errors import ApiError, bad_request, model_not_found, unavailable
 from helexa.core.wire import ChatMessage, ModelSpec, ModelStatus
 from helexa.neuron.devices import CPU, DevicePool, cuda_key
 from helexa.neuron.harness.base import PreparedPrompt, TokenStream
@@ -22,6 +22,7 @@ from helexa.neuron.harness.hf.prompt import encode_text, opens_reasoning, render
 from helexa.neuron.model_files import ModelFiles, hf_cache_dir, locate
 from helexa.neuron.output_parser import CALL_OPEN, THINK_OPEN
 from helexa.neuron.sampling import SamplingParams
+from helexa.neuron.workers import WorkerPoisoned
 
 log = logging.getLogger("helexa.neuron.harness.transformers")
 
@@ -72,6 +73,7 @@ class TransformersHarness:
         self._models: dict[str, LoadedModel] = {}
         self._loading: dict[str, str] = {}  # model_id -> device key, while a load is running
         self._reserved: dict[str, int] = {}  # device key -> bytes of loads in progress
+        self._placing = asyncio.Lock()
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -138,10 +140,18 @@ class TransformersHarness:
             candidates = [cuda_key(i) for i in self._pool.cuda_indices]
         else:
             candidates = [CPU]
+        healthy = [k for k in candidates if self._pool.worker(k).poisoned is None]
+        if not healthy:
+            raise unavailable(
+                f"every candidate device is poisoned ({', '.join(candidates)}); unload and "
+                "reload its models, or restart the neuron",
+                code="device_poisoned",
+                retry_after=30,
+            )
         room = {}
-        for key in candidates:
+        for key in healthy:
             room[key] = await self._free_bytes(key) - self._reserved.get(key, 0)
-        best = max(candidates, key=lambda k: room[k])
+        best = max(healthy, key=lambda k: room[k])
         if room[best] < need:
             raise insufficient_memory(
                 f"not enough memory: the model needs ~{need // MB} MB, the best device "
@@ -171,9 +181,10 @@ class TransformersHarness:
             bf16_supported=on_cuda and torch.cuda.is_bf16_supported(),
         )
         need = await asyncio.to_thread(loader.estimate_bytes, files, dtype)
-        key = await self._place(spec, need)
+        async with self._placing:  # one placement at a time, so reservations add up
+            key = await self._place(spec, need)
+            self._reserved[key] = self._reserved.get(key, 0) + need
         device = torch.device(key)
-        self._reserved[key] = self._reserved.get(key, 0) + need
         self._loading[model_id] = key
         try:
             tokenizer_task = asyncio.create_task(asyncio.to_thread(loader.load_tokenizer, files))
@@ -231,7 +242,14 @@ class TransformersHarness:
                 torch.cuda.empty_cache()
 
         try:
-            await asyncio.wrap_future(worker.submit(release))
+            if worker.poisoned is None:
+                await asyncio.wrap_future(worker.submit(release))
+            else:  # the device is lost anyway; drop our references so a reload can start
+                loaded.model = None
+                log.warning(
+                    "unloaded from a poisoned device without releasing memory",
+                    extra={"model_id": model_id, "device": loaded.device_key},
+                )
         finally:
             loaded.tokenizer = None
 
@@ -274,6 +292,9 @@ class TransformersHarness:
         self, model_id: str, prompt: PreparedPrompt, params: SamplingParams
     ) -> TokenStream:
         loaded = self.get(model_id)
+        worker = self._pool.worker(loaded.device_key)
+        if worker.poisoned is not None:  # refuse before any response is started
+            raise WorkerPoisoned(f"{worker.name} worker is poisoned: {worker.poisoned}")
         stream = TokenStream(asyncio.get_running_loop())
         job = DecodeJob(
             model=loaded.model,
@@ -284,5 +305,5 @@ class TransformersHarness:
             emit=stream.emit,
             is_loaded=lambda: loaded.loaded,
         )
-        stream.attach(self._pool.worker(loaded.device_key).submit_stepped(job), job.cancel)
+        stream.attach(worker.submit_stepped(job), job.cancel)
         return stream

@@ -132,7 +132,18 @@ def load_weights(files: ModelFiles, dtype: torch.dtype, device: torch.device) ->
         raise not_found(
             f"cannot read the weights: {exc}", code="model_weights_not_found", param="model_id"
         ) from exc
-    model = model.to(device)
+    try:
+        model = model.to(device)
+    except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if "out of memory" not in str(exc).lower():
+            raise
+        del model
+        raise ApiError(
+            409,
+            f"not enough memory on {device} to load the weights: {exc}",
+            code="insufficient_memory",
+            param="model_id",
+        ) from exc
     model.eval()
     return model
 
