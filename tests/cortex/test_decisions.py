@@ -200,3 +200,51 @@ def test_config_cross_checks_and_cli(tmp_path: Path) -> None:
         timeout=30,
     )
     assert ok.returncode == 0 and "1 neurons, 1 models" in ok.stdout
+
+
+# --- weight sizes for profiles without vram_mb ------------------------------------------------
+
+
+def test_weight_bytes_from_a_listing() -> None:
+    from helexa.cortex.weights import weights_bytes
+
+    listing = [
+        ("model-00001-of-00002.safetensors", 4_000),
+        ("model-00002-of-00002.safetensors", 1_000),
+        ("m-Q4_K_M.gguf", 700),
+        ("m-Q8_0.gguf", 1_200),
+        ("README.md", 5),
+    ]
+    assert weights_bytes(listing, None) == 5_000
+    assert weights_bytes(listing, "q4_k_m") == 700
+    assert weights_bytes(listing, "Q2_K") is None
+    assert weights_bytes([("x.safetensors", None)], None) is None
+
+
+def test_need_follows_weights_and_unknown_is_remembered() -> None:
+    import asyncio
+
+    from helexa.core.placement import need_mb
+    from helexa.cortex.weights import WeightSizes
+
+    calls: list[str] = []
+
+    def fetch(model_id: str) -> list[tuple[str, int]]:
+        calls.append(model_id)
+        if model_id == "offline/model":
+            raise OSError("hub unreachable")
+        return [("model.safetensors", 10 * 1024 * 1024 * 1024)]
+
+    sizes = WeightSizes(fetch)
+    known = ModelProfile(id="org/model")
+    unknown = ModelProfile(id="offline/model")
+
+    async def scenario() -> None:
+        weights = await sizes.mb(known)
+        assert weights == 10 * 1024
+        assert need_mb(known, weights) == int(1.2 * 10 * 1024)
+        assert await sizes.mb(unknown) is None and await sizes.mb(unknown) is None
+        await sizes.mb(known)
+
+    asyncio.run(scenario())
+    assert calls == ["org/model", "offline/model"]  # each asked once

@@ -16,13 +16,19 @@ from helexa.cortex.config import CortexSettings
 from helexa.cortex.fleet import Fleet, NeuronState, view_of
 from helexa.cortex.metrics import Metrics
 from helexa.cortex.upstream import UpstreamError
+from helexa.cortex.weights import WeightSizes
 
 log = logging.getLogger("helexa.cortex.router")
 
 
 class Router:
     def __init__(
-        self, settings: CortexSettings, catalogue: Catalogue, fleet: Fleet, metrics: Metrics
+        self,
+        settings: CortexSettings,
+        catalogue: Catalogue,
+        fleet: Fleet,
+        metrics: Metrics,
+        weights: WeightSizes | None = None,
     ) -> None:
         self.settings = settings
         self.catalogue = catalogue
@@ -30,6 +36,7 @@ class Router:
         self.metrics = metrics
         self._cold: dict[str, asyncio.Future[NeuronState]] = {}
         self._placing = asyncio.Lock()
+        self.weights = weights or WeightSizes()
         self._neuron_locks: dict[str, asyncio.Lock] = {
             name: asyncio.Lock() for name in fleet.neurons
         }
@@ -106,7 +113,8 @@ class Router:
         return await asyncio.shield(pending)
 
     async def _cold_load(self, profile: ModelProfile, exclude: frozenset[str]) -> NeuronState:
-        need = need_mb(profile)
+        weights = None if profile.vram_mb is not None else await self.weights.mb(profile)
+        need = need_mb(profile, weights)
         # Planning, evicting and reserving happen under one lock, so concurrent cold loads
         # of different models never plan against the same free memory or victims.
         async with self._placing:

@@ -246,7 +246,7 @@ class LocalFleet:
                 "--config",
                 str(self.work / "cortex.toml"),
             ],
-            {},
+            offline,
         )
 
         def serving(listing: dict[str, Any]) -> bool:
