@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 from pydantic import Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from helexa.core.errors import ApiError
 from helexa.core.http import (
@@ -26,8 +29,10 @@ from helexa.cortex.dispatch import Dispatcher
 from helexa.cortex.fleet import Fleet, view_of
 from helexa.cortex.messages import CountTokens, MessagesProxy
 from helexa.cortex.metrics import Metrics
-from helexa.cortex.proxy import OpenAIProxy
+from helexa.cortex.proxy import OpenAIProxy, send_json
 from helexa.cortex.router import Router
+
+log = logging.getLogger("helexa.cortex")
 
 
 class AdminModelRequest(Wire):
@@ -113,7 +118,7 @@ class Gateway:
         return {**self.health(), "neurons": neurons, "models": self.model_entries()}
 
 
-def build_app(gateway: Gateway) -> Starlette:
+def build_app(gateway: Gateway) -> ASGIApp:
     settings = gateway.config.settings
 
     async def models(_request: Request) -> Response:
@@ -159,15 +164,14 @@ def build_app(gateway: Gateway) -> Starlette:
             await gateway.fleet.stop()
 
     dispatcher = Dispatcher(gateway.router, gateway.fleet, gateway.metrics)
+    hot: dict[str, ASGIApp] = {
+        "/v1/chat/completions": OpenAIProxy("/v1/chat/completions", dispatcher),
+        "/v1/completions": OpenAIProxy("/v1/completions", dispatcher),
+        "/v1/messages": MessagesProxy(dispatcher),
+        "/v1/messages/count_tokens": CountTokens(dispatcher),
+    }
     routes = [
-        Route(
-            "/v1/chat/completions",
-            OpenAIProxy("/v1/chat/completions", dispatcher),
-            methods=["POST"],
-        ),
-        Route("/v1/completions", OpenAIProxy("/v1/completions", dispatcher), methods=["POST"]),
-        Route("/v1/messages", MessagesProxy(dispatcher), methods=["POST"]),
-        Route("/v1/messages/count_tokens", CountTokens(dispatcher), methods=["POST"]),
+        *(Route(path, handler, methods=["POST"]) for path, handler in hot.items()),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/", health, methods=["GET"]),
@@ -175,4 +179,41 @@ def build_app(gateway: Gateway) -> Starlette:
         Route("/admin/models/load", admin_load, methods=["POST"]),
         Route("/admin/models/unload", admin_unload, methods=["POST"]),
     ]
-    return openai_app(routes, lifespan)
+    return FastPath(openai_app(routes, lifespan), hot)
+
+
+class FastPath:
+    """POSTs to the proxy routes go straight to their handlers; everything else (other
+    routes, 404/405, lifespan) through Starlette. Saves the middleware and router walk
+    on every proxied request: a measurable share of cortex's added latency."""
+
+    def __init__(self, app: ASGIApp, hot: dict[str, ASGIApp]) -> None:
+        self.app = app
+        self.hot = hot
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = self.hot.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if handler is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await handler(scope, receive, tracking_send)
+        except Exception as exc:  # a bug, not an API error: still an envelope, if we can
+            log.error(
+                "unhandled error", extra={"path": scope["path"], "error": repr(exc)}, exc_info=exc
+            )
+            if not started:
+                error = ApiError(
+                    500,
+                    f"internal error: {type(exc).__name__}: {exc}",
+                    type="server_error",
+                    code="internal_error",
+                )
+                await send_json(send, 500, orjson.dumps(error.openai_body()))

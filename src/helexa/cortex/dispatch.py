@@ -130,7 +130,7 @@ class Dispatcher:
                             headers={"Retry-After": "1"},
                         )
                     continue
-                self.metrics.requests.labels(model_id, state.name).inc()
+                self.metrics.series(model_id, state.name).requests.inc()
                 return Call(state, upstream, model_id, started)
         except ApiError as exc:
             # Client-chosen names must not become label values: unknown ones share one.
@@ -150,15 +150,15 @@ class Dispatcher:
         call.upstream.close()
         self._release(call.state, call.model_id)
         end = time.monotonic()
-        labels = (call.model_id, call.node)
-        self.metrics.duration.labels(*labels).observe(end - call.started)
+        series = self.metrics.series(call.model_id, call.node)
+        series.duration.observe(end - call.started)
         if first_token_at is not None:
-            self.metrics.ttft.labels(*labels).observe(first_token_at - call.started)
+            series.ttft.observe(first_token_at - call.started)
         if usage:
             prompt = usage.get("prompt_tokens") or 0
             completion = usage.get("completion_tokens") or 0
-            self.metrics.prompt_tokens.labels(*labels).inc(prompt)
-            self.metrics.completion_tokens.labels(*labels).inc(completion)
+            series.prompt_tokens.inc(prompt)
+            series.completion_tokens.inc(completion)
             since = first_token_at or call.started
             if completion and end > since:
-                self.metrics.tps.labels(*labels).observe(completion / (end - since))
+                series.tps.observe(completion / (end - since))

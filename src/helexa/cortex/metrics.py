@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from helexa.cortex.fleet import Fleet
@@ -13,9 +16,20 @@ LOAD_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
 MB = 1024 * 1024
 
 
+@dataclass(frozen=True)
+class Series:
+    requests: Any
+    duration: Any
+    ttft: Any
+    tps: Any
+    prompt_tokens: Any
+    completion_tokens: Any
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._series: dict[tuple[str, str], Series] = {}
         r = self.registry
         labels = ("model", "node")
         self.requests = Counter("cortex_requests", "Requests routed", labels, registry=r)
@@ -61,6 +75,21 @@ class Metrics:
         self.vram_used = Gauge(
             "cortex_neuron_vram_used_bytes", "VRAM in use on the node", ("node",), registry=r
         )
+
+    def series(self, model: str, node: str) -> Series:
+        """The labelled children for one model on one node, looked up once."""
+        key = (model, node)
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = Series(
+                requests=self.requests.labels(model, node),
+                duration=self.duration.labels(model, node),
+                ttft=self.ttft.labels(model, node),
+                tps=self.tps.labels(model, node),
+                prompt_tokens=self.prompt_tokens.labels(model, node),
+                completion_tokens=self.completion_tokens.labels(model, node),
+            )
+        return found
 
     def error(self, model: str, node: str, reason: str) -> None:
         self.errors.labels(model, node, reason).inc()
