@@ -17,6 +17,16 @@ from tests.support.procs import Daemon, free_port, start_neuron
 REPOS = ["helexa/tiny-a", "helexa/tiny-b", "helexa/tiny-c", "helexa/tiny-k", "helexa/tiny-p"]
 
 
+def cpu_models(*ids: str, vram_mb: int = 60, pinned: dict[str, str] | None = None) -> str:
+    """models.toml entries for CPU-capable profiles (optionally pinned to one neuron)."""
+    out = ""
+    for model_id in ids:
+        out += f'[[models]]\nid = "{model_id}"\nvram_mb = {vram_mb}\nmin_devices = 0\n'
+        if pinned and model_id in pinned:
+            out += f'pinned_on = ["{pinned[model_id]}"]\n'
+    return out
+
+
 @dataclass
 class Fleet:
     cortex: Daemon
@@ -49,25 +59,14 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, fleet_cache: Path) -> Iterat
     work = tmp_path_factory.mktemp("fleet")
     budget = "keepalive_s = 0.5\n[cpu]\nmemory_mb = 200\n"
     neurons = _start_neurons(work, fleet_cache, {n: budget for n in ("n1", "n2", "n3")})
-    models = """
-[[models]]
-id = "helexa/tiny-a"
-vram_mb = 60
-min_devices = 0
-[[models]]
-id = "helexa/tiny-b"
-vram_mb = 60
-min_devices = 0
-[[models]]
-id = "helexa/tiny-k"
-vram_mb = 60
-min_devices = 0
-[[models]]
-id = "helexa/tiny-p"
-vram_mb = 60
-min_devices = 0
-pinned_on = ["n3"]
-[[models]]
+    models = cpu_models(
+        "helexa/tiny-a",
+        "helexa/tiny-b",
+        "helexa/tiny-k",
+        "helexa/tiny-p",
+        pinned={"helexa/tiny-p": "n3"},
+    )
+    models += """[[models]]
 id = "helexa/gpu-only"
 vram_mb = 60
 min_devices = 1
@@ -88,30 +87,14 @@ def solo(tmp_path_factory: pytest.TempPathFactory, fleet_cache: Path) -> Iterato
     neurons = _start_neurons(
         work, fleet_cache, {"solo": "keepalive_s = 0.5\n[cpu]\nmemory_mb = 130\n"}
     )
-    models = """
-[[models]]
-id = "helexa/tiny-a"
-vram_mb = 60
-min_devices = 0
-[[models]]
-id = "helexa/tiny-b"
-vram_mb = 60
-min_devices = 0
-[[models]]
-id = "helexa/tiny-c"
-vram_mb = 60
-min_devices = 0
-[[models]]
-id = "helexa/tiny-p"
-vram_mb = 60
-min_devices = 0
-pinned_on = ["solo"]
-[[models]]
-id = "helexa/haunted"
-vram_mb = 10
-min_devices = 0
-pinned_on = ["ghost"]
-"""
+    models = cpu_models(
+        "helexa/tiny-a",
+        "helexa/tiny-b",
+        "helexa/tiny-c",
+        "helexa/tiny-p",
+        pinned={"helexa/tiny-p": "solo"},
+    )
+    models += cpu_models("helexa/haunted", vram_mb=10, pinned={"helexa/haunted": "ghost"})
     endpoints = {"solo": neurons["solo"][1], "ghost": f"http://127.0.0.1:{free_port()}"}
     cortex, base, metrics = start_cortex(
         work, endpoints, models, extra='[eviction]\nstrategy = "lru"\ndefrag_after_cycles = 0\n'

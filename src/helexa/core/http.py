@@ -180,10 +180,13 @@ class EventStreamResponse:
         body: AsyncIterator[bytes],
         *,
         on_close: Callable[[], None] | None = None,
+        on_disconnect: Callable[[], None] | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         self.body = body
         self.on_close = on_close
+        # Runs the moment the client is seen leaving, before the body has unwound.
+        self.on_disconnect = on_disconnect
         self.headers = {**SSE_HEADERS, **(headers or {})}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -197,7 +200,7 @@ class EventStreamResponse:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         try:
-            await until_done_or_disconnect(pump, receive)
+            await until_done_or_disconnect(pump, receive, self.on_disconnect)
         finally:
             aclose = getattr(self.body, "aclose", None)
             if aclose is not None:

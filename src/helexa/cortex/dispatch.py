@@ -145,6 +145,11 @@ class Dispatcher:
         state.in_flight[model_id] -= 1
         state.last_used[model_id] = time.monotonic()
 
+    def client_left(self, call: Call) -> None:
+        """Drop the upstream connection at once: the neuron stops generating."""
+        self.metrics.error(call.model_id, call.node, "client_disconnected")
+        call.upstream.close()
+
     def close(self, call: Call, usage: dict[str, Any] | None, first_token_at: float | None) -> None:
         """Hand the connection back and record the request's metrics."""
         call.upstream.close()

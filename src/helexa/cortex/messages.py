@@ -71,7 +71,7 @@ class MessagesProxy:
                 await until_done_or_disconnect(
                     lambda: self._pipe_stream(call, translator, marks, send),
                     receive,
-                    lambda: self.metrics.error(model_id, call.node, "client_disconnected"),
+                    lambda: self.dispatcher.client_left(call),
                 )
                 usage, first = translator.usage, marks.get("first")
             else:

@@ -136,7 +136,7 @@ class OpenAIProxy:
                 await until_done_or_disconnect(
                     lambda: self._pipe_stream(call, tap, send),
                     receive,
-                    lambda: self.metrics.error(model_id, call.node, "client_disconnected"),
+                    lambda: self.dispatcher.client_left(call),
                 )
                 usage, first = tap.usage, tap.first_token_at
             else:

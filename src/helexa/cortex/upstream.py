@@ -105,8 +105,11 @@ class _Connection(asyncio.Protocol):
     async def wait(self, timeout: float | None) -> None:
         loop = asyncio.get_running_loop()
         self.waiter = loop.create_future()
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # races the waiter, and a cancelled proxy must stop waiting.
         try:
-            await asyncio.wait_for(self.waiter, timeout)
+            async with asyncio.timeout(timeout):
+                await self.waiter
         except TimeoutError:
             raise UpstreamTimeout(f"neuron sent nothing for {timeout:g}s") from None
         finally:

@@ -56,8 +56,9 @@ class Admission:
             )
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter), self.timeout_s)
+        try:  # asyncio.timeout: wait_for may swallow a racing cancellation on 3.11
+            async with asyncio.timeout(self.timeout_s):
+                await asyncio.shield(waiter)
         except TimeoutError:
             self._abandon(waiter)
             raise unavailable(

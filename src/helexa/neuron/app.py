@@ -25,6 +25,7 @@ from helexa.core.wire import (
     TokenizeRequest,
     UnloadRequest,
 )
+from helexa.neuron.harness.base import Harness, PreparedPrompt
 from helexa.neuron.inference import respond
 from helexa.neuron.service import Neuron
 
@@ -87,13 +88,12 @@ def build_app(neuron: Neuron) -> Starlette:
             )
         return JSONResponse({"url": f"{str(request.base_url).rstrip('/')}/v1"})
 
-    async def chat_completions(request: Request) -> Response:
-        body = await read_body(request, ChatCompletionRequest)
-        harness = neuron.harness_of(body.model)
-        tools = None if body.tool_choice == "none" else body.tools
-        prompt = await harness.prepare_chat(
-            body.model, body.messages, tools, body.chat_template_kwargs
-        )
+    async def answer(
+        request: Request,
+        harness: Harness,
+        body: ChatCompletionRequest | CompletionRequest,
+        prompt: PreparedPrompt,
+    ) -> Response:
         return await respond(
             harness=harness,
             gate=neuron.admission(body.model),
@@ -103,6 +103,15 @@ def build_app(neuron: Neuron) -> Starlette:
             receive=request.receive,
         )
 
+    async def chat_completions(request: Request) -> Response:
+        body = await read_body(request, ChatCompletionRequest)
+        harness = neuron.harness_of(body.model)
+        tools = None if body.tool_choice == "none" else body.tools
+        prompt = await harness.prepare_chat(
+            body.model, body.messages, tools, body.chat_template_kwargs
+        )
+        return await answer(request, harness, body, prompt)
+
     async def completions(request: Request) -> Response:
         body = await read_body(request, CompletionRequest)
         harness = neuron.harness_of(body.model)
@@ -111,14 +120,7 @@ def build_app(neuron: Neuron) -> Starlette:
         except ValueError as exc:
             raise ApiError(400, str(exc), param="prompt", code="invalid_request") from None
         prompt = await harness.prepare_text(body.model, text)
-        return await respond(
-            harness=harness,
-            gate=neuron.admission(body.model),
-            body=body,
-            prompt=prompt,
-            keepalive_s=settings.keepalive_s,
-            receive=request.receive,
-        )
+        return await answer(request, harness, body, prompt)
 
     async def tokenize(request: Request) -> Response:
         body = await read_body(request, TokenizeRequest)

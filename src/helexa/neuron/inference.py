@@ -103,6 +103,7 @@ async def respond(
                 stream, ChunkFactory(body.model, chat=chat), parser, include_usage, keepalive_s
             ),
             on_close=close,
+            on_disconnect=stream.cancel,
         )
 
     async def collect() -> list[str]:

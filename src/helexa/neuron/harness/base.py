@@ -124,8 +124,9 @@ class TokenStream:
         """
         assert self._future is not None, "stream not attached to a job"
         while not self._pieces and not self._ended:
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            try:  # asyncio.timeout: wait_for may swallow a racing cancellation on 3.11
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
             except TimeoutError:
                 return None
             self._wakeup.clear()
