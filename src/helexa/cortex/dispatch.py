@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from helexa.core.errors import ApiError
+from helexa.core.errors import ApiError, unavailable
 from helexa.cortex.fleet import Fleet, NeuronState
 from helexa.cortex.metrics import Metrics
 from helexa.cortex.router import Router
@@ -85,23 +85,19 @@ class Dispatcher:
                     if not isinstance(exc, UpstreamError):
                         raise  # cancelled (the client left): counted out, nothing to retry
                     if isinstance(exc, UpstreamTimeout):  # sent and maybe running: no retry
-                        raise ApiError(
-                            503,
+                        raise unavailable(
                             f"neuron {state.name} did not answer: {exc}",
-                            type="service_unavailable",
                             code="upstream_timeout",
-                            headers={"Retry-After": "5"},
+                            retry_after=5,
                         ) from exc
                     failed.add(state.name)
                     self.fleet.report_failure(state, exc)
                     self.metrics.error(model_id, state.name, "upstream_connect")
                     if attempts >= 2:
-                        raise ApiError(
-                            503,
+                        raise unavailable(
                             f"neuron {state.name} failed: {exc}",
-                            type="service_unavailable",
                             code="upstream_unavailable",
-                            headers={"Retry-After": "1"},
+                            retry_after=1,
                         ) from exc
                     log.info(
                         "retry on another neuron", extra={"model": model_id, "failed": state.name}
@@ -122,12 +118,10 @@ class Dispatcher:
                     state.models.pop(model_id, None)
                     log.info("stale route", extra={"model": model_id, "node": state.name})
                     if attempts >= 2:
-                        raise ApiError(
-                            503,
+                        raise unavailable(
                             f"{model_id!r} vanished from neuron {state.name}",
-                            type="service_unavailable",
                             code="model_moved",
-                            headers={"Retry-After": "1"},
+                            retry_after=1,
                         )
                     continue
                 self.metrics.series(model_id, state.name).requests.inc()
