@@ -10,7 +10,7 @@ import orjson
 
 from helexa.core.catalogue import Catalogue, ModelProfile
 from helexa.core.errors import ApiError, not_found, unavailable
-from helexa.core.placement import need_mb, place, rank_neurons
+from helexa.core.placement import Placement, need_mb, place, rank_neurons
 from helexa.core.wire import ModelStatus
 from helexa.cortex.config import CortexSettings
 from helexa.cortex.fleet import Fleet, NeuronState, view_of
@@ -115,47 +115,29 @@ class Router:
     async def _cold_load(self, profile: ModelProfile, exclude: frozenset[str]) -> NeuronState:
         weights = None if profile.vram_mb is not None else await self.weights.mb(profile)
         need = need_mb(profile, weights)
-        # Planning, evicting and reserving happen under one lock, so concurrent cold loads
-        # of different models never plan against the same free memory or victims.
-        async with self._placing:
-            views = [
-                view_of(s, self.catalogue)
-                for s in self.fleet.neurons.values()
-                if s.name not in exclude
-            ]
-            if not rank_neurons(profile, views):
-                raise self._unavailable(
-                    f"no healthy neuron can host {profile.id!r} (feasible neurons are down or "
-                    "none matches its profile)",
-                    "no_feasible_neuron",
-                )
-            placement = place(profile, views, need, self.settings.eviction.strategy)
-            if placement is None:
-                raise self._unavailable(
-                    f"no neuron has room for {profile.id!r} ({need} MB) and nothing idle can "
-                    "be evicted",
-                    "insufficient_capacity",
-                )
-            state = self.fleet.neurons[placement.neuron]
-            log.info(
-                "route cold-load",
-                extra={
-                    "model": profile.id,
-                    "node": state.name,
-                    "pool": placement.pool,
-                    "need_mb": need,
-                    "evict": ",".join(placement.evict) or None,
-                },
-            )
-            neuron_lock = self._neuron_locks[state.name]
-            await neuron_lock.acquire()
-            try:
-                for victim in placement.evict:
-                    await self._evict(state, victim, profile.id)
-            except BaseException:
-                neuron_lock.release()
-                raise
-            state.pending_mb[placement.pool] = state.pending_mb.get(placement.pool, 0) + need
+        while True:
+            # Planning, evicting and reserving happen under one lock, so concurrent cold
+            # loads never plan against the same free memory or victims.
+            async with self._placing:
+                placement = self._plan(profile, exclude, need)
+                state = self.fleet.neurons[placement.neuron]
+                neuron_lock = self._neuron_locks[state.name]
+                if not neuron_lock.locked():
+                    await neuron_lock.acquire()  # free: taken without waiting
+                    try:
+                        for victim in placement.evict:
+                            await self._evict(state, victim, profile.id)
+                    except BaseException:
+                        neuron_lock.release()
+                        raise
+                    state.pending_mb[placement.pool] = (
+                        state.pending_mb.get(placement.pool, 0) + need
+                    )
+                    break
+            # That neuron is busy (a load, a defrag): wait for it without holding up
+            # planning for the others, then plan again on fresh numbers.
+            async with neuron_lock:
+                pass
         try:
             await self._load_on(state, profile, cold=True)
         finally:
@@ -239,6 +221,35 @@ class Router:
                     "cold": cold,
                 },
             )
+
+    def _plan(self, profile: ModelProfile, exclude: frozenset[str], need: int) -> Placement:
+        views = [
+            view_of(s, self.catalogue) for s in self.fleet.neurons.values() if s.name not in exclude
+        ]
+        if not rank_neurons(profile, views):
+            raise self._unavailable(
+                f"no healthy neuron can host {profile.id!r} (feasible neurons are down or "
+                "none matches its profile)",
+                "no_feasible_neuron",
+            )
+        placement = place(profile, views, need, self.settings.eviction.strategy)
+        if placement is None:
+            raise self._unavailable(
+                f"no neuron has room for {profile.id!r} ({need} MB) and nothing idle can be "
+                "evicted",
+                "insufficient_capacity",
+            )
+        log.info(
+            "route cold-load",
+            extra={
+                "model": profile.id,
+                "node": placement.neuron,
+                "pool": placement.pool,
+                "need_mb": need,
+                "evict": ",".join(placement.evict) or None,
+            },
+        )
+        return placement
 
     async def _evict(self, state: NeuronState, victim: str, for_model: str) -> None:
         if state.in_flight.get(victim, 0):
