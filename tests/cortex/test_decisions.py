@@ -248,3 +248,16 @@ def test_need_follows_weights_and_unknown_is_remembered() -> None:
 
     asyncio.run(scenario())
     assert calls == ["org/model", "offline/model"]  # each asked once
+
+
+def test_weight_bytes_skip_duplicate_consolidated_files() -> None:
+    from helexa.cortex.weights import weights_bytes
+
+    listing = [
+        ("consolidated.safetensors", 9_000),
+        ("model-00001-of-00002.safetensors", 5_000),
+        ("model-00002-of-00002.safetensors", 4_000),
+        ("original/x.safetensors", 9_000),
+    ]
+    assert weights_bytes(listing, None) == 9_000
+    assert weights_bytes([("consolidated.safetensors", 7)], None) == 7

@@ -136,8 +136,8 @@ async def unless_disconnected(work: Awaitable[T], receive: Receive) -> T:
     try:
         result = await work
     except asyncio.CancelledError:
-        if gone:
-            me.uncancel()
+        # Ours alone: the client left. Another canceller too (shutdown): let it through.
+        if gone and me.uncancel() == 0:
             raise ClientGone from None
         raise
     finally:

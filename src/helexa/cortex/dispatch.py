@@ -105,9 +105,13 @@ class Dispatcher:
                     continue
                 if upstream.status == 404:
                     # Our picture was stale (evicted, restarted neuron): a routing miss.
-                    raw = await upstream.read(self.idle_timeout)
-                    upstream.close()
-                    self._release(state, model_id)
+                    try:
+                        raw = await upstream.read(self.idle_timeout)
+                    except UpstreamError:
+                        raw = b'"model_not_found"'  # unreadable: still a routing miss
+                    finally:
+                        upstream.close()
+                        self._release(state, model_id)
                     if b"model_not_found" not in raw:
                         raise ApiError(
                             404,

@@ -44,6 +44,8 @@ class NeuronState:
     polled_at: float = 0.0
     loaded_at: dict[str, float] = field(default_factory=dict)
     unloading: set[str] = field(default_factory=set)
+    unloaded_at: dict[str, float] = field(default_factory=dict)
+    reserved_for: set[str] = field(default_factory=set)  # cold loads counted in pending_mb
 
     def loaded(self, model_id: str) -> bool:
         status = self.models.get(model_id)
@@ -77,8 +79,10 @@ def view_of(state: NeuronState, catalogue: Catalogue) -> NeuronView:
         pools = tuple(status.devices) or (CPU_POOL,)
         fresh = state.loaded_at.get(model_id, -1.0) >= state.polled_at
         reported = 0 if fresh else status.vram_used_mb
+        reserved = model_id in state.reserved_for  # already in pending_mb: count it once
         for pool in pools:
-            unaccounted[pool] = unaccounted.get(pool, 0) + size - reported
+            if not reserved:
+                unaccounted[pool] = unaccounted.get(pool, 0) + size - reported
         residents.append(
             Resident(
                 model_id=model_id,
@@ -154,9 +158,14 @@ class Fleet:
             self._failed(state, exc)
             return
         state.health = health
-        snapshot = {m.id: m for m in models if m.id not in state.unloading}
-        for model_id, loaded_at in state.loaded_at.items():  # loaded after the snapshot
-            if loaded_at >= began and model_id in state.models and model_id not in snapshot:
+        # What cortex did after this poll began wins over the (older) snapshot.
+        snapshot = {
+            m.id: m
+            for m in models
+            if m.id not in state.unloading and state.unloaded_at.get(m.id, -1.0) < began
+        }
+        for model_id, loaded_at in state.loaded_at.items():
+            if loaded_at >= began and state.loaded(model_id):
                 snapshot[model_id] = state.models[model_id]
         for model_id in set(state.models) - set(snapshot):
             log.info("model pruned", extra={"neuron": state.name, "model": model_id})

@@ -122,8 +122,7 @@ class Router:
                 placement = self._plan(profile, exclude, need)
                 state = self.fleet.neurons[placement.neuron]
                 neuron_lock = self._neuron_locks[state.name]
-                if not neuron_lock.locked():
-                    await neuron_lock.acquire()  # free: taken without waiting
+                if await _try_acquire(neuron_lock):
                     try:
                         for victim in placement.evict:
                             await self._evict(state, victim, profile.id)
@@ -133,6 +132,7 @@ class Router:
                     state.pending_mb[placement.pool] = (
                         state.pending_mb.get(placement.pool, 0) + need
                     )
+                    state.reserved_for.add(profile.id)
                     break
             # That neuron is busy (a load, a defrag): wait for it without holding up
             # planning for the others, then plan again on fresh numbers.
@@ -142,6 +142,7 @@ class Router:
             await self._load_on(state, profile, cold=True)
         finally:
             state.pending_mb[placement.pool] -= need
+            state.reserved_for.discard(profile.id)
             neuron_lock.release()
         self._maybe_defrag(state)
         return state
@@ -208,6 +209,7 @@ class Router:
             state.models[profile.id] = ModelStatus.model_validate(model)
         if payload.get("status") == "loaded":
             state.loaded_at[profile.id] = time.monotonic()
+            state.unloaded_at.pop(profile.id, None)
             state.cycles += 1
             self.metrics.load_seconds.labels(profile.id, state.name).observe(elapsed)
             if cold:
@@ -290,6 +292,7 @@ class Router:
             )
         state.last_used.pop(model_id, None)
         state.loaded_at.pop(model_id, None)
+        state.unloaded_at[model_id] = time.monotonic()
         state.cycles += 1
 
     async def admin_load(self, model_id: str, node: str | None) -> NeuronState:
@@ -354,3 +357,15 @@ class Router:
     async def stop(self) -> None:
         for task in list(self._defrag_tasks.values()):
             task.cancel()
+
+
+async def _try_acquire(lock: asyncio.Lock, patience_s: float = 0.05) -> bool:
+    """Take ``lock`` if it is free or about to be (a waiter woken by a release may still
+    hold it on 3.11 while ``locked()`` says False); False rather than queue behind a
+    long holder."""
+    try:
+        async with asyncio.timeout(patience_s):
+            await lock.acquire()
+    except TimeoutError:
+        return False
+    return True

@@ -189,9 +189,8 @@ class Pool:
     async def _connect(self, timeout: float) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            transport, conn = await asyncio.wait_for(
-                loop.create_connection(_Connection, self.host, self.port), timeout
-            )
+            async with asyncio.timeout(timeout):  # not wait_for: see _Connection.wait
+                transport, conn = await loop.create_connection(_Connection, self.host, self.port)
         except (OSError, TimeoutError) as exc:
             raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
         conn.transport = transport  # type: ignore[assignment]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Callable, Iterable
 
 from helexa.core.catalogue import ModelProfile
@@ -33,7 +34,10 @@ def weights_bytes(files: Listing, quant: str | None) -> int | None:
             if name.lower().endswith(".gguf") and tag.search(name.rsplit("/", 1)[-1].lower())
         ]
     else:
-        sizes = [size for name, size in files if name.endswith(".safetensors")]
+        # Top-level shards only; "consolidated" files duplicate the shards in some repos.
+        dense = [(n, s) for n, s in files if n.endswith(".safetensors") and "/" not in n]
+        shards = [(n, s) for n, s in dense if not n.startswith("consolidated")]
+        sizes = [size for _name, size in (shards or dense)]
     if not sizes or any(size is None for size in sizes):
         return None
     return sum(s for s in sizes if s is not None)
@@ -43,18 +47,25 @@ def hub_listing(model_id: str) -> Listing:
     """The repo's files and sizes, from the hub (blocking; raises when unreachable)."""
     from huggingface_hub import HfApi
 
-    info = HfApi().model_info(model_id, files_metadata=True, timeout=10)
+    info = HfApi().model_info(model_id, files_metadata=True, timeout=5)
     return [(s.rfilename, s.size) for s in info.siblings or []]
 
 
 class WeightSizes:
+    RETRY_AFTER_S = 300.0  # an unknown size is asked again after this long
+
     def __init__(self, fetch: Callable[[str], Listing] = hub_listing) -> None:
         self._fetch = fetch
         self._known: dict[tuple[str, str | None], int | None] = {}
+        self._asked_at: dict[tuple[str, str | None], float] = {}
 
     async def mb(self, profile: ModelProfile) -> int | None:
         key = (profile.id, profile.quant)
-        if key not in self._known:
+        stale = self._known.get(key, 0) is None and (
+            time.monotonic() - self._asked_at.get(key, 0.0) > self.RETRY_AFTER_S
+        )
+        if key not in self._known or stale:
+            self._asked_at[key] = time.monotonic()
             try:
                 listing = await asyncio.to_thread(self._fetch, profile.id)
                 size = weights_bytes(listing, profile.quant)

@@ -73,7 +73,6 @@ class TransformersHarness:
         self._models: dict[str, LoadedModel] = {}
         self._loading: dict[str, str] = {}  # model_id -> device key, while a load is running
         self._reserved: dict[str, int] = {}  # device key -> bytes of loads in progress
-        self._placing = asyncio.Lock()
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -119,7 +118,8 @@ class TransformersHarness:
         return int(free)
 
     async def _place(self, spec: ModelSpec, need: int) -> str:
-        """The device key for a model needing ``need`` bytes (refusing, with the reason)."""
+        """The device key for a model needing ``need`` bytes, reserved there (the caller
+        releases the reservation); refuses with the reason."""
         if (spec.tensor_parallel or 1) > 1 or (spec.devices and len(spec.devices) > 1):
             raise bad_request(
                 "the transformers harness places a model on exactly one device; "
@@ -148,15 +148,17 @@ class TransformersHarness:
                 code="device_poisoned",
                 retry_after=30,
             )
-        room = {}
-        for key in healthy:
-            room[key] = await self._free_bytes(key) - self._reserved.get(key, 0)
+        free = {key: await self._free_bytes(key) for key in healthy}
+        # From here to the reservation there is no await: concurrent placements see each
+        # other's reservations without holding a lock across device queries.
+        room = {key: free[key] - self._reserved.get(key, 0) for key in healthy}
         best = max(healthy, key=lambda k: room[k])
         if room[best] < need:
             raise insufficient_memory(
                 f"not enough memory: the model needs ~{need // MB} MB, the best device "
                 f"({best}) has {max(room[best], 0) // MB} MB free"
             )
+        self._reserved[best] = self._reserved.get(best, 0) + need
         return best
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -181,9 +183,7 @@ class TransformersHarness:
             bf16_supported=on_cuda and torch.cuda.is_bf16_supported(),
         )
         need = await asyncio.to_thread(loader.estimate_bytes, files, dtype)
-        async with self._placing:  # one placement at a time, so reservations add up
-            key = await self._place(spec, need)
-            self._reserved[key] = self._reserved.get(key, 0) + need
+        key = await self._place(spec, need)  # reserves `need` on that device
         device = torch.device(key)
         self._loading[model_id] = key
         try:
