@@ -353,7 +353,6 @@ class StreamTranslator:
         self._finish: str | None = None
         self._stop_sequence: Any = None
         self._usage: dict[str, Any] = {}
-        self.saw_output = False
 
     def start(self) -> list[Event]:
         return [
@@ -436,8 +435,6 @@ class StreamTranslator:
             if choice.get("finish_reason"):
                 self._finish = choice["finish_reason"]
                 self._stop_sequence = choice.get("stop_reason")
-        if out:
-            self.saw_output = True
         return out
 
     def finish(self) -> list[Event]:

@@ -128,7 +128,6 @@ class Fleet:
             for e in entries
         }
         self._task: asyncio.Task[None] | None = None
-        self.polled = asyncio.Event()  # set after the first full round
 
     async def _get(self, state: NeuronState, path: str) -> bytes:
         response = await state.pool.request(
@@ -202,7 +201,6 @@ class Fleet:
         while True:
             started = time.monotonic()
             await self.poll_all()
-            self.polled.set()
             if self._on_round is not None:
                 self._on_round()
             await asyncio.sleep(max(self.settings.interval_s - (time.monotonic() - started), 0.05))

@@ -45,9 +45,6 @@ class DevicePool:
     def worker(self, key: str) -> DeviceWorker:
         return self._workers[key]
 
-    def keys(self) -> list[str]:
-        return list(self._workers)
-
 
 def _select_cuda(index: int):  # type: ignore[no-untyped-def]
     def start() -> None:

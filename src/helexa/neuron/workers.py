@@ -91,10 +91,6 @@ class DeviceWorker:
     def start(self) -> None:
         self._thread.start()
 
-    @property
-    def thread_ident(self) -> int | None:
-        return self._thread.ident
-
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run ``fn(*args)`` on the device thread."""
         future: Future[T] = Future()

@@ -70,8 +70,6 @@ class Harness(Protocol):
 
     def memory_used_bytes(self, device: str) -> int: ...
 
-    async def shutdown(self) -> None: ...
-
 
 class TokenStream:
     """Text deltas of one generation, produced on a device thread, consumed on the loop.

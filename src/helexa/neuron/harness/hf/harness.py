@@ -253,10 +253,6 @@ class TransformersHarness:
         finally:
             loaded.tokenizer = None
 
-    async def shutdown(self) -> None:
-        for model_id in list(self._models):
-            await self.unload(model_id)
-
     # -- inference --------------------------------------------------------------------------
 
     def _prepared(self, loaded: LoadedModel, ids: list[int], text: str = "") -> PreparedPrompt:
