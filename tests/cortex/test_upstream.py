@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from helexa.cortex.proxy import StreamTap
+from helexa.cortex.protocols import StreamTap
 from helexa.cortex.upstream import ConnectFailed, Pool, UpstreamError, UpstreamTimeout
 from tests.support.procs import free_port
 

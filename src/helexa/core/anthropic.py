@@ -17,7 +17,8 @@ from helexa.core.wire import Wire
 
 
 class AnthropicMessage(Wire):
-    role: Literal["user", "assistant"]
+    # Claude Code 2.x sends mid-conversation "system" turns inside ``messages``.
+    role: Literal["user", "assistant", "system"]
     content: str | list[dict[str, Any]]
 
 
@@ -35,6 +36,11 @@ class MessagesRequest(Wire):
     tool_choice: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
+    # effort is accepted (our models have no effort knob); format is structured output.
+    output_config: dict[str, Any] | None = None
+    # Server-side context editing (e.g. clear_thinking): an optimisation of Anthropic's own
+    # cache. Nothing here keeps state between requests, so there is nothing to edit.
+    context_management: dict[str, Any] | None = None
 
 
 class CountTokensRequest(Wire):
@@ -43,6 +49,8 @@ class CountTokensRequest(Wire):
     system: str | list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None
     thinking: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
+    context_management: dict[str, Any] | None = None
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -68,12 +76,22 @@ def error_body(status: int, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": error_type(status), "message": message}}
 
 
+def prompt_too_long(prompt_tokens: int, context_length: int) -> str:
+    """Anthropic's wording: Claude Code recognises it and compacts the conversation."""
+    return f"prompt is too long: {prompt_tokens} tokens > {context_length} maximum"
+
+
 def error_from_openai(status: int, raw: bytes) -> dict[str, Any]:
     """An OpenAI error envelope (from a neuron) in Anthropic's shape."""
     try:
-        message = orjson.loads(raw)["error"]["message"]
+        error = orjson.loads(raw)["error"]
+        message = error["message"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
         message = raw.decode(errors="replace")[:500] or f"upstream answered {status}"
+        return error_body(status, message)
+    prompt, context = error.get("prompt_tokens"), error.get("context_length")
+    if error.get("code") == "context_length_exceeded" and isinstance(prompt, int) and context:
+        message = prompt_too_long(prompt, int(context))
     return error_body(status, message)
 
 
@@ -83,16 +101,23 @@ def api_error_body(exc: ApiError) -> dict[str, Any]:
 
 # --- request ----------------------------------------------------------------------------------
 
+# Claude Code's first system block: per-session billing attribution, not instructions. It
+# differs every session, so rendering it would also defeat prefix caching.
+BILLING_HEADER = "x-anthropic-billing-header:"
 
-def _text_of_blocks(blocks: list[dict[str, Any]], where: str) -> str:
+
+def _system_text(blocks: list[dict[str, Any]], where: str) -> str:
     parts = []
-    for block in blocks:
-        if block.get("type") != "text":
+    for index, block in enumerate(blocks):
+        if not isinstance(block, dict) or block.get("type") != "text":
+            kind = block.get("type") if isinstance(block, dict) else type(block).__name__
             raise bad_request(
-                f"{where}: only text blocks are allowed here, got {block.get('type')!r}",
+                f"{where}[{index}]: only text blocks are allowed here, got {kind!r}",
                 param=where,
             )
-        parts.append(str(block.get("text", "")))
+        text = str(block.get("text", ""))
+        if not text.startswith(BILLING_HEADER):
+            parts.append(text)
     return "".join(parts)
 
 
@@ -109,20 +134,42 @@ def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def _tool_result_content(block: dict[str, Any], where: str) -> str:
+def _tool_result_content(block: dict[str, Any], where: str) -> str | list[dict[str, Any]]:
+    """A tool result's text, or content parts when it carries images: those travel on to
+    the model, which takes them or refuses them by name — never silently dropped."""
     content = block.get("content", "")
-    if isinstance(content, list):
-        if not all(isinstance(b, dict) for b in content):
+    prefix = "Error: " if block.get("is_error") else ""
+    if not isinstance(content, list):
+        return prefix + str(content)
+    parts: list[dict[str, Any]] = []
+    for index, item in enumerate(content):
+        if not isinstance(item, dict):
             raise bad_request(
                 f"{where}: tool_result content must be a string or blocks", param=where
             )
-        content = "".join(str(b.get("text", "")) for b in content if b.get("type") == "text")
-    text = str(content)
-    return f"Error: {text}" if block.get("is_error") else text
+        kind = item.get("type")
+        if kind == "text":
+            parts.append({"type": "text", "text": str(item.get("text", ""))})
+        elif kind == "image":
+            parts.append(_image_part(item, f"{where}.tool_result[{index}]"))
+        else:
+            raise bad_request(
+                f"{where}: unsupported block type {kind!r} inside a tool_result", param=where
+            )
+    if all(part["type"] == "text" for part in parts):
+        return prefix + "".join(part["text"] for part in parts)
+    return ([{"type": "text", "text": prefix}] if prefix else []) + parts
 
 
 def _convert_message(index: int, message: AnthropicMessage) -> list[dict[str, Any]]:
     where = f"messages[{index}].content"
+    if message.role == "system":
+        text = (
+            message.content
+            if isinstance(message.content, str)
+            else _system_text(message.content, where)
+        )
+        return [{"role": "system", "content": text}]
     if isinstance(message.content, str):
         return [{"role": message.role, "content": message.content}]
     if message.role == "assistant":
@@ -134,7 +181,7 @@ def _convert_message(index: int, message: AnthropicMessage) -> list[dict[str, An
             elif kind == "thinking":
                 reasoning.append(str(block.get("thinking", "")))
             elif kind == "redacted_thinking":
-                continue
+                continue  # encrypted reasoning of another model: unreadable by ours
             elif kind == "tool_use":
                 calls.append(
                     {
@@ -182,8 +229,19 @@ def _convert_message(index: int, message: AnthropicMessage) -> list[dict[str, An
 
 
 def _tool(tool: dict[str, Any], index: int) -> dict[str, Any]:
+    where = f"tools[{index}]"
     if not isinstance(tool, dict) or not tool.get("name"):
-        raise bad_request(f"tools[{index}]: a tool needs a name", param=f"tools[{index}].name")
+        raise bad_request(f"{where}: a tool needs a name", param=f"{where}.name")
+    kind = tool.get("type")
+    if kind not in (None, "custom"):
+        # Server tools (web_search_*, code_execution_*, …) run on Anthropic's side and
+        # Anthropic-defined client tools have no schema here: neither exists on this fleet.
+        raise bad_request(
+            f"{where}: tool {tool['name']!r} is of type {kind!r}, a server or Anthropic-defined "
+            "tool that this gateway does not provide; only custom tools with an input_schema "
+            "are supported",
+            param=f"{where}.type",
+        )
     return {
         "type": "function",
         "function": {
@@ -210,17 +268,60 @@ def _tool_choice(choice: dict[str, Any]) -> Any:
 def _messages(req: MessagesRequest | CountTokensRequest) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if req.system:
-        system = (
-            req.system if isinstance(req.system, str) else _text_of_blocks(req.system, "system")
-        )
-        out.append({"role": "system", "content": system})
+        system = req.system if isinstance(req.system, str) else _system_text(req.system, "system")
+        if system:
+            out.append({"role": "system", "content": system})
     for index, message in enumerate(req.messages):
         out.extend(_convert_message(index, message))
     return out
 
 
+THINKING_ON = frozenset({"enabled", "adaptive"})
+THINKING_OFF = frozenset({"disabled"})
+
+
 def thinking_enabled(thinking: dict[str, Any] | None) -> bool:
-    return bool(thinking) and thinking.get("type") == "enabled"  # type: ignore[union-attr]
+    """``enabled`` and ``adaptive`` turn reasoning on; ``disabled`` or absent, off.
+    ``budget_tokens`` is accepted: the models here think until they close the block."""
+    if not thinking:
+        return False
+    kind = thinking.get("type")
+    if kind in THINKING_ON:
+        return True
+    if kind in THINKING_OFF:
+        return False
+    raise bad_request(
+        f"thinking.type must be one of enabled, adaptive, disabled; got {kind!r}",
+        param="thinking.type",
+    )
+
+
+def response_format(output_config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``output_config.format`` (Anthropic structured output) as OpenAI ``response_format``."""
+    if not output_config:
+        return None
+    effort = output_config.get("effort")
+    if effort is not None and effort not in ("low", "medium", "high", "max"):
+        raise bad_request(
+            f"output_config.effort must be low, medium, high or max; got {effort!r}",
+            param="output_config.effort",
+        )
+    fmt = output_config.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
+        raise bad_request(
+            f"output_config.format.type must be 'json_schema', got {kind!r}",
+            param="output_config.format",
+        )
+    schema = fmt.get("schema")
+    if not isinstance(schema, dict):
+        raise bad_request(
+            "output_config.format.schema must be a JSON schema object",
+            param="output_config.format.schema",
+        )
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
 
 
 def to_openai(req: MessagesRequest, model_id: str) -> dict[str, Any]:
@@ -243,6 +344,9 @@ def to_openai(req: MessagesRequest, model_id: str) -> dict[str, Any]:
         body["tools"] = [_tool(t, i) for i, t in enumerate(req.tools)]
     if req.tool_choice:
         body["tool_choice"] = _tool_choice(req.tool_choice)
+    fmt = response_format(req.output_config)
+    if fmt is not None:
+        body["response_format"] = fmt
     if req.metadata and req.metadata.get("user_id"):
         body["user"] = str(req.metadata["user_id"])
     return body
@@ -353,8 +457,12 @@ class StreamTranslator:
         self._finish: str | None = None
         self._stop_sequence: Any = None
         self._usage: dict[str, Any] = {}
+        self._started = False
 
-    def start(self) -> list[Event]:
+    def start(self, input_tokens: int = 0) -> list[Event]:
+        """``message_start`` (with the prompt's token count when known) and a ping. Called
+        by ``feed`` on the first chunk, whose usage carries the count, if not before."""
+        self._started = True
         return [
             (
                 "message_start",
@@ -368,12 +476,16 @@ class StreamTranslator:
                         "content": [],
                         "stop_reason": None,
                         "stop_sequence": None,
-                        "usage": {"input_tokens": 0, "output_tokens": 0},
+                        "usage": {"input_tokens": input_tokens, "output_tokens": 0},
                     },
                 },
             ),
             PING,
         ]
+
+    def ping(self) -> list[Event]:
+        """A keep-alive; the stream's opening first if nothing was sent yet."""
+        return [PING] if self._started else self.start()
 
     def _close(self, out: list[Event]) -> None:
         if self._open is not None:
@@ -404,6 +516,8 @@ class StreamTranslator:
         out: list[Event] = []
         if chunk.get("usage"):
             self._usage = chunk["usage"]
+        if not self._started:
+            out += self.start(int(self._usage.get("prompt_tokens") or 0))
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
             if delta.get("reasoning_content"):
@@ -438,7 +552,7 @@ class StreamTranslator:
         return out
 
     def finish(self) -> list[Event]:
-        out: list[Event] = []
+        out: list[Event] = [] if self._started else self.start()
         self._close(out)
         reason, sequence = stop_reason(self._finish, self._stop_sequence)
         out.append(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,19 @@ class ModelProfile(BaseModel):
 class Catalogue:
     models: dict[str, ModelProfile] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
+    # Glob patterns for names clients pick themselves (Claude Code asks for claude-*),
+    # in file order: the first match wins. Only names the catalogue does not know use them.
+    fallbacks: tuple[tuple[str, str], ...] = ()
 
     def resolve(self, name: str) -> str:
         """The concrete id behind an alias (or the name itself)."""
         return self.aliases.get(name, name)
+
+    def fallback_for(self, name: str) -> str | None:
+        """The model a fallback pattern maps ``name`` to, if any pattern matches."""
+        return next(
+            (target for pattern, target in self.fallbacks if fnmatchcase(name, pattern)), None
+        )
 
     def profile(self, model_id: str) -> ModelProfile | None:
         return self.models.get(model_id)
@@ -44,7 +54,7 @@ class Catalogue:
 def parse_catalogue(data: dict[str, Any], source: str) -> Catalogue:
     """Validate a parsed models.toml; every problem is reported by entry name."""
     problems: list[str] = []
-    unknown = set(data) - {"models", "aliases"}
+    unknown = set(data) - {"models", "aliases", "fallbacks"}
     if unknown:
         problems.append(f"{source}: unknown top-level keys {sorted(unknown)}")
     entries = data.get("models", [])
@@ -80,9 +90,25 @@ def parse_catalogue(data: dict[str, Any], source: str) -> Catalogue:
             problems.append(f"{source}: alias {alias!r} shadows a catalogue model id")
         else:
             aliases[alias] = target
+    fallbacks_raw = data.get("fallbacks", {})
+    fallbacks: list[tuple[str, str]] = []
+    if not isinstance(fallbacks_raw, dict):
+        problems.append(f'{source}: [fallbacks] must be a table of "pattern" = "model id"')
+        fallbacks_raw = {}
+    for pattern, target in fallbacks_raw.items():
+        resolved = aliases.get(target, target) if isinstance(target, str) else None
+        if resolved is None:
+            problems.append(f"{source}: fallback {pattern!r} must map to a model id string")
+        elif resolved not in models:
+            problems.append(
+                f"{source}: fallback {pattern!r} points to {target!r}, which is not in the "
+                "catalogue"
+            )
+        else:
+            fallbacks.append((pattern, resolved))
     if problems:
         raise ConfigError("\n".join(problems))
-    return Catalogue(models=models, aliases=aliases)
+    return Catalogue(models=models, aliases=aliases, fallbacks=tuple(fallbacks))
 
 
 def load_catalogue(path: Path) -> Catalogue:

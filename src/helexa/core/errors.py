@@ -21,6 +21,7 @@ class ApiError(Exception):
         code: str | None = None,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        details: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -29,6 +30,9 @@ class ApiError(Exception):
         self.code = code
         self.param = param
         self.headers = headers or {}
+        # Machine-readable extras inside the envelope (e.g. the token counts of a context
+        # overflow, which the Anthropic path rewords); clients ignore unknown fields.
+        self.details = details or {}
 
     def openai_body(self) -> dict[str, Any]:
         return {
@@ -37,6 +41,7 @@ class ApiError(Exception):
                 "type": self.type,
                 "code": self.code,
                 "param": self.param,
+                **self.details,
             }
         }
 

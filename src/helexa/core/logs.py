@@ -29,7 +29,11 @@ class LogfmtFormatter(logging.Formatter):
             f"logger={record.name}",
             f"msg={_quote(record.getMessage())}",
         ]
-        parts += [f"{k}={_quote(v)}" for k, v in record.__dict__.items() if k not in _STANDARD]
+        parts += [
+            f"{k}={_quote(v)}"
+            for k, v in record.__dict__.items()
+            if k not in _STANDARD and v is not None
+        ]
         if record.exc_info:
             parts.append(f"exc={_quote(self.formatException(record.exc_info))}")
         return " ".join(parts)

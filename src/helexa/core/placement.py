@@ -92,6 +92,16 @@ def rank_neurons(profile: ModelProfile, views: Sequence[NeuronView]) -> list[Neu
     )
 
 
+def choose_replica(replicas: Sequence[tuple[str, int]], preferred: str | None) -> str | None:
+    """Among ``(neuron, busy)`` replicas with the model loaded: the conversation's own
+    replica while it is still one (its prefix cache holds the conversation), else the
+    least busy (ties: first listed)."""
+    if preferred is not None and any(name == preferred for name, _busy in replicas):
+        return preferred
+    best = min(replicas, key=lambda r: r[1], default=None)
+    return best[0] if best else None
+
+
 Strategy = Literal["lru", "priority"]
 
 

@@ -8,15 +8,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import orjson
 from pydantic import Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
-from helexa.core.errors import ApiError
+from helexa.core import anthropic
+from helexa.core.errors import ApiError, not_found
 from helexa.core.http import (
     JSONResponse,
     openai_app,
@@ -24,12 +24,18 @@ from helexa.core.http import (
 )
 from helexa.core.placement import feasible
 from helexa.core.wire import Wire
+from helexa.cortex.access import AccessLog
 from helexa.cortex.config import CortexConfig
 from helexa.cortex.dispatch import Dispatcher
 from helexa.cortex.fleet import Fleet, view_of
-from helexa.cortex.messages import CountTokens, MessagesProxy
 from helexa.cortex.metrics import Metrics
-from helexa.cortex.proxy import OpenAIProxy, send_json
+from helexa.cortex.protocols import (
+    AnthropicCountTokens,
+    AnthropicMessages,
+    OpenAIPassthrough,
+    OpenAIResponses,
+)
+from helexa.cortex.relay import Endpoint
 from helexa.cortex.router import Router
 
 log = logging.getLogger("helexa.cortex")
@@ -89,7 +95,20 @@ class Gateway:
             }
         for alias, target in catalogue.aliases.items():
             entries[alias] = {**entries[target], "id": alias, "alias_of": target}
+        for pattern, target in catalogue.fallbacks:
+            # Listed so that the mapping is visible; the id is a pattern, not a model name.
+            entries[pattern] = {**entries[target], "id": pattern, "fallback_for": target}
         return list(entries.values())
+
+    def model_entry(self, name: str) -> dict[str, Any] | None:
+        """The entry for one name: a model, an alias, or a name a fallback maps."""
+        entries = {e["id"]: e for e in self.model_entries()}
+        if name in entries and "fallback_for" not in entries[name]:
+            return entries[name]
+        model_id = self.router.resolve(name)
+        if model_id == name or model_id not in entries:
+            return None
+        return {**entries[model_id], "id": name, "alias_of": model_id}
 
     def health(self) -> dict[str, Any]:
         total = len(self.fleet.neurons)
@@ -118,11 +137,43 @@ class Gateway:
         return {**self.health(), "neurons": neurons, "models": self.model_entries()}
 
 
+def anthropic_model(entry: dict[str, Any], created: int) -> dict[str, Any]:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
+    return {"type": "model", "id": entry["id"], "display_name": entry["id"], "created_at": stamp}
+
+
+def wants_anthropic(request: Request) -> bool:
+    return "anthropic-version" in request.headers
+
+
 def build_app(gateway: Gateway) -> ASGIApp:
     settings = gateway.config.settings
 
-    async def models(_request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": gateway.model_entries()})
+    async def models(request: Request) -> Response:
+        entries = gateway.model_entries()
+        if wants_anthropic(request):
+            data = [anthropic_model(e, gateway.started) for e in entries]
+            return JSONResponse(
+                {
+                    "data": data,
+                    "has_more": False,
+                    "first_id": data[0]["id"] if data else None,
+                    "last_id": data[-1]["id"] if data else None,
+                }
+            )
+        return JSONResponse({"object": "list", "data": entries})
+
+    async def model(request: Request) -> Response:
+        name = request.path_params["model_id"]
+        entry = gateway.model_entry(name)
+        anthropic_shape = wants_anthropic(request)
+        if entry is None:
+            error = not_found(f"model {name!r} does not exist", code="model_not_found")
+            body = anthropic.api_error_body(error) if anthropic_shape else error.openai_body()
+            return JSONResponse(body, status_code=404)
+        if anthropic_shape:
+            return JSONResponse(anthropic_model(entry, gateway.started))
+        return JSONResponse(entry)
 
     async def health(_request: Request) -> Response:
         return JSONResponse(gateway.health())
@@ -165,55 +216,25 @@ def build_app(gateway: Gateway) -> ASGIApp:
 
     dispatcher = Dispatcher(gateway.router, gateway.fleet, gateway.metrics)
     hot: dict[str, ASGIApp] = {
-        "/v1/chat/completions": OpenAIProxy("/v1/chat/completions", dispatcher),
-        "/v1/completions": OpenAIProxy("/v1/completions", dispatcher),
-        "/v1/messages": MessagesProxy(dispatcher),
-        "/v1/messages/count_tokens": CountTokens(dispatcher),
+        "/v1/chat/completions": Endpoint(OpenAIPassthrough("/v1/chat/completions"), dispatcher),
+        "/v1/completions": Endpoint(OpenAIPassthrough("/v1/completions"), dispatcher),
+        "/v1/messages": Endpoint(AnthropicMessages(), dispatcher),
+        "/v1/messages/count_tokens": Endpoint(AnthropicCountTokens(), dispatcher),
+        "/v1/responses": Endpoint(OpenAIResponses(), dispatcher),
     }
     routes = [
         *(Route(path, handler, methods=["POST"]) for path, handler in hot.items()),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/", health, methods=["GET"]),
         Route("/admin/fleet", fleet, methods=["GET"]),
         Route("/admin/models/load", admin_load, methods=["POST"]),
         Route("/admin/models/unload", admin_unload, methods=["POST"]),
     ]
-    return FastPath(openai_app(routes, lifespan), hot)
 
+    def model_label(model_id: str | None) -> str:
+        # Client-chosen names must not become label values: unknown ones share one.
+        return model_id if model_id and gateway.router.known(model_id) else "unknown"
 
-class FastPath:
-    """POSTs to the proxy routes go straight to their handlers; everything else (other
-    routes, 404/405, lifespan) through Starlette. Saves the middleware and router walk
-    on every proxied request: a measurable share of cortex's added latency."""
-
-    def __init__(self, app: ASGIApp, hot: dict[str, ASGIApp]) -> None:
-        self.app = app
-        self.hot = hot
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = self.hot.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if handler is None or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
-        try:
-            await handler(scope, receive, tracking_send)
-        except Exception as exc:  # a bug, not an API error: still an envelope, if we can
-            log.error(
-                "unhandled error", extra={"path": scope["path"], "error": repr(exc)}, exc_info=exc
-            )
-            if not started:
-                error = ApiError(
-                    500,
-                    f"internal error: {type(exc).__name__}: {exc}",
-                    type="server_error",
-                    code="internal_error",
-                )
-                await send_json(send, 500, orjson.dumps(error.openai_body()))
+    return AccessLog(openai_app(routes, lifespan), hot, gateway.metrics, model_label)

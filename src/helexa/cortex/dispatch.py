@@ -17,25 +17,6 @@ from helexa.cortex.upstream import Response, UpstreamError, UpstreamTimeout
 log = logging.getLogger("helexa.cortex.proxy")
 
 
-class EventBuffer:
-    """Passes on only whole SSE events; a tail split across reads waits for the rest."""
-
-    def __init__(self) -> None:
-        self._partial = b""
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self._partial:
-            chunk, self._partial = self._partial + chunk, b""
-        if not chunk.endswith(b"\n\n"):
-            cut = chunk.rfind(b"\n\n") + 2
-            chunk, self._partial = chunk[:cut], chunk[cut:]
-        return chunk
-
-    def flush(self) -> bytes:
-        rest, self._partial = self._partial, b""
-        return rest
-
-
 @dataclass
 class Call:
     """One request in flight on one neuron."""
@@ -59,85 +40,81 @@ class Dispatcher:
         self.connect_timeout = router.settings.proxy.connect_timeout_s
         self.generation_timeout = router.settings.proxy.generation_timeout_s
 
-    async def open(self, model_id: str, path: str, payload: bytes, *, stream: bool) -> Call:
+    async def open(
+        self,
+        model_id: str,
+        path: str,
+        payload: bytes,
+        *,
+        stream: bool,
+        affinity: str | None = None,
+    ) -> Call:
         """Route and send; a neuron that fails before its first byte is reported and the
-        request retried once elsewhere. Raises ApiError (already counted in metrics)."""
+        request retried once elsewhere. Raises ApiError (counted by the access layer)."""
         started = time.monotonic()
         failed: set[str] = set()  # neurons that broke: routed around on the retry
         attempts = 0
-        state: NeuronState | None = None
-        try:
-            while True:
-                state = await self.router.route(model_id, frozenset(failed))
-                attempts += 1
-                state.in_flight[model_id] = state.in_flight.get(model_id, 0) + 1
-                state.last_used[model_id] = time.monotonic()
+        while True:
+            state = await self.router.route(model_id, frozenset(failed), affinity)
+            attempts += 1
+            state.in_flight[model_id] = state.in_flight.get(model_id, 0) + 1
+            state.last_used[model_id] = time.monotonic()
+            try:
+                upstream = await state.pool.request(
+                    "POST",
+                    path,
+                    payload,
+                    connect_timeout=self.connect_timeout,
+                    header_timeout=self.idle_timeout if stream else self.generation_timeout,
+                )
+            except BaseException as exc:
+                self._release(state, model_id)
+                if not isinstance(exc, UpstreamError):
+                    raise  # cancelled (the client left): counted out, nothing to retry
+                if isinstance(exc, UpstreamTimeout):  # sent and maybe running: no retry
+                    raise unavailable(
+                        f"neuron {state.name} did not answer: {exc}",
+                        code="upstream_timeout",
+                        retry_after=5,
+                    ) from exc
+                failed.add(state.name)
+                self.fleet.report_failure(state, exc)
+                self.metrics.error(model_id, state.name, "upstream_connect")
+                if attempts >= 2:
+                    raise unavailable(
+                        f"neuron {state.name} failed: {exc}",
+                        code="upstream_unavailable",
+                        retry_after=1,
+                    ) from exc
+                log.info("retry on another neuron", extra={"model": model_id, "failed": state.name})
+                continue
+            if upstream.status == 404:
+                # Our picture was stale (evicted, restarted neuron): a routing miss.
                 try:
-                    upstream = await state.pool.request(
-                        "POST",
-                        path,
-                        payload,
-                        connect_timeout=self.connect_timeout,
-                        header_timeout=self.idle_timeout if stream else self.generation_timeout,
-                    )
-                except BaseException as exc:
+                    raw = await upstream.read(self.idle_timeout)
+                except UpstreamError:
+                    raw = b'"model_not_found"'  # unreadable: still a routing miss
+                finally:
+                    upstream.close()
                     self._release(state, model_id)
-                    if not isinstance(exc, UpstreamError):
-                        raise  # cancelled (the client left): counted out, nothing to retry
-                    if isinstance(exc, UpstreamTimeout):  # sent and maybe running: no retry
-                        raise unavailable(
-                            f"neuron {state.name} did not answer: {exc}",
-                            code="upstream_timeout",
-                            retry_after=5,
-                        ) from exc
-                    failed.add(state.name)
-                    self.fleet.report_failure(state, exc)
-                    self.metrics.error(model_id, state.name, "upstream_connect")
-                    if attempts >= 2:
-                        raise unavailable(
-                            f"neuron {state.name} failed: {exc}",
-                            code="upstream_unavailable",
-                            retry_after=1,
-                        ) from exc
-                    log.info(
-                        "retry on another neuron", extra={"model": model_id, "failed": state.name}
+                if b"model_not_found" not in raw:
+                    raise ApiError(
+                        404,
+                        raw.decode(errors="replace")[:500],
+                        type="not_found_error",
+                        code="not_found",
                     )
-                    continue
-                if upstream.status == 404:
-                    # Our picture was stale (evicted, restarted neuron): a routing miss.
-                    try:
-                        raw = await upstream.read(self.idle_timeout)
-                    except UpstreamError:
-                        raw = b'"model_not_found"'  # unreadable: still a routing miss
-                    finally:
-                        upstream.close()
-                        self._release(state, model_id)
-                    if b"model_not_found" not in raw:
-                        raise ApiError(
-                            404,
-                            raw.decode(errors="replace")[:500],
-                            type="not_found_error",
-                            code="not_found",
-                        )
-                    state.models.pop(model_id, None)
-                    log.info("stale route", extra={"model": model_id, "node": state.name})
-                    if attempts >= 2:
-                        raise unavailable(
-                            f"{model_id!r} vanished from neuron {state.name}",
-                            code="model_moved",
-                            retry_after=1,
-                        )
-                    continue
-                self.metrics.series(model_id, state.name).requests.inc()
-                return Call(state, upstream, model_id, started)
-        except ApiError as exc:
-            # Client-chosen names must not become label values: unknown ones share one.
-            known = self.router.catalogue.profile(model_id) is not None or any(
-                model_id in s.models for s in self.fleet.neurons.values()
-            )
-            label = model_id if known else "unknown"
-            self.metrics.error(label, state.name if state else "", exc.code or "error")
-            raise
+                state.models.pop(model_id, None)
+                log.info("stale route", extra={"model": model_id, "node": state.name})
+                if attempts >= 2:
+                    raise unavailable(
+                        f"{model_id!r} vanished from neuron {state.name}",
+                        code="model_moved",
+                        retry_after=1,
+                    )
+                continue
+            self.metrics.series(model_id, state.name).requests.inc()
+            return Call(state, upstream, model_id, started)
 
     def _release(self, state: NeuronState, model_id: str) -> None:
         state.in_flight[model_id] -= 1

@@ -10,8 +10,9 @@ import orjson
 
 from helexa.core.catalogue import Catalogue, ModelProfile
 from helexa.core.errors import ApiError, not_found, unavailable
-from helexa.core.placement import Placement, need_mb, place, rank_neurons
+from helexa.core.placement import Placement, choose_replica, need_mb, place, rank_neurons
 from helexa.core.wire import ModelStatus
+from helexa.cortex.affinity import AffinityTable
 from helexa.cortex.config import CortexSettings
 from helexa.cortex.fleet import Fleet, NeuronState, view_of
 from helexa.cortex.metrics import Metrics
@@ -41,6 +42,7 @@ class Router:
             name: asyncio.Lock() for name in fleet.neurons
         }
         self._defrag_tasks: dict[str, asyncio.Task[None]] = {}
+        self.affinity: AffinityTable[tuple[str, str], str] = AffinityTable()
 
     # -- errors ---------------------------------------------------------------------------
 
@@ -49,21 +51,64 @@ class Router:
 
     # -- routing --------------------------------------------------------------------------
 
-    def replica(self, model_id: str, exclude: frozenset[str] = frozenset()) -> NeuronState | None:
-        """The healthy neuron with the model loaded and the least in-flight work."""
-        best: NeuronState | None = None
-        for state in self.fleet.neurons.values():
-            if (
-                state.healthy
-                and state.name not in exclude
-                and state.loaded(model_id)
-                and (best is None or state.busy() < best.busy())
-            ):
-                best = state
-        return best
+    def resolve(self, name: str) -> str:
+        """The concrete model id for a client's name: an alias's target; the name itself
+        when the catalogue or a neuron knows it; else a matching fallback's target; else
+        the name (which then gets its 404)."""
+        model_id = self.catalogue.resolve(name)
+        if model_id in self.catalogue.models or self._on_any_neuron(model_id):
+            return model_id
+        return self.catalogue.fallback_for(name) or model_id
 
-    async def route(self, model_id: str, exclude: frozenset[str] = frozenset()) -> NeuronState:
-        state = self.replica(model_id, exclude)
+    def _on_any_neuron(self, model_id: str) -> bool:
+        return any(model_id in s.models for s in self.fleet.neurons.values())
+
+    def known(self, model_id: str) -> bool:
+        return model_id in self.catalogue.models or self._on_any_neuron(model_id)
+
+    def require_known(self, model_id: str) -> None:
+        """The 404 (or 503 when no neuron is up to ask) for a model nothing can serve."""
+        if not self.known(model_id):
+            raise self._unknown(model_id)
+
+    def _unknown(self, model_id: str) -> ApiError:
+        if not any(s.healthy for s in self.fleet.neurons.values()):
+            return self._unavailable("no healthy neuron to serve the request", "no_healthy_neuron")
+        return not_found(
+            f"model {model_id!r} is not in the catalogue and not loaded on any neuron",
+            code="model_not_found",
+            param="model",
+        )
+
+    def replica(
+        self,
+        model_id: str,
+        exclude: frozenset[str] = frozenset(),
+        affinity: str | None = None,
+    ) -> NeuronState | None:
+        """The healthy neuron with the model loaded: the conversation's own while it is
+        healthy, else the one with the least in-flight work."""
+        states = [
+            s
+            for s in self.fleet.neurons.values()
+            if s.healthy and s.name not in exclude and s.loaded(model_id)
+        ]
+        key = (model_id, affinity) if affinity else None
+        preferred = self.affinity.get(key) if key else None
+        name = choose_replica([(s.name, s.busy()) for s in states], preferred)
+        if name is None:
+            return None
+        if key is not None and name != preferred:
+            self.affinity.remember(key, name)
+        return self.fleet.neurons[name]
+
+    async def route(
+        self,
+        model_id: str,
+        exclude: frozenset[str] = frozenset(),
+        affinity: str | None = None,
+    ) -> NeuronState:
+        state = self.replica(model_id, exclude, affinity)
         if state is not None:
             return state
         loading = next(
@@ -88,15 +133,7 @@ class Router:
                 raise self._unavailable(
                     f"no other neuron serves {model_id!r}", "upstream_unavailable"
                 )
-            if not any(s.healthy for s in self.fleet.neurons.values()):
-                raise self._unavailable(
-                    "no healthy neuron to serve the request", "no_healthy_neuron"
-                )
-            raise not_found(
-                f"model {model_id!r} is not in the catalogue and not loaded on any neuron",
-                code="model_not_found",
-                param="model",
-            )
+            raise self._unknown(model_id)
         # A neuron where the model is poisoned must not be chosen to load it again.
         poisoned = {s.name for s in self.fleet.neurons.values() if model_id in s.models}
         return await self.cold_load(profile, exclude | poisoned)

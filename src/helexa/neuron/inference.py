@@ -80,6 +80,8 @@ async def respond(
         context_length=prompt.context_length,
         prompt_tokens=len(prompt.token_ids),
     )
+    if params.response_format is not None:  # a bad schema is a 400 before anything starts
+        await harness.prepare_format(body.model, params.response_format)
     try:
         await unless_disconnected(gate.acquire(), receive)
     except ClientGone:
@@ -100,7 +102,12 @@ async def respond(
 
         return EventStreamResponse(
             stream_body(
-                stream, ChunkFactory(body.model, chat=chat), parser, include_usage, keepalive_s
+                stream,
+                ChunkFactory(body.model, chat=chat),
+                parser,
+                include_usage,
+                keepalive_s,
+                prompt_tokens=len(prompt.token_ids),
             ),
             on_close=close,
             on_disconnect=stream.cancel,
@@ -138,10 +145,12 @@ async def stream_body(
     parser: OutputParser,
     include_usage: bool,
     keepalive_s: float,
+    *,
+    prompt_tokens: int,
 ) -> AsyncIterator[bytes]:
     started = time.monotonic()
     if chunks.chat:
-        yield sse_data(chunks.role())
+        yield sse_data(chunks.role(prompt_tokens if include_usage else None))
     try:
         while stream.finish is None:
             pieces = await stream.next_batch(keepalive_s)

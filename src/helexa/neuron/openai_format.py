@@ -46,8 +46,11 @@ class ChunkFactory:
             "choices": choices,
         }
 
-    def role(self) -> dict[str, Any]:
-        return self._chunk(
+    def role(self, prompt_tokens: int | None = None) -> dict[str, Any]:
+        """The opening chunk. With ``prompt_tokens`` (streams that asked for usage) it
+        carries the prompt's usage at once, so a translator can report the input count
+        before any text (Anthropic's ``message_start``); the last chunk has the totals."""
+        chunk = self._chunk(
             [
                 {
                     "index": 0,
@@ -57,6 +60,13 @@ class ChunkFactory:
                 }
             ]
         )
+        if prompt_tokens is not None:
+            chunk["usage"] = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": 0,
+                "total_tokens": prompt_tokens,
+            }
+        return chunk
 
     def delta(self, delta: dict[str, Any]) -> dict[str, Any]:
         if self.chat:

@@ -56,6 +56,44 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return rendered
 
 
+def fold_system_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Later system turns merged into the next user turn (the previous one when none
+    follows), for templates that accept a system message only at the start."""
+    out: list[dict[str, Any]] = []
+    pending: list[str] = []
+    for index, message in enumerate(messages):
+        if message["role"] == "system" and index > 0:
+            pending.append(message["content"])
+            continue
+        if pending and message["role"] == "user":
+            message = {**message, "content": "\n\n".join([*pending, message["content"]])}
+            pending = []
+        out.append(message)
+    if pending:
+        last_user = max((i for i, m in enumerate(out) if m["role"] == "user"), default=None)
+        if last_user is None:
+            out.append({"role": "user", "content": "\n\n".join(pending)})
+        else:
+            merged = "\n\n".join([out[last_user]["content"], *pending])
+            out[last_user] = {**out[last_user], "content": merged}
+    return out
+
+
+def _apply_template(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    template_kwargs: dict[str, Any] | None,
+) -> str:
+    return tokenizer.apply_chat_template(
+        messages,
+        tools=tools or None,
+        add_generation_prompt=True,
+        tokenize=False,
+        **(template_kwargs or {}),
+    )
+
+
 def render_chat(
     tokenizer: Any,
     messages: list[ChatMessage],
@@ -68,14 +106,16 @@ def render_chat(
             param="messages",
             code="chat_template_missing",
         )
+    rendered = template_messages(messages)
     try:
-        text = tokenizer.apply_chat_template(
-            template_messages(messages),
-            tools=tools or None,
-            add_generation_prompt=True,
-            tokenize=False,
-            **(template_kwargs or {}),
-        )
+        try:
+            text = _apply_template(tokenizer, rendered, tools, template_kwargs)
+        except Exception:
+            # Mid-conversation system turns (Claude Code sends them) go to the template as
+            # system turns; only a template that refuses them gets them folded instead.
+            if not any(m["role"] == "system" for m in rendered[1:]):
+                raise
+            text = _apply_template(tokenizer, fold_system_turns(rendered), tools, template_kwargs)
     except Exception as exc:  # jinja raise_exception, bad roles, ...
         if getattr(exc, "status", None):
             raise

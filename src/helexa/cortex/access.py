@@ -1,0 +1,120 @@
+"""One access-log line and the error count for every request, whatever route served it.
+
+The proxy routes go straight to their endpoints (no middleware or router walk on the hot
+path); everything else (other routes, 404/405, lifespan) goes through Starlette. Both are
+wrapped here: the handler fills in a ``RequestRecord`` (model, node, usage, error code) and
+this layer adds status and duration, logs, and counts every 4xx/5xx once in
+``cortex_request_errors_total``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from helexa.core.errors import ApiError
+from helexa.cortex.metrics import Metrics
+
+log = logging.getLogger("helexa.cortex.access")
+
+SCOPE_KEY = "helexa.record"
+
+
+@dataclass
+class RequestRecord:
+    model: str | None = None  # as the client named it
+    model_id: str | None = None  # what it resolved to
+    node: str | None = None
+    usage: dict[str, Any] | None = None
+    error: str | None = None  # error code, when the answer is (or became) an error
+    status: int = 0
+
+
+def record_of(scope: Scope) -> RequestRecord:
+    record = scope.get(SCOPE_KEY)
+    if record is None:  # a handler called without the wrapper (unit tests)
+        record = scope[SCOPE_KEY] = RequestRecord()
+    return record
+
+
+class AccessLog:
+    """The outermost ASGI layer of cortex's API."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        hot: dict[str, ASGIApp],
+        metrics: Metrics,
+        model_label: Callable[[str | None], str],
+    ) -> None:
+        self.app = app
+        self.hot = hot
+        self.metrics = metrics
+        self.model_label = model_label  # client-chosen names must not become label values
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        record = scope[SCOPE_KEY] = RequestRecord()
+        handler = self.hot.get(scope["path"]) if scope["method"] == "POST" else None
+
+        async def tracking_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+            await send(message)
+
+        try:
+            await (handler or self.app)(scope, receive, tracking_send)
+        except Exception as exc:  # a bug, not an API error: still an envelope, if we can
+            log.error(
+                "unhandled error", extra={"path": scope["path"], "error": repr(exc)}, exc_info=exc
+            )
+            record.error = "internal_error"
+            if not record.status:
+                error = ApiError(
+                    500,
+                    f"internal error: {type(exc).__name__}: {exc}",
+                    type="server_error",
+                    code="internal_error",
+                )
+                await tracking_send(
+                    {
+                        "type": "http.response.start",
+                        "status": 500,
+                        "headers": [(b"content-type", b"application/json")],
+                    }
+                )
+                await send(
+                    {"type": "http.response.body", "body": orjson.dumps(error.openai_body())}
+                )
+        finally:
+            self._finish(scope, record, time.monotonic() - started)
+
+    def _finish(self, scope: Scope, record: RequestRecord, seconds: float) -> None:
+        status = record.status or 499  # nothing was sent: the client left first
+        if status >= 400:
+            reason = record.error or f"status_{status}"
+            self.metrics.error(self.model_label(record.model_id), record.node or "", reason)
+        usage = record.usage or {}
+        log.info(
+            "request",
+            extra={
+                "method": scope["method"],
+                "path": scope["path"],
+                "model": record.model,
+                "status": status,
+                "secs": round(seconds, 4),
+                "node": record.node,
+                "prompt_tokens": usage.get("prompt_tokens"),
+                "completion_tokens": usage.get("completion_tokens"),
+                "error": record.error,
+            },
+        )

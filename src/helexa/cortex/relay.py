@@ -1,0 +1,387 @@
+"""The one path every proxied request takes through cortex (§2.6): read the body, resolve
+the model, dispatch to a neuron, relay the answer — whole, or streamed chunk by chunk.
+
+Client protocols (OpenAI passthrough, Anthropic Messages, OpenAI Responses, …) plug in as
+a ``ClientProtocol``: how to turn their request into a neuron request, how to word an
+error, how to translate a whole answer, and a ``StreamCodec`` for streamed ones. The relay
+loop, disconnect handling, keep-alives and accounting exist once, here."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from helexa.core.errors import ApiError
+from helexa.core.http import (
+    ClientGone,
+    parse_json,
+    unless_disconnected,
+    until_done_or_disconnect,
+)
+from helexa.cortex.access import RequestRecord, record_of
+from helexa.cortex.dispatch import Call, Dispatcher
+from helexa.cortex.upstream import UpstreamError, UpstreamTimeout
+
+log = logging.getLogger("helexa.cortex.proxy")
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+PING_INTERVAL_S = 10.0  # keep-alive cadence towards clients while a neuron is quiet
+
+
+async def read_body(receive: Receive) -> bytes:
+    message = await receive()
+    body = message.get("body", b"")
+    if not message.get("more_body"):
+        return body
+    parts = [body]
+    while message.get("more_body"):
+        message = await receive()
+        parts.append(message.get("body", b""))
+    return b"".join(parts)
+
+
+async def send_json(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send(
+        {"type": "http.response.start", "status": status, "headers": JSON_HEADERS + (headers or [])}
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def error_headers(exc: ApiError) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """A request header (lower-case ``name``), decoded; None when absent."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def error_code(raw: bytes) -> str | None:
+    """The ``code`` of an OpenAI error envelope, for the metrics' reason label."""
+    with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+        code = orjson.loads(raw).get("error", {}).get("code")
+        return code if isinstance(code, str) else None
+    return None
+
+
+# --- what a protocol plugs in ----------------------------------------------------------------
+
+
+@dataclass
+class NeuronRequest:
+    """What goes to the neuron for one client request."""
+
+    path: str
+    body: dict[str, Any]
+    stream: bool
+    affinity: str | None = None  # conversation key: same replica while it is healthy
+    context: Any = None  # the protocol's parsed request, for translating the answer
+
+
+class StreamCodec(Protocol):
+    """Turns the neuron's SSE bytes into the client's. ``feed`` gets whole SSE events and
+    says when the stream is over; the relay sends whatever comes back as it comes."""
+
+    usage: dict[str, Any] | None
+    first_token_at: float | None
+
+    def opening(self) -> bytes: ...
+
+    def feed(self, events: bytes) -> tuple[bytes, bool]: ...
+
+    def idle(self) -> bytes | None:
+        """Bytes to send while the neuron is quiet (None: nothing, wait on)."""
+        ...
+
+    def end(self) -> bytes:
+        """The neuron closed the stream without finishing it."""
+        ...
+
+    def fail(self, status: int, message: str, code: str) -> bytes: ...
+
+
+class ClientProtocol(Protocol):
+    def model_of(self, body: dict[str, Any]) -> str: ...
+
+    def translate(self, body: dict[str, Any], model_id: str, scope: Scope) -> NeuronRequest: ...
+
+    def error_body(self, exc: ApiError) -> bytes: ...
+
+    def upstream_error(self, status: int, raw: bytes) -> bytes: ...
+
+    def whole(
+        self, data: dict[str, Any], raw: bytes, request: NeuronRequest, requested_model: str
+    ) -> bytes: ...
+
+    def codec(self, request: NeuronRequest, requested_model: str) -> StreamCodec: ...
+
+
+class EventBuffer:
+    """Passes on only whole SSE events; a tail split across reads waits for the rest."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._partial:
+            chunk, self._partial = self._partial + chunk, b""
+        if not chunk.endswith(b"\n\n"):
+            cut = chunk.rfind(b"\n\n") + 2
+            chunk, self._partial = chunk[:cut], chunk[cut:]
+        return chunk
+
+    def flush(self) -> bytes:
+        rest, self._partial = self._partial, b""
+        return rest
+
+
+# --- the endpoint ----------------------------------------------------------------------------
+
+
+class Endpoint:
+    """ASGI endpoint for one proxied route, speaking ``protocol`` to the client."""
+
+    def __init__(self, protocol: ClientProtocol, dispatcher: Dispatcher) -> None:
+        self.protocol = protocol
+        self.dispatcher = dispatcher
+        self.router = dispatcher.router
+        self.metrics = dispatcher.metrics
+        self.idle_timeout = dispatcher.idle_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        protocol = self.protocol
+        record = record_of(scope)
+        try:
+            body = parse_json(await read_body(receive))
+            requested = protocol.model_of(body)
+            record.model = requested
+            # The model is checked before the rest of the body: an unknown name is a 404
+            # whatever else is wrong with the request.
+            model_id = self.router.resolve(requested)
+            self.router.require_known(model_id)
+            record.model_id = model_id
+            request = protocol.translate(body, model_id, scope)
+            call = await unless_disconnected(
+                self.dispatcher.open(
+                    model_id,
+                    request.path,
+                    orjson.dumps(request.body),
+                    stream=request.stream,
+                    affinity=request.affinity,
+                ),
+                receive,
+            )
+        except ApiError as exc:
+            record.error = exc.code or "error"
+            await send_json(send, exc.status, protocol.error_body(exc), error_headers(exc))
+            return
+        except ClientGone:
+            record.error = "client_disconnected"
+            return  # left while its request was routed or answered: nobody to tell
+        record.node = call.node
+        usage: dict[str, Any] | None = None
+        first: float | None = None
+        try:
+            if call.upstream.status != 200:
+                await unless_disconnected(self._relay_error(call, send, record), receive)
+            elif request.stream:
+                codec = protocol.codec(request, requested)
+                await until_done_or_disconnect(
+                    lambda: self._relay_stream(call, codec, send),
+                    receive,
+                    lambda: self.dispatcher.client_left(call),
+                )
+                usage, first = codec.usage, codec.first_token_at
+            else:
+                usage = await unless_disconnected(
+                    self._relay_whole(call, request, requested, send, record), receive
+                )
+        except ClientGone:
+            record.error = "client_disconnected"
+            self.metrics.error(call.model_id, call.node, "client_disconnected")
+        finally:
+            record.usage = usage
+            self.dispatcher.close(call, usage, first)
+
+    async def _relay_error(self, call: Call, send: Send, record: RequestRecord) -> None:
+        status = call.upstream.status
+        try:
+            raw = await call.upstream.read(self.idle_timeout)
+        except UpstreamError as exc:
+            raw = orjson.dumps(
+                {"error": {"message": f"neuron {call.node} answered {status}: {exc}"}}
+            )
+        record.error = error_code(raw) or f"status_{status}"
+        passthrough = [
+            (k.lower(), v) for k, v in call.upstream.headers if k.lower() == b"retry-after"
+        ]
+        await send_json(send, status, self.protocol.upstream_error(status, raw), passthrough)
+
+    async def _relay_whole(
+        self, call: Call, request: NeuronRequest, requested: str, send: Send, record: RequestRecord
+    ) -> dict[str, Any] | None:
+        try:
+            raw = await call.upstream.read(self.idle_timeout)
+            data = orjson.loads(raw)
+            out = self.protocol.whole(data, raw, request, requested)
+        except (UpstreamError, orjson.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+            record.error = "upstream_read"
+            error = ApiError(
+                502,
+                f"neuron {call.node} failed mid-response: {exc}",
+                type="server_error",
+                code="upstream_failed",
+            )
+            await send_json(send, 502, self.protocol.error_body(error))
+            return None
+        await send_json(send, 200, out)
+        return data.get("usage")
+
+    async def _relay_stream(self, call: Call, codec: StreamCodec, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        opening = codec.opening()
+        if opening:
+            await send({"type": "http.response.body", "body": opening, "more_body": True})
+        wait = min(PING_INTERVAL_S, self.idle_timeout)
+        quiet = 0.0
+        try:
+            while True:
+                try:
+                    chunk = await call.upstream.next_chunk(wait)
+                except UpstreamTimeout:
+                    quiet += wait
+                    ping = codec.idle()
+                    if ping is None or quiet >= self.idle_timeout:
+                        raise UpstreamTimeout(f"neuron sent nothing for {quiet:g}s") from None
+                    await send({"type": "http.response.body", "body": ping, "more_body": True})
+                    continue
+                quiet = 0.0
+                if chunk is None:
+                    tail = codec.end()
+                    break
+                out, done = codec.feed(chunk)
+                if done:
+                    tail = out
+                    break
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+        except UpstreamError as exc:
+            reason = "upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_broken"
+            self.metrics.error(call.model_id, call.node, reason)
+            log.warning(
+                "stream broke", extra={"model": call.model_id, "node": call.node, "error": str(exc)}
+            )
+            tail = codec.fail(502, f"neuron {call.node} failed mid-stream: {exc}", reason)
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+# --- codecs ----------------------------------------------------------------------------------
+
+
+class Translator(Protocol):
+    """An event translator from OpenAI chat chunks (core.anthropic, core.responses)."""
+
+    @property
+    def usage(self) -> dict[str, Any]: ...
+
+    def feed(self, chunk: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]: ...
+
+    def finish(self) -> list[tuple[str, dict[str, Any]]]: ...
+
+    def error(self, status: int, message: str) -> list[tuple[str, dict[str, Any]]]: ...
+
+
+def render_events(events: list[tuple[str, dict[str, Any]]]) -> bytes:
+    return b"".join(
+        b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+        for name, data in events
+    )
+
+
+def _has_output(chunk: dict[str, Any]) -> bool:
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
+            return True
+    return False
+
+
+class EventCodec:
+    """For translated protocols: each OpenAI chunk is parsed and re-emitted as the
+    client protocol's events; the neuron's keep-alive comments become the protocol's."""
+
+    def __init__(
+        self,
+        translator: Translator,
+        *,
+        opening: list[tuple[str, dict[str, Any]]] | None = None,
+        keepalive: Any = None,
+    ) -> None:
+        self.translator = translator
+        self._opening = opening or []
+        # A callable giving the protocol's keep-alive events; None: an SSE comment.
+        self._keepalive = keepalive
+        self._events = EventBuffer()
+        self.first_token_at: float | None = None
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        return self.translator.usage or None
+
+    def opening(self) -> bytes:
+        return render_events(self._opening)
+
+    def idle(self) -> bytes | None:
+        if self._keepalive is None:
+            return b": keep-alive\n\n"
+        return render_events(self._keepalive())
+
+    def feed(self, chunk: bytes) -> tuple[bytes, bool]:
+        out: list[tuple[str, dict[str, Any]]] = []
+        pings = b""
+        for event in self._events.feed(chunk).split(b"\n\n"):
+            if event.startswith(b":"):
+                pings = self.idle() or b""
+                continue
+            if not event.startswith(b"data: "):
+                continue
+            data = event[6:]
+            if data == b"[DONE]":
+                return render_events(out + self.translator.finish()), True
+            try:
+                parsed = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                out += self.translator.error(502, "neuron sent a malformed stream event")
+                return render_events(out), True
+            if "error" in parsed:
+                message = (parsed["error"] or {}).get("message", "generation failed")
+                return render_events(out + self.translator.error(500, message)), True
+            if self.first_token_at is None and _has_output(parsed):
+                self.first_token_at = time.monotonic()
+            out += self.translator.feed(parsed)
+        return (render_events(out) if out else pings), False
+
+    def end(self) -> bytes:
+        return render_events(
+            self.translator.error(502, "the neuron ended the stream before finishing it")
+        )
+
+    def fail(self, status: int, message: str, code: str) -> bytes:
+        self._events.flush()  # a half-received event cannot be completed: drop it
+        return render_events(self.translator.error(status, message))
