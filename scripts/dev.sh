@@ -33,6 +33,21 @@ want_rpmbuild() {
   fi
 }
 
+# The Claude Code CLI, from the npm registry into a project-local folder, for the test that
+# drives it against a real cortex; best effort (the test says why it skips without it).
+want_claude_code() {
+  local dir=.cache/claude-code
+  if [ -x "$dir/node_modules/.bin/claude" ]; then return; fi
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "note: no npm; the Claude Code test will be skipped" >&2
+    return
+  fi
+  mkdir -p "$dir"
+  npm install --prefix "$dir" --no-fund --no-audit --loglevel=error @anthropic-ai/claude-code \
+    >/dev/null 2>&1 \
+    || echo "note: could not install the Claude Code CLI; its test will be skipped" >&2
+}
+
 task=${1:-test}
 case "$task" in
   setup)
@@ -41,6 +56,7 @@ case "$task" in
   test)
     pip_q -e ".[neuron,test]"
     want_rpmbuild
+    want_claude_code
     "$VENV/bin/ruff" check src tests bench
     shift || true
     HF_HUB_OFFLINE=1 "$py" -m pytest "$@"

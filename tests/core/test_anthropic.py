@@ -283,3 +283,100 @@ def test_error_event_is_raised_by_the_sdk() -> None:
     )
     with pytest.raises(anthropic.APIStatusError, match="neuron died"):
         sdk_final(sse)
+
+
+def test_claude_code_request_shapes() -> None:
+    req = request(
+        system=[
+            {
+                "type": "text",
+                "text": "x-anthropic-billing-header: cc_version=2.1; cc_entrypoint=cli;",
+            },
+            {"type": "text", "text": "You are an agent.", "cache_control": {"type": "ephemeral"}},
+        ],
+        messages=[
+            {"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}]},
+            {"role": "system", "content": [{"type": "text", "text": "Agent types: none."}]},
+        ],
+        thinking={"type": "adaptive"},
+        output_config={
+            "effort": "high",
+            "format": {"type": "json_schema", "schema": {"type": "object"}},
+        },
+        context_management={"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+    )
+    body = tr.to_openai(req, "m")
+    assert body["messages"] == [
+        {"role": "system", "content": "You are an agent."},
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": "Agent types: none."},
+    ]
+    assert body["chat_template_kwargs"] == {"enable_thinking": True}
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": {"type": "object"}},
+    }
+
+
+@pytest.mark.parametrize(
+    ("thinking", "on"),
+    [
+        (None, False),
+        ({"type": "disabled"}, False),
+        ({"type": "enabled", "budget_tokens": 9}, True),
+        ({"type": "adaptive"}, True),
+    ],
+)
+def test_thinking_modes(thinking: dict | None, on: bool) -> None:
+    assert tr.to_openai(request(thinking=thinking), "m")["chat_template_kwargs"] == {
+        "enable_thinking": on
+    }
+
+
+def test_nothing_is_silently_dropped() -> None:
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "QQ"}}
+    body = tr.to_openai(
+        request(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": "t",
+                            "content": [{"type": "text", "text": "see"}, image],
+                        }
+                    ],
+                }
+            ]
+        ),
+        "m",
+    )
+    parts = body["messages"][0]["content"]
+    assert [p["type"] for p in parts] == ["text", "image_url"]
+    for bad in (
+        {"tools": [{"type": "web_search_20250305", "name": "web_search"}]},
+        {"thinking": {"type": "sometimes"}},
+        {"output_config": {"format": {"type": "regex"}}},
+        {"output_config": {"effort": "extreme"}},
+    ):
+        with pytest.raises(ApiError) as info:
+            tr.to_openai(request(**bad), "m")
+        assert info.value.status == 400
+
+
+def test_context_overflow_is_worded_as_anthropic_does() -> None:
+    raw = json.dumps(
+        {
+            "error": {
+                "message": "too long",
+                "code": "context_length_exceeded",
+                "prompt_tokens": 9000,
+                "context_length": 4096,
+            }
+        }
+    ).encode()
+    assert tr.error_from_openai(400, raw)["error"] == {
+        "type": "invalid_request_error",
+        "message": "prompt is too long: 9000 tokens > 4096 maximum",
+    }

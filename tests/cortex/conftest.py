@@ -122,7 +122,8 @@ def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     neuron.wait_http(f"{url}/health")
     models = (
         '[[models]]\nid = "scripted/qwen"\nvram_mb = 1\nmin_devices = 0\n'
-        '[aliases]\n"claude-test" = "scripted/qwen"\n'
+        '[aliases]\n"claude-test" = "scripted/qwen"\n"helexa/default" = "scripted/qwen"\n'
+        '[fallbacks]\n"claude-*" = "scripted/qwen"\n'
     )
     cortex, base, metrics = start_cortex(work, {"scripted": url}, models)
     yield Fleet(cortex, base, metrics, {"scripted": (neuron, url)})

@@ -261,3 +261,40 @@ def test_weight_bytes_skip_duplicate_consolidated_files() -> None:
     ]
     assert weights_bytes(listing, None) == 9_000
     assert weights_bytes([("consolidated.safetensors", 7)], None) == 7
+
+
+def test_replica_choice_keeps_a_conversation_on_its_replica() -> None:
+    from helexa.core.placement import choose_replica
+
+    replicas = [("n1", 3), ("n2", 0), ("n3", 1)]
+    assert choose_replica(replicas, None) == "n2"  # least busy
+    assert choose_replica(replicas, "n1") == "n1"  # its own, though busier
+    assert choose_replica([("n2", 0), ("n3", 1)], "n1") == "n2"  # its own is gone
+    assert choose_replica([], "n1") is None
+
+
+def test_affinity_table_is_bounded_lru() -> None:
+    from helexa.cortex.affinity import AffinityTable
+
+    table: AffinityTable[str, str] = AffinityTable(capacity=2)
+    table.remember("a", "n1")
+    table.remember("b", "n2")
+    assert table.get("a") == "n1"  # touched: "b" is now the oldest
+    table.remember("c", "n3")
+    assert (table.get("a"), table.get("b"), table.get("c"), len(table)) == ("n1", None, "n3", 2)
+
+
+def test_fallbacks_match_in_order_and_are_checked() -> None:
+    catalogue = parse_catalogue(
+        {
+            "models": [{"id": "org/big"}, {"id": "org/small"}],
+            "aliases": {"helexa/default": "org/big"},
+            "fallbacks": {"claude-3-haiku*": "org/small", "claude-*": "helexa/default"},
+        },
+        "models.toml",
+    )
+    assert catalogue.fallback_for("claude-3-haiku-2024") == "org/small"
+    assert catalogue.fallback_for("claude-opus-4-8") == "org/big"  # through the alias
+    assert catalogue.fallback_for("gpt-4o") is None
+    with pytest.raises(ConfigError, match="fallback 'x-\\*' points to 'org/none'"):
+        parse_catalogue({"models": [{"id": "org/big"}], "fallbacks": {"x-*": "org/none"}}, "m")

@@ -280,3 +280,31 @@ def test_invalid_byte_runs_are_not_held_back_forever(tokenizer) -> None:  # type
     detok = IncrementalDetokenizer(tokenizer)
     pieces = [detok.push(byte_ids[0]) for _ in range(12)]
     assert any(pieces[:6]), "the stream stalled on invalid bytes"
+
+
+def test_system_turns_mid_conversation(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The template decides how a later system turn renders; one that refuses it gets it
+    folded into the next user turn instead of a 400."""
+    from helexa.core.wire import ChatMessage
+    from helexa.neuron.harness.hf.prompt import render_chat
+
+    messages = [
+        ChatMessage(role="system", content="Be brief."),
+        ChatMessage(role="user", content="hi"),
+        ChatMessage(role="system", content="Agent types: none."),
+    ]
+    text, _ids = render_chat(tokenizer, messages, None, None)
+    assert (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>system\nAgent types: none.<|im_end|>" in text
+    )
+    strict = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    strict.chat_template = (
+        "{% for m in messages %}{% if m.role == 'system' and not loop.first %}"
+        "{{ raise_exception('System message must be at the beginning.') }}{% endif %}"
+        "<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"
+    )
+    folded, _ = render_chat(strict, messages, None, None)
+    assert folded == "<system>Be brief.</system><user>hi\n\nAgent types: none.</user>"
+    later = [*messages[:2], messages[2], ChatMessage(role="user", content="go")]
+    folded, _ = render_chat(strict, later, None, None)
+    assert folded.endswith("<user>hi</user><user>Agent types: none.\n\ngo</user>")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import time
 from typing import Any
 
@@ -25,8 +26,65 @@ RECEIVED: list[dict[str, Any]] = []
 WEATHER_ARGS = '{"city": "Paris", "unit": "celsius"}'
 
 
+PROOF = re.compile(r"PROOF:([^\s\"'\\\]]+)")
+
+
+def _since_assistant(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages after the last assistant turn (tool results, reminders, the prompt)."""
+    for index in range(len(messages) - 1, -1, -1):
+        if messages[index]["role"] == "assistant":
+            return messages[index + 1 :]
+    return messages
+
+
+def _call(index: int, call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "tool_calls": [
+            {
+                "index": index,
+                "id": call_id,
+                "type": "function",
+                "function": {"name": name, "arguments": json.dumps(arguments)},
+            }
+        ]
+    }
+
+
+def claude_code_script(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Claude Code's own tools: write the proof file(s) the prompt names, in parallel, then
+    answer with what the tools reported. None when the request is not such a turn."""
+    names = {t["function"]["name"] for t in body.get("tools") or []}
+    if "Write" not in names:
+        return None
+    recent = _since_assistant(body["messages"])
+    results = [m for m in recent if m["role"] == "tool"]
+    if results:
+        reported = " | ".join(str(m["content"])[:80] for m in results)
+        return [{"content": f"All done. Tools said: {reported}"}, {"finish_reason": "stop"}]
+    prompt = json.dumps([m.get("content") for m in recent if m["role"] == "user"])
+    paths = PROOF.findall(prompt)
+    if not paths:
+        return [{"content": "Nothing to write."}, {"finish_reason": "stop"}]
+    thinking = (body.get("chat_template_kwargs") or {}).get("enable_thinking")
+    deltas: list[dict[str, Any]] = [{"reasoning_content": "I will write the files."}] * bool(
+        thinking
+    )
+    deltas.append({"content": "Writing."})
+    for index, path in enumerate(paths):
+        deltas.append(
+            _call(
+                index, f"call_w{index}", "Write", {"file_path": path, "content": f"proof {index}\n"}
+            )
+        )
+    deltas.append({"finish_reason": "tool_calls"})
+    return deltas
+
+
 def script_for(body: dict[str, Any]) -> list[dict[str, Any]]:
     """Deltas for one answer: a tool-call turn, or the answer after a tool result."""
+    scripted = claude_code_script(body)
+    if scripted is not None:
+        return scripted
     last = body["messages"][-1]
     if last["role"] == "tool":
         return [
@@ -139,7 +197,11 @@ async def chat(request: Request) -> Response:
         )
 
     async def events():  # type: ignore[no-untyped-def]
-        yield "data: " + json.dumps(chunk({"role": "assistant", "content": ""}, created)) + "\n\n"
+        opening = chunk({"role": "assistant", "content": ""}, created)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            # As the real neuron does: the prompt's usage in the opening chunk.
+            opening["usage"] = {"prompt_tokens": 42, "completion_tokens": 0, "total_tokens": 42}
+        yield "data: " + json.dumps(opening) + "\n\n"
         for delta in deltas:
             await asyncio.sleep(0.002)
             yield "data: " + json.dumps(chunk(dict(delta), created)) + "\n\n"

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "DEMO_SHAPE",
     "GGUF_F16_FILENAME",
     "GGUF_Q8_0_FILENAME",
     "SPECIAL_TOKENS",
@@ -48,6 +49,16 @@ __all__ = [
 ]
 
 TINY_REPO_ID = "helexa/tiny-qwen3"
+# What `cortex up --tiny` serves: a context that holds Claude Code's whole prompt (its
+# system prompt and tools are ~54 k tokens with this small vocabulary), one layer and one
+# head so that reading it takes seconds on a CPU, and answers a few dozen tokens long.
+DEMO_SHAPE: dict[str, Any] = {
+    "max_position_embeddings": 131072,
+    "num_layers": 1,
+    "num_attention_heads": 1,
+    "num_key_value_heads": 1,
+    "eos_bias": 0.14,
+}
 GGUF_Q8_0_FILENAME = "tiny-qwen3-Q8_0.gguf"
 GGUF_F16_FILENAME = "tiny-qwen3-F16.gguf"
 
@@ -237,6 +248,8 @@ class TinyModelSpec:
     head_dim: int = 128
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
+    # > 0: answers end after a few dozen tokens instead of running to max_tokens (demo).
+    eos_bias: float = 0.0
 
     def __post_init__(self) -> None:
         if self.vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
@@ -253,7 +266,16 @@ class TinyModelSpec:
 
 
 _SHAPE_ARGS = frozenset(
-    {"vocab_size", "hidden_size", "num_layers", "max_position_embeddings", "seed"}
+    {
+        "vocab_size",
+        "hidden_size",
+        "num_layers",
+        "max_position_embeddings",
+        "seed",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "eos_bias",
+    }
 )
 
 
@@ -416,7 +438,14 @@ def _weights(spec: TinyModelSpec) -> dict[str, np.ndarray]:
     def ones(n: int) -> np.ndarray:
         return np.ones(n, dtype=np.float32)
 
-    tensors = {"model.embed_tokens.weight": normal(spec.vocab_size, h)}
+    embed = normal(spec.vocab_size, h)
+    if spec.eos_bias:
+        # Every token embedding shares a constant in dimension 0, so the final hidden
+        # state has a steady positive component there; the end-of-turn token's (tied)
+        # row gets a larger one and so a logit boost at every step, whatever the context.
+        embed[:, 0] = np.float32(0.1)
+        embed[_token_id(spec.vocab_size, _IM_END), 0] = np.float32(0.1 + spec.eos_bias)
+    tensors = {"model.embed_tokens.weight": embed}
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
         tensors |= {

@@ -118,11 +118,17 @@ class LocalFleet:
 
     def prepare_model(self) -> None:
         if self.tiny:
-            from helexa.core.tiny_model import TINY_REPO_ID, write_tiny_model_to_hf_cache
+            from helexa.core.tiny_model import (
+                DEMO_SHAPE,
+                TINY_REPO_ID,
+                write_tiny_model_to_hf_cache,
+            )
 
             self.model = TINY_REPO_ID
+            # Built in the work directory: a demo must not leave files in the real cache.
+            self.cache = self.work / "hf-cache"
             with self.console.status("building the tiny test model"):
-                write_tiny_model_to_hf_cache(self.cache, TINY_REPO_ID)
+                write_tiny_model_to_hf_cache(self.cache, TINY_REPO_ID, **DEMO_SHAPE)
             self.console.print(f"[green]✓[/] tiny model {TINY_REPO_ID} in {self.cache}")
             return
         if cached(self.model, self.cache):
@@ -206,6 +212,8 @@ class LocalFleet:
         (self.work / "models.toml").write_text(
             f'[[models]]\nid = "{self.model}"\nmin_devices = 0\n'
             f'[aliases]\n"helexa/default" = "{self.model}"\n'
+            # Claude Code asks for claude-* names of its own choosing: serve them all.
+            f'[fallbacks]\n"claude-*" = "{self.model}"\n'
         )
         (self.work / "cortex.toml").write_text(
             f'models_config = "models.toml"\n[gateway]\nlisten = "{self.host}:{self.port}"\n'
@@ -271,7 +279,8 @@ class LocalFleet:
             f"-d '{chat}'\n\n"
             f"  curl -s {self.base}/v1/messages -H 'content-type: application/json' "
             f"-d '{messages}'\n\n"
-            f"  export ANTHROPIC_BASE_URL={self.base}\n"
+            f"  export ANTHROPIC_BASE_URL={self.base}   # Claude Code: claude-* names "
+            f"are served by {self.model}\n"
             f"  export OPENAI_BASE_URL={self.base}/v1\n\n"
             f"logs and configs: {self.work}    Ctrl-C stops everything.\n"
         )
