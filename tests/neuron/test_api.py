@@ -102,9 +102,17 @@ def test_stream_matches_non_stream_for_same_seed(client: openai.OpenAI) -> None:
     assert len(finals) == 1
     assert finals[0].choices[0].finish_reason == whole.choices[0].finish_reason
     usage_chunks = [c for c in chunks if c.usage is not None]
-    assert len(usage_chunks) == 1 and usage_chunks[0] is chunks[-1] and not chunks[-1].choices
-    assert usage_chunks[0].usage.completion_tokens == whole.usage.completion_tokens
-    assert usage_chunks[0].usage.prompt_tokens == whole.usage.prompt_tokens
+    # The opening chunk carries the prompt's usage (so a translator can report it before
+    # any text); the last, usage-only chunk carries the totals.
+    opening, totals = usage_chunks
+    assert opening is chunks[0] and opening.choices[0].delta.role == "assistant"
+    assert (opening.usage.prompt_tokens, opening.usage.completion_tokens) == (
+        whole.usage.prompt_tokens,
+        0,
+    )
+    assert totals is chunks[-1] and not chunks[-1].choices
+    assert totals.usage.completion_tokens == whole.usage.completion_tokens
+    assert totals.usage.prompt_tokens == whole.usage.prompt_tokens
 
 
 def test_stream_without_include_usage_has_no_usage_chunk(client: openai.OpenAI) -> None:

@@ -156,12 +156,23 @@ class SamplingFields(Wire):
         return [s for s in stops if s]
 
 
+class ResponseFormat(Wire):
+    """OpenAI ``response_format``: ``text``, ``json_object`` or ``json_schema``.
+
+    ``type`` stays a plain string: an unknown one is refused where it is honoured, as a 400
+    naming ``response_format`` (never silently ignored)."""
+
+    type: str
+    json_schema: dict[str, Any] | None = None  # {"name", "schema", "strict", "description"}
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -6,17 +6,60 @@ then built-in fallbacks (``resolve_sampling``).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from helexa.core.errors import bad_request
-from helexa.core.wire import SamplingFields
+from helexa.core.errors import ApiError, bad_request
+from helexa.core.wire import ChatCompletionRequest, ResponseFormat, SamplingFields
 
 FALLBACK_TEMPERATURE = 1.0
 FALLBACK_TOP_P = 1.0
 MIN_TEMPERATURE = 1e-5
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """What constrained decoding must produce (engine-neutral, hashable: harnesses cache the
+    compiled grammar by it). ``schema`` is the JSON Schema as compact JSON text, key order kept
+    (it is the order properties are generated in)."""
+
+    kind: Literal["json_object", "json_schema"]
+    schema: str | None = None
+    strict: bool = False  # strict: a keyword the engine cannot enforce is a 400, not ignored
+
+
+def output_format(response_format: ResponseFormat | None) -> OutputFormat | None:
+    """The request's ``response_format`` checked and normalised; ``None`` for free text."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return OutputFormat("json_object")
+    if response_format.type != "json_schema":
+        raise bad_request(
+            "response_format.type must be one of 'text', 'json_object', 'json_schema'; "
+            f"got {response_format.type!r}",
+            param="response_format",
+        )
+    spec = response_format.json_schema
+    if not isinstance(spec, dict):
+        raise bad_request(
+            "response_format.json_schema is required when type is 'json_schema'",
+            param="response_format",
+        )
+    schema = spec.get("schema", {})  # OpenAI makes it optional: any JSON value
+    if not isinstance(schema, dict):
+        raise bad_request(
+            "response_format.json_schema.schema must be a JSON Schema object",
+            param="response_format",
+        )
+    return OutputFormat(
+        "json_schema",
+        schema=json.dumps(schema, separators=(",", ":"), ensure_ascii=False),
+        strict=spec.get("strict") is True,
+    )
 
 
 @dataclass(frozen=True)
@@ -32,6 +75,7 @@ class SamplingParams:
     max_new_tokens: int = 16
     stop: tuple[str, ...] = ()
     eos_ids: frozenset[int] = field(default_factory=frozenset)
+    response_format: OutputFormat | None = None  # constrained decoding; None: free text
 
     @property
     def greedy(self) -> bool:
@@ -63,11 +107,13 @@ def resolve_sampling(
     """Merge request, model defaults and fallbacks; enforce the context window."""
     room = context_length - prompt_tokens
     if room <= 0:
-        raise bad_request(
+        raise ApiError(
+            400,
             f"this model's maximum context length is {context_length} tokens; the prompt has "
             f"{prompt_tokens} tokens, leaving no room to generate",
             param="messages",
             code="context_length_exceeded",
+            details={"prompt_tokens": prompt_tokens, "context_length": context_length},
         )
     max_new = room if token_limit is None else min(token_limit, room)
     top_k = _pick(request.top_k, generation_defaults.get("top_k"), 0)
@@ -87,6 +133,9 @@ def resolve_sampling(
         max_new_tokens=max_new,
         stop=tuple(request.stop_strings()),
         eos_ids=eos_ids,
+        response_format=output_format(
+            request.response_format if isinstance(request, ChatCompletionRequest) else None
+        ),
     )
 
 
@@ -145,9 +194,13 @@ def next_token(
     generated_counts: dict[int, int],
     generator: torch.Generator | None,
     prompt_ids: frozenset[int] = frozenset(),
+    allowed: torch.Tensor | None = None,
 ) -> int:
-    """Choose the next token id from a 1-D logits vector."""
+    """Choose the next token id from a 1-D logits vector; ``allowed`` (a bool vector, from
+    constrained decoding) rules out every other token before any sampling decision."""
     logits = apply_penalties(logits.float(), params, generated_counts, prompt_ids)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if params.greedy:
         return int(torch.argmax(logits))
     probs = torch.softmax(filter_logits(logits, params), dim=-1)

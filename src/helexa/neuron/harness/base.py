@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from helexa.core.wire import ChatMessage, ModelSpec, ModelStatus
-from helexa.neuron.sampling import SamplingParams
+from helexa.neuron.sampling import OutputFormat, SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -63,6 +63,12 @@ class Harness(Protocol):
     ) -> PreparedPrompt: ...
 
     async def prepare_text(self, model_id: str, text: str) -> PreparedPrompt: ...
+
+    async def prepare_format(self, model_id: str, fmt: OutputFormat) -> None:
+        """Get ``fmt`` (``SamplingParams.response_format``) ready to constrain ``generate``
+        on this model; a 400 naming ``response_format`` if it cannot be honoured. Awaited
+        before the response starts, so a bad schema never surfaces mid-stream."""
+        ...
 
     def generate(
         self, model_id: str, prompt: PreparedPrompt, params: SamplingParams

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -21,6 +21,23 @@ PROMPT_TAIL_TOKENS = 6
 
 class ModelGone(RuntimeError):
     """The model was unloaded while a generation was still running on it."""
+
+
+class TokenConstraint(Protocol):
+    """Constrained decoding of one generation (``response_format``)."""
+
+    @property
+    def done(self) -> bool:
+        """The constrained output is complete: end as if the model wrote EOS."""
+        ...
+
+    def allowed(self, vocab: int) -> torch.Tensor | None:
+        """Bool mask of the tokens allowed next, on the logits' device; None: any."""
+        ...
+
+    def advance(self, token: int) -> None:
+        """Record the chosen (non-EOS) token."""
+        ...
 
 
 class DecodeJob:
@@ -40,8 +57,10 @@ class DecodeJob:
         device: torch.device,
         emit: Callable[[str], None],
         is_loaded: Callable[[], bool],
+        constraint: TokenConstraint | None = None,
     ) -> None:
         self._model = model
+        self._constraint = constraint
         self._params = params
         self._device = device
         self._emit = emit
@@ -123,10 +142,16 @@ class DecodeJob:
         if not self._is_loaded():
             raise ModelGone("the model was unloaded during generation")
         logits = self._forward()
-        token = next_token(logits, self._params, self._counts, self._generator, self._prompt_set)
+        constraint = self._constraint
+        allowed = None if constraint is None else constraint.allowed(logits.shape[-1])
+        token = next_token(
+            logits, self._params, self._counts, self._generator, self._prompt_set, allowed
+        )
         self._last = token
         if token in self._params.eos_ids:
             return self._end("stop", self._flush())
+        if constraint is not None:
+            constraint.advance(token)
         self._generated += 1
         if self._generated == 1:
             self._first_token_at = time.perf_counter()
@@ -136,6 +161,8 @@ class DecodeJob:
             self._emit(text)
         if self._stops.matched is not None:
             return self._end("stop", self._stops.matched)
+        if constraint is not None and constraint.done:  # the document is complete: a stop
+            return self._end("stop", self._flush())
         if self._generated >= self._params.max_new_tokens:
             matched = self._flush()
             return self._end("stop" if matched else "length", matched)

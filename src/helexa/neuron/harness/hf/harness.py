@@ -17,16 +17,18 @@ from helexa.core.wire import ChatMessage, ModelSpec, ModelStatus
 from helexa.neuron.devices import CPU, DevicePool, cuda_key
 from helexa.neuron.harness.base import PreparedPrompt, TokenStream
 from helexa.neuron.harness.hf import loader
-from helexa.neuron.harness.hf.decode import DecodeJob
+from helexa.neuron.harness.hf.constraint import Grammars, JsonConstraint
+from helexa.neuron.harness.hf.decode import DecodeJob, ModelGone
 from helexa.neuron.harness.hf.prompt import encode_text, opens_reasoning, render_chat
 from helexa.neuron.model_files import ModelFiles, hf_cache_dir, locate
 from helexa.neuron.output_parser import CALL_OPEN, THINK_OPEN
-from helexa.neuron.sampling import SamplingParams
+from helexa.neuron.sampling import OutputFormat, SamplingParams
 from helexa.neuron.workers import WorkerPoisoned
 
 log = logging.getLogger("helexa.neuron.harness.transformers")
 
 MB = 1024 * 1024
+GRAMMARS = "grammars"  # LoadedModel.extra: the task building the model's llguidance Grammars
 
 
 @dataclass
@@ -284,6 +286,46 @@ class TransformersHarness:
         ids = await asyncio.to_thread(encode_text, loaded.tokenizer, text)
         return self._prepared(loaded, ids)
 
+    async def _grammars(self, loaded: LoadedModel) -> Grammars:
+        """The model's llguidance tokenizer, built once on first use, off the event loop."""
+        task: asyncio.Future[Grammars] | None = loaded.extra.get(GRAMMARS)
+        if task is None:
+            vocab = int(getattr(loaded.model.config, "vocab_size", 0) or 0)
+            task = asyncio.ensure_future(
+                asyncio.to_thread(
+                    Grammars, loaded.tokenizer, vocab_size=vocab, eos_ids=loaded.eos_ids
+                )
+            )
+            loaded.extra[GRAMMARS] = task  # concurrent first requests share the one build
+        try:
+            return await asyncio.shield(task)  # a client leaving must not cancel the build
+        except Exception as exc:  # e.g. a slow (non-Rust) tokenizer
+            raise bad_request(
+                f"structured output is not available for this model: {exc}",
+                param="response_format",
+                code="response_format_unsupported",
+            ) from exc
+
+    async def prepare_format(self, model_id: str, fmt: OutputFormat) -> None:
+        grammars = await self._grammars(self.get(model_id))
+        if not grammars.cached(fmt):
+            await asyncio.to_thread(grammars.compile, fmt)  # raises the 400 of a bad schema
+
+    def _constraint(
+        self, loaded: LoadedModel, prompt: PreparedPrompt, fmt: OutputFormat
+    ) -> JsonConstraint:
+        task: asyncio.Future[Grammars] | None = loaded.extra.get(GRAMMARS)
+        if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+            # prepare_format ran against a model that has since been unloaded and reloaded.
+            raise ModelGone("the model was reloaded while the request waited")
+        return task.result().start(
+            fmt,
+            device=loaded.device,
+            prompt_ids=prompt.token_ids,
+            reasoning_tags=prompt.reasoning_tags,
+            opens_reasoning=prompt.opens_reasoning,
+        )
+
     def generate(
         self, model_id: str, prompt: PreparedPrompt, params: SamplingParams
     ) -> TokenStream:
@@ -291,6 +333,11 @@ class TransformersHarness:
         worker = self._pool.worker(loaded.device_key)
         if worker.poisoned is not None:  # refuse before any response is started
             raise WorkerPoisoned(f"{worker.name} worker is poisoned: {worker.poisoned}")
+        constraint = (
+            None
+            if params.response_format is None
+            else self._constraint(loaded, prompt, params.response_format)
+        )
         stream = TokenStream(asyncio.get_running_loop())
         job = DecodeJob(
             model=loaded.model,
@@ -300,6 +347,7 @@ class TransformersHarness:
             device=loaded.device,
             emit=stream.emit,
             is_loaded=lambda: loaded.loaded,
+            constraint=constraint,
         )
         stream.attach(worker.submit_stepped(job), job.cancel)
         return stream
