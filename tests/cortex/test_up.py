@@ -51,14 +51,24 @@ def test_cortex_up_tiny(tmp_path: Path) -> None:
         assert f"curl -s {base}/v1/chat/completions" in banner
         children = set(processes_mentioning(str(work))) - {proc.pid}
         assert len(children) == 2  # a neuron and a gateway
+        # Greedy, so the answer is the same every run; the demo model's answers are a few
+        # dozen tokens, so 4 runs to the limit.
         chat = openai.OpenAI(base_url=f"{base}/v1", api_key="x").chat.completions.create(
-            model="helexa/default", max_tokens=4, messages=[{"role": "user", "content": "Hi"}]
+            model="helexa/default",
+            max_tokens=4,
+            temperature=0,
+            messages=[{"role": "user", "content": "Hi"}],
         )
-        assert chat.usage.completion_tokens >= 1
+        assert chat.usage.prompt_tokens > 5 and chat.choices[0].finish_reason in {"stop", "length"}
         message = anthropic.Anthropic(base_url=base, api_key="x").messages.create(
-            model="helexa/default", max_tokens=4, messages=[{"role": "user", "content": "Hi"}]
+            model="claude-sonnet-4-5",  # Claude Code's names: the fallback cortex up sets
+            max_tokens=4,
+            messages=[{"role": "user", "content": "Hi"}],
+            extra_body={"temperature": 0},
         )
-        assert message.model == "helexa/default" and message.usage.output_tokens >= 1
+        assert message.model == "claude-sonnet-4-5" and message.usage.input_tokens > 5
+        # Built in the work directory, not in the user's Hugging Face cache.
+        assert (work / "hf-cache" / "models--helexa--tiny-qwen3").is_dir()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         assert processes_mentioning(str(work)) == []
