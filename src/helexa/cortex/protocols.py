@@ -105,7 +105,17 @@ class PassthroughCodec:
         return b"data: " + orjson.dumps(error.openai_body()) + b"\n\n"
 
 
-class OpenAIPassthrough:
+class OpenAIErrors:
+    """Errors in the OpenAI envelope; a neuron's error answers are already in it."""
+
+    def error_body(self, exc: ApiError) -> bytes:
+        return orjson.dumps(exc.openai_body())
+
+    def upstream_error(self, status: int, raw: bytes) -> bytes:
+        return raw
+
+
+class OpenAIPassthrough(OpenAIErrors):
     """/v1/chat/completions and /v1/completions: the body goes on with the model resolved;
     the answer comes back byte for byte."""
 
@@ -128,12 +138,6 @@ class OpenAIPassthrough:
             header(scope, SESSION_HEADER), body.get("prompt_cache_key"), body.get("user")
         )
         return NeuronRequest(self.path, body, stream, affinity, context=keep_usage)
-
-    def error_body(self, exc: ApiError) -> bytes:
-        return orjson.dumps(exc.openai_body())
-
-    def upstream_error(self, status: int, raw: bytes) -> bytes:
-        return raw
 
     def whole(
         self, data: dict[str, Any], raw: bytes, request: NeuronRequest, requested: str
@@ -208,7 +212,7 @@ class AnthropicCountTokens(AnthropicErrors):
 # --- OpenAI Responses ------------------------------------------------------------------------
 
 
-class OpenAIResponses:
+class OpenAIResponses(OpenAIErrors):
     def model_of(self, body: dict[str, Any]) -> str:
         return _model_field(body)
 
@@ -221,12 +225,6 @@ class OpenAIResponses:
             _text_key(header(scope, SESSION_HEADER), request.prompt_cache_key, request.user),
             context=request,
         )
-
-    def error_body(self, exc: ApiError) -> bytes:
-        return orjson.dumps(exc.openai_body())
-
-    def upstream_error(self, status: int, raw: bytes) -> bytes:
-        return raw
 
     def whole(
         self, data: dict[str, Any], raw: bytes, request: NeuronRequest, requested: str
