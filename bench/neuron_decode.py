@@ -29,7 +29,7 @@ from helexa.core.tiny_model import write_tiny_model_to_hf_cache
 from helexa.core.wire import ChatMessage
 from helexa.neuron.harness.hf import loader
 from helexa.neuron.harness.hf.decode import DecodeJob
-from helexa.neuron.harness.hf.prompt import render_chat
+from helexa.neuron.harness.prompt import render_chat
 from helexa.neuron.model_files import ModelFiles
 from helexa.neuron.sampling import SamplingParams
 from tests.support.procs import start_neuron

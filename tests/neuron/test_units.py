@@ -286,7 +286,7 @@ def test_system_turns_mid_conversation(tokenizer) -> None:  # type: ignore[no-un
     """The template decides how a later system turn renders; one that refuses it gets it
     folded into the next user turn instead of a 400."""
     from helexa.core.wire import ChatMessage
-    from helexa.neuron.harness.hf.prompt import render_chat
+    from helexa.neuron.harness.prompt import render_chat
 
     messages = [
         ChatMessage(role="system", content="Be brief."),

@@ -7,22 +7,30 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from helexa.core.settings import ConfigError, describe_validation_error, read_toml
+from helexa.core.wire import default_harness
 
 
 class ModelProfile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str = Field(min_length=1)
-    harness: str = "transformers"
+    harness: str = ""  # empty: from the weights' format (GGUF: llamacpp, else transformers)
     quant: str | None = None
     vram_mb: int | None = Field(default=None, ge=0)
     min_devices: int = Field(default=1, ge=0)  # 0: may run on a CPU budget
     min_device_vram_mb: int = Field(default=0, ge=0)
     pinned_on: tuple[str, ...] = ()
     priority: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pick_harness(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("harness") and data.get("id"):
+            data = {**data, "harness": default_harness(str(data["id"]), data.get("quant"))}
+        return data
 
     @property
     def cpu_ok(self) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Wire(BaseModel):
@@ -14,14 +14,29 @@ class Wire(BaseModel):
 # --- model lifecycle --------------------------------------------------------------------------
 
 
+def default_harness(model_id: str, quant: str | None) -> str:
+    """The harness for a spec that names none: GGUF (a ``quant`` tag, a ``.gguf`` file or a
+    ``*-GGUF`` repo) runs on llama.cpp, dense safetensors on transformers."""
+    name = model_id.rstrip("/").lower()
+    if quant or name.endswith((".gguf", "-gguf")):
+        return "llamacpp"
+    return "transformers"
+
+
 class ModelSpec(Wire):
     """How to load one model: what ``/models/load`` takes and ``default_models`` lists."""
 
     model_id: str = Field(min_length=1)
-    harness: str = "transformers"
+    harness: str = ""  # empty: chosen from the weights' format (default_harness)
     quant: str | None = None
     tensor_parallel: int | None = Field(default=None, ge=1)
     devices: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _pick_harness(self) -> ModelSpec:
+        if not self.harness:
+            self.harness = default_harness(self.model_id, self.quant)
+        return self
 
 
 class UnloadRequest(Wire):
@@ -92,9 +107,22 @@ class Activation(Wire):
     failed: list[ActivationFailure]
 
 
+class PrefixCacheInfo(Wire):
+    """A model's KV cache as a prefix cache: its bounded capacity and how prompts used it."""
+
+    capacity_tokens: int  # KV cells for every sequence together, fixed at load
+    # tokens held for sequences, running or retained (a shared prefix counts per sequence)
+    cached_tokens: int
+    hits: int  # prompts that started with tokens already in the cache
+    misses: int
+    prompt_tokens_reused: int  # prompt tokens not evaluated thanks to the cache
+    prompt_tokens_evaluated: int
+
+
 class ModelLoadInfo(Wire):
     in_flight: int
     queued: int
+    prefix_cache: PrefixCacheInfo | None = None
 
 
 class Health(Wire):

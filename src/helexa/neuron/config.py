@@ -24,8 +24,22 @@ class TransformersHarnessSettings(BaseModel):
     cpu_dtype: str = "float32"
 
 
+class LlamaCppHarnessSettings(BaseModel):
+    hf_cache: Path | None = None  # None: the transformers harness's setting, then HF defaults
+    # KV cache cells shared by every sequence of a model (its prefix cache too), fixed at load;
+    # also the longest context one request gets. None: the model's trained context, capped.
+    context_tokens: int | None = Field(default=None, ge=256)
+    max_default_context_tokens: int = Field(default=40960, ge=256)
+    slots: int = Field(default=8, ge=1, le=64)  # sequences decoded together or kept cached
+    batch_tokens: int = Field(default=512, ge=32)  # tokens per decode step (chunked prefill)
+    n_gpu_layers: int = -1  # layers offloaded to the GPU(s) of a GPU placement; -1: all
+    flash_attn: bool | None = None  # None: llama.cpp decides
+    threads: int | None = Field(default=None, ge=1)  # None: cpu.threads, then llama.cpp's
+
+
 class HarnessSettings(BaseModel):
     transformers: TransformersHarnessSettings = Field(default_factory=TransformersHarnessSettings)
+    llamacpp: LlamaCppHarnessSettings = Field(default_factory=LlamaCppHarnessSettings)
 
 
 class CpuSettings(BaseModel):
@@ -48,7 +62,7 @@ class NeuronSettings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
     harnesses: list[HarnessEntry] = Field(
-        default_factory=lambda: [HarnessEntry(name="transformers")]
+        default_factory=lambda: [HarnessEntry(name="transformers"), HarnessEntry(name="llamacpp")]
     )
     harness: HarnessSettings = Field(default_factory=HarnessSettings)
     default_models: list[ModelSpec] = Field(default_factory=list)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from helexa.neuron.workers import DeviceWorker
@@ -23,10 +25,21 @@ def cuda_key(index: int) -> str:
 
 
 class DevicePool:
-    """One ``DeviceWorker`` per CUDA device (``cuda-dev-N``) plus one for the CPU."""
+    """One ``DeviceWorker`` per CUDA device (``cuda-dev-N``) plus one for the CPU, and the
+    memory bookkeeping every harness places against: the CPU budget, what each harness has
+    loaded there, and bytes reserved by loads in progress (any harness, any device)."""
 
-    def __init__(self, cuda_indices: list[int], *, cpu_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        cuda_indices: list[int],
+        *,
+        cpu_threads: int | None = None,
+        cpu_budget_bytes: int = 0,
+    ) -> None:
         self.cuda_indices = list(cuda_indices)
+        self.cpu_budget_bytes = cpu_budget_bytes
+        self.reserved: dict[str, int] = {}  # device key -> bytes of loads in progress
+        self._usage: list[Callable[[str], int]] = []
         self._workers: dict[str, DeviceWorker] = {}
         for index in self.cuda_indices:
             self._workers[cuda_key(index)] = DeviceWorker(
@@ -44,6 +57,38 @@ class DevicePool:
 
     def worker(self, key: str) -> DeviceWorker:
         return self._workers[key]
+
+    def track(self, memory_used: Callable[[str], int]) -> None:
+        """Count a harness's loaded bytes (per device key) against the CPU budget."""
+        self._usage.append(memory_used)
+
+    def cpu_used(self) -> int:
+        return sum(used(CPU) for used in self._usage)
+
+    async def free_bytes(self, key: str) -> int:
+        """Free memory on a device, before reservations: the CPU budget left, or what CUDA
+        reports (asked on the device's own worker)."""
+        if key == CPU:
+            return self.cpu_budget_bytes - self.cpu_used()
+        import torch
+
+        index = int(key.split(":")[1])
+        free, _total = await asyncio.wrap_future(
+            self.worker(key).submit(torch.cuda.mem_get_info, index)
+        )
+        return int(free)
+
+    async def room(self, keys: list[str]) -> dict[str, int]:
+        """Free bytes minus reservations, per key. Callers reserve what they take before
+        their next await, so concurrent placements see each other without a lock."""
+        free = {key: await self.free_bytes(key) for key in keys}
+        return {key: free[key] - self.reserved.get(key, 0) for key in keys}
+
+    def reserve(self, key: str, size: int) -> None:
+        self.reserved[key] = self.reserved.get(key, 0) + size
+
+    def unreserve(self, key: str, size: int) -> None:
+        self.reserved[key] = self.reserved.get(key, 0) - size
 
 
 def _select_cuda(index: int):  # type: ignore[no-untyped-def]

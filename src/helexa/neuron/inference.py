@@ -21,8 +21,7 @@ from helexa.core.http import (
 )
 from helexa.core.wire import ChatCompletionRequest, CompletionRequest
 from helexa.neuron.admission import Admission
-from helexa.neuron.harness.base import Harness, PreparedPrompt, TokenStream
-from helexa.neuron.harness.hf.decode import ModelGone
+from helexa.neuron.harness.base import Harness, ModelGone, PreparedPrompt, TokenStream
 from helexa.neuron.openai_format import (
     ChunkFactory,
     chat_completion,

@@ -20,6 +20,7 @@ log = logging.getLogger("helexa.neuron.model_files")
 # Files worth fetching for a dense checkpoint (never *.gguf, *.bin, *.pt, ...).
 DENSE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SPLIT_PART = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,18 @@ def select_gguf(file_names: list[str], quant: str) -> str:
             code="model_weights_not_found",
             param="quant",
         )
-    if len(tagged) > 1:
-        raise bad_request(
-            f"quant {quant!r} matches several files: {', '.join(tagged)}", param="quant"
-        )
-    return tagged[0]
+    return _one_gguf(tagged, f"quant {quant!r} matches several files")
+
+
+def _one_gguf(names: list[str], problem: str) -> str:
+    """The file to load among ``names``: the only one, or the first part of one split set
+    (llama.cpp reads the other parts itself)."""
+    if len(names) == 1:
+        return names[0]
+    stems = {SPLIT_PART.sub("", n) for n in names}
+    if len(stems) == 1 and all(SPLIT_PART.search(n) for n in names):
+        return sorted(names)[0]
+    raise bad_request(f"{problem}: {', '.join(names)}", param="quant")
 
 
 def _list_files(root: Path) -> list[str]:
@@ -131,6 +139,54 @@ def locate(
             param="model_id",
         )
     return ModelFiles(root=root, gguf_file=gguf)
+
+
+def locate_gguf(
+    model_id: str,
+    quant: str | None,
+    *,
+    cache_dir: Path,
+    model_dirs: list[Path],
+    env: Mapping[str, str] = os.environ,
+) -> ModelFiles:
+    """The GGUF file to run for ``model_id``: a ``.gguf`` path under ``model_dirs``, or the
+    file tagged ``quant`` in a directory or hub repo (without ``quant``, its only GGUF)."""
+    if model_id.lower().endswith(".gguf"):
+        parent, _, name = model_id.replace("\\", "/").rpartition("/")
+        folder = resolve_local_dir(parent, model_dirs) if parent else None
+        if folder is None or not (folder / name).is_file():
+            raise not_found(
+                f"{model_id}: no such GGUF file under model_dirs",
+                code="model_weights_not_found",
+                param="model_id",
+            )
+        return ModelFiles(root=folder, gguf_file=name)
+    local = resolve_local_dir(model_id, model_dirs)
+    if local is not None:
+        root = local
+    elif not REPO_ID.match(model_id):
+        raise bad_request(
+            f"model_id {model_id!r} is neither a Hugging Face repo id (org/name) nor a "
+            "directory under model_dirs",
+            param="model_id",
+        )
+    elif quant:
+        patterns = ["*.json", "*.jinja", f"*{quant}*.gguf"]
+        root = _from_hub(model_id, patterns, cache_dir, env)
+    else:  # never download every quantization of a repo: only a cached one is picked
+        root = _from_hub(
+            model_id, ["*.json", "*.jinja", "*.gguf"], cache_dir, {"HF_HUB_OFFLINE": "1"}
+        )
+    if quant:
+        return ModelFiles(root=root, gguf_file=select_gguf(_list_files(root), quant))
+    ggufs = sorted(f for f in _list_files(root) if f.lower().endswith(".gguf"))
+    if not ggufs:
+        raise not_found(
+            f"{model_id}: no GGUF file in {root}", code="model_weights_not_found", param="model_id"
+        )
+    return ModelFiles(
+        root=root, gguf_file=_one_gguf(ggufs, "several GGUF files; name one with quant")
+    )
 
 
 def _from_hub(model_id: str, patterns: list[str], cache_dir: Path, env: Mapping[str, str]) -> Path:

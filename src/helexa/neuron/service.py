@@ -14,7 +14,7 @@ from helexa.neuron.config import NeuronSettings
 from helexa.neuron.devices import CPU, DevicePool
 from helexa.neuron.discovery import MB, Hardware, total_memory_bytes
 from helexa.neuron.harness.base import Harness
-from helexa.neuron.harness.hf.harness import TransformersHarness
+from helexa.neuron.harness.registry import build_harnesses
 from helexa.neuron.workers import WorkerPoisoned
 
 log = logging.getLogger("helexa.neuron")
@@ -38,29 +38,18 @@ class Neuron:
             if settings.cpu.memory_mb
             else int(total_memory_bytes() * 0.8)
         )
-        self.pool = DevicePool(cuda_indices(self.hardware), cpu_threads=settings.cpu.threads)
-        self.harnesses: dict[str, Harness] = {}
-        for entry in settings.harnesses:
-            self.harnesses[entry.name] = self._build_harness(entry.name)
+        self.pool = DevicePool(
+            cuda_indices(self.hardware),
+            cpu_threads=settings.cpu.threads,
+            cpu_budget_bytes=self.cpu_budget_bytes,
+        )
+        self.harnesses: dict[str, Harness] = build_harnesses(settings, self.pool)
         self.activation = ActivationTracker(settings.default_models)
         self._loads: dict[str, asyncio.Future[ModelStatus]] = {}
         self._admission: dict[str, Admission] = {}
         self.draining = False
         self._prewarm: asyncio.Future[None] | None = None
         self._load_specs: dict[str, ModelSpec] = {}
-
-    def _build_harness(self, name: str) -> Harness:
-        if name == "transformers":
-            hf = self.settings.harness.transformers
-            return TransformersHarness(
-                self.pool,
-                hf_cache=hf.hf_cache,
-                model_dirs=self.settings.model_dirs,
-                cpu_budget_bytes=self.cpu_budget_bytes,
-                cuda_dtype=hf.cuda_dtype,
-                cpu_dtype=hf.cpu_dtype,
-            )
-        raise ValueError(f"unknown harness {name!r} in config (known: transformers)")
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -194,11 +183,14 @@ class Neuron:
         return statuses
 
     def health(self) -> Health:
-        cpu_used = sum(h.memory_used_bytes(CPU) for h in self.harnesses.values())
+        cpu_used = self.pool.cpu_used()
         models = {
             s.id: ModelLoadInfo(
                 in_flight=self._admission[s.id].in_flight if s.id in self._admission else 0,
                 queued=self._admission[s.id].queued if s.id in self._admission else 0,
+                prefix_cache=self.harnesses[s.harness].prefix_cache(s.id)
+                if s.harness in self.harnesses
+                else None,
             )
             for s in self.models()
         }

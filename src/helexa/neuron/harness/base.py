@@ -12,10 +12,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from helexa.core.wire import ChatMessage, ModelSpec, ModelStatus
+from helexa.core.wire import ChatMessage, ModelSpec, ModelStatus, PrefixCacheInfo
 from helexa.neuron.sampling import OutputFormat, SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class ModelGone(RuntimeError):
+    """The model was unloaded while a generation was still running on it."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,11 @@ class Harness(Protocol):
     ) -> TokenStream: ...
 
     def memory_used_bytes(self, device: str) -> int: ...
+
+    def prefix_cache(self, model_id: str) -> PrefixCacheInfo | None:
+        """The model's KV cache as a prefix cache (capacity, hits); None where the harness
+        keeps none."""
+        ...
 
 
 class TokenStream:

@@ -10,17 +10,13 @@ from typing import Any, Protocol
 import torch
 
 from helexa.neuron.detokenize import IncrementalDetokenizer, StopMatcher
-from helexa.neuron.harness.base import Finish, FinishReason
+from helexa.neuron.harness.base import Finish, FinishReason, ModelGone
 from helexa.neuron.sampling import SamplingParams, next_token
 from helexa.neuron.workers import NanLogitsFlood
 
 log = logging.getLogger("helexa.neuron.decode")
 
 PROMPT_TAIL_TOKENS = 6
-
-
-class ModelGone(RuntimeError):
-    """The model was unloaded while a generation was still running on it."""
 
 
 class TokenConstraint(Protocol):

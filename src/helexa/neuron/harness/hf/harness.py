@@ -13,13 +13,13 @@ from typing import Any
 import torch
 
 from helexa.core.errors import ApiError, bad_request, model_not_found, unavailable
-from helexa.core.wire import ChatMessage, ModelSpec, ModelStatus
+from helexa.core.wire import ChatMessage, ModelSpec, ModelStatus, PrefixCacheInfo
 from helexa.neuron.devices import CPU, DevicePool, cuda_key
-from helexa.neuron.harness.base import PreparedPrompt, TokenStream
+from helexa.neuron.harness.base import ModelGone, PreparedPrompt, TokenStream
 from helexa.neuron.harness.hf import loader
 from helexa.neuron.harness.hf.constraint import Grammars, JsonConstraint
-from helexa.neuron.harness.hf.decode import DecodeJob, ModelGone
-from helexa.neuron.harness.hf.prompt import encode_text, opens_reasoning, render_chat
+from helexa.neuron.harness.hf.decode import DecodeJob
+from helexa.neuron.harness.prompt import encode_text, opens_reasoning, render_chat
 from helexa.neuron.model_files import ModelFiles, hf_cache_dir, locate
 from helexa.neuron.output_parser import CALL_OPEN, THINK_OPEN
 from helexa.neuron.sampling import OutputFormat, SamplingParams
@@ -62,19 +62,16 @@ class TransformersHarness:
         *,
         hf_cache: Path | None,
         model_dirs: list[Path],
-        cpu_budget_bytes: int,
         cuda_dtype: str = "auto",
         cpu_dtype: str = "float32",
     ) -> None:
         self._pool = pool
         self._hf_cache = hf_cache
         self._model_dirs = model_dirs
-        self._cpu_budget = cpu_budget_bytes
         self._cuda_dtype = cuda_dtype
         self._cpu_dtype = cpu_dtype
         self._models: dict[str, LoadedModel] = {}
         self._loading: dict[str, str] = {}  # model_id -> device key, while a load is running
-        self._reserved: dict[str, int] = {}  # device key -> bytes of loads in progress
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -102,6 +99,9 @@ class TransformersHarness:
             context_length=m.context_length,
         )
 
+    def prefix_cache(self, model_id: str) -> PrefixCacheInfo | None:
+        return None  # one DynamicCache per request, dropped at its end
+
     def list(self) -> list[ModelStatus]:
         return [self._status(m) for m in self._models.values()]
 
@@ -109,15 +109,6 @@ class TransformersHarness:
         return dict(self._loading)
 
     # -- placement --------------------------------------------------------------------------
-
-    async def _free_bytes(self, key: str) -> int:
-        if key == CPU:
-            return self._cpu_budget - self.memory_used_bytes(CPU)
-        index = int(key.split(":")[1])
-        free, _total = await asyncio.wrap_future(
-            self._pool.worker(key).submit(torch.cuda.mem_get_info, index)
-        )
-        return int(free)
 
     async def _place(self, spec: ModelSpec, need: int) -> str:
         """The device key for a model needing ``need`` bytes, reserved there (the caller
@@ -150,17 +141,14 @@ class TransformersHarness:
                 code="device_poisoned",
                 retry_after=30,
             )
-        free = {key: await self._free_bytes(key) for key in healthy}
-        # From here to the reservation there is no await: concurrent placements see each
-        # other's reservations without holding a lock across device queries.
-        room = {key: free[key] - self._reserved.get(key, 0) for key in healthy}
+        room = await self._pool.room(healthy)
         best = max(healthy, key=lambda k: room[k])
         if room[best] < need:
             raise insufficient_memory(
                 f"not enough memory: the model needs ~{need // MB} MB, the best device "
                 f"({best}) has {max(room[best], 0) // MB} MB free"
             )
-        self._reserved[best] = self._reserved.get(best, 0) + need
+        self._pool.reserve(best, need)  # no await since the room was read
         return best
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -215,7 +203,7 @@ class TransformersHarness:
                 tags=loader.output_tags(tokenizer),
             )
         finally:
-            self._reserved[key] -= need
+            self._pool.unreserve(key, need)
             self._loading.pop(model_id, None)
         loaded = self._models[model_id]
         log.info(

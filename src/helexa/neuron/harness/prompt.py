@@ -1,4 +1,5 @@
-"""OpenAI chat messages → the model's own chat template → token ids."""
+"""OpenAI chat messages → the model's own chat template → token ids (any harness whose
+tokenizer offers ``apply_chat_template`` and ``encode``)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,386 @@
+"""llama.cpp through llama-cpp-python's low-level (ctypes) API: the only module importing it.
+
+The high-level ``llama_cpp.Llama`` runs one sequence per context; the neuron decodes many
+sequences in one context (one batch per step, as llama.cpp's own server does with slots),
+so it drives the C API directly: model, context, batch, per-sequence sampler chains and
+the KV memory of each sequence. Every call here runs on the model's device worker thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp as C
+import numpy as np
+from llama_cpp.llama_grammar import SchemaConverter
+
+from helexa.neuron.sampling import OutputFormat, SamplingParams
+
+log = logging.getLogger("helexa.neuron.llamacpp")
+
+_init_lock = threading.Lock()
+_initialised = False
+# llama.cpp logs through this callback; the reference keeps ctypes from freeing it.
+_log_callback: object = None
+_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # GGML_LOG_LEVEL_WARN / _ERROR
+
+
+def _forward_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    # Info and debug chatter (every tensor it loads) would drown the neuron's log.
+    python_level = _LOG_LEVELS.get(level)
+    if python_level is not None and text:
+        message = text.decode("utf-8", errors="replace").strip()
+        if message:
+            log.log(python_level, "llama.cpp: %s", message)
+
+
+def init_backend() -> None:
+    """Once per process: llama.cpp's backends, its log routed to ours."""
+    global _initialised, _log_callback
+    with _init_lock:
+        if _initialised:
+            return
+        _log_callback = C.llama_log_callback(_forward_log)
+        C.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        C.llama_backend_init()
+        _initialised = True
+
+
+def gpu_offload_supported() -> bool:
+    return bool(C.llama_supports_gpu_offload())
+
+
+def max_devices() -> int:
+    return int(C.llama_max_devices())
+
+
+# -- model and vocabulary ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuPlacement:
+    """Where the layers go: ``main_gpu`` alone, or split across ``tensor_split`` (fractions per
+    CUDA index, llama.cpp's layer split)."""
+
+    main_gpu: int
+    tensor_split: tuple[float, ...] = ()
+    n_gpu_layers: int = -1
+
+
+class Model:
+    """Weights (memory-mapped, quantized as stored) and vocabulary of one GGUF file."""
+
+    def __init__(self, path: Path, gpu: GpuPlacement | None) -> None:
+        init_backend()
+        params = C.llama_model_default_params()
+        params.n_gpu_layers = 0 if gpu is None else gpu.n_gpu_layers
+        self._split = None
+        if gpu is not None:
+            params.main_gpu = gpu.main_gpu
+            if gpu.tensor_split:
+                params.split_mode = C.LLAMA_SPLIT_MODE_LAYER
+                fractions = list(gpu.tensor_split) + [0.0] * (max_devices() - len(gpu.tensor_split))
+                self._split = (ctypes.c_float * len(fractions))(*fractions)
+                params.tensor_split = self._split
+            else:
+                params.split_mode = C.LLAMA_SPLIT_MODE_NONE
+        self.ptr = C.llama_model_load_from_file(str(path).encode(), params)
+        if not self.ptr:
+            raise ValueError(f"llama.cpp could not load {path.name} (see the log for why)")
+        self.vocab = Vocab(C.llama_model_get_vocab(self.ptr))
+
+    def meta(self, key: str) -> str | None:
+        size = 1 << 16
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = C.llama_model_meta_val_str(self.ptr, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", errors="replace")
+            size = n + 1
+
+    @property
+    def n_ctx_train(self) -> int:
+        return int(C.llama_model_n_ctx_train(self.ptr))
+
+    @property
+    def n_layer(self) -> int:
+        return int(C.llama_model_n_layer(self.ptr))
+
+    @property
+    def n_head(self) -> int:
+        return int(C.llama_model_n_head(self.ptr))
+
+    @property
+    def n_head_kv(self) -> int:
+        return int(C.llama_model_n_head_kv(self.ptr))
+
+    @property
+    def n_embd(self) -> int:
+        return int(C.llama_model_n_embd(self.ptr))
+
+    def free(self) -> None:
+        if self.ptr:
+            C.llama_model_free(self.ptr)
+            self.ptr = None
+
+
+class Vocab:
+    """Tokenize and render tokens with the model's own vocabulary (what the weights index)."""
+
+    def __init__(self, ptr: ctypes.c_void_p) -> None:
+        self.ptr = ptr
+        self.n_tokens = int(C.llama_vocab_n_tokens(ptr))
+        self._pieces: dict[tuple[int, bool], bytes] = {}
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        while True:
+            out = (C.llama_token * capacity)()
+            n = C.llama_tokenize(self.ptr, data, len(data), out, capacity, add_special, True)
+            if n >= 0:
+                return list(out[:n])
+            capacity = -n
+
+    def piece(self, token: int, *, special: bool) -> bytes:
+        """The bytes of one token; control tokens render only with ``special``."""
+        key = (token, special)
+        cached = self._pieces.get(key)
+        if cached is None:  # a buffer per miss: the loop and the device thread both render
+            buf = ctypes.create_string_buffer(64)
+            n = C.llama_token_to_piece(self.ptr, token, buf, len(buf), 0, special)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = C.llama_token_to_piece(self.ptr, token, buf, len(buf), 0, special)
+            cached = buf.raw[:n]
+            self._pieces[key] = cached
+        return cached
+
+    def is_eog(self, token: int) -> bool:
+        return bool(C.llama_vocab_is_eog(self.ptr, token))
+
+    def special_id(self, which: str) -> int | None:
+        token = int(getattr(C, f"llama_vocab_{which}")(self.ptr))
+        return token if 0 <= token < self.n_tokens else None
+
+    def adds_bos(self) -> bool:
+        return bool(C.llama_vocab_get_add_bos(self.ptr))
+
+
+# -- context, batch, memory ------------------------------------------------------------------------
+
+
+class DecodeError(RuntimeError):
+    """llama_decode failed for a reason other than a full KV cache."""
+
+
+class Context:
+    """One llama.cpp context: a KV cache of ``n_ctx`` cells shared by up to ``n_seq_max``
+    sequences (unified: a sequence may use any free cell, and copied prefixes share cells)."""
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        n_ctx: int,
+        n_batch: int,
+        n_seq_max: int,
+        threads: int | None,
+        flash_attn: bool | None,
+    ) -> None:
+        params = C.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_batch, 512)
+        params.n_seq_max = n_seq_max
+        params.kv_unified = True
+        params.no_perf = True
+        if threads:
+            params.n_threads = threads
+            params.n_threads_batch = threads
+        if flash_attn is not None:
+            params.flash_attn_type = (
+                C.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
+        self.ptr = C.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            raise MemoryError(f"llama.cpp could not create a context of {n_ctx} tokens")
+        self.memory = C.llama_get_memory(self.ptr)
+        self.n_ctx = int(C.llama_n_ctx(self.ptr))
+        self.n_vocab = model.vocab.n_tokens
+
+    def decode(self, batch: Batch) -> bool:
+        """Evaluate ``batch``; False when the KV cache has no room for it (nothing changed)."""
+        batch.raw.n_tokens = batch.n_tokens
+        rc = int(C.llama_decode(self.ptr, batch.raw))
+        if rc == 0:
+            return True
+        if rc == 1:
+            return False
+        raise DecodeError(f"llama_decode failed with code {rc}")
+
+    def logits_finite(self, index: int) -> bool:
+        row = np.ctypeslib.as_array(C.llama_get_logits_ith(self.ptr, index), shape=(self.n_vocab,))
+        return bool(np.isfinite(row.sum()))
+
+    def forget(self, seq: int, start: int = 0) -> None:
+        """Drop a sequence's cells from position ``start`` on."""
+        C.llama_memory_seq_rm(self.memory, seq, start, -1)
+
+    def share(self, src: int, dst: int, length: int) -> None:
+        """``dst`` sees ``src``'s first ``length`` positions (cells are shared, not copied)."""
+        C.llama_memory_seq_cp(self.memory, src, dst, 0, length)
+
+    def clear(self) -> None:
+        C.llama_memory_clear(self.memory, True)
+
+    def free(self) -> None:
+        if self.ptr:
+            C.llama_free(self.ptr)
+            self.ptr = None
+
+
+class Batch:
+    """A reusable llama_batch of up to ``capacity`` tokens, one sequence id per token."""
+
+    def __init__(self, capacity: int, n_seq_max: int) -> None:
+        self.capacity = capacity
+        self.raw = C.llama_batch_init(capacity, 0, n_seq_max)
+        self._tokens = np.ctypeslib.as_array(self.raw.token, shape=(capacity,))
+        self._pos = np.ctypeslib.as_array(self.raw.pos, shape=(capacity,))
+        self._n_seq = np.ctypeslib.as_array(self.raw.n_seq_id, shape=(capacity,))
+        self._logits = np.ctypeslib.as_array(self.raw.logits, shape=(capacity,))
+        self._n_seq[:] = 1
+        self.n_tokens = 0
+
+    def clear(self) -> None:
+        self.n_tokens = 0
+
+    def add(self, seq: int, tokens: list[int], start_pos: int, *, logits_last: bool) -> int:
+        """Append ``tokens`` of ``seq`` at positions ``start_pos…``; the batch index of the last
+        one (whose logits are kept when ``logits_last``)."""
+        first, count = self.n_tokens, len(tokens)
+        end = first + count
+        self._tokens[first:end] = tokens
+        self._pos[first:end] = np.arange(start_pos, start_pos + count, dtype=np.int32)
+        self._logits[first:end] = 0
+        if logits_last:
+            self._logits[end - 1] = 1
+        seq_ids = self.raw.seq_id
+        for index in range(first, end):
+            seq_ids[index][0] = seq
+        self.n_tokens = end
+        return end - 1
+
+    def free(self) -> None:
+        if self.raw is not None:
+            C.llama_batch_free(self.raw)
+            self.raw = None
+
+
+# -- sampling --------------------------------------------------------------------------------------
+
+
+class Sampler:
+    """One sequence's sampler chain: penalties, grammar, then temperature and truncation, or
+    greedy. Repetition penalty covers prompt and output (HF semantics); presence and frequency
+    only the output (OpenAI semantics), so they are two llama.cpp penalty stages."""
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        *,
+        vocab: Vocab,
+        context_length: int,
+        grammar: str | None,
+        prompt: list[int],
+    ) -> None:
+        chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+        self.ptr = chain
+        add = lambda stage: C.llama_sampler_chain_add(chain, stage)  # noqa: E731
+        if params.repetition_penalty != 1.0:
+            repeat = C.llama_sampler_init_penalties(
+                vocab.n_tokens, context_length, params.repetition_penalty, 0.0, 0.0
+            )
+            add(repeat)
+            for token in prompt:  # the chain as a whole sees only generated tokens
+                C.llama_sampler_accept(repeat, token)
+        if params.presence_penalty or params.frequency_penalty:
+            add(
+                C.llama_sampler_init_penalties(
+                    vocab.n_tokens,
+                    context_length,
+                    1.0,
+                    params.frequency_penalty,
+                    params.presence_penalty,
+                )
+            )
+        if grammar is not None:
+            stage = C.llama_sampler_init_grammar(vocab.ptr, grammar.encode(), b"root")
+            if not stage:
+                C.llama_sampler_free(chain)
+                raise ValueError("llama.cpp rejected the grammar")
+            add(stage)
+        if params.greedy:
+            add(C.llama_sampler_init_greedy())
+        else:
+            add(C.llama_sampler_init_temp(params.temperature))
+            if params.top_k > 0:
+                add(C.llama_sampler_init_top_k(params.top_k))
+            if params.min_p > 0.0:
+                add(C.llama_sampler_init_min_p(params.min_p, 1))
+            if params.top_p < 1.0:
+                add(C.llama_sampler_init_top_p(params.top_p, 1))
+            seed = C.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
+            add(C.llama_sampler_init_dist(seed))
+
+    def sample(self, ctx: Context, index: int) -> int:
+        """The next token from the logits at batch ``index``; the chain has accepted it
+        (penalties count it, the grammar advances)."""
+        return int(C.llama_sampler_sample(self.ptr, ctx.ptr, index))
+
+    def free(self) -> None:
+        if self.ptr:
+            C.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+
+# -- grammars --------------------------------------------------------------------------------------
+
+ANY_OBJECT = '{"type":"object"}'
+# Reasoning stays free: any text that does not spell the closing tag, then the tag.
+_THINK_RULES = r"""think-body ::= think-char* "</think>" [\n]{0,2}
+think-char ::= [^<] | "<" ( [^/] | "/" ( [^t] | "t" ( [^h] | "h" ( [^i] | "i" (
+  [^n] | "n" ( [^k] | "k" [^>] ) ) ) ) ) )"""
+
+
+def json_grammar(fmt: OutputFormat, reasoning: str) -> str:
+    """GBNF for ``fmt``: compact JSON (no free whitespace a model could loop in), after an
+    optional (``reasoning="optional"``) or already opened (``"open"``) ``<think>`` block."""
+    converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    schema = json.loads(fmt.schema or ANY_OBJECT)
+    schema = converter.resolve_refs(schema, "request")
+    converter.visit(schema, "json-doc")
+    rules = converter.format_grammar().replace('space ::= " "?', 'space ::= ""')
+    if reasoning == "open":
+        root = "root ::= think-body json-doc"
+    elif reasoning == "optional":
+        root = 'root ::= ( "<think>" think-body )? json-doc'
+    else:
+        return f"root ::= json-doc\n{rules}"
+    return f"{root}\n{_THINK_RULES}\n{rules}"
+
+
+def check_grammar(vocab: Vocab, grammar: str) -> None:
+    """Parse ``grammar`` once (raises ValueError when llama.cpp refuses it)."""
+    stage = C.llama_sampler_init_grammar(vocab.ptr, grammar.encode(), b"root")
+    if not stage:
+        raise ValueError("llama.cpp could not parse the grammar built from the schema")
+    C.llama_sampler_free(stage)

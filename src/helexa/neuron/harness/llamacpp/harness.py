@@ -1,0 +1,444 @@
+"""The ``llamacpp`` harness: GGUF files run quantized by llama.cpp, batched, with prefix reuse.
+
+Memory is the file (memory-mapped, never dequantized) plus a KV cache fixed at load and shared
+by the model's sequences. Concurrent requests decode together in one batch per step
+(``engine.Engine``); a finished request's tokens stay cached in its slot for the next turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from helexa.core.errors import ApiError, bad_request, model_not_found, unavailable
+from helexa.core.wire import ChatMessage, ModelSpec, ModelStatus, PrefixCacheInfo
+from helexa.neuron.config import LlamaCppHarnessSettings
+from helexa.neuron.devices import CPU, DevicePool
+from helexa.neuron.harness.base import ModelGone, PreparedPrompt, TokenStream
+from helexa.neuron.harness.llamacpp import binding, plan
+from helexa.neuron.harness.llamacpp.engine import Engine, Generation, Runtime
+from helexa.neuron.harness.llamacpp.tokenizer import GgufTokenizer, chat_template
+from helexa.neuron.harness.prompt import encode_text, opens_reasoning, render_chat
+from helexa.neuron.model_files import ModelFiles, hf_cache_dir, locate_gguf
+from helexa.neuron.output_parser import CALL_OPEN, THINK_CLOSE, THINK_OPEN
+from helexa.neuron.sampling import OutputFormat, SamplingParams
+from helexa.neuron.workers import WorkerPoisoned
+
+log = logging.getLogger("helexa.neuron.harness.llamacpp")
+
+MB = 1024 * 1024
+GRAMMAR_CACHE = 32
+
+
+@dataclass
+class LoadedGguf:
+    spec: ModelSpec
+    files: ModelFiles
+    placement: plan.Placement
+    runtime: Runtime
+    engine: Engine
+    tokenizer: GgufTokenizer
+    bytes: int
+    generation_defaults: dict[str, Any]
+    eos_ids: frozenset[int]
+    tags: frozenset[str]
+    grammars: dict[tuple[OutputFormat, str], str] = field(default_factory=dict)
+
+    @property
+    def device_key(self) -> str:
+        return self.placement.keys[0]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _generation_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    defaults = {k: config[k] for k in keys if config.get(k) is not None}
+    if config.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults
+
+
+def _as_ids(value: Any) -> set[int]:
+    if value is None:
+        return set()
+    return {value} if isinstance(value, int) else {int(v) for v in value}
+
+
+class LlamaCppHarness:
+    name = "llamacpp"
+
+    def __init__(
+        self,
+        pool: DevicePool,
+        *,
+        settings: LlamaCppHarnessSettings,
+        hf_cache: Path | None,
+        model_dirs: list[Path],
+        cpu_threads: int | None,
+    ) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._hf_cache = hf_cache
+        self._model_dirs = model_dirs
+        self._threads = cpu_threads
+        self._models: dict[str, LoadedGguf] = {}
+        self._loading: dict[str, str] = {}
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def has(self, model_id: str) -> bool:
+        return model_id in self._models
+
+    def get(self, model_id: str) -> LoadedGguf:
+        try:
+            return self._models[model_id]
+        except KeyError:
+            raise model_not_found(model_id) from None
+
+    def memory_used_bytes(self, device: str) -> int:
+        total = 0
+        for m in self._models.values():
+            for key, share in zip(m.placement.keys, m.placement.share, strict=True):
+                if key == device:
+                    total += share
+        return total
+
+    def _status(self, m: LoadedGguf) -> ModelStatus:
+        worker = self._pool.worker(m.device_key)
+        return ModelStatus(
+            id=m.spec.model_id,
+            harness=self.name,
+            status="poisoned" if worker.poisoned else "loaded",
+            devices=m.placement.cuda_indices,
+            vram_used_mb=m.bytes // MB,
+            context_length=m.runtime.context_length,
+        )
+
+    def list(self) -> list[ModelStatus]:
+        return [self._status(m) for m in self._models.values()]
+
+    def loading(self) -> dict[str, str]:
+        return dict(self._loading)
+
+    def prefix_cache(self, model_id: str) -> PrefixCacheInfo | None:
+        loaded = self._models.get(model_id)
+        if loaded is None:
+            return None
+        stats = loaded.engine.stats
+        return PrefixCacheInfo(
+            capacity_tokens=loaded.runtime.ctx.n_ctx,
+            cached_tokens=loaded.engine.cached_tokens(),
+            hits=stats.hits,
+            misses=stats.misses,
+            prompt_tokens_reused=stats.reused,
+            prompt_tokens_evaluated=stats.evaluated,
+        )
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def _worker_keys(self) -> list[str]:
+        return [CPU, *(f"cuda:{i}" for i in self._pool.cuda_indices)]
+
+    async def load(self, spec: ModelSpec) -> ModelStatus:
+        model_id = spec.model_id
+        started = time.monotonic()
+        files = await asyncio.to_thread(
+            locate_gguf,
+            model_id,
+            spec.quant,
+            cache_dir=hf_cache_dir(self._hf_cache),
+            model_dirs=self._model_dirs,
+        )
+        path = files.root / (files.gguf_file or "")
+        wants_gpu = spec.devices != [] and bool(self._pool.cuda_indices)
+        if wants_gpu and not binding.gpu_offload_supported():
+            raise bad_request(
+                "llama-cpp-python on this host was built without GPU support; reinstall it "
+                "with CUDA (scripts/dev.sh does when it finds nvcc), or load with devices: []",
+                param="devices",
+                code="gpu_offload_unavailable",
+            )
+        sizes = await asyncio.to_thread(_gguf_sizes, path, self._settings)
+        need = sizes.file_bytes + sizes.kv_bytes
+        keys = self._worker_keys() if spec.devices != [] else [CPU]
+        healthy = [k for k in keys if self._pool.worker(k).poisoned is None]
+        if not healthy:
+            raise unavailable(
+                "every candidate device is poisoned; unload and reload its models, or restart "
+                "the neuron",
+                code="device_poisoned",
+                retry_after=30,
+            )
+        room = await self._pool.room(healthy)
+        room.update({k: -1 for k in keys if k not in healthy})
+        placement = plan.place(
+            devices=spec.devices,
+            tensor_parallel=spec.tensor_parallel,
+            cuda_indices=[i for i in self._pool.cuda_indices if f"cuda:{i}" in healthy],
+            room=room,
+            need=need,
+        )
+        for key, share in zip(placement.keys, placement.share, strict=True):
+            self._pool.reserve(key, share)  # no await since the room was read
+        self._loading[model_id] = placement.keys[0]
+        worker = self._pool.worker(placement.keys[0])
+        try:
+            runtime, tokenizer = await asyncio.wrap_future(
+                worker.submit(self._open, path, files.root, placement, sizes.context_tokens)
+            )
+            engine = Engine(
+                runtime,
+                worker,
+                slots=self._settings.slots,
+                batch_tokens=self._settings.batch_tokens,
+            )
+            gen_config = await asyncio.to_thread(_read_json, files.root / "generation_config.json")
+            eos = await asyncio.to_thread(_eos_ids, runtime.model.vocab, gen_config)
+            self._models[model_id] = LoadedGguf(
+                spec=spec,
+                files=files,
+                placement=placement,
+                runtime=runtime,
+                engine=engine,
+                tokenizer=tokenizer,
+                bytes=need,
+                generation_defaults=_generation_defaults(gen_config),
+                eos_ids=eos,
+                tags=frozenset(
+                    tag
+                    for tag in (THINK_OPEN, THINK_CLOSE, CALL_OPEN, "</tool_call>")
+                    if tokenizer.single_token(tag) is not None
+                ),
+            )
+        finally:
+            for key, share in zip(placement.keys, placement.share, strict=True):
+                self._pool.unreserve(key, share)
+            self._loading.pop(model_id, None)
+        loaded = self._models[model_id]
+        log.info(
+            "model loaded",
+            extra={
+                "model_id": model_id,
+                "device": ",".join(placement.keys),
+                "gguf": files.gguf_file,
+                "mb": need // MB,
+                "file_mb": sizes.file_bytes // MB,
+                "kv_mb": sizes.kv_bytes // MB,
+                "context": sizes.context_tokens,
+                "slots": self._settings.slots,
+                "tensor_split": list(placement.tensor_split) or None,
+                "secs": round(time.monotonic() - started, 3),
+            },
+        )
+        return self._status(loaded)
+
+    def _open(
+        self, path: Path, root: Path, placement: plan.Placement, n_ctx: int
+    ) -> tuple[Runtime, GgufTokenizer]:
+        """On the device worker: weights, context, tokenizer."""
+        gpu = None
+        if not placement.on_cpu:
+            gpu = binding.GpuPlacement(
+                main_gpu=placement.cuda_indices[0],
+                tensor_split=placement.tensor_split,
+                n_gpu_layers=self._settings.n_gpu_layers,
+            )
+        try:
+            model = binding.Model(path, gpu)
+        except ValueError as exc:
+            raise bad_request(str(exc), param="model_id", code="unsupported_model") from exc
+        try:
+            ctx = binding.Context(
+                model,
+                n_ctx=n_ctx,
+                n_batch=self._settings.batch_tokens,
+                n_seq_max=self._settings.slots,
+                threads=self._threads,
+                flash_attn=self._settings.flash_attn,
+            )
+        except MemoryError as exc:
+            model.free()
+            raise plan.insufficient_memory(str(exc)) from exc
+        tokenizer = GgufTokenizer(model.vocab, chat_template(root, model))
+        return Runtime(model=model, ctx=ctx, tokenizer=tokenizer, context_length=ctx.n_ctx), (
+            tokenizer
+        )
+
+    async def unload(self, model_id: str) -> None:
+        loaded = self.get(model_id)
+        loaded.runtime.loaded = False  # the engine's next step ends its requests
+        del self._models[model_id]
+        worker = self._pool.worker(loaded.device_key)
+
+        def release() -> None:
+            loaded.engine.close(ModelGone("the model was unloaded during generation"))
+            loaded.runtime.ctx.free()
+            loaded.runtime.model.free()
+
+        if worker.poisoned is None:
+            await asyncio.wrap_future(worker.submit(release))
+        else:
+            log.warning(
+                "unloaded from a poisoned device without releasing memory",
+                extra={"model_id": model_id, "device": loaded.device_key},
+            )
+
+    # -- inference --------------------------------------------------------------------------
+
+    def _prepared(self, loaded: LoadedGguf, ids: list[int], text: str = "") -> PreparedPrompt:
+        return PreparedPrompt(
+            token_ids=ids,
+            context_length=loaded.runtime.context_length,
+            generation_defaults=loaded.generation_defaults,
+            eos_ids=loaded.eos_ids,
+            reasoning_tags=THINK_OPEN in loaded.tags,
+            tool_call_tags=CALL_OPEN in loaded.tags,
+            opens_reasoning=THINK_OPEN in loaded.tags and opens_reasoning(text),
+        )
+
+    async def prepare_chat(
+        self,
+        model_id: str,
+        messages: list[ChatMessage],
+        tools: list[dict[str, Any]] | None,
+        template_kwargs: dict[str, Any] | None,
+    ) -> PreparedPrompt:
+        loaded = self.get(model_id)
+        text, ids = await asyncio.to_thread(
+            render_chat, loaded.tokenizer, messages, tools, template_kwargs
+        )
+        return self._prepared(loaded, ids, text)
+
+    async def prepare_text(self, model_id: str, text: str) -> PreparedPrompt:
+        loaded = self.get(model_id)
+        ids = await asyncio.to_thread(encode_text, loaded.tokenizer, text)
+        return self._prepared(loaded, ids)
+
+    async def prepare_format(self, model_id: str, fmt: OutputFormat) -> None:
+        loaded = self.get(model_id)
+        await asyncio.to_thread(self._grammar, loaded, fmt, "none")
+
+    def _grammar(self, loaded: LoadedGguf, fmt: OutputFormat, reasoning: str) -> str:
+        """The GBNF for ``fmt`` (cached per model); a 400 when the schema cannot be one."""
+        key = (fmt, reasoning)
+        grammar = loaded.grammars.get(key)
+        if grammar is None:
+            try:
+                grammar = binding.json_grammar(fmt, reasoning)
+                binding.check_grammar(loaded.runtime.model.vocab, grammar)
+            except Exception as exc:
+                raise bad_request(
+                    f"response_format: the JSON schema cannot be enforced: {exc}",
+                    param="response_format",
+                    code="invalid_schema",
+                ) from exc
+            if len(loaded.grammars) >= GRAMMAR_CACHE:
+                loaded.grammars.pop(next(iter(loaded.grammars)))
+            loaded.grammars[key] = grammar
+        return grammar
+
+    def _reasoning_mode(self, loaded: LoadedGguf, prompt: PreparedPrompt) -> str:
+        if prompt.opens_reasoning:
+            return "open"
+        if not prompt.reasoning_tags:
+            return "none"
+        tail = loaded.tokenizer.decode(prompt.token_ids[-4:], skip_special_tokens=False)
+        return "none" if tail.rstrip().endswith(THINK_CLOSE) else "optional"
+
+    def generate(
+        self, model_id: str, prompt: PreparedPrompt, params: SamplingParams
+    ) -> TokenStream:
+        loaded = self.get(model_id)
+        worker = self._pool.worker(loaded.device_key)
+        if worker.poisoned is not None:
+            raise WorkerPoisoned(f"{worker.name} worker is poisoned: {worker.poisoned}")
+        grammar = None
+        if params.response_format is not None:
+            grammar = self._grammar(
+                loaded, params.response_format, self._reasoning_mode(loaded, prompt)
+            )
+        stream = TokenStream(asyncio.get_running_loop())
+        generation = Generation(
+            prompt_ids=prompt.token_ids,
+            params=params,
+            grammar=grammar,
+            tokenizer=loaded.tokenizer,
+            emit=stream.emit,
+        )
+        stream.attach(generation.future, generation.cancel)
+        loaded.engine.submit(generation)
+        return stream
+
+
+@dataclass(frozen=True)
+class GgufSizes:
+    file_bytes: int
+    kv_bytes: int
+    context_tokens: int
+
+
+def _gguf_sizes(path: Path, settings: LlamaCppHarnessSettings) -> GgufSizes:
+    """Weights as stored (every part of a split file) plus the KV cache the context needs,
+    read from the GGUF header without loading tensors."""
+    from gguf import GGUFReader
+
+    if not path.is_file():
+        raise ApiError(
+            404, f"no GGUF file at {path}", code="model_weights_not_found", param="model_id"
+        )
+    parts = _split_parts(path) or [path]
+    reader = GGUFReader(path)
+    fields = {name: reader.fields[name] for name in reader.fields}
+
+    def value(key: str) -> Any:
+        entry = fields.get(key)
+        if entry is None:
+            return None
+        return entry.contents()
+
+    arch = value("general.architecture") or ""
+    n_layer = int(value(f"{arch}.block_count") or 0)
+    n_head = int(value(f"{arch}.attention.head_count") or 1)
+    n_head_kv = value(f"{arch}.attention.head_count_kv")
+    n_head_kv = int(n_head_kv if n_head_kv is not None else n_head)
+    n_embd = int(value(f"{arch}.embedding_length") or 0)
+    head_k = int(value(f"{arch}.attention.key_length") or (n_embd // max(n_head, 1)))
+    head_v = int(value(f"{arch}.attention.value_length") or head_k)
+    trained = int(value(f"{arch}.context_length") or 0)
+    tokens = plan.context_tokens(
+        trained, settings.context_tokens, settings.max_default_context_tokens
+    )
+    return GgufSizes(
+        file_bytes=sum(p.stat().st_size for p in parts),
+        kv_bytes=plan.kv_bytes(
+            tokens, n_layer=n_layer, n_head_kv=n_head_kv, head_k=head_k, head_v=head_v
+        ),
+        context_tokens=tokens,
+    )
+
+
+def _split_parts(path: Path) -> list[Path]:
+    from helexa.neuron.model_files import SPLIT_PART
+
+    if not SPLIT_PART.search(path.name):
+        return []
+    stem = SPLIT_PART.sub("", path.name)
+    return sorted(p for p in path.parent.glob(f"{stem}-*-of-*.gguf") if SPLIT_PART.search(p.name))
+
+
+def _eos_ids(vocab: binding.Vocab, generation_config: dict[str, Any]) -> frozenset[int]:
+    """Every id that ends generation: llama.cpp's end-of-generation set and the repo's."""
+    ids = {t for t in range(vocab.n_tokens) if vocab.is_eog(t)}
+    ids |= _as_ids(generation_config.get("eos_token_id"))
+    return frozenset(ids)

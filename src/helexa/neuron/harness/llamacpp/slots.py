@@ -1,0 +1,112 @@
+"""Scheduling decisions of the batched llama.cpp engine, as pure functions (no I/O).
+
+A model's context holds ``n`` slots (llama.cpp sequence ids). A slot keeps the tokens whose
+KV it holds after its request ends, so the next request that starts with them — the next turn
+of a conversation, a shared system prompt — evaluates only the rest (prefix reuse). The KV
+cache is bounded; when a step finds no room, retained caches go first (least recently used),
+then the youngest running sequence is preempted and later recomputed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SlotView:
+    """What the decisions need to know of one slot."""
+
+    index: int
+    cached: Sequence[int]  # tokens whose KV the slot holds, from position 0
+    busy: bool  # a running request owns it
+    last_used: int  # tick of the last time a request used it (larger: more recent)
+    admitted: int = 0  # busy slots: tick at which their request was admitted
+
+
+@dataclass(frozen=True)
+class SlotChoice:
+    slot: int
+    reuse: int  # leading tokens of the prompt already in the cache: not evaluated again
+    copy_from: int | None = None  # another slot whose first ``reuse`` cells are shared first
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Tokens of one sequence in one decode step."""
+
+    key: int  # the sequence's slot
+    count: int  # how many of its pending tokens go in this step
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    limit = min(len(a), len(b))
+    index = 0
+    while index < limit and a[index] == b[index]:
+        index += 1
+    return index
+
+
+def choose_slot(tokens: Sequence[int], slots: Sequence[SlotView]) -> SlotChoice | None:
+    """The free slot for a request whose context is ``tokens``, and how much it reuses.
+
+    The free slot whose cache shares the longest prefix wins (ties: the least recently used,
+    the most expendable cache). When another slot, running or not, shares a longer prefix,
+    its cells are shared into the chosen slot instead. At least the last token is always
+    evaluated: its logits give the next token. None when every slot is busy.
+    """
+    free = [s for s in slots if not s.busy]
+    if not free:
+        return None
+    limit = max(len(tokens) - 1, 0)
+    own = {s.index: min(common_prefix(s.cached, tokens), limit) for s in free}
+    target = max(free, key=lambda s: (own[s.index], -s.last_used))
+    donors = [
+        (min(common_prefix(s.cached, tokens), limit), s.index)
+        for s in slots
+        if s.index != target.index
+    ]
+    best, donor = max(donors, default=(0, None))
+    if donor is not None and best > own[target.index]:
+        # Prefer overwriting the least useful free cache when the prefix comes from elsewhere.
+        target = min(free, key=lambda s: (own[s.index], s.last_used))
+        return SlotChoice(slot=target.index, reuse=best, copy_from=donor)
+    return SlotChoice(slot=target.index, reuse=own[target.index])
+
+
+def plan_step(
+    decoding: Sequence[int], prefilling: Sequence[tuple[int, int]], budget: int
+) -> list[Chunk]:
+    """One decode step: a token for every decoding sequence, then prompt chunks in arrival
+    order with what is left of ``budget`` (chunked prefill: a long prompt takes several steps
+    while the running streams keep producing)."""
+    chunks = [Chunk(key, 1) for key in decoding]
+    left = budget - len(chunks)
+    for key, pending in prefilling:
+        if left <= 0:
+            break
+        take = min(pending, left)
+        chunks.append(Chunk(key, take))
+        left -= take
+    return chunks
+
+
+@dataclass(frozen=True)
+class MakeRoom:
+    """What to give up when the KV cache is full: a retained cache, or a running sequence."""
+
+    slot: int
+    preempt: bool  # True: the slot's running request goes back to wait and is recomputed
+
+
+def make_room(slots: Sequence[SlotView], in_step: frozenset[int]) -> MakeRoom | None:
+    """The least valuable cells to free: an idle slot's cache (least recently used first);
+    else the most recently admitted running sequence, as long as the step keeps another
+    sequence to run. None when nothing can go."""
+    idle = [s for s in slots if not s.busy and s.cached]
+    if idle:
+        return MakeRoom(slot=min(idle, key=lambda s: s.last_used).index, preempt=False)
+    running = [s for s in slots if s.busy and in_step - {s.index}]
+    if running:
+        return MakeRoom(slot=max(running, key=lambda s: s.admitted).index, preempt=True)
+    return None
