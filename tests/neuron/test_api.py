@@ -43,7 +43,7 @@ def test_discovery_reports_cpu_host(base: str) -> None:
     body = httpx.get(f"{base}/discovery").json()
     assert body["devices"] == []
     assert body["cpu"]["cores"] >= 1 and body["cpu"]["memory_total_mb"] > 0
-    assert body["harnesses"] == ["transformers"]
+    assert body["harnesses"] == ["llamacpp", "transformers"]
     assert body["hostname"] and body["kernel"] and body["os"]
 
 
@@ -51,7 +51,12 @@ def test_health_and_models(base: str) -> None:
     health = httpx.get(f"{base}/health").json()
     assert health["activation"]["state"] == "ready"
     assert TINY_REPO_ID in health["activation"]["completed"]
-    assert health["models"][TINY_REPO_ID] == {"in_flight": 0, "queued": 0}
+    assert health["models"][TINY_REPO_ID] == {
+        "in_flight": 0,
+        "queued": 0,
+        "prefix_cache": None,
+        "batch": None,
+    }
     assert health["cpu"]["memory_used_mb"] >= 1 and health["cpu"]["memory_free_mb"] > 0
     models = httpx.get(f"{base}/models").json()
     tiny = next(m for m in models if m["id"] == TINY_REPO_ID)
@@ -427,6 +432,35 @@ def test_gguf_load_by_quant_tag(base: str) -> None:
     answer = client.chat.completions.create(model=GGUF_REPO_ID, messages=MSGS, max_tokens=4)
     assert answer.usage.prompt_tokens > 5
     assert post(base, "/models/unload", json={"model_id": GGUF_REPO_ID}).status_code == 200
+
+
+def test_size_from_the_files_without_loading(base: str, hf_cache) -> None:  # type: ignore[no-untyped-def]
+    from helexa.core.tiny_model import GGUF_Q8_0_FILENAME
+
+    gguf = post(base, "/models/size", json={"model_id": GGUF_REPO_ID, "quant": "Q8_0"})
+    assert gguf.status_code == 200, gguf.text
+    size = gguf.json()
+    [path] = (hf_cache / "models--helexa--tiny-qwen3-gguf" / "snapshots").glob(
+        f"*/{GGUF_Q8_0_FILENAME}"
+    )
+    assert size["weights_bytes"] == path.stat().st_size  # the file as stored, not dequantized
+    assert size["kv_bytes"] > 0 and size["bytes"] == size["weights_bytes"] + size["kv_bytes"]
+    assert GGUF_REPO_ID not in {m["id"] for m in httpx.get(f"{base}/models").json()}
+    dense = post(base, "/models/size", json={"model_id": TINY_REPO_ID}).json()
+    loaded = next(m for m in httpx.get(f"{base}/models").json() if m["id"] == TINY_REPO_ID)
+    assert dense["weights_bytes"] // (1024 * 1024) == loaded["vram_used_mb"]  # fp32 on CPU
+    assert dense["bytes"] == int(dense["weights_bytes"] * 1.2)
+    assert dense["kv_bytes"] == dense["bytes"] - dense["weights_bytes"]
+    assert_envelope(
+        post(base, "/models/size", json={"model_id": "nobody/absent"}),
+        404,
+        code="model_weights_not_found",
+    )
+    assert_envelope(
+        post(base, "/models/size", json={"model_id": GGUF_REPO_ID, "quant": "Q2_K"}),
+        404,
+        code="model_weights_not_found",
+    )
 
 
 def test_non_streaming_client_that_leaves_stops_generation(neuron, base: str) -> None:  # type: ignore[no-untyped-def]

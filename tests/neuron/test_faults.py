@@ -62,6 +62,10 @@ def test_mid_stream_failures(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -
                 denied = await client.post("/models/unload", json={"model_id": LOCAL_MODEL})
                 assert denied.status_code == 401
                 assert denied.json()["error"]["type"] == "authentication_error"
+                size = {"model_id": LOCAL_MODEL}
+                assert (await client.post("/models/size", json=size)).status_code == 401
+                sized = await client.post("/models/size", json=size, headers=ADMIN)
+                assert sized.status_code == 200 and sized.json()["weights_bytes"] > 0
 
                 # An ordinary error after a few tokens: an error frame, no [DONE], no poison.
                 fail_after(monkeypatch, 4, ValueError("boom"))

@@ -222,7 +222,8 @@ def test_gguf_selection_by_tag() -> None:
 
 def test_defaults_without_a_file() -> None:
     settings = load_settings(NeuronSettings, None)
-    assert settings.port == 13131 and [h.name for h in settings.harnesses] == ["transformers"]
+    assert settings.port == 13131
+    assert [h.name for h in settings.harnesses] == ["transformers", "llamacpp"]
 
 
 def test_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

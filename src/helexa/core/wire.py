@@ -55,6 +55,18 @@ class ModelStatus(Wire):
     context_length: int | None
 
 
+class ModelSize(Wire):
+    """What ``/models/size`` answers: the memory a load of a spec would take, from its files.
+
+    llamacpp: the GGUF file(s) as stored plus the KV cache it allocates at load.
+    transformers: the dense weights in the load dtype, plus 20 % for KV and activations.
+    """
+
+    bytes: int  # weights_bytes + kv_bytes: what placement needs free
+    weights_bytes: int
+    kv_bytes: int
+
+
 # --- discovery and health ---------------------------------------------------------------------
 
 
@@ -119,10 +131,19 @@ class PrefixCacheInfo(Wire):
     prompt_tokens_evaluated: int
 
 
+class BatchInfo(Wire):
+    """How a model's decode steps were shared: every running sequence advances in one step."""
+
+    steps: int
+    tokens: int  # tokens evaluated, prompts and generated together
+    peak_sequences: int  # most sequences in one step since load
+
+
 class ModelLoadInfo(Wire):
     in_flight: int
     queued: int
     prefix_cache: PrefixCacheInfo | None = None
+    batch: BatchInfo | None = None
 
 
 class Health(Wire):

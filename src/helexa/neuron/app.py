@@ -72,6 +72,11 @@ def build_app(neuron: Neuron) -> Starlette:
         outcome, status = await neuron.load(spec)
         return JSONResponse({"status": outcome, "model": _dump(status)})
 
+    async def size(request: Request) -> Response:
+        require_admin(request)
+        spec = await read_body(request, ModelSpec)
+        return JSONResponse(_dump(await neuron.size(spec)))
+
     async def unload(request: Request) -> Response:
         require_admin(request)
         body = await read_body(request, UnloadRequest)
@@ -154,6 +159,7 @@ def build_app(neuron: Neuron) -> Starlette:
         Route("/models", models, methods=["GET"]),
         Route("/models/load", load, methods=["POST"]),
         Route("/models/unload", unload, methods=["POST"]),
+        Route("/models/size", size, methods=["POST"]),
         Route("/models/{model_id:path}/endpoint", endpoint, methods=["GET"]),
         Route("/v1/models", openai_models, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),

@@ -7,7 +7,7 @@ import logging
 import time
 
 from helexa.core.errors import ApiError, bad_request, model_not_found, unavailable
-from helexa.core.wire import CpuHealth, Health, ModelLoadInfo, ModelSpec, ModelStatus
+from helexa.core.wire import CpuHealth, Health, ModelLoadInfo, ModelSize, ModelSpec, ModelStatus
 from helexa.neuron.activation import ActivationTracker, prewarm
 from helexa.neuron.admission import Admission
 from helexa.neuron.config import NeuronSettings
@@ -73,8 +73,7 @@ class Neuron:
                 return harness
         raise model_not_found(model_id)
 
-    async def load(self, spec: ModelSpec) -> tuple[str, ModelStatus]:
-        """Load ``spec``; concurrent loads of one id share a single attempt."""
+    def harness_for(self, spec: ModelSpec) -> Harness:
         harness = self.harnesses.get(spec.harness)
         if harness is None:
             raise bad_request(
@@ -82,6 +81,15 @@ class Neuron:
                 param="harness",
                 code="unknown_harness",
             )
+        return harness
+
+    async def size(self, spec: ModelSpec) -> ModelSize:
+        """What loading ``spec`` would take, from its files; nothing is loaded."""
+        return await self.harness_for(spec).size(spec)
+
+    async def load(self, spec: ModelSpec) -> tuple[str, ModelStatus]:
+        """Load ``spec``; concurrent loads of one id share a single attempt."""
+        harness = self.harness_for(spec)
         if harness.has(spec.model_id):
             status = next(s for s in harness.list() if s.id == spec.model_id)
             return "already_loaded", status
@@ -184,16 +192,16 @@ class Neuron:
 
     def health(self) -> Health:
         cpu_used = self.pool.cpu_used()
-        models = {
-            s.id: ModelLoadInfo(
-                in_flight=self._admission[s.id].in_flight if s.id in self._admission else 0,
-                queued=self._admission[s.id].queued if s.id in self._admission else 0,
-                prefix_cache=self.harnesses[s.harness].prefix_cache(s.id)
-                if s.harness in self.harnesses
-                else None,
+        models = {}
+        for status in self.models():
+            gate = self._admission.get(status.id)
+            harness = self.harnesses.get(status.harness)
+            models[status.id] = ModelLoadInfo(
+                in_flight=gate.in_flight if gate else 0,
+                queued=gate.queued if gate else 0,
+                prefix_cache=harness.prefix_cache(status.id) if harness else None,
+                batch=harness.batch_info(status.id) if harness else None,
             )
-            for s in self.models()
-        }
         return Health(
             uptime_secs=round(time.monotonic() - self.started, 3),
             devices=self.hardware.device_health(),

@@ -12,7 +12,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from helexa.core.wire import ChatMessage, ModelSpec, ModelStatus, PrefixCacheInfo
+from helexa.core.wire import (
+    BatchInfo,
+    ChatMessage,
+    ModelSize,
+    ModelSpec,
+    ModelStatus,
+    PrefixCacheInfo,
+)
 from helexa.neuron.sampling import OutputFormat, SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -50,6 +57,11 @@ class Harness(Protocol):
 
     async def unload(self, model_id: str) -> None: ...
 
+    async def size(self, spec: ModelSpec) -> ModelSize:
+        """The memory ``load(spec)`` would take, from the files alone (found as a load finds
+        them; nothing is loaded). Missing weights: the load's 404 ``model_weights_not_found``."""
+        ...
+
     def list(self) -> list[ModelStatus]: ...
 
     def has(self, model_id: str) -> bool: ...
@@ -83,6 +95,10 @@ class Harness(Protocol):
     def prefix_cache(self, model_id: str) -> PrefixCacheInfo | None:
         """The model's KV cache as a prefix cache (capacity, hits); None where the harness
         keeps none."""
+        ...
+
+    def batch_info(self, model_id: str) -> BatchInfo | None:
+        """How the model's decode steps were shared; None where requests decode alone."""
         ...
 
 

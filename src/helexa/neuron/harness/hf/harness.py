@@ -13,7 +13,14 @@ from typing import Any
 import torch
 
 from helexa.core.errors import ApiError, bad_request, model_not_found, unavailable
-from helexa.core.wire import ChatMessage, ModelSpec, ModelStatus, PrefixCacheInfo
+from helexa.core.wire import (
+    BatchInfo,
+    ChatMessage,
+    ModelSize,
+    ModelSpec,
+    ModelStatus,
+    PrefixCacheInfo,
+)
 from helexa.neuron.devices import CPU, DevicePool, cuda_key
 from helexa.neuron.harness.base import ModelGone, PreparedPrompt, TokenStream
 from helexa.neuron.harness.hf import loader
@@ -28,6 +35,8 @@ from helexa.neuron.workers import WorkerPoisoned
 log = logging.getLogger("helexa.neuron.harness.transformers")
 
 MB = 1024 * 1024
+# A load is sized at 1.2 x its dense weights: the rest is KV cache and activations (§2.4).
+HEADROOM = 1.2
 GRAMMARS = "grammars"  # LoadedModel.extra: the task building the model's llguidance Grammars
 
 
@@ -102,6 +111,9 @@ class TransformersHarness:
     def prefix_cache(self, model_id: str) -> PrefixCacheInfo | None:
         return None  # one DynamicCache per request, dropped at its end
 
+    def batch_info(self, model_id: str) -> BatchInfo | None:
+        return None  # requests interleave step by step, each in its own forward pass
+
     def list(self) -> list[ModelStatus]:
         return [self._status(m) for m in self._models.values()]
 
@@ -152,6 +164,25 @@ class TransformersHarness:
         return best
 
     # -- lifecycle --------------------------------------------------------------------------
+
+    async def size(self, spec: ModelSpec) -> ModelSize:
+        """The dense weights in the dtype a load would pick, times ``HEADROOM``."""
+        files: ModelFiles = await asyncio.to_thread(
+            locate,
+            spec.model_id,
+            spec.quant,
+            cache_dir=hf_cache_dir(self._hf_cache),
+            model_dirs=self._model_dirs,
+        )
+        on_cuda = bool(self._pool.cuda_indices) and spec.devices != []
+        dtype = loader.pick_dtype(
+            self._cuda_dtype if on_cuda else self._cpu_dtype,
+            cuda=on_cuda,
+            bf16_supported=on_cuda and torch.cuda.is_bf16_supported(),
+        )
+        weights = await asyncio.to_thread(loader.estimate_bytes, files, dtype)
+        total = int(weights * HEADROOM)
+        return ModelSize(bytes=total, weights_bytes=weights, kv_bytes=total - weights)
 
     async def load(self, spec: ModelSpec) -> ModelStatus:
         model_id = spec.model_id

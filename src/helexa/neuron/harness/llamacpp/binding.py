@@ -368,7 +368,12 @@ def json_grammar(fmt: OutputFormat, reasoning: str) -> str:
     schema = json.loads(fmt.schema or ANY_OBJECT)
     schema = converter.resolve_refs(schema, "request")
     converter.visit(schema, "json-doc")
-    rules = converter.format_grammar().replace('space ::= " "?', 'space ::= ""')
+    rules = (
+        converter.format_grammar()
+        .replace('space ::= " "?', 'space ::= ""')
+        # Raw control characters are not JSON; this converter's string rule lets them in.
+        .replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
+    )
     if reasoning == "open":
         root = "root ::= think-body json-doc"
     elif reasoning == "optional":

@@ -48,11 +48,14 @@ class Runtime:
 
 
 @dataclass
-class PrefixStats:
-    hits: int = 0
+class EngineStats:
+    hits: int = 0  # prompts that reused cached tokens
     misses: int = 0
-    reused: int = 0
-    evaluated: int = 0
+    reused: int = 0  # prompt tokens not evaluated thanks to the cache
+    evaluated: int = 0  # prompt tokens evaluated
+    steps: int = 0
+    tokens: int = 0
+    peak_sequences: int = 0
 
 
 class Generation:
@@ -121,7 +124,7 @@ class Engine:
         self._running = False
         self._tick = itertools.count(1)
         self._nan_steps = 0
-        self.stats = PrefixStats()
+        self.stats = EngineStats()
 
     # -- loop side ------------------------------------------------------------------------------
 
@@ -266,6 +269,9 @@ class Engine:
                 return True
             self._free(room.slot, preempt=room.preempt)
             running = [s.owner for s in self._slots if s.owner is not None]
+        self.stats.steps += 1
+        self.stats.tokens += self._batch.n_tokens
+        self.stats.peak_sequences = max(self.stats.peak_sequences, len(chunks))
         for chunk in chunks:
             slot = self._slots[chunk.key]
             generation = slot.owner

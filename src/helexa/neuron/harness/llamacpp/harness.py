@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from helexa.core.errors import ApiError, bad_request, model_not_found, unavailable
-from helexa.core.wire import ChatMessage, ModelSpec, ModelStatus, PrefixCacheInfo
+from helexa.core.wire import (
+    BatchInfo,
+    ChatMessage,
+    ModelSize,
+    ModelSpec,
+    ModelStatus,
+    PrefixCacheInfo,
+)
 from helexa.neuron.config import LlamaCppHarnessSettings
 from helexa.neuron.devices import CPU, DevicePool
 from helexa.neuron.harness.base import ModelGone, PreparedPrompt, TokenStream
@@ -145,10 +152,36 @@ class LlamaCppHarness:
             prompt_tokens_evaluated=stats.evaluated,
         )
 
+    def batch_info(self, model_id: str) -> BatchInfo | None:
+        loaded = self._models.get(model_id)
+        if loaded is None:
+            return None
+        stats = loaded.engine.stats
+        return BatchInfo(
+            steps=stats.steps, tokens=stats.tokens, peak_sequences=stats.peak_sequences
+        )
+
     # -- lifecycle --------------------------------------------------------------------------
 
     def _worker_keys(self) -> list[str]:
         return [CPU, *(f"cuda:{i}" for i in self._pool.cuda_indices)]
+
+    async def size(self, spec: ModelSpec) -> ModelSize:
+        """The file(s) plus the KV cache a load allocates, from the GGUF header alone."""
+        files = await asyncio.to_thread(
+            locate_gguf,
+            spec.model_id,
+            spec.quant,
+            cache_dir=hf_cache_dir(self._hf_cache),
+            model_dirs=self._model_dirs,
+        )
+        path = files.root / (files.gguf_file or "")
+        sizes = await asyncio.to_thread(_gguf_sizes, path, self._settings)
+        return ModelSize(
+            bytes=sizes.file_bytes + sizes.kv_bytes,
+            weights_bytes=sizes.file_bytes,
+            kv_bytes=sizes.kv_bytes,
+        )
 
     async def load(self, spec: ModelSpec) -> ModelStatus:
         model_id = spec.model_id
