@@ -142,7 +142,9 @@ def test_f16_file_from_a_model_dir(neuron_url: str) -> None:
     # Same weights, two encodings: the opening tokens agree, Q8_0 rounding may drift later.
     assert f16 and q8 and f16[:4] == q8[:4]
     used = httpx.get(f"{neuron_url}/health").json()["cpu"]["memory_used_mb"]
-    assert httpx.post(f"{neuron_url}/models/unload", json={"model_id": F16_MODEL}).status_code == 200
+    assert (
+        httpx.post(f"{neuron_url}/models/unload", json={"model_id": F16_MODEL}).status_code == 200
+    )
     assert httpx.get(f"{neuron_url}/health").json()["cpu"]["memory_used_mb"] < used
 
 
@@ -154,9 +156,16 @@ def test_seeds_and_sampling_parameters(neuron_url: str) -> None:
     assert sample(seed=7) != sample(seed=8)
     tuned = sample(seed=7, top_p=0.5, extra_body={"top_k": 20, "min_p": 0.05})
     assert tuned == sample(seed=7, top_p=0.5, extra_body={"top_k": 20, "min_p": 0.05})
-    penalised = greedy(
-        neuron_url, frequency_penalty=1.5, presence_penalty=1.0, extra_body={"repetition_penalty": 1.3}
-    ).choices[0].message.content
+    penalised = (
+        greedy(
+            neuron_url,
+            frequency_penalty=1.5,
+            presence_penalty=1.0,
+            extra_body={"repetition_penalty": 1.3},
+        )
+        .choices[0]
+        .message.content
+    )
     assert penalised != greedy(neuron_url).choices[0].message.content
 
 
@@ -184,7 +193,9 @@ def test_concurrent_streams_decode_together_with_solo_text(neuron_url: str) -> N
         [{"role": "user", "content": f"Question {i}: what is the weather like today?"}]
         for i in range(4)
     ]
-    solo = [greedy(neuron_url, messages=p, max_tokens=40).choices[0].message.content for p in prompts]
+    solo = [
+        greedy(neuron_url, messages=p, max_tokens=40).choices[0].message.content for p in prompts
+    ]
     before = health_of(neuron_url)["batch"]
 
     def streamed(messages: list[dict]) -> str:

@@ -28,7 +28,7 @@ from helexa.neuron.harness.llamacpp.slots import (
 )
 from helexa.neuron.harness.llamacpp.tokenizer import GgufTokenizer
 from helexa.neuron.sampling import SamplingParams
-from helexa.neuron.workers import DeviceWorker, NanLogitsFlood
+from helexa.neuron.workers import DeviceWorker, NanLogitsFlood, is_device_fault
 
 log = logging.getLogger("helexa.neuron.llamacpp")
 
@@ -124,6 +124,7 @@ class Engine:
         self._running = False
         self._tick = itertools.count(1)
         self._nan_steps = 0
+        self._full = False  # a sequence was preempted: admit nothing until one finishes
         self.stats = EngineStats()
 
     # -- loop side ------------------------------------------------------------------------------
@@ -142,9 +143,9 @@ class Engine:
         if exc is not None:  # the worker refused the job (poisoned) or a step raised
             with self._lock:
                 self._running = False
-                stranded, self._inbox = self._inbox, []
-            for generation in stranded:
-                _fail(generation, exc)
+                self._waiting.extend(self._inbox)
+                self._inbox = []
+            self._fail_all(exc)
 
     def cached_tokens(self) -> int:
         return sum(len(s.cached) for s in self._slots)
@@ -166,13 +167,17 @@ class Engine:
                 return self._go_idle()
             return False
         except BaseException as exc:
+            with self._lock:
+                self._running = False
+            if is_device_fault(exc):
+                # The worker poisons itself when this re-raises, then fails this job with
+                # WorkerPoisoned; _stopped passes that on to every request.
+                raise
             self._fail_all(exc)
             if self._rt.loaded:
                 self._rt.ctx.clear()
                 for slot in self._slots:
                     slot.cached.clear()
-            with self._lock:
-                self._running = False
             raise
 
     def _go_idle(self) -> bool:
@@ -196,7 +201,7 @@ class Engine:
                 self._finish(slot.owner, "cancelled")
 
     def _admit(self) -> None:
-        while self._waiting:
+        while self._waiting and not self._full:
             generation = self._waiting[0]
             choice = choose_slot(generation.history, [s.view() for s in self._slots])
             if choice is None:
@@ -294,6 +299,7 @@ class Engine:
             generation.slot = None
             generation.pending = []
             self._waiting.appendleft(generation)  # first to come back once there is room
+            self._full = True
             log.info(
                 "sequence preempted: KV cache full",
                 extra={"tokens": len(generation.history), "generated": generation.generated},
@@ -344,6 +350,7 @@ class Engine:
         return generation.stops.matched
 
     def _release(self, generation: Generation) -> None:
+        self._full = False  # its cells are free to be reused
         if generation.slot is not None:
             slot = self._slots[generation.slot]
             slot.owner = None
