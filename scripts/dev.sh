@@ -22,6 +22,21 @@ if ! "$py" -c "import torch" >/dev/null 2>&1; then
   pip_q "$TORCH_PIN"
 fi
 
+# llama-cpp-python compiles llama.cpp when pip has no wheel for it yet: minutes on a small
+# machine, so say so rather than sit silent. Where nvcc exists the build gets CUDA
+# (GGML_CUDA) unless CMAKE_ARGS already says what to build.
+want_llama_cpp() {
+  if "$py" -c "import llama_cpp" >/dev/null 2>&1; then return; fi
+  if [ -z "${CMAKE_ARGS:-}" ] && command -v nvcc >/dev/null 2>&1; then
+    export CMAKE_ARGS="-DGGML_CUDA=on"
+    echo "building llama-cpp-python with CUDA (nvcc found); this takes a while…" >&2
+  else
+    echo "building llama-cpp-python (compiles llama.cpp: several minutes on a small machine," \
+      "cached afterwards)…" >&2
+  fi
+  "$py" -m pip install --disable-pip-version-check --progress-bar on "llama-cpp-python>=0.3.16"
+}
+
 # rpmbuild lets the packaging tests build the source RPMs; best effort (root + apt only).
 want_rpmbuild() {
   if ! command -v rpmbuild >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
@@ -51,9 +66,11 @@ want_claude_code() {
 task=${1:-test}
 case "$task" in
   setup)
+    want_llama_cpp
     pip_q -e ".[neuron]"
     ;;
   test)
+    want_llama_cpp
     pip_q -e ".[neuron,test]"
     want_rpmbuild
     want_claude_code
