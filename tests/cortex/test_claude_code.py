@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from helexa.core.tiny_model import DEMO_SHAPE, write_tiny_model_to_hf_cache
+from helexa.cortex.up import CONTEXT_TOKENS
 from tests.cortex.conftest import Fleet
 from tests.support.fleet import start_cortex
 from tests.support.procs import start_neuron
@@ -116,18 +117,20 @@ def test_context_command_counts_tokens(claude: Path, scripted: Fleet, tmp_path: 
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory: pytest.TempPathFactory, hf_cache: Path) -> Iterator[Fleet]:
-    """A real neuron with the `cortex up --tiny` model, behind a cortex configured as
-    `cortex up` configures it (alias helexa/default, claude-* fallback)."""
+    """A real neuron with the `cortex up --tiny` model (its Q8_0 GGUF on llama.cpp, with
+    cortex up's context), behind a cortex configured as `cortex up` configures it (alias
+    helexa/default, claude-* fallback)."""
     work = tmp_path_factory.mktemp("demo")
-    write_tiny_model_to_hf_cache(hf_cache, DEMO_REPO, **DEMO_SHAPE)
+    write_tiny_model_to_hf_cache(hf_cache, DEMO_REPO, with_gguf=True, **DEMO_SHAPE)
     neuron, url = start_neuron(
         work,
-        f'[[default_models]]\nmodel_id = "{DEMO_REPO}"\n',
+        f"[harness.llamacpp]\ncontext_tokens = {CONTEXT_TOKENS}\n"
+        f'[[default_models]]\nmodel_id = "{DEMO_REPO}"\nquant = "Q8_0"\n',
         hf_cache=hf_cache,
         name="demo-neuron",
     )
     models = (
-        f'[[models]]\nid = "{DEMO_REPO}"\nmin_devices = 0\n'
+        f'[[models]]\nid = "{DEMO_REPO}"\nquant = "Q8_0"\nmin_devices = 0\n'
         f'[aliases]\n"helexa/default" = "{DEMO_REPO}"\n'
         f'[fallbacks]\n"claude-*" = "{DEMO_REPO}"\n'
     )
@@ -140,6 +143,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory, hf_cache: Path) -> Iterator[F
 def test_claude_code_against_the_tiny_demo_model(claude: Path, demo: Fleet, tmp_path: Path) -> None:
     """Claude Code's own prompt (system prompt and ~25 tools) fits the demo model's context
     and the real neuron answers it; message_start carries the real prompt count."""
+    [served] = httpx.get(f"{demo.neurons['demo'][1]}/models", timeout=5).json()
+    assert served["harness"] == "llamacpp" and served["context_length"] == CONTEXT_TOKENS
     done = run_claude(
         claude,
         demo.base,

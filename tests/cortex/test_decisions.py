@@ -205,62 +205,145 @@ def test_config_cross_checks_and_cli(tmp_path: Path) -> None:
 # --- weight sizes for profiles without vram_mb ------------------------------------------------
 
 
-def test_weight_bytes_from_a_listing() -> None:
-    from helexa.cortex.weights import weights_bytes
-
-    listing = [
-        ("model-00001-of-00002.safetensors", 4_000),
-        ("model-00002-of-00002.safetensors", 1_000),
-        ("m-Q4_K_M.gguf", 700),
-        ("m-Q8_0.gguf", 1_200),
-        ("README.md", 5),
-    ]
-    assert weights_bytes(listing, None) == 5_000
-    assert weights_bytes(listing, "q4_k_m") == 700
-    assert weights_bytes(listing, "Q2_K") is None
-    assert weights_bytes([("x.safetensors", None)], None) is None
-
-
-def test_need_follows_weights_and_unknown_is_remembered() -> None:
+def test_need_is_the_size_a_neuron_reports_and_is_remembered() -> None:
     import asyncio
 
     from helexa.core.placement import need_mb
+    from helexa.core.wire import ModelSize
     from helexa.cortex.weights import WeightSizes
 
-    calls: list[str] = []
+    asked: list[tuple[str, str]] = []
+    gib = 1024**3
 
-    def fetch(model_id: str) -> list[tuple[str, int]]:
-        calls.append(model_id)
-        if model_id == "offline/model":
-            raise OSError("hub unreachable")
-        return [("model.safetensors", 10 * 1024 * 1024 * 1024)]
+    async def ask(name: str, profile: ModelProfile) -> ModelSize:
+        asked.append((name, profile.id))
+        if name == "empty" or profile.id == "nowhere/model":
+            raise RuntimeError("model_weights_not_found")
+        return ModelSize(bytes=12 * gib, weights_bytes=10 * gib, kv_bytes=2 * gib)
 
-    sizes = WeightSizes(fetch)
+    sizes = WeightSizes()
     known = ModelProfile(id="org/model")
-    unknown = ModelProfile(id="offline/model")
+    unknown = ModelProfile(id="nowhere/model")
 
     async def scenario() -> None:
-        weights = await sizes.mb(known)
-        assert weights == 10 * 1024
-        assert need_mb(known, weights) == int(1.2 * 10 * 1024)
-        assert await sizes.mb(unknown) is None and await sizes.mb(unknown) is None
-        await sizes.mb(known)
+        sized = await sizes.mb(known, ["empty", "full"], ask)
+        assert sized == 12 * 1024 == sizes.known_mb(known)
+        assert need_mb(known, sized) == 12 * 1024  # the neuron's figure, not scaled again
+        assert await sizes.mb(known, ["empty", "full"], ask) == sized  # remembered
+        assert await sizes.mb(unknown, ["full"], ask) is None
+        assert await sizes.mb(unknown, [], ask) is None  # no neuron to ask
+        assert need_mb(unknown, None) == 0
+        assert need_mb(ModelProfile(id="m", vram_mb=500), sized) == 500
 
     asyncio.run(scenario())
-    assert calls == ["org/model", "offline/model"]  # each asked once
+    assert asked == [("empty", "org/model"), ("full", "org/model"), ("full", "nowhere/model")]
 
 
-def test_weight_bytes_skip_duplicate_consolidated_files() -> None:
-    from helexa.cortex.weights import weights_bytes
+def test_gguf_need_is_file_plus_kv(tmp_path: Path) -> None:
+    """A GGUF profile without vram_mb needs its file as stored plus the KV cache llama.cpp
+    allocates, as the neuron reports it: never the dequantized weights."""
+    import asyncio
 
-    listing = [
-        ("consolidated.safetensors", 9_000),
-        ("model-00001-of-00002.safetensors", 5_000),
-        ("model-00002-of-00002.safetensors", 4_000),
-        ("original/x.safetensors", 9_000),
-    ]
-    assert weights_bytes(listing, None) == 9_000
-    assert weights_bytes([("consolidated.safetensors", 7)], None) == 7
+    from helexa.core.placement import need_mb
+    from helexa.core.tiny_model import DEMO_SHAPE, write_tiny_model_to_hf_cache
+    from helexa.core.wire import ModelSpec
+    from helexa.cortex.weights import MB, WeightSizes
+    from helexa.neuron.config import LlamaCppHarnessSettings
+    from helexa.neuron.devices import DevicePool
+    from helexa.neuron.harness.hf.harness import TransformersHarness
+    from helexa.neuron.harness.llamacpp import plan
+    from helexa.neuron.harness.llamacpp.harness import LlamaCppHarness
+
+    cache = tmp_path / "hub"
+    snapshot = write_tiny_model_to_hf_cache(cache, "org/demo", with_gguf=True, **DEMO_SHAPE)
+    pool = DevicePool([], cpu_threads=1, cpu_budget_bytes=1 << 30)
+    settings = LlamaCppHarnessSettings(context_tokens=8192)
+    llama = LlamaCppHarness(pool, settings=settings, hf_cache=cache, model_dirs=[], cpu_threads=1)
+    dense = TransformersHarness(pool, hf_cache=cache, model_dirs=[])
+    profile = ModelProfile(id="org/demo", quant="Q8_0", min_devices=0)
+
+    async def ask(_name: str, p: ModelProfile):  # type: ignore[no-untyped-def]
+        return await llama.size(ModelSpec(model_id=p.id, quant=p.quant))
+
+    async def scenario() -> tuple[int | None, int]:
+        sized = await WeightSizes().mb(profile, ["local"], ask)
+        dequantized = await dense.size(ModelSpec(model_id="org/demo"))
+        return sized, dequantized.weights_bytes
+
+    sized, dequantized = asyncio.run(scenario())
+    file_bytes = (snapshot / "tiny-qwen3-Q8_0.gguf").stat().st_size
+    # DEMO_SHAPE: one layer, one KV head of 128; f16 K and V for every context token.
+    kv = plan.kv_bytes(8192, n_layer=1, n_head_kv=1, head_k=128, head_v=128)
+    assert kv == 8192 * 2 * 128 * plan.KV_ELEMENT_BYTES
+    assert need_mb(profile, sized) == -(-(file_bytes + kv) // MB)
+    assert file_bytes < dequantized  # Q8_0 as stored is smaller than fp32 weights
+
+
+def test_router_asks_the_neuron_placement_considers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No vram_mb: the router asks /models/size of the neuron with the most room first (with
+    the spec its load would send), falls back to another, and asks once per model."""
+    import asyncio
+
+    from helexa.core.wire import Discovery, Health
+    from helexa.cortex.config import CortexSettings, NeuronEntry
+    from helexa.cortex.fleet import Fleet
+    from helexa.cortex.metrics import Metrics
+    from helexa.cortex.router import Router
+
+    settings = CortexSettings(
+        neurons=[NeuronEntry(name=n, endpoint=f"http://{n}:1") for n in ("small", "big", "down")]
+    )
+    catalogue = parse_catalogue(
+        {"models": [{"id": "org/m-GGUF", "quant": "Q4_K_M", "min_devices": 0}]}, "models.toml"
+    )
+    fleet = Fleet(settings.neurons, settings.poller)
+    for name, free in (("small", 1000), ("big", 9000), ("down", 99000)):
+        state = fleet.neurons[name]
+        state.healthy = name != "down"
+        state.discovery = Discovery.model_validate(
+            {
+                "hostname": name,
+                "os": "linux",
+                "kernel": "6",
+                "cuda_version": None,
+                "driver_version": None,
+                "devices": [],
+                "cpu": {"cores": 2, "memory_total_mb": 99000},
+                "harnesses": ["llamacpp"],
+            }
+        )
+        state.health = Health.model_validate(
+            {
+                "uptime_secs": 1,
+                "devices": [],
+                "cpu": {"memory_used_mb": 0, "memory_free_mb": free},
+                "activation": {
+                    "state": "ready",
+                    "pending": [],
+                    "in_progress": None,
+                    "completed": [],
+                    "failed": [],
+                },
+                "models": {},
+            }
+        )
+    router = Router(settings, catalogue, fleet, Metrics())
+    calls: list[tuple[str, str, dict]] = []
+
+    async def post(state, path, body, timeout):  # type: ignore[no-untyped-def]
+        calls.append((state.name, path, body))
+        if state.name == "big":
+            return 503, {"error": {"message": "busy"}}
+        return 200, {"bytes": 700 * 1024 * 1024 + 1, "weights_bytes": 600, "kv_bytes": 100}
+
+    monkeypatch.setattr(router, "_post", post)
+    profile = catalogue.profile("org/m-GGUF")
+    assert profile is not None and profile.harness == "llamacpp"
+    need = asyncio.run(router._need(profile, frozenset()))
+    assert need == 701
+    spec = {"model_id": "org/m-GGUF", "harness": "llamacpp", "quant": "Q4_K_M", "devices": []}
+    assert calls == [("big", "/models/size", spec), ("small", "/models/size", spec)]
+    assert asyncio.run(router._need(profile, frozenset())) == 701 and len(calls) == 2
 
 
 def test_replica_choice_keeps_a_conversation_on_its_replica() -> None:

@@ -121,3 +121,41 @@ def test_model_unloaded_behind_cortexs_back_is_rerouted(solo: Fleet, tmp_path: P
         assert 'msg="stale route" model=helexa/tiny-a node=solo' in slow.log()
     finally:
         slow.stop()
+
+
+def test_gguf_profiles_without_vram_mb_are_sized_by_the_neuron(
+    hf_cache: Path, tmp_path: Path
+) -> None:
+    """No vram_mb: cortex asks the neuron (POST /models/size), which answers file + KV; room
+    for the second GGUF is made by evicting the first (each ~65 MB in a 100 MB budget), where
+    an unknown size would send a load the neuron must refuse."""
+    from helexa.core.tiny_model import DEMO_SHAPE, write_tiny_model_to_hf_cache
+    from tests.support.procs import start_neuron
+
+    repos = ["helexa/sized-a-GGUF", "helexa/sized-b-GGUF"]
+    for repo in repos:
+        write_tiny_model_to_hf_cache(hf_cache, repo, gguf_only=True, **DEMO_SHAPE)
+    neuron, url = start_neuron(
+        tmp_path,
+        "[cpu]\nmemory_mb = 100\n[harness.llamacpp]\ncontext_tokens = 131072\nslots = 1\n",
+        hf_cache=hf_cache,
+        name="sized-neuron",
+    )
+    catalogue = "".join(f'[[models]]\nid = "{r}"\nquant = "Q8_0"\nmin_devices = 0\n' for r in repos)
+    cortex, base, _ = start_cortex(tmp_path, {"sized": url}, catalogue, name="sized-cortex")
+    try:
+        size = httpx.post(f"{url}/models/size", json={"model_id": repos[0], "quant": "Q8_0"})
+        expected = size.json()
+        assert expected["kv_bytes"] == 131072 * 2 * 128 * 2  # one layer, one KV head of 128
+        need = -(-expected["bytes"] // (1024 * 1024))
+        sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        for repo in repos:
+            sdk.chat.completions.create(model=repo, messages=MSGS, max_tokens=2)
+        log = cortex.log()
+        assert f'msg="model sized" model={repos[0]} quant=Q8_0 node=sized mb={need}' in log
+        assert f"need_mb={need} evict={repos[0]}" in log
+        loaded_now = {m["id"] for m in httpx.get(f"{url}/models").json()}
+        assert loaded_now == {repos[1]}
+    finally:
+        cortex.stop()
+        neuron.stop()

@@ -9,7 +9,6 @@ from typing import Literal
 from helexa.core.catalogue import ModelProfile
 
 CPU_POOL = -1  # the pool key of a neuron's CPU memory budget
-WEIGHTS_FACTOR = 1.2  # need = 1.2 x weight files when a profile gives no vram_mb
 
 
 @dataclass(frozen=True)
@@ -42,10 +41,12 @@ class NeuronView:
     residents: tuple[Resident, ...] = ()
 
 
-def need_mb(profile: ModelProfile, weights_mb: int | None = None) -> int:
+def need_mb(profile: ModelProfile, sized_mb: int | None = None) -> int:
+    """Memory a load needs: the profile's ``vram_mb``, else the size a neuron reported for
+    its weights (GGUF: file + KV; dense: weights x 1.2), else 0 (unknown)."""
     if profile.vram_mb is not None:
         return profile.vram_mb
-    return int(WEIGHTS_FACTOR * weights_mb) if weights_mb else 0
+    return sized_mb or 0
 
 
 def eligible_devices(profile: ModelProfile, view: NeuronView) -> list[Device]:

@@ -193,7 +193,13 @@ def status(
 @app.command()
 def up(
     port: Annotated[int, typer.Option(help="gateway port")] = 31313,
-    model: Annotated[str, typer.Option(help="Hugging Face model id to serve")] = "Qwen/Qwen3-0.6B",
+    model: Annotated[
+        str, typer.Option(help="Hugging Face model id to serve (a *-GGUF repo or safetensors)")
+    ] = "Qwen/Qwen3-0.6B-GGUF",
+    quant: Annotated[
+        str | None,
+        typer.Option(help="GGUF file tag to serve (default Q8_0 for a GGUF repo)"),
+    ] = None,
     tiny: Annotated[
         bool,
         typer.Option(
@@ -208,7 +214,9 @@ def up(
     """A whole local fleet on this machine: a neuron and a gateway serving a model."""
     from helexa.cortex.up import run_up
 
-    raise typer.Exit(run_up(host=host, port=port, model=model, tiny=tiny, workdir=workdir))
+    raise typer.Exit(
+        run_up(host=host, port=port, model=model, quant=quant, tiny=tiny, workdir=workdir)
+    )
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from helexa.core.catalogue import Catalogue
-from helexa.core.placement import CPU_POOL, Device, NeuronView, Resident
+from helexa.core.catalogue import Catalogue, ModelProfile
+from helexa.core.placement import CPU_POOL, Device, NeuronView, Resident, need_mb
 from helexa.core.wire import Discovery, Health, ModelStatus
 from helexa.cortex.config import NeuronEntry, PollerSettings
 from helexa.cortex.upstream import Pool, UpstreamError
@@ -64,18 +64,24 @@ class NeuronState:
         return url
 
 
-def view_of(state: NeuronState, catalogue: Catalogue) -> NeuronView:
+def view_of(
+    state: NeuronState,
+    catalogue: Catalogue,
+    sized_mb: Callable[[ModelProfile], int | None] | None = None,
+) -> NeuronView:
     """The placement module's picture of one neuron.
 
     A resident counts as the larger of what it uses and its profile's estimate (the
-    estimate is what placement promised it; a neuron's free figure only shows use), and
-    a model loaded since the last poll counts in full: the free figure predates it.
+    estimate is what placement promised it: ``vram_mb``, else the size a neuron reported,
+    ``sized_mb``; a neuron's free figure only shows use), and a model loaded since the last
+    poll counts in full: the free figure predates it.
     """
     residents = []
     unaccounted: dict[int, int] = {}
     for model_id, status in state.models.items():
         profile = catalogue.profile(model_id)
-        size = max(status.vram_used_mb, profile.vram_mb or 0 if profile else 0)
+        estimate = need_mb(profile, sized_mb(profile) if sized_mb else None) if profile else 0
+        size = max(status.vram_used_mb, estimate)
         pools = tuple(status.devices) or (CPU_POOL,)
         fresh = state.loaded_at.get(model_id, -1.0) >= state.polled_at
         reported = 0 if fresh else status.vram_used_mb

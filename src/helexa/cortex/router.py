@@ -11,7 +11,7 @@ import orjson
 from helexa.core.catalogue import Catalogue, ModelProfile
 from helexa.core.errors import ApiError, not_found, unavailable
 from helexa.core.placement import Placement, choose_replica, need_mb, place, rank_neurons
-from helexa.core.wire import ModelStatus
+from helexa.core.wire import ModelSize, ModelStatus
 from helexa.cortex.affinity import AffinityTable
 from helexa.cortex.config import CortexSettings
 from helexa.cortex.fleet import Fleet, NeuronState, view_of
@@ -150,8 +150,7 @@ class Router:
         return await asyncio.shield(pending)
 
     async def _cold_load(self, profile: ModelProfile, exclude: frozenset[str]) -> NeuronState:
-        weights = None if profile.vram_mb is not None else await self.weights.mb(profile)
-        need = need_mb(profile, weights)
+        need = await self._need(profile, exclude)
         while True:
             # Planning, evicting and reserving happen under one lock, so concurrent cold
             # loads never plan against the same free memory or victims.
@@ -184,6 +183,31 @@ class Router:
         self._maybe_defrag(state)
         return state
 
+    async def _need(self, profile: ModelProfile, exclude: frozenset[str]) -> int:
+        """MB the load needs: ``vram_mb``, else what a neuron says its files take (asked of
+        the neurons placement would consider, in its order, then any other healthy one)."""
+        if profile.vram_mb is not None:
+            return profile.vram_mb
+        views = [
+            view_of(s, self.catalogue, self.weights.known_mb)
+            for s in self.fleet.neurons.values()
+            if s.name not in exclude
+        ]
+        ranked = [v.name for v in rank_neurons(profile, views)]
+        if not ranked:
+            return 0  # nowhere to place it: planning says why
+        others = [s.name for s in self.fleet.neurons.values() if s.healthy and s.name not in ranked]
+        return need_mb(profile, await self.weights.mb(profile, ranked + others, self._ask_size))
+
+    async def _ask_size(self, name: str, profile: ModelProfile) -> ModelSize:
+        state = self.fleet.neurons[name]
+        status, payload = await self._post(
+            state, "/models/size", self._spec(state, profile), self.settings.proxy.load_timeout_s
+        )
+        if status != 200:
+            raise RuntimeError((payload.get("error") or {}).get("message", f"status {status}"))
+        return ModelSize.model_validate(payload)
+
     # -- lifecycle calls to neurons -------------------------------------------------------------
 
     def _admin_headers(self) -> list[tuple[bytes, bytes]]:
@@ -211,14 +235,20 @@ class Router:
             payload = {"error": {"message": raw.decode(errors="replace")[:300]}}
         return response.status, payload
 
-    async def _load_on(
-        self, state: NeuronState, profile: ModelProfile, *, cold: bool = False
-    ) -> None:
+    @staticmethod
+    def _spec(state: NeuronState, profile: ModelProfile) -> dict[str, object]:
+        """The ModelSpec a load of ``profile`` on ``state`` sends (and its sizing)."""
         spec: dict[str, object] = {"model_id": profile.id, "harness": profile.harness}
         if profile.quant:
             spec["quant"] = profile.quant
         if profile.cpu_ok and not (state.discovery and state.discovery.devices):
             spec["devices"] = []
+        return spec
+
+    async def _load_on(
+        self, state: NeuronState, profile: ModelProfile, *, cold: bool = False
+    ) -> None:
+        spec = self._spec(state, profile)
         started = time.monotonic()
         try:
             status, payload = await self._post(
@@ -263,7 +293,9 @@ class Router:
 
     def _plan(self, profile: ModelProfile, exclude: frozenset[str], need: int) -> Placement:
         views = [
-            view_of(s, self.catalogue) for s in self.fleet.neurons.values() if s.name not in exclude
+            view_of(s, self.catalogue, self.weights.known_mb)
+            for s in self.fleet.neurons.values()
+            if s.name not in exclude
         ]
         if not rank_neurons(profile, views):
             raise self._unavailable(

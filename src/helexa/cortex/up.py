@@ -1,5 +1,9 @@
 """``cortex up``: a whole local fleet on one machine — a neuron and a gateway serving a
-model — for a first run and for demos. Both run as child processes and stop together."""
+model — for a first run and for demos. Both run as child processes and stop together.
+
+By default the model is Qwen3-0.6B as a Q8_0 GGUF on the llamacpp harness (one file of
+~0.6 GB, run quantized); ``--tiny`` serves the tiny self-built model's Q8_0 GGUF the same way.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +23,23 @@ import httpx
 from rich.console import Console
 from rich.prompt import Confirm
 
-DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
-HUB_PROBE_URL = "https://huggingface.co/api/models/Qwen/Qwen3-0.6B"
+DEFAULT_MODEL = "Qwen/Qwen3-0.6B-GGUF"
+# The GGUF file served when the model is a GGUF repo and --quant is not given.
+DEFAULT_QUANT = "Q8_0"
+HUB_PROBE_URL = f"https://huggingface.co/api/models/{DEFAULT_MODEL}"
+# KV cells of the served model's context (capped at what it was trained for): room for Claude
+# Code's whole prompt (~54 k tokens with the tiny model's small vocabulary) and its answer.
+CONTEXT_TOKENS = 65536
+
+
+def pick_quant(model: str, quant: str | None) -> str | None:
+    """The GGUF tag to serve: the one asked for; for a GGUF repo, ``DEFAULT_QUANT``; for a
+    dense repo, none (its safetensors on the transformers harness)."""
+    from helexa.core.wire import default_harness
+
+    if quant:
+        return quant
+    return DEFAULT_QUANT if default_harness(model, None) == "llamacpp" else None
 
 
 class UpFailed(Exception):
@@ -54,12 +73,27 @@ def hub_reachable(timeout: float = 5.0) -> bool:
     return True
 
 
-def cached(model: str, cache: Path) -> bool:
+def download_patterns(quant: str | None) -> list[str]:
+    """What a load fetches: a GGUF repo's one ``quant`` file and its json/jinja files, or a
+    dense checkpoint."""
+    from helexa.neuron.model_files import DENSE_PATTERNS, gguf_patterns
+
+    return gguf_patterns(quant) if quant else DENSE_PATTERNS
+
+
+def cached(model: str, cache: Path, quant: str | None = None) -> bool:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from helexa.neuron.model_files import DENSE_PATTERNS
+    from helexa.core.errors import ApiError
+    from helexa.neuron.model_files import DENSE_PATTERNS, locate_gguf
 
+    if quant:  # the GGUF file tagged `quant`, found as the neuron will find it (offline)
+        try:
+            locate_gguf(model, quant, cache_dir=cache, model_dirs=[], env={"HF_HUB_OFFLINE": "1"})
+        except ApiError:
+            return False
+        return True
     try:
         root = Path(
             snapshot_download(
@@ -98,6 +132,7 @@ class LocalFleet:
         host: str,
         port: int,
         model: str,
+        quant: str | None,
         tiny: bool,
         workdir: Path | None,
         console: Console,
@@ -107,6 +142,7 @@ class LocalFleet:
         self.host = host
         self.port = port
         self.model = model
+        self.quant = quant
         self.tiny = tiny
         self.console = console
         self.work = workdir or Path(tempfile.mkdtemp(prefix="helexa-up-"))
@@ -125,20 +161,21 @@ class LocalFleet:
             )
 
             self.model = TINY_REPO_ID
+            self.quant = "Q8_0"  # its GGUF (tiny-qwen3-Q8_0.gguf), on the llamacpp harness
             # Built in the work directory: a demo must not leave files in the real cache.
             self.cache = self.work / "hf-cache"
             with self.console.status("building the tiny test model"):
-                write_tiny_model_to_hf_cache(self.cache, TINY_REPO_ID, **DEMO_SHAPE)
-            self.console.print(f"[green]✓[/] tiny model {TINY_REPO_ID} in {self.cache}")
+                write_tiny_model_to_hf_cache(self.cache, TINY_REPO_ID, with_gguf=True, **DEMO_SHAPE)
+            self.console.print(f"[green]✓[/] tiny model {self.served} in {self.cache}")
             return
-        if cached(self.model, self.cache):
-            self.console.print(f"[green]✓[/] {self.model} is in the cache ({self.cache})")
+        if cached(self.model, self.cache, self.quant):
+            self.console.print(f"[green]✓[/] {self.served} is in the cache ({self.cache})")
             return
         with self.console.status("checking the Hugging Face hub"):
             reachable = hub_reachable()
         if not reachable:
             message = (
-                f"{self.model} is not in the model cache ({self.cache}) and the Hugging "
+                f"{self.served} is not in the model cache ({self.cache}) and the Hugging "
                 "Face hub cannot be reached from this machine."
             )
             if sys.stdin.isatty() and Confirm.ask(
@@ -157,10 +194,14 @@ class LocalFleet:
             )
         from huggingface_hub import snapshot_download
 
-        from helexa.neuron.model_files import DENSE_PATTERNS
+        self.console.print(f"downloading {self.served} into {self.cache}")
+        snapshot_download(
+            self.model, cache_dir=self.cache, allow_patterns=download_patterns(self.quant)
+        )
 
-        self.console.print(f"downloading {self.model} into {self.cache}")
-        snapshot_download(self.model, cache_dir=self.cache, allow_patterns=DENSE_PATTERNS)
+    @property
+    def served(self) -> str:
+        return f"{self.model} ({self.quant})" if self.quant else self.model
 
     # -- processes ------------------------------------------------------------------------
 
@@ -204,13 +245,15 @@ class LocalFleet:
         neuron_port = free_port(self.host)
         metrics_port = self.port + 1 if port_free(self.host, self.port + 1) else free_port()
         neuron_url = f"http://{self.host}:{neuron_port}"
+        quant = f'quant = "{self.quant}"\n' if self.quant else ""
         (self.work / "neuron.toml").write_text(
             f'host = "{self.host}"\nport = {neuron_port}\n'
             f'[harness.transformers]\nhf_cache = "{self.cache}"\n'
-            f'[[default_models]]\nmodel_id = "{self.model}"\n'
+            f'[harness.llamacpp]\nhf_cache = "{self.cache}"\ncontext_tokens = {CONTEXT_TOKENS}\n'
+            f'[[default_models]]\nmodel_id = "{self.model}"\n{quant}'
         )
         (self.work / "models.toml").write_text(
-            f'[[models]]\nid = "{self.model}"\nmin_devices = 0\n'
+            f'[[models]]\nid = "{self.model}"\n{quant}min_devices = 0\n'
             f'[aliases]\n"helexa/default" = "{self.model}"\n'
             # Claude Code asks for claude-* names of its own choosing: serve them all.
             f'[fallbacks]\n"claude-*" = "{self.model}"\n'
@@ -239,11 +282,11 @@ class LocalFleet:
         self._wait(
             neuron,
             f"{neuron_url}/health",
-            f"loading {self.model} on the neuron",
+            f"loading {self.served} on the neuron",
             activated,
             timeout=1800,
         )
-        self.console.print(f"[green]✓[/] neuron on {neuron_url} with {self.model} loaded")
+        self.console.print(f"[green]✓[/] neuron on {neuron_url} with {self.served} loaded")
         gateway = self._spawn(
             "cortex",
             [
@@ -268,13 +311,13 @@ class LocalFleet:
         return f"http://{self.host}:{self.port}"
 
     def banner(self) -> str:
-        chat = '{"model": "helexa/default", "messages": [{"role": "user", "content": "Hello!"}]}'
-        messages = (
+        # The same body suits both APIs (Anthropic requires max_tokens).
+        chat = messages = (
             '{"model": "helexa/default", "max_tokens": 64, "messages": '
             '[{"role": "user", "content": "Hello!"}]}'
         )
         return (
-            f"\nhelexa is up: {self.base}  (model {self.model}, alias helexa/default)\n\n"
+            f"\nhelexa is up: {self.base}  (model {self.served}, alias helexa/default)\n\n"
             f"  curl -s {self.base}/v1/chat/completions -H 'content-type: application/json' "
             f"-d '{chat}'\n\n"
             f"  curl -s {self.base}/v1/messages -H 'content-type: application/json' "
@@ -310,14 +353,27 @@ class LocalFleet:
         self.children.clear()
 
 
-def run_up(*, host: str, port: int, model: str, tiny: bool, workdir: Path | None) -> int:
+def run_up(
+    *,
+    host: str,
+    port: int,
+    model: str,
+    tiny: bool,
+    workdir: Path | None,
+    quant: str | None = None,
+) -> int:
+    import importlib.util
+
+    from helexa.core.wire import default_harness
+
     console = Console()
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
+    quant = DEFAULT_QUANT if tiny else pick_quant(model, quant)
+    harness = default_harness(model, quant)
+    libraries = ["llama_cpp"] if harness == "llamacpp" else ["torch", "transformers"]
+    if any(importlib.util.find_spec(name) is None for name in libraries):
         console.print(
-            "[red]cortex up runs a neuron too, which needs the inference stack:[/] "
+            f"[red]cortex up runs a neuron too, which needs the inference stack "
+            f"({', '.join(libraries)} for the {harness} harness):[/] "
             "pip install 'helexa[neuron]'"
         )
         return 1
@@ -325,7 +381,13 @@ def run_up(*, host: str, port: int, model: str, tiny: bool, workdir: Path | None
         console.print(f"[red]port {port} on {host} is in use[/] (choose another with --port)")
         return 1
     fleet = LocalFleet(
-        host=host, port=port, model=model, tiny=tiny, workdir=workdir, console=console
+        host=host,
+        port=port,
+        model=model,
+        quant=quant,
+        tiny=tiny,
+        workdir=workdir,
+        console=console,
     )
     try:
         fleet.prepare_model()

@@ -1,80 +1,76 @@
-"""Weight-file sizes for profiles without ``vram_mb`` (need = 1.2 x the weights, §2.4).
+"""Sizes of profiles without ``vram_mb`` (§2.4): what a neuron says a load would take.
 
-cortex never sees the files, so it asks the Hugging Face hub for the repo's listing once
-per model (off the event loop) and remembers the answer. Where the hub cannot be asked
-(offline, private network), the size is unknown: placement then relies on the neuron's
-own memory check, and that is logged once.
+cortex never reads weight files and never calls the hub. It asks a neuron
+(``POST /models/size``: the neuron placement is considering first, else any other healthy
+one) and remembers the answer per (model, quant). The neuron sizes from its own files: a
+GGUF is the file as stored plus the KV cache llama.cpp allocates (never a dequantized
+guess); dense safetensors are the weights x 1.2. When no neuron can answer (weights not on
+any of them yet, an old neuron), the size is unknown: placement then relies on the
+neuron's own memory check, and that is logged once per model.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import re
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Sequence
 
 from helexa.core.catalogue import ModelProfile
+from helexa.core.wire import ModelSize
 
 log = logging.getLogger("helexa.cortex.weights")
 
 MB = 1024 * 1024
-Listing = Iterable[tuple[str, int | None]]
+Key = tuple[str, str | None]
+# Asks one neuron (by name) for the size of a profile's load; raises when it cannot say.
+AskNeuron = Callable[[str, ModelProfile], Awaitable[ModelSize]]
 
 
-def weights_bytes(files: Listing, quant: str | None) -> int | None:
-    """Bytes of the weights a load would use: every safetensors shard, or the GGUF file
-    carrying the ``quant`` tag. None when the listing has no such files."""
-    files = list(files)
-    if quant:
-        tag = re.compile(rf"(^|[^a-z0-9]){re.escape(quant.lower())}([^a-z0-9]|$)")
-        sizes = [
-            size
-            for name, size in files
-            if name.lower().endswith(".gguf") and tag.search(name.rsplit("/", 1)[-1].lower())
-        ]
-    else:
-        # Top-level shards only; "consolidated" files duplicate the shards in some repos.
-        dense = [(n, s) for n, s in files if n.endswith(".safetensors") and "/" not in n]
-        shards = [(n, s) for n, s in dense if not n.startswith("consolidated")]
-        sizes = [size for _name, size in (shards or dense)]
-    if not sizes or any(size is None for size in sizes):
-        return None
-    return sum(s for s in sizes if s is not None)
-
-
-def hub_listing(model_id: str) -> Listing:
-    """The repo's files and sizes, from the hub (blocking; raises when unreachable)."""
-    from huggingface_hub import HfApi
-
-    info = HfApi().model_info(model_id, files_metadata=True, timeout=5)
-    return [(s.rfilename, s.size) for s in info.siblings or []]
+def key_of(profile: ModelProfile) -> Key:
+    return (profile.id, profile.quant)
 
 
 class WeightSizes:
-    RETRY_AFTER_S = 300.0  # an unknown size is asked again after this long
+    def __init__(self) -> None:
+        self._known: dict[Key, int] = {}  # bytes
+        self._warned: set[Key] = set()
 
-    def __init__(self, fetch: Callable[[str], Listing] = hub_listing) -> None:
-        self._fetch = fetch
-        self._known: dict[tuple[str, str | None], int | None] = {}
-        self._asked_at: dict[tuple[str, str | None], float] = {}
-
-    async def mb(self, profile: ModelProfile) -> int | None:
-        key = (profile.id, profile.quant)
-        stale = self._known.get(key, 0) is None and (
-            time.monotonic() - self._asked_at.get(key, 0.0) > self.RETRY_AFTER_S
-        )
-        if key not in self._known or stale:
-            self._asked_at[key] = time.monotonic()
-            try:
-                listing = await asyncio.to_thread(self._fetch, profile.id)
-                size = weights_bytes(listing, profile.quant)
-            except Exception as exc:  # offline, unknown repo, auth: all mean "unknown"
-                log.warning(
-                    "weight size unknown: placing without a memory estimate",
-                    extra={"model": profile.id, "error": str(exc)[:200]},
-                )
-                size = None
-            self._known[key] = size
-        size = self._known[key]
+    def known_mb(self, profile: ModelProfile) -> int | None:
+        size = self._known.get(key_of(profile))
         return None if size is None else -(-size // MB)
+
+    def remember(self, profile: ModelProfile, size: ModelSize) -> None:
+        self._known[key_of(profile)] = size.bytes
+
+    async def mb(self, profile: ModelProfile, neurons: Sequence[str], ask: AskNeuron) -> int | None:
+        """The profile's size in MB: remembered, else the first of ``neurons`` that can
+        say; None when none can (asked again at the next cold load)."""
+        known = self.known_mb(profile)
+        if known is not None:
+            return known
+        errors: list[str] = []
+        for name in neurons:
+            try:
+                size = await ask(name, profile)
+            except Exception as exc:  # weights missing there, an old neuron, a timeout
+                errors.append(f"{name}: {str(exc)[:200]}")
+                continue
+            self.remember(profile, size)
+            log.info(
+                "model sized",
+                extra={
+                    "model": profile.id,
+                    "quant": profile.quant,
+                    "node": name,
+                    "mb": self.known_mb(profile),
+                    "weights_mb": -(-size.weights_bytes // MB),
+                    "kv_mb": -(-size.kv_bytes // MB),
+                },
+            )
+            return self.known_mb(profile)
+        if key_of(profile) not in self._warned:
+            self._warned.add(key_of(profile))
+            log.warning(
+                "size unknown: placing without a memory estimate",
+                extra={"model": profile.id, "error": "; ".join(errors) or "no healthy neuron"},
+            )
+        return None

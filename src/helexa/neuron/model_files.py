@@ -23,6 +23,11 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SPLIT_PART = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 
 
+def gguf_patterns(quant: str) -> list[str]:
+    """Files worth fetching to run a GGUF repo's ``quant`` file (never its other quants)."""
+    return ["*.json", "*.jinja", f"*{quant}*.gguf"]
+
+
 @dataclass(frozen=True)
 class ModelFiles:
     root: Path  # directory holding config/tokenizer (and weights unless GGUF)
@@ -171,8 +176,7 @@ def locate_gguf(
             param="model_id",
         )
     elif quant:
-        patterns = ["*.json", "*.jinja", f"*{quant}*.gguf"]
-        root = _from_hub(model_id, patterns, cache_dir, env)
+        root = _from_hub(model_id, gguf_patterns(quant), cache_dir, env)
     else:  # never download every quantization of a repo: only a cached one is picked
         root = _from_hub(
             model_id, ["*.json", "*.jinja", "*.gguf"], cache_dir, {"HF_HUB_OFFLINE": "1"}
