@@ -30,7 +30,7 @@ from helexa.core.wire import ChatMessage
 from helexa.neuron.harness.hf import loader
 from helexa.neuron.harness.hf.decode import DecodeJob
 from helexa.neuron.harness.prompt import render_chat
-from helexa.neuron.model_files import ModelFiles
+from helexa.neuron.model_files import ModelFiles, read_json
 from helexa.neuron.sampling import SamplingParams
 from tests.support.procs import start_neuron
 
@@ -50,7 +50,7 @@ def bare_rate(snapshot: Path, tokens: int) -> tuple[float, int, str]:
     )
     tokenizer = _TOK_CACHE.setdefault(str(snapshot), loader.load_tokenizer(files))
     _text, ids = render_chat(tokenizer, [ChatMessage(**m) for m in PROMPT], None, None)
-    gen_config = loader.read_json(snapshot / "generation_config.json")
+    gen_config = read_json(snapshot / "generation_config.json")
     params = SamplingParams(
         temperature=0.0, max_new_tokens=tokens, eos_ids=loader.eos_ids(gen_config, {}, tokenizer)
     )

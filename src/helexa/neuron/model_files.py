@@ -3,12 +3,14 @@ directory under ``model_dirs``. Paths outside those directories are refused."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
@@ -219,3 +221,32 @@ def _from_hub(model_id: str, patterns: list[str], cache_dir: Path, env: Mapping[
             code="model_weights_not_found",
             param="model_id",
         ) from exc
+
+
+# -- metadata every harness reads the same way ------------------------------------------------
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise bad_request(f"{path.name} is unreadable: {exc}", param="model_id") from exc
+
+
+def as_ids(value: Any) -> set[int]:
+    if value is None:
+        return set()
+    if isinstance(value, int):
+        return {value}
+    return {int(v) for v in value}
+
+
+def generation_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
+    """Sampling defaults the model ships with; ``do_sample: false`` means greedy."""
+    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    defaults = {k: generation_config[k] for k in keys if generation_config.get(k) is not None}
+    if generation_config.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults

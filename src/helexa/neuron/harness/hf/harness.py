@@ -27,7 +27,13 @@ from helexa.neuron.harness.hf import loader
 from helexa.neuron.harness.hf.constraint import Grammars, JsonConstraint
 from helexa.neuron.harness.hf.decode import DecodeJob
 from helexa.neuron.harness.prompt import encode_text, opens_reasoning, render_chat
-from helexa.neuron.model_files import ModelFiles, hf_cache_dir, locate
+from helexa.neuron.model_files import (
+    ModelFiles,
+    generation_defaults,
+    hf_cache_dir,
+    locate,
+    read_json,
+)
 from helexa.neuron.output_parser import CALL_OPEN, THINK_OPEN
 from helexa.neuron.sampling import OutputFormat, SamplingParams
 from helexa.neuron.workers import WorkerPoisoned
@@ -194,7 +200,7 @@ class TransformersHarness:
             cache_dir=hf_cache_dir(self._hf_cache),
             model_dirs=self._model_dirs,
         )
-        config = await asyncio.to_thread(loader.read_json, files.root / "config.json")
+        config = await asyncio.to_thread(read_json, files.root / "config.json")
         if files.gguf_file is None:
             loader.check_architecture(config)
         on_cuda = bool(self._pool.cuda_indices) and spec.devices != []
@@ -219,7 +225,7 @@ class TransformersHarness:
                 raise
             tokenizer = await tokenizer_task
             gen_config = await asyncio.to_thread(
-                loader.read_json, files.root / "generation_config.json"
+                read_json, files.root / "generation_config.json"
             )
             self._models[model_id] = LoadedModel(
                 spec=spec,
@@ -229,7 +235,7 @@ class TransformersHarness:
                 tokenizer=tokenizer,
                 bytes=loader.model_bytes(model),
                 context_length=loader.context_length(config, model),
-                generation_defaults=loader.generation_defaults(gen_config),
+                generation_defaults=generation_defaults(gen_config),
                 eos_ids=loader.eos_ids(gen_config, config, tokenizer),
                 tags=loader.output_tags(tokenizer),
             )

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from helexa.core.errors import ApiError, bad_request, not_found
-from helexa.neuron.model_files import ModelFiles
+from helexa.neuron.model_files import ModelFiles, as_ids
 
 SAFETENSORS_DTYPE_BYTES = {
     "F64": 8,
@@ -31,15 +31,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def unsupported(message: str) -> ApiError:
     return bad_request(message, param="model_id", code="unsupported_architecture")
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise bad_request(f"{path.name} is unreadable: {exc}", param="model_id") from exc
 
 
 def check_architecture(config: dict[str, Any]) -> None:
@@ -153,31 +144,14 @@ def model_bytes(model: Any) -> int:
     return params + sum(b.numel() * b.element_size() for b in model.buffers())
 
 
-def _as_ids(value: Any) -> set[int]:
-    if value is None:
-        return set()
-    if isinstance(value, int):
-        return {value}
-    return {int(v) for v in value}
-
-
 def eos_ids(
     generation_config: dict[str, Any], config: dict[str, Any], tokenizer: Any
 ) -> frozenset[int]:
     """Every id that ends generation: generation_config, config and the tokenizer's."""
-    ids = _as_ids(generation_config.get("eos_token_id"))
-    ids |= _as_ids(config.get("eos_token_id"))
-    ids |= _as_ids(getattr(tokenizer, "eos_token_id", None))
+    ids = as_ids(generation_config.get("eos_token_id"))
+    ids |= as_ids(config.get("eos_token_id"))
+    ids |= as_ids(getattr(tokenizer, "eos_token_id", None))
     return frozenset(ids)
-
-
-def generation_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
-    """Sampling defaults the model ships with; ``do_sample: false`` means greedy."""
-    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-    defaults = {k: generation_config[k] for k in keys if generation_config.get(k) is not None}
-    if generation_config.get("do_sample") is False:
-        defaults["temperature"] = 0.0
-    return defaults
 
 
 def context_length(config: dict[str, Any], model: Any) -> int:

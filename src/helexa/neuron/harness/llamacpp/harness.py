@@ -8,7 +8,6 @@ by the model's sequences. Concurrent requests decode together in one batch per s
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,14 @@ from helexa.neuron.harness.llamacpp import binding, plan
 from helexa.neuron.harness.llamacpp.engine import Engine, Generation, Runtime
 from helexa.neuron.harness.llamacpp.tokenizer import GgufTokenizer, chat_template
 from helexa.neuron.harness.prompt import encode_text, opens_reasoning, render_chat
-from helexa.neuron.model_files import ModelFiles, hf_cache_dir, locate_gguf
+from helexa.neuron.model_files import (
+    ModelFiles,
+    as_ids,
+    generation_defaults,
+    hf_cache_dir,
+    locate_gguf,
+    read_json,
+)
 from helexa.neuron.output_parser import CALL_OPEN, THINK_CLOSE, THINK_OPEN
 from helexa.neuron.sampling import OutputFormat, SamplingParams
 from helexa.neuron.workers import WorkerPoisoned
@@ -59,27 +65,6 @@ class LoadedGguf:
     @property
     def device_key(self) -> str:
         return self.placement.keys[0]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def _generation_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-    defaults = {k: config[k] for k in keys if config.get(k) is not None}
-    if config.get("do_sample") is False:
-        defaults["temperature"] = 0.0
-    return defaults
-
-
-def _as_ids(value: Any) -> set[int]:
-    if value is None:
-        return set()
-    return {value} if isinstance(value, int) else {int(v) for v in value}
 
 
 class LlamaCppHarness:
@@ -236,7 +221,7 @@ class LlamaCppHarness:
                 slots=self._settings.slots,
                 batch_tokens=self._settings.batch_tokens,
             )
-            gen_config = await asyncio.to_thread(_read_json, files.root / "generation_config.json")
+            gen_config = await asyncio.to_thread(read_json, files.root / "generation_config.json")
             eos = await asyncio.to_thread(_eos_ids, runtime.model.vocab, gen_config)
             self._models[model_id] = LoadedGguf(
                 spec=spec,
@@ -246,7 +231,7 @@ class LlamaCppHarness:
                 engine=engine,
                 tokenizer=tokenizer,
                 bytes=need,
-                generation_defaults=_generation_defaults(gen_config),
+                generation_defaults=generation_defaults(gen_config),
                 eos_ids=eos,
                 tags=frozenset(
                     tag
@@ -473,5 +458,5 @@ def _split_parts(path: Path) -> list[Path]:
 def _eos_ids(vocab: binding.Vocab, generation_config: dict[str, Any]) -> frozenset[int]:
     """Every id that ends generation: llama.cpp's end-of-generation set and the repo's."""
     ids = {t for t in range(vocab.n_tokens) if vocab.is_eog(t)}
-    ids |= _as_ids(generation_config.get("eos_token_id"))
+    ids |= as_ids(generation_config.get("eos_token_id"))
     return frozenset(ids)
