@@ -431,13 +431,18 @@ def nonce() -> str:
     return uuid.uuid4().hex[:8]
 
 
-def long_conversation(direct: Direct, target: int, tag: str) -> list[dict[str, str]]:
-    """A system prompt, alternating turns of prose, ending on a user turn: ~``target`` tokens."""
+def long_conversation(
+    direct: Direct, target: int, tag: str, opening: str = ""
+) -> list[dict[str, str]]:
+    """A system prompt, alternating turns of prose, ending on a user turn: ~``target`` tokens.
+    Conversations with the same ``tag`` share the system prompt; ``opening`` starts the first
+    user turn (what tells two such conversations apart)."""
     messages = [{"role": "system", "content": f"[session {tag}] You are a helpful assistant."}]
     i = 0
     while True:
         role = "user" if len(messages) % 2 else "assistant"
-        messages.append({"role": role, "content": f"{PARAGRAPHS[i % len(PARAGRAPHS)]} ({i})"})
+        text = f"{PARAGRAPHS[i % len(PARAGRAPHS)]} ({i})"
+        messages.append({"role": role, "content": f"{opening}{text}" if i == 0 else text})
         i += 1
         if role == "user" and len(direct.ids(messages)) >= target:
             return messages
@@ -482,6 +487,7 @@ class Results:
     concurrency: dict[str, Any] = field(default_factory=dict)
     prefix: dict[str, Any] = field(default_factory=dict)
     retained: dict[str, Any] = field(default_factory=dict)
+    interleaved: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
     transformers: dict[str, Any] = field(default_factory=dict)
     targets: dict[str, Any] = field(default_factory=dict)
@@ -677,6 +683,45 @@ def phase_retained(bench: Bench, res: Results, direct: Direct, base: str, repo: 
     }
 
 
+def phase_interleaved(bench: Bench, res: Results, direct: Direct, base: str, repo: str) -> None:
+    """Two conversations with the same system prompt, turns alternating (A1, B1, A2): does
+    A's second turn still find A's first in the cache, with free slots to spare?"""
+    args = bench.args
+    tag = nonce()
+    convs = {
+        name: long_conversation(direct, args.prefix_tokens, tag, f"Conversation {name}. ")
+        for name in ("A", "B")
+    }
+    client = httpx.Client()
+
+    def turn(messages: list[dict[str, str]]) -> tuple[Stream, float, dict[str, int]]:
+        before = health_model(base, repo).get("prefix_cache") or {}
+        s, load = bench.timed(lambda: stream_chat(client, base, repo, messages, args.answer_tokens))
+        after = health_model(base, repo).get("prefix_cache") or {}
+        return s, load, {k: int(after.get(k, 0)) - int(before.get(k, 0)) for k in after}
+
+    a1, load_a1, _ = turn(convs["A"])
+    b1, load_b1, delta_b1 = turn(convs["B"])
+    a2_messages = [
+        *convs["A"],
+        {"role": "assistant", "content": a1.text},
+        {"role": "user", "content": "And what about tomorrow?"},
+    ]
+    a2, load_a2, delta_a2 = turn(a2_messages)
+    client.close()
+    res.interleaved = {
+        "a1_ttft_s": a1.ttft,
+        "b1_ttft_s": b1.ttft,
+        "a2_ttft_s": a2.ttft,
+        "a2_ratio": a2.ttft / a1.ttft,
+        "b1_reused": delta_b1.get("prompt_tokens_reused"),
+        "a2_prompt_tokens": a2.prompt_tokens,
+        "a2_reused": delta_a2.get("prompt_tokens_reused"),
+        "a2_evaluated": delta_a2.get("prompt_tokens_evaluated"),
+        "foreign_cores": [round(x, 2) for x in (load_a1, load_b1, load_a2)],
+    }
+
+
 def phase_transformers(bench: Bench, res: Results, base: str, repo: str, pid: int) -> None:
     args, q = bench.args, bench.args.quiet
     httpx.post(f"{base}/models/unload", json={"model_id": repo}, timeout=120).raise_for_status()
@@ -759,6 +804,7 @@ def run(args: argparse.Namespace) -> Results:
             phase_prefix(bench, res, direct, base, repo)
             if args.retained_rounds:
                 phase_retained(bench, res, direct, base, repo)
+            phase_interleaved(bench, res, direct, base, repo)
         rss_end = rss(pid)
         res.memory = {
             "load_s": load_s,
@@ -793,6 +839,12 @@ def targets(res: Results) -> None:
                 found[f"neuron {n} streams / 1 stream >= {goal}"] = (scaling[str(n)], goal, True)
     if res.prefix:
         found["2nd-turn TTFT / 1st <= 0.25"] = (res.prefix["neuron_ratio_median"], 0.25, False)
+    if res.interleaved:
+        found["(extra) interleaved A2 TTFT / A1 <= 0.25"] = (
+            res.interleaved["a2_ratio"],
+            0.25,
+            False,
+        )
     if res.memory:
         m = res.memory
         denom = m["file_plus_kv_mb"] or float("nan")
@@ -929,6 +981,18 @@ def report(args: argparse.Namespace, res: Results) -> None:
             print(f"  {'neuron, [1] (nearly empty cache)':36}{r['neuron_tok_s_empty_cache']:9.1f}")
         print(_row("direct unified KV, empty", r["direct_unified_empty_tok_s"]))
         print(_row("direct unified KV, parked sequences", r["direct_unified_parked_tok_s"]))
+    x = res.interleaved
+    if x:
+        print(
+            "\n[3c] two conversations sharing a system prompt, turns A1, B1, A2 (free slots "
+            "and KV room for both)"
+        )
+        print(
+            f"  TTFT ms: A1 {x['a1_ttft_s'] * 1e3:.0f}, B1 {x['b1_ttft_s'] * 1e3:.0f} (reused "
+            f"{x['b1_reused']}), A2 {x['a2_ttft_s'] * 1e3:.0f} = {x['a2_ratio']:.3f}x A1; A2 "
+            f"prompt {x['a2_prompt_tokens']}: reused {x['a2_reused']}, evaluated "
+            f"{x['a2_evaluated']}; others' cores {x['foreign_cores']}"
+        )
     m = res.memory
     if m:
         print("\n[4] memory of the neuron process (MiB)")

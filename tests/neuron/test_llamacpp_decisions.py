@@ -62,6 +62,15 @@ def test_a_prefix_held_by_a_busy_slot_is_shared_into_a_free_one() -> None:
     assert (choice.slot, choice.reuse, choice.copy_from) == (2, 6, 0)
 
 
+def test_another_conversation_on_the_same_system_prompt_keeps_the_first_cache() -> None:
+    system = [1, 2, 3, 4]
+    conversation_a = [*system, 10, 11, 12]
+    slots = [slot(0, conversation_a, used=5), slot(1, [], used=0), slot(2, [7], used=1)]
+    choice = choose_slot([*system, 20, 21], slots)
+    assert choice is not None
+    assert (choice.slot, choice.reuse, choice.copy_from) == (1, 4, 0)
+
+
 def test_no_free_slot_means_wait() -> None:
     assert choose_slot([1], [slot(0, [], busy=True)]) is None
 

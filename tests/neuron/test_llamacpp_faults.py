@@ -108,13 +108,13 @@ def test_a_full_kv_cache_preempts_and_recomputes(
 def test_nan_logits_fail_that_request_only(gguf_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def scenario(neuron: Neuron, client: httpx.AsyncClient) -> None:
         calls = {"n": 0}
-        original = binding.Context.logits_finite
+        original = binding.Context.logit_finite
 
-        def finite(self: binding.Context, index: int) -> bool:
+        def finite(self: binding.Context, index: int, token: int) -> bool:
             calls["n"] += 1
-            return calls["n"] != 5 and original(self, index)
+            return calls["n"] != 5 and original(self, index, token)
 
-        monkeypatch.setattr(binding.Context, "logits_finite", finite)
+        monkeypatch.setattr(binding.Context, "logit_finite", finite)
         raw = (await client.post("/v1/chat/completions", json=body(1, 20, stream=True))).text
         data = frames(raw)
         assert data[-1] != "[DONE]"
@@ -153,13 +153,12 @@ def test_a_device_fault_poisons_the_worker(gguf_dir: Path, monkeypatch: pytest.M
 def test_unload_ends_a_running_stream_with_an_error(gguf_dir: Path) -> None:
     async def scenario(neuron: Neuron, client: httpx.AsyncClient) -> None:
         async def stream() -> list[str]:
-            response = await client.post("/v1/chat/completions", json=body(1, 1500, stream=True))
+            response = await client.post("/v1/chat/completions", json=body(1, 2000, stream=True))
             return frames(response.text)
 
         running = asyncio.create_task(stream())
         while not neuron.health().models[MODEL].in_flight:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)
+            await asyncio.sleep(0.005)
         assert (await client.post("/models/unload", json={"model_id": MODEL})).status_code == 200
         data = await asyncio.wait_for(running, 30)
         assert json.loads(data[-1])["error"]["code"] == "model_unloaded"

@@ -224,9 +224,7 @@ class TransformersHarness:
                 await asyncio.gather(tokenizer_task, return_exceptions=True)
                 raise
             tokenizer = await tokenizer_task
-            gen_config = await asyncio.to_thread(
-                read_json, files.root / "generation_config.json"
-            )
+            gen_config = await asyncio.to_thread(read_json, files.root / "generation_config.json")
             self._models[model_id] = LoadedModel(
                 spec=spec,
                 device_key=key,

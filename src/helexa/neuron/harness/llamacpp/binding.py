@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import math
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +51,13 @@ def init_backend() -> None:
         C.llama_log_set(_log_callback, ctypes.c_void_p(0))
         C.llama_backend_init()
         _initialised = True
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def gpu_offload_supported() -> bool:
@@ -202,9 +211,10 @@ class Context:
         params.n_seq_max = n_seq_max
         params.kv_unified = True
         params.no_perf = True
-        if threads:
-            params.n_threads = threads
-            params.n_threads_batch = threads
+        # llama.cpp's own default is a fixed 4 threads whatever the host has.
+        threads = threads or usable_cores()
+        params.n_threads = threads
+        params.n_threads_batch = threads
         if flash_attn is not None:
             params.flash_attn_type = (
                 C.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -226,9 +236,10 @@ class Context:
             return False
         raise DecodeError(f"llama_decode failed with code {rc}")
 
-    def logits_finite(self, index: int) -> bool:
-        row = np.ctypeslib.as_array(C.llama_get_logits_ith(self.ptr, index), shape=(self.n_vocab,))
-        return bool(np.isfinite(row.sum()))
+    def logit_finite(self, index: int, token: int) -> bool:
+        """Whether the logit the sampler chose from is a number (a NaN row has no good
+        choice; checking one value keeps this off the per-token cost)."""
+        return math.isfinite(C.llama_get_logits_ith(self.ptr, index)[token])
 
     def forget(self, seq: int, start: int = 0) -> None:
         """Drop a sequence's cells from position ``start`` on."""

@@ -311,13 +311,13 @@ class Engine:
         for index, batch_index in outputs.items():
             generation = self._slots[index].owner
             assert generation is not None and generation.sampler is not None
-            if not ctx.logits_finite(batch_index):
+            token = generation.sampler.sample(ctx, batch_index)
+            if not ctx.logit_finite(batch_index, token):
                 bad += 1
                 self._finish_error(
                     generation, internal("the model produced NaN logits", code="nan_logits")
                 )
                 continue
-            token = generation.sampler.sample(ctx, batch_index)
             self._advance(generation, token)
         self._nan_steps = self._nan_steps + 1 if bad else 0
         if self._nan_steps >= NAN_STEPS_TO_POISON:

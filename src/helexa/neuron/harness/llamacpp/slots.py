@@ -50,28 +50,31 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 def choose_slot(tokens: Sequence[int], slots: Sequence[SlotView]) -> SlotChoice | None:
     """The free slot for a request whose context is ``tokens``, and how much it reuses.
 
-    The free slot whose cache shares the longest prefix wins (ties: the least recently used,
-    the most expendable cache). When another slot, running or not, shares a longer prefix,
-    its cells are shared into the chosen slot instead. At least the last token is always
+    A free slot whose whole cache starts the prompt (the next turn of its conversation) is
+    reused in place. Otherwise the free slot that loses least takes it (an empty one, else
+    the least recently used), and the longest prefix any slot holds, running or not, is
+    shared into it (cells are shared, not copied) — so a second conversation with the same
+    system prompt does not wipe the first one's cache. At least the last token is always
     evaluated: its logits give the next token. None when every slot is busy.
     """
     free = [s for s in slots if not s.busy]
     if not free:
         return None
     limit = max(len(tokens) - 1, 0)
-    own = {s.index: min(common_prefix(s.cached, tokens), limit) for s in free}
-    target = max(free, key=lambda s: (own[s.index], -s.last_used))
-    donors = [
-        (min(common_prefix(s.cached, tokens), limit), s.index)
-        for s in slots
-        if s.index != target.index
-    ]
-    best, donor = max(donors, default=(0, None))
-    if donor is not None and best > own[target.index]:
-        # Prefer overwriting the least useful free cache when the prefix comes from elsewhere.
-        target = min(free, key=lambda s: (own[s.index], s.last_used))
-        return SlotChoice(slot=target.index, reuse=best, copy_from=donor)
-    return SlotChoice(slot=target.index, reuse=own[target.index])
+    shared = {s.index: min(common_prefix(s.cached, tokens), limit) for s in slots}
+    continued = [s for s in free if shared[s.index] and shared[s.index] in (len(s.cached), limit)]
+    if continued:
+        best = max(continued, key=lambda s: (shared[s.index], s.last_used))
+        return SlotChoice(slot=best.index, reuse=shared[best.index])
+    target = min(free, key=lambda s: (len(s.cached) > 0, s.last_used))
+    donor = max(
+        (s for s in slots if s.index != target.index),
+        key=lambda s: shared[s.index],
+        default=None,
+    )
+    if donor is not None and shared[donor.index] > shared[target.index]:
+        return SlotChoice(slot=target.index, reuse=shared[donor.index], copy_from=donor.index)
+    return SlotChoice(slot=target.index, reuse=shared[target.index])
 
 
 def plan_step(
