@@ -23,18 +23,23 @@ if ! "$py" -c "import torch" >/dev/null 2>&1; then
 fi
 
 # llama-cpp-python compiles llama.cpp when pip has no wheel for it yet: minutes on a small
-# machine, so say so rather than sit silent. Where nvcc exists the build gets CUDA
-# (GGML_CUDA) unless CMAKE_ARGS already says what to build.
+# machine, so say so rather than sit silent. Where nvcc and an NVIDIA GPU (its driver) are
+# both present the build gets CUDA (GGML_CUDA) unless CMAKE_ARGS already says what to build;
+# pip's wheel cache is skipped then, since it would hand back an earlier CPU-only wheel.
 want_llama_cpp() {
   if "$py" -c "import llama_cpp" >/dev/null 2>&1; then return; fi
-  if [ -z "${CMAKE_ARGS:-}" ] && command -v nvcc >/dev/null 2>&1; then
+  local extra=()
+  if [ -z "${CMAKE_ARGS:-}" ] && command -v nvcc >/dev/null 2>&1 \
+      && { [ -e /proc/driver/nvidia/version ] || nvidia-smi -L >/dev/null 2>&1; }; then
     export CMAKE_ARGS="-DGGML_CUDA=on"
-    echo "building llama-cpp-python with CUDA (nvcc found); this takes a while…" >&2
+    extra=(--no-cache-dir)
+    echo "building llama-cpp-python with CUDA (nvcc and a GPU found); this takes a while…" >&2
   else
     echo "building llama-cpp-python (compiles llama.cpp: several minutes on a small machine," \
       "cached afterwards)…" >&2
   fi
-  "$py" -m pip install --disable-pip-version-check --progress-bar on "llama-cpp-python>=0.3.16"
+  "$py" -m pip install --disable-pip-version-check --progress-bar on ${extra[@]+"${extra[@]}"} \
+    "llama-cpp-python>=0.3.16"
 }
 
 # rpmbuild lets the packaging tests build the source RPMs; best effort (root + apt only).

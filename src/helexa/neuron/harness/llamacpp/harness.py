@@ -183,7 +183,8 @@ class LlamaCppHarness:
         if wants_gpu and not binding.gpu_offload_supported():
             raise bad_request(
                 "llama-cpp-python on this host was built without GPU support; reinstall it "
-                "with CUDA (scripts/dev.sh does when it finds nvcc), or load with devices: []",
+                "with CUDA (scripts/dev.sh does where it finds nvcc and a GPU), or load with "
+                "devices: []",
                 param="devices",
                 code="gpu_offload_unavailable",
             )
