@@ -96,3 +96,12 @@ class StopMatcher:
     def flush(self) -> str:
         held, self._held = self._held, ""
         return held
+
+
+def flush_held(detok: IncrementalDetokenizer, stops: StopMatcher) -> str:
+    """The text held back when a generation ends: the detokenizer's tail, then any partial
+    stop string (unless the tail completed one; ``stops.matched`` says which)."""
+    tail = stops.push(detok.flush())
+    if stops.matched is None:
+        tail += stops.flush()
+    return tail

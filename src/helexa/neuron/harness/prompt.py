@@ -3,12 +3,16 @@ tokenizer offers ``apply_chat_template`` and ``encode``)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from helexa.core.errors import bad_request
 from helexa.core.wire import ChatMessage
+from helexa.neuron.harness.base import PreparedPrompt
+from helexa.neuron.output_parser import CALL_OPEN, THINK_OPEN
 
 
 def _text_of(content: str | list[dict[str, Any]] | None, index: int) -> str:
@@ -134,3 +138,40 @@ def opens_reasoning(prompt_text: str) -> bool:
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=True)
+
+
+@dataclass(frozen=True)
+class PromptFacts:
+    """What a loaded model tells every prompt prepared for it."""
+
+    context_length: int
+    generation_defaults: dict[str, Any]
+    eos_ids: frozenset[int]
+    tags: frozenset[str]  # reasoning / tool-call tags the vocabulary has as single tokens
+
+    def prepared(self, ids: list[int], text: str = "") -> PreparedPrompt:
+        return PreparedPrompt(
+            token_ids=ids,
+            context_length=self.context_length,
+            generation_defaults=self.generation_defaults,
+            eos_ids=self.eos_ids,
+            reasoning_tags=THINK_OPEN in self.tags,
+            tool_call_tags=CALL_OPEN in self.tags,
+            opens_reasoning=THINK_OPEN in self.tags and opens_reasoning(text),
+        )
+
+
+async def prepare_chat(
+    tokenizer: Any,
+    facts: PromptFacts,
+    messages: list[ChatMessage],
+    tools: list[dict[str, Any]] | None,
+    template_kwargs: dict[str, Any] | None,
+) -> PreparedPrompt:
+    """Render and tokenize off the event loop (templates and tokenizers are slow)."""
+    text, ids = await asyncio.to_thread(render_chat, tokenizer, messages, tools, template_kwargs)
+    return facts.prepared(ids, text)
+
+
+async def prepare_text(tokenizer: Any, facts: PromptFacts, text: str) -> PreparedPrompt:
+    return facts.prepared(await asyncio.to_thread(encode_text, tokenizer, text))

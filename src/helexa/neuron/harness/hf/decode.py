@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import torch
 
-from helexa.neuron.detokenize import IncrementalDetokenizer, StopMatcher
+from helexa.neuron.detokenize import IncrementalDetokenizer, StopMatcher, flush_held
 from helexa.neuron.harness.base import Finish, FinishReason, ModelGone
 from helexa.neuron.sampling import SamplingParams, next_token
 from helexa.neuron.workers import NanLogitsFlood
@@ -166,9 +166,7 @@ class DecodeJob:
 
     def _flush(self) -> str | None:
         """Emit what the detokenizer held back; the stop string it completed, if any."""
-        tail = self._stops.push(self._detok.flush())
-        if self._stops.matched is None:
-            tail += self._stops.flush()
+        tail = flush_held(self._detok, self._stops)
         if tail:
             self._emit(tail)
         return self._stops.matched

@@ -26,7 +26,7 @@ from helexa.neuron.harness.base import ModelGone, PreparedPrompt, TokenStream
 from helexa.neuron.harness.hf import loader
 from helexa.neuron.harness.hf.constraint import Grammars, JsonConstraint
 from helexa.neuron.harness.hf.decode import DecodeJob
-from helexa.neuron.harness.prompt import encode_text, opens_reasoning, render_chat
+from helexa.neuron.harness.prompt import PromptFacts, prepare_chat, prepare_text
 from helexa.neuron.model_files import (
     ModelFiles,
     generation_defaults,
@@ -34,7 +34,6 @@ from helexa.neuron.model_files import (
     locate,
     read_json,
 )
-from helexa.neuron.output_parser import CALL_OPEN, THINK_OPEN
 from helexa.neuron.sampling import OutputFormat, SamplingParams
 from helexa.neuron.workers import WorkerPoisoned
 
@@ -280,15 +279,13 @@ class TransformersHarness:
 
     # -- inference --------------------------------------------------------------------------
 
-    def _prepared(self, loaded: LoadedModel, ids: list[int], text: str = "") -> PreparedPrompt:
-        return PreparedPrompt(
-            token_ids=ids,
+    @staticmethod
+    def _facts(loaded: LoadedModel) -> PromptFacts:
+        return PromptFacts(
             context_length=loaded.context_length,
             generation_defaults=loaded.generation_defaults,
             eos_ids=loaded.eos_ids,
-            reasoning_tags=THINK_OPEN in loaded.tags,
-            tool_call_tags=CALL_OPEN in loaded.tags,
-            opens_reasoning=THINK_OPEN in loaded.tags and opens_reasoning(text),
+            tags=loaded.tags,
         )
 
     async def prepare_chat(
@@ -299,15 +296,13 @@ class TransformersHarness:
         template_kwargs: dict[str, Any] | None,
     ) -> PreparedPrompt:
         loaded = self.get(model_id)
-        text, ids = await asyncio.to_thread(
-            render_chat, loaded.tokenizer, messages, tools, template_kwargs
+        return await prepare_chat(
+            loaded.tokenizer, self._facts(loaded), messages, tools, template_kwargs
         )
-        return self._prepared(loaded, ids, text)
 
     async def prepare_text(self, model_id: str, text: str) -> PreparedPrompt:
         loaded = self.get(model_id)
-        ids = await asyncio.to_thread(encode_text, loaded.tokenizer, text)
-        return self._prepared(loaded, ids)
+        return await prepare_text(loaded.tokenizer, self._facts(loaded), text)
 
     async def _grammars(self, loaded: LoadedModel) -> Grammars:
         """The model's llguidance tokenizer, built once on first use, off the event loop."""

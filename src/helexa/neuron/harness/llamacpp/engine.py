@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from helexa.core.errors import internal
-from helexa.neuron.detokenize import IncrementalDetokenizer, StopMatcher
+from helexa.neuron.detokenize import IncrementalDetokenizer, StopMatcher, flush_held
 from helexa.neuron.harness.base import Finish, FinishReason, ModelGone
 from helexa.neuron.harness.llamacpp.binding import Batch, Context, Model, Sampler
 from helexa.neuron.harness.llamacpp.slots import (
@@ -342,9 +342,7 @@ class Engine:
 
     @staticmethod
     def _flush(generation: Generation) -> str | None:
-        tail = generation.stops.push(generation.detok.flush())
-        if generation.stops.matched is None:
-            tail += generation.stops.flush()
+        tail = flush_held(generation.detok, generation.stops)
         if tail:
             generation.emit(tail)
         return generation.stops.matched

@@ -29,7 +29,7 @@ from helexa.neuron.harness.base import ModelGone, PreparedPrompt, TokenStream
 from helexa.neuron.harness.llamacpp import binding, plan
 from helexa.neuron.harness.llamacpp.engine import Engine, Generation, Runtime
 from helexa.neuron.harness.llamacpp.tokenizer import GgufTokenizer, chat_template
-from helexa.neuron.harness.prompt import encode_text, opens_reasoning, render_chat
+from helexa.neuron.harness.prompt import PromptFacts, prepare_chat, prepare_text
 from helexa.neuron.model_files import (
     ModelFiles,
     as_ids,
@@ -315,15 +315,13 @@ class LlamaCppHarness:
 
     # -- inference --------------------------------------------------------------------------
 
-    def _prepared(self, loaded: LoadedGguf, ids: list[int], text: str = "") -> PreparedPrompt:
-        return PreparedPrompt(
-            token_ids=ids,
+    @staticmethod
+    def _facts(loaded: LoadedGguf) -> PromptFacts:
+        return PromptFacts(
             context_length=loaded.runtime.context_length,
             generation_defaults=loaded.generation_defaults,
             eos_ids=loaded.eos_ids,
-            reasoning_tags=THINK_OPEN in loaded.tags,
-            tool_call_tags=CALL_OPEN in loaded.tags,
-            opens_reasoning=THINK_OPEN in loaded.tags and opens_reasoning(text),
+            tags=loaded.tags,
         )
 
     async def prepare_chat(
@@ -334,15 +332,13 @@ class LlamaCppHarness:
         template_kwargs: dict[str, Any] | None,
     ) -> PreparedPrompt:
         loaded = self.get(model_id)
-        text, ids = await asyncio.to_thread(
-            render_chat, loaded.tokenizer, messages, tools, template_kwargs
+        return await prepare_chat(
+            loaded.tokenizer, self._facts(loaded), messages, tools, template_kwargs
         )
-        return self._prepared(loaded, ids, text)
 
     async def prepare_text(self, model_id: str, text: str) -> PreparedPrompt:
         loaded = self.get(model_id)
-        ids = await asyncio.to_thread(encode_text, loaded.tokenizer, text)
-        return self._prepared(loaded, ids)
+        return await prepare_text(loaded.tokenizer, self._facts(loaded), text)
 
     async def prepare_format(self, model_id: str, fmt: OutputFormat) -> None:
         loaded = self.get(model_id)
