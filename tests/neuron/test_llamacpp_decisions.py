@@ -13,7 +13,7 @@ from helexa.neuron.harness.llamacpp.plan import (
     place,
     split_by_room,
 )
-from helexa.neuron.harness.llamacpp.slots import (
+from helexa.neuron.harness.slots import (
     Chunk,
     SlotView,
     choose_slot,

@@ -99,8 +99,9 @@ def test_a_full_kv_cache_preempts_and_recomputes(
         health = neuron.health().models[MODEL]
         assert health.prefix_cache is not None
         assert health.prefix_cache.cached_tokens <= health.prefix_cache.capacity_tokens == 256
+        assert health.batch is not None and health.batch.preempted >= 1
 
-    with caplog.at_level(logging.INFO, logger="helexa.neuron.llamacpp"):
+    with caplog.at_level(logging.INFO, logger="helexa.neuron.engine"):
         run(gguf_dir, {"context_tokens": 256, "slots": 3}, scenario)
     assert any("sequence preempted" in r.getMessage() for r in caplog.records)
 

@@ -129,6 +129,8 @@ class PrefixCacheInfo(Wire):
     misses: int
     prompt_tokens_reused: int  # prompt tokens not evaluated thanks to the cache
     prompt_tokens_evaluated: int
+    running_tokens: int = 0  # of cached_tokens, those of sequences still generating
+    free_tokens: int | None = None  # positions no sequence holds (None: not known)
 
 
 class BatchInfo(Wire):
@@ -137,6 +139,8 @@ class BatchInfo(Wire):
     steps: int
     tokens: int  # tokens evaluated, prompts and generated together
     peak_sequences: int  # most sequences in one step since load
+    preempted: int = 0  # sequences sent back to wait (and recomputed) for lack of KV room
+    kv_wait_timeouts: int = 0  # requests turned away (503) after waiting for KV room
 
 
 class ModelLoadInfo(Wire):

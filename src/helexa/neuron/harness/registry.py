@@ -61,4 +61,5 @@ def _build(name: str, settings: NeuronSettings, pool: DevicePool) -> Harness:
         hf_cache=llama.hf_cache or settings.harness.transformers.hf_cache,
         model_dirs=settings.model_dirs,
         cpu_threads=llama.threads or settings.cpu.threads,
+        wait_timeout_s=settings.admission.queue_timeout_s,
     )

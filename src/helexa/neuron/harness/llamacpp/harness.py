@@ -2,7 +2,7 @@
 
 Memory is the file (memory-mapped, never dequantized) plus a KV cache fixed at load and shared
 by the model's sequences. Concurrent requests decode together in one batch per step
-(``engine.Engine``); a finished request's tokens stay cached in its slot for the next turn.
+(``harness.engine.Engine``); a finished request's tokens stay cached in its slot for the next turn.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from helexa.core.wire import (
 from helexa.neuron.config import LlamaCppHarnessSettings
 from helexa.neuron.devices import CPU, DevicePool
 from helexa.neuron.harness.base import ModelGone, PreparedPrompt, TokenStream
+from helexa.neuron.harness.engine import Engine, Generation
 from helexa.neuron.harness.llamacpp import binding, plan
-from helexa.neuron.harness.llamacpp.engine import Engine, Generation, Runtime
+from helexa.neuron.harness.llamacpp.backend import LlamaBackend, Runtime
 from helexa.neuron.harness.llamacpp.tokenizer import GgufTokenizer, chat_template
 from helexa.neuron.harness.prompt import PromptFacts, prepare_chat, prepare_text
 from helexa.neuron.model_files import (
@@ -78,8 +79,10 @@ class LlamaCppHarness:
         hf_cache: Path | None,
         model_dirs: list[Path],
         cpu_threads: int | None,
+        wait_timeout_s: float | None = None,
     ) -> None:
         self._pool = pool
+        self._wait_timeout_s = wait_timeout_s
         self._settings = settings
         self._hf_cache = hf_cache
         self._model_dirs = model_dirs
@@ -127,24 +130,13 @@ class LlamaCppHarness:
         loaded = self._models.get(model_id)
         if loaded is None:
             return None
-        stats = loaded.engine.stats
-        return PrefixCacheInfo(
-            capacity_tokens=loaded.runtime.ctx.n_ctx,
-            cached_tokens=loaded.engine.cached_tokens(),
-            hits=stats.hits,
-            misses=stats.misses,
-            prompt_tokens_reused=stats.reused,
-            prompt_tokens_evaluated=stats.evaluated,
-        )
+        return loaded.engine.prefix_cache_info(loaded.runtime.ctx.n_ctx)
 
     def batch_info(self, model_id: str) -> BatchInfo | None:
         loaded = self._models.get(model_id)
         if loaded is None:
             return None
-        stats = loaded.engine.stats
-        return BatchInfo(
-            steps=stats.steps, tokens=stats.tokens, peak_sequences=stats.peak_sequences
-        )
+        return loaded.engine.batch_info()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -217,10 +209,14 @@ class LlamaCppHarness:
                 worker.submit(self._open, path, files.root, placement, sizes.context_tokens)
             )
             engine = Engine(
-                runtime,
+                LlamaBackend(
+                    runtime, batch_tokens=self._settings.batch_tokens, slots=self._settings.slots
+                ),
                 worker,
                 slots=self._settings.slots,
                 batch_tokens=self._settings.batch_tokens,
+                is_loaded=lambda: runtime.loaded,
+                wait_timeout_s=self._wait_timeout_s,
             )
             gen_config = await asyncio.to_thread(read_json, files.root / "generation_config.json")
             eos = await asyncio.to_thread(_eos_ids, runtime.model.vocab, gen_config)
@@ -387,7 +383,7 @@ class LlamaCppHarness:
         generation = Generation(
             prompt_ids=prompt.token_ids,
             params=params,
-            grammar=grammar,
+            constraint=grammar,
             tokenizer=loaded.tokenizer,
             emit=stream.emit,
         )

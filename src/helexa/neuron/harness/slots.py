@@ -1,6 +1,7 @@
-"""Scheduling decisions of the batched llama.cpp engine, as pure functions (no I/O).
+"""Scheduling decisions of the batched engine, as pure functions (no I/O).
 
-A model's context holds ``n`` slots (llama.cpp sequence ids). A slot keeps the tokens whose
+A model's KV cache holds ``n`` slots (sequences: llama.cpp sequence ids, or the block tables
+of the transformers engine's paged cache). A slot keeps the tokens whose
 KV it holds after its request ends, so the next request that starts with them — the next turn
 of a conversation, a shared system prompt — evaluates only the rest (prefix reuse). The KV
 cache is bounded; when a step finds no room, retained caches go first (least recently used),

@@ -1,9 +1,12 @@
-"""The batched decode loop of one llama.cpp model, run step by step on its device's worker.
+"""The batched decode loop of one model, run step by step on its device's worker.
 
-Every running request of the model advances in the same ``llama_decode`` call: one token per
-decoding sequence plus bounded chunks of prompts still being read. Requests join and leave
-between steps. Decisions (which slot, what goes in a step, what to give up when the KV cache is
-full) are the pure functions in ``slots``; this module carries them out.
+Every running request of a model advances in the same forward pass: one token per decoding
+sequence plus bounded chunks of prompts still being read (chunked prefill). Requests join and
+leave between steps. Decisions (which slot, what goes in a step, what to give up when the KV
+cache is full) are the pure functions in ``slots``; the engine-specific half — the KV cache,
+the batched forward, sampling — is a ``Backend`` (llama.cpp's context, or the transformers
+engine's paged cache). Both harnesses share this loop, so admission, preemption, prefix reuse,
+cancellation and fault handling behave the same on either.
 """
 
 from __future__ import annotations
@@ -11,40 +14,25 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from helexa.core.errors import internal
+from helexa.core.errors import internal, unavailable
+from helexa.core.wire import BatchInfo, PrefixCacheInfo
 from helexa.neuron.detokenize import IncrementalDetokenizer, StopMatcher, flush_held
 from helexa.neuron.harness.base import Finish, FinishReason, ModelGone
-from helexa.neuron.harness.llamacpp.binding import Batch, Context, Model, Sampler
-from helexa.neuron.harness.llamacpp.slots import (
-    SlotView,
-    choose_slot,
-    make_room,
-    plan_step,
-)
-from helexa.neuron.harness.llamacpp.tokenizer import GgufTokenizer
+from helexa.neuron.harness.slots import SlotView, choose_slot, make_room, plan_step
 from helexa.neuron.sampling import SamplingParams
 from helexa.neuron.workers import DeviceWorker, NanLogitsFlood, is_device_fault
 
-log = logging.getLogger("helexa.neuron.llamacpp")
+log = logging.getLogger("helexa.neuron.engine")
 
 PROMPT_TAIL_TOKENS = 6
 NAN_STEPS_TO_POISON = 3  # consecutive steps with non-finite logits: the device is not trusted
-
-
-@dataclass
-class Runtime:
-    """A loaded model as the engine sees it; its pointers are touched only on the worker."""
-
-    model: Model
-    ctx: Context
-    tokenizer: GgufTokenizer
-    context_length: int
-    loaded: bool = True
 
 
 @dataclass
@@ -56,6 +44,8 @@ class EngineStats:
     steps: int = 0
     tokens: int = 0
     peak_sequences: int = 0
+    preempted: int = 0  # sequences pushed back to wait because the KV cache was full
+    timed_out: int = 0  # requests that waited longer than the wait limit for KV room
 
 
 class Generation:
@@ -66,27 +56,80 @@ class Generation:
         *,
         prompt_ids: list[int],
         params: SamplingParams,
-        grammar: str | None,
-        tokenizer: GgufTokenizer,
+        tokenizer: Any,
         emit: Callable[[str], None],
+        constraint: Any = None,
     ) -> None:
         self.history = list(prompt_ids)  # prompt + sampled tokens
         self.prompt_tokens = len(prompt_ids)
         self.params = params
-        self.grammar = grammar
+        self.constraint = constraint  # the backend's form of response_format, if any
         self.emit = emit
         self.future: Future[Finish] = Future()
         self.detok = IncrementalDetokenizer(tokenizer, prompt_tail=prompt_ids[-PROMPT_TAIL_TOKENS:])
         self.stops = StopMatcher(params.stop)
-        self.sampler: Sampler | None = None
+        self.state: Any = None  # the backend's sampling state, from the first admission on
         self.generated = 0
         self.cancelled = False
         self.slot: int | None = None
         self.pending: list[int] = []  # tokens to evaluate before the next sample
         self.admitted = 0
+        self.queued_at = time.monotonic()
 
     def cancel(self) -> None:
         self.cancelled = True  # read by the engine before its next step (one token at most)
+
+
+@dataclass(frozen=True)
+class StepChunk:
+    """Tokens of one sequence in a forward pass."""
+
+    slot: int
+    tokens: list[int]
+    start: int  # position of the first token (the slot's cached length)
+    logits: bool  # the last token's logits are wanted: the sequence samples after this step
+
+
+class Backend(Protocol):
+    """The engine-specific half: a slotted KV cache, the batched forward and sampling. Every
+    method runs on the device worker."""
+
+    def forget(self, slot: int, start: int = 0) -> None:
+        """Drop the slot's cache from position ``start`` on."""
+        ...
+
+    def share(self, src: int, dst: int, length: int) -> None:
+        """Give ``dst`` (empty) the first ``length`` positions of ``src``'s cache."""
+        ...
+
+    def clear(self) -> None: ...
+
+    def start(self, generation: Generation) -> None:
+        """Set ``generation.state`` up for sampling (first admission only)."""
+        ...
+
+    def stop(self, generation: Generation) -> None:
+        """Release ``generation.state``."""
+        ...
+
+    def decode(self, chunks: Sequence[StepChunk]) -> bool:
+        """One forward pass; False (nothing changed) when the KV cache has no room for it."""
+        ...
+
+    def sample(self, generations: Sequence[Generation]) -> list[int | None]:
+        """The next token of each generation whose chunk asked for logits in the last
+        ``decode``, in that order; None where its logits were not finite."""
+        ...
+
+    def complete(self, generation: Generation) -> bool:
+        """Constrained output is complete after the token just sampled: end as at EOS."""
+        ...
+
+    def free_tokens(self) -> int | None:
+        """KV positions not held by any slot; None where the cache cannot tell."""
+        ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -111,13 +154,21 @@ class Engine:
     next request submits it again."""
 
     def __init__(
-        self, runtime: Runtime, worker: DeviceWorker, *, slots: int, batch_tokens: int
+        self,
+        backend: Backend,
+        worker: DeviceWorker,
+        *,
+        slots: int,
+        batch_tokens: int,
+        is_loaded: Callable[[], bool],
+        wait_timeout_s: float | None = None,
     ) -> None:
-        self._rt = runtime
+        self._backend = backend
         self._worker = worker
+        self._is_loaded = is_loaded
         self._slots = [Slot(i) for i in range(slots)]
-        self._batch = Batch(batch_tokens, slots)
         self._budget = batch_tokens
+        self._wait_timeout_s = wait_timeout_s
         self._inbox: list[Generation] = []
         self._waiting: deque[Generation] = deque()
         self._lock = threading.Lock()
@@ -147,8 +198,30 @@ class Engine:
                 self._inbox = []
             self._fail_all(exc)
 
-    def cached_tokens(self) -> int:
-        return sum(len(s.cached) for s in self._slots)
+    def prefix_cache_info(self, capacity_tokens: int) -> PrefixCacheInfo:
+        # Read off the worker thread: figures may be a step apart, never torn objects.
+        slots = list(self._slots)
+        stats = self.stats
+        return PrefixCacheInfo(
+            capacity_tokens=capacity_tokens,
+            cached_tokens=sum(len(s.cached) for s in slots),
+            hits=stats.hits,
+            misses=stats.misses,
+            prompt_tokens_reused=stats.reused,
+            prompt_tokens_evaluated=stats.evaluated,
+            running_tokens=sum(len(s.cached) for s in slots if s.owner is not None),
+            free_tokens=self._backend.free_tokens(),
+        )
+
+    def batch_info(self) -> BatchInfo:
+        stats = self.stats
+        return BatchInfo(
+            steps=stats.steps,
+            tokens=stats.tokens,
+            peak_sequences=stats.peak_sequences,
+            preempted=stats.preempted,
+            kv_wait_timeouts=stats.timed_out,
+        )
 
     # -- worker side ----------------------------------------------------------------------------
 
@@ -156,13 +229,14 @@ class Engine:
         return None
 
     def step(self) -> bool:
-        if not self._rt.loaded:
+        if not self._is_loaded():
             self._fail_all(ModelGone("the model was unloaded during generation"))
             return self._go_idle()
         try:
             self._take_inbox()
             self._drop_cancelled()
             self._admit()
+            self._expire_waiting()
             if not self._run_step():
                 return self._go_idle()
             return False
@@ -174,8 +248,8 @@ class Engine:
                 # WorkerPoisoned; _stopped passes that on to every request.
                 raise
             self._fail_all(exc)
-            if self._rt.loaded:
-                self._rt.ctx.clear()
+            if self._is_loaded():
+                self._backend.clear()
                 for slot in self._slots:
                     slot.cached.clear()
             raise
@@ -190,6 +264,9 @@ class Engine:
     def _take_inbox(self) -> None:
         with self._lock:
             arrived, self._inbox = self._inbox, []
+        now = time.monotonic()
+        for generation in arrived:
+            generation.queued_at = now
         self._waiting.extend(arrived)
 
     def _drop_cancelled(self) -> None:
@@ -200,6 +277,25 @@ class Engine:
             if slot.owner is not None and slot.owner.cancelled:
                 self._finish(slot.owner, "cancelled")
 
+    def _expire_waiting(self) -> None:
+        """A request that never started and has waited too long for KV room gets a 503 (its
+        client retries, or goes to another replica) rather than waiting without end."""
+        if self._wait_timeout_s is None:
+            return
+        deadline = time.monotonic() - self._wait_timeout_s
+        for generation in [g for g in self._waiting if not g.generated and g.queued_at < deadline]:
+            self._waiting.remove(generation)
+            self.stats.timed_out += 1
+            self._release(generation)
+            _fail(
+                generation,
+                unavailable(
+                    f"waited {self._wait_timeout_s:g}s for room in the model's KV cache",
+                    code="kv_cache_full",
+                    retry_after=max(1, round(self._wait_timeout_s)),
+                ),
+            )
+
     def _admit(self) -> None:
         while self._waiting and not self._full:
             generation = self._waiting[0]
@@ -208,22 +304,15 @@ class Engine:
                 return
             self._waiting.popleft()
             slot = self._slots[choice.slot]
-            ctx = self._rt.ctx
             if choice.copy_from is not None:
-                ctx.forget(slot.index)
-                ctx.share(choice.copy_from, slot.index, choice.reuse)
+                self._backend.forget(slot.index)
+                self._backend.share(choice.copy_from, slot.index, choice.reuse)
                 slot.cached = list(generation.history[: choice.reuse])
             else:
-                ctx.forget(slot.index, choice.reuse)
+                self._backend.forget(slot.index, choice.reuse)
                 del slot.cached[choice.reuse :]
-            if generation.sampler is None:  # first admission (not a resumed preemption)
-                generation.sampler = Sampler(
-                    generation.params,
-                    vocab=self._rt.model.vocab,
-                    context_length=self._rt.context_length,
-                    grammar=generation.grammar,
-                    prompt=generation.history,
-                )
+            if generation.state is None:  # first admission (not a resumed preemption)
+                self._backend.start(generation)
                 if choice.reuse:
                     self.stats.hits += 1
                 else:
@@ -236,7 +325,7 @@ class Engine:
             slot.last_used = generation.admitted
 
     def _run_step(self) -> bool:
-        """One llama_decode over every running sequence; False when there is nothing to run."""
+        """One forward pass over every running sequence; False when there is nothing to run."""
         running = [s.owner for s in self._slots if s.owner is not None]
         if not running:
             return False
@@ -247,51 +336,55 @@ class Engine:
                 for g in running
                 if not (g.generated and len(g.pending) == 1)
             ]
-            chunks = plan_step(decoding, prefilling, self._budget)  # type: ignore[arg-type]
-            self._batch.clear()
-            outputs: dict[int, int] = {}  # slot -> batch index of its logits
-            for chunk in chunks:
-                slot = self._slots[chunk.key]
+            plan = plan_step(decoding, prefilling, self._budget)  # type: ignore[arg-type]
+            chunks: list[StepChunk] = []
+            for item in plan:
+                slot = self._slots[item.key]
                 generation = slot.owner
                 assert generation is not None
-                tokens = generation.pending[: chunk.count]
-                last = chunk.count == len(generation.pending)
-                index = self._batch.add(slot.index, tokens, len(slot.cached), logits_last=last)
-                if last:
-                    outputs[slot.index] = index
-            if self._rt.ctx.decode(self._batch):
+                chunks.append(
+                    StepChunk(
+                        slot=slot.index,
+                        tokens=generation.pending[: item.count],
+                        start=len(slot.cached),
+                        logits=item.count == len(generation.pending),
+                    )
+                )
+            if self._backend.decode(chunks):
                 break
-            room = make_room([s.view() for s in self._slots], frozenset(c.key for c in chunks))
+            room = make_room([s.view() for s in self._slots], frozenset(c.slot for c in chunks))
             if room is None:  # alone and still too big: only the cache size can fix this
                 error = internal(
-                    "the KV cache cannot hold this request; raise context_tokens",
+                    "the KV cache cannot hold this request; give the model a larger KV cache",
                     code="kv_cache_full",
                 )
                 for chunk in chunks:
-                    owner = self._slots[chunk.key].owner
+                    owner = self._slots[chunk.slot].owner
                     if owner is not None:
                         self._finish_error(owner, error)
                 return True
             self._free(room.slot, preempt=room.preempt)
             running = [s.owner for s in self._slots if s.owner is not None]
         self.stats.steps += 1
-        self.stats.tokens += self._batch.n_tokens
+        self.stats.tokens += sum(len(c.tokens) for c in chunks)
         self.stats.peak_sequences = max(self.stats.peak_sequences, len(chunks))
+        sampling: list[Generation] = []
         for chunk in chunks:
-            slot = self._slots[chunk.key]
+            slot = self._slots[chunk.slot]
             generation = slot.owner
             assert generation is not None
-            fed = generation.pending[: chunk.count]
-            slot.cached.extend(fed)
-            del generation.pending[: chunk.count]
+            slot.cached.extend(chunk.tokens)
+            del generation.pending[: len(chunk.tokens)]
             if generation.generated == 0:
-                self.stats.evaluated += len(fed)
-        self._sample(outputs)
+                self.stats.evaluated += len(chunk.tokens)
+            if chunk.logits:
+                sampling.append(generation)
+        self._sample(sampling)
         return True
 
     def _free(self, index: int, *, preempt: bool) -> None:
         slot = self._slots[index]
-        self._rt.ctx.forget(index)
+        self._backend.forget(index)
         slot.cached.clear()
         if preempt and slot.owner is not None:
             generation = slot.owner
@@ -300,19 +393,19 @@ class Engine:
             generation.pending = []
             self._waiting.appendleft(generation)  # first to come back once there is room
             self._full = True
+            self.stats.preempted += 1
             log.info(
                 "sequence preempted: KV cache full",
                 extra={"tokens": len(generation.history), "generated": generation.generated},
             )
 
-    def _sample(self, outputs: dict[int, int]) -> None:
-        ctx = self._rt.ctx
+    def _sample(self, generations: list[Generation]) -> None:
+        if not generations:
+            return
+        tokens = self._backend.sample(generations)
         bad = 0
-        for index, batch_index in outputs.items():
-            generation = self._slots[index].owner
-            assert generation is not None and generation.sampler is not None
-            token = generation.sampler.sample(ctx, batch_index)
-            if not ctx.logit_finite(batch_index, token):
+        for generation, token in zip(generations, tokens, strict=True):
+            if token is None:
                 bad += 1
                 self._finish_error(
                     generation, internal("the model produced NaN logits", code="nan_logits")
@@ -336,6 +429,8 @@ class Engine:
             generation.emit(text)
         if generation.stops.matched is not None:
             self._finish(generation, "stop", generation.stops.matched)
+        elif self._backend.complete(generation):  # a constrained document is complete
+            self._finish(generation, "stop", self._flush(generation))
         elif generation.generated >= params.max_new_tokens:
             matched = self._flush(generation)
             self._finish(generation, "stop" if matched else "length", matched)
@@ -354,9 +449,9 @@ class Engine:
             slot.owner = None
             slot.last_used = next(self._tick)
             generation.slot = None
-        if generation.sampler is not None:
-            generation.sampler.free()
-            generation.sampler = None
+        if generation.state is not None:
+            self._backend.stop(generation)
+            generation.state = None
 
     def _finish(
         self, generation: Generation, reason: FinishReason, stop_sequence: str | None = None
@@ -381,8 +476,8 @@ class Engine:
             )
 
     def _finish_error(self, generation: Generation, exc: BaseException) -> None:
-        if generation.slot is not None:  # its cells may hold the bad state
-            self._rt.ctx.forget(generation.slot)
+        if generation.slot is not None:  # its cells may hold the bad state: free them now
+            self._backend.forget(generation.slot)
             self._slots[generation.slot].cached.clear()
         self._release(generation)
         _fail(generation, exc)
@@ -398,12 +493,12 @@ class Engine:
 
     def close(self, exc: BaseException) -> None:
         """End every request with ``exc`` and free what the engine allocated; runs on the
-        worker before the context and the model are freed (unload)."""
+        worker before the backend's model is freed (unload)."""
         with self._lock:
             self._waiting.extend(self._inbox)
             self._inbox = []
         self._fail_all(exc)
-        self._batch.free()
+        self._backend.close()
 
 
 def _fail(generation: Generation, exc: BaseException) -> None:
