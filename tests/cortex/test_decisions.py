@@ -248,7 +248,7 @@ def test_gguf_need_is_file_plus_kv(tmp_path: Path) -> None:
     from helexa.core.tiny_model import DEMO_SHAPE, write_tiny_model_to_hf_cache
     from helexa.core.wire import ModelSpec
     from helexa.cortex.weights import MB, WeightSizes
-    from helexa.neuron.config import LlamaCppHarnessSettings
+    from helexa.neuron.config import LlamaCppHarnessSettings, TransformersHarnessSettings
     from helexa.neuron.devices import DevicePool
     from helexa.neuron.harness.hf.harness import TransformersHarness
     from helexa.neuron.harness.llamacpp import plan
@@ -259,7 +259,9 @@ def test_gguf_need_is_file_plus_kv(tmp_path: Path) -> None:
     pool = DevicePool([], cpu_threads=1, cpu_budget_bytes=1 << 30)
     settings = LlamaCppHarnessSettings(context_tokens=8192)
     llama = LlamaCppHarness(pool, settings=settings, hf_cache=cache, model_dirs=[], cpu_threads=1)
-    dense = TransformersHarness(pool, hf_cache=cache, model_dirs=[])
+    dense = TransformersHarness(
+        pool, settings=TransformersHarnessSettings(hf_cache=cache), model_dirs=[]
+    )
     profile = ModelProfile(id="org/demo", quant="Q8_0", min_devices=0)
 
     async def ask(_name: str, p: ModelProfile):  # type: ignore[no-untyped-def]

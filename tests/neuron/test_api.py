@@ -51,12 +51,13 @@ def test_health_and_models(base: str) -> None:
     health = httpx.get(f"{base}/health").json()
     assert health["activation"]["state"] == "ready"
     assert TINY_REPO_ID in health["activation"]["completed"]
-    assert health["models"][TINY_REPO_ID] == {
-        "in_flight": 0,
-        "queued": 0,
-        "prefix_cache": None,
-        "batch": None,
-    }
+    model = health["models"][TINY_REPO_ID]
+    assert (model["in_flight"], model["queued"]) == (0, 0)
+    # The paged KV cache, allocated at load: its capacity, nothing held by running requests.
+    cache = model["prefix_cache"]
+    assert cache["capacity_tokens"] >= 2048 and cache["running_tokens"] == 0
+    assert cache["free_tokens"] + cache["cached_tokens"] >= cache["capacity_tokens"]
+    assert model["batch"]["steps"] >= 0
     assert health["cpu"]["memory_used_mb"] >= 1 and health["cpu"]["memory_free_mb"] > 0
     models = httpx.get(f"{base}/models").json()
     tiny = next(m for m in models if m["id"] == TINY_REPO_ID)

@@ -15,7 +15,7 @@ from helexa.core.tiny_model import write_tiny_model
 from helexa.core.wire import ModelSpec
 from helexa.neuron.app import build_app
 from helexa.neuron.config import NeuronSettings
-from helexa.neuron.harness.hf.decode import DecodeJob
+from helexa.neuron.harness.hf.batched import PagedBackend
 from helexa.neuron.service import Neuron
 from tests.conftest import LOCAL_MODEL
 
@@ -30,16 +30,16 @@ BODY = {
 
 
 def fail_after(monkeypatch: pytest.MonkeyPatch, calls: int, error: BaseException) -> None:
-    original = DecodeJob._forward
+    original = PagedBackend._forward
     count = {"n": 0}
 
-    def forward(self: DecodeJob):  # type: ignore[no-untyped-def]
+    def forward(self: PagedBackend, chunks):  # type: ignore[no-untyped-def]
         count["n"] += 1
         if count["n"] > calls:
             raise error
-        return original(self)
+        return original(self, chunks)
 
-    monkeypatch.setattr(DecodeJob, "_forward", forward)
+    monkeypatch.setattr(PagedBackend, "_forward", forward)
 
 
 def frames(raw: str) -> list[str]:

@@ -14,7 +14,8 @@ from helexa.core.settings import load_settings
 from helexa.core.wire import ModelSpec
 from helexa.neuron.app import build_app
 from helexa.neuron.config import NeuronSettings
-from helexa.neuron.harness.hf.decode import DecodeJob
+from helexa.neuron.harness.engine import StepChunk
+from helexa.neuron.harness.hf.batched import PagedBackend
 from helexa.neuron.output_parser import TaggedOutput, merge_deltas
 from helexa.neuron.service import Neuron
 from tests.conftest import LOCAL_MODEL
@@ -96,12 +97,20 @@ def test_real_decode_path_emits_reasoning_and_tool_calls(
             script.append(loaded.tokenizer.convert_tokens_to_ids("<|im_end|>"))
             vocab = loaded.model.config.vocab_size
 
-            def forward(self: DecodeJob) -> torch.Tensor:
-                logits = torch.zeros(vocab)
-                logits[script[self._generated]] = 100.0
+            # One request at a time; the script restarts with each prompt (a position that
+            # does not follow the previous step's).
+            produced = {"n": 0, "next": -1}
+
+            def forward(self: PagedBackend, chunks: list[StepChunk]) -> torch.Tensor:
+                if chunks[0].start != produced["next"]:
+                    produced["n"] = 0
+                produced["next"] = chunks[0].start + len(chunks[0].tokens)
+                logits = torch.zeros(1, vocab)
+                logits[0, script[produced["n"]]] = 100.0
+                produced["n"] += 1
                 return logits
 
-            monkeypatch.setattr(DecodeJob, "_forward", forward)
+            monkeypatch.setattr(PagedBackend, "_forward", forward)
             body = {
                 "model": LOCAL_MODEL,
                 "tools": tools,

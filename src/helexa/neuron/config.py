@@ -22,6 +22,14 @@ class TransformersHarnessSettings(BaseModel):
     # dtypes per device kind; "auto" picks bf16 (fp16 without bf16 support) on CUDA, fp32 on CPU.
     cuda_dtype: str = "auto"
     cpu_dtype: str = "float32"
+    # The KV cache of each model, fixed at load: kv_cache_mb, else kv_cache_fraction of the
+    # weights (0.2: the headroom cortex plans for), within the room the device has left.
+    kv_cache_mb: int | None = Field(default=None, ge=1)
+    kv_cache_fraction: float = Field(default=0.2, gt=0, le=8)
+    kv_block_tokens: int = Field(default=16, ge=1, le=1024)
+    max_sequences: int = Field(default=8, ge=1, le=256)  # decoded together or kept cached
+    batch_tokens: int = Field(default=512, ge=16)  # tokens per step (chunked prefill)
+    batching: bool = True  # False: each request decodes in its own forward pass
 
 
 class LlamaCppHarnessSettings(BaseModel):

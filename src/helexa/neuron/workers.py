@@ -120,6 +120,10 @@ class DeviceWorker:
                 return
             self._jobs.put(item)
 
+    def poison(self, exc: BaseException) -> None:
+        """A fault found outside the worker's own jobs (a load on another thread)."""
+        self._poison(exc)
+
     def _poison(self, exc: BaseException) -> None:
         with self._lock:
             self.poisoned = f"{type(exc).__name__}: {exc}"

@@ -47,10 +47,9 @@ def _build(name: str, settings: NeuronSettings, pool: DevicePool) -> Harness:
         hf = settings.harness.transformers
         return TransformersHarness(
             pool,
-            hf_cache=hf.hf_cache,
+            settings=hf,
             model_dirs=settings.model_dirs,
-            cuda_dtype=hf.cuda_dtype,
-            cpu_dtype=hf.cpu_dtype,
+            wait_timeout_s=settings.admission.queue_timeout_s,
         )
     from helexa.neuron.harness.llamacpp.harness import LlamaCppHarness
 

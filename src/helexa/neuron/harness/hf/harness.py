@@ -21,11 +21,20 @@ from helexa.core.wire import (
     ModelStatus,
     PrefixCacheInfo,
 )
+from helexa.neuron.config import TransformersHarnessSettings
 from helexa.neuron.devices import CPU, DevicePool, cuda_key
 from helexa.neuron.harness.base import ModelGone, PreparedPrompt, TokenStream
+from helexa.neuron.harness.engine import Engine, Generation
 from helexa.neuron.harness.hf import loader
+from helexa.neuron.harness.hf.batched import (
+    PagedBackend,
+    SequentialBackend,
+    TorchBackend,
+    kv_shape,
+    use_paged_attention,
+)
 from helexa.neuron.harness.hf.constraint import Grammars, JsonConstraint
-from helexa.neuron.harness.hf.decode import DecodeJob
+from helexa.neuron.harness.hf.paged import PagedKv, blocks_for
 from helexa.neuron.harness.prompt import PromptFacts, prepare_chat, prepare_text
 from helexa.neuron.model_files import (
     ModelFiles,
@@ -35,13 +44,12 @@ from helexa.neuron.model_files import (
     read_json,
 )
 from helexa.neuron.sampling import OutputFormat, SamplingParams
-from helexa.neuron.workers import WorkerPoisoned
+from helexa.neuron.workers import WorkerPoisoned, is_device_fault
 
 log = logging.getLogger("helexa.neuron.harness.transformers")
 
 MB = 1024 * 1024
-# A load is sized at 1.2 x its dense weights: the rest is KV cache and activations (§2.4).
-HEADROOM = 1.2
+MIN_KV_TOKENS = 4096
 GRAMMARS = "grammars"  # LoadedModel.extra: the task building the model's llguidance Grammars
 
 
@@ -57,6 +65,8 @@ class LoadedModel:
     generation_defaults: dict[str, Any]
     eos_ids: frozenset[int]
     tags: frozenset[str] = frozenset()  # reasoning / tool-call tags in the vocabulary
+    engine: Engine | None = None
+    kv_capacity_tokens: int | None = None  # the paged KV cache; None: sequential decoding
     loaded: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -74,16 +84,17 @@ class TransformersHarness:
         self,
         pool: DevicePool,
         *,
-        hf_cache: Path | None,
+        settings: TransformersHarnessSettings | None = None,
         model_dirs: list[Path],
-        cuda_dtype: str = "auto",
-        cpu_dtype: str = "float32",
+        wait_timeout_s: float | None = None,
     ) -> None:
         self._pool = pool
-        self._hf_cache = hf_cache
+        self._settings = settings or TransformersHarnessSettings()
+        self._hf_cache = self._settings.hf_cache
         self._model_dirs = model_dirs
-        self._cuda_dtype = cuda_dtype
-        self._cpu_dtype = cpu_dtype
+        self._cuda_dtype = self._settings.cuda_dtype
+        self._cpu_dtype = self._settings.cpu_dtype
+        self._wait_timeout_s = wait_timeout_s
         self._models: dict[str, LoadedModel] = {}
         self._loading: dict[str, str] = {}  # model_id -> device key, while a load is running
 
@@ -114,10 +125,16 @@ class TransformersHarness:
         )
 
     def prefix_cache(self, model_id: str) -> PrefixCacheInfo | None:
-        return None  # one DynamicCache per request, dropped at its end
+        loaded = self._models.get(model_id)
+        if loaded is None or loaded.engine is None or loaded.kv_capacity_tokens is None:
+            return None  # sequential decoding: per-request caches, no fixed capacity
+        return loaded.engine.prefix_cache_info(loaded.kv_capacity_tokens)
 
     def batch_info(self, model_id: str) -> BatchInfo | None:
-        return None  # requests interleave step by step, each in its own forward pass
+        loaded = self._models.get(model_id)
+        if loaded is None or loaded.engine is None:
+            return None
+        return loaded.engine.batch_info()
 
     def list(self) -> list[ModelStatus]:
         return [self._status(m) for m in self._models.values()]
@@ -170,8 +187,13 @@ class TransformersHarness:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    async def size(self, spec: ModelSpec) -> ModelSize:
-        """The dense weights in the dtype a load would pick, times ``HEADROOM``."""
+    def _kv_budget(self, weights: int) -> int:
+        """Bytes of KV cache a model with ``weights`` bytes of weights gets."""
+        if self._settings.kv_cache_mb is not None:
+            return self._settings.kv_cache_mb * MB
+        return int(weights * self._settings.kv_cache_fraction)
+
+    async def _weights_bytes(self, spec: ModelSpec) -> tuple[ModelFiles, torch.dtype, int]:
         files: ModelFiles = await asyncio.to_thread(
             locate,
             spec.model_id,
@@ -185,30 +207,23 @@ class TransformersHarness:
             cuda=on_cuda,
             bf16_supported=on_cuda and torch.cuda.is_bf16_supported(),
         )
-        weights = await asyncio.to_thread(loader.estimate_bytes, files, dtype)
-        total = int(weights * HEADROOM)
-        return ModelSize(bytes=total, weights_bytes=weights, kv_bytes=total - weights)
+        return files, dtype, await asyncio.to_thread(loader.estimate_bytes, files, dtype)
+
+    async def size(self, spec: ModelSpec) -> ModelSize:
+        """The dense weights in the dtype a load would pick, plus the KV cache it allocates."""
+        _files, _dtype, weights = await self._weights_bytes(spec)
+        kv = self._kv_budget(weights)
+        return ModelSize(bytes=weights + kv, weights_bytes=weights, kv_bytes=kv)
 
     async def load(self, spec: ModelSpec) -> ModelStatus:
         model_id = spec.model_id
         started = time.monotonic()
-        files: ModelFiles = await asyncio.to_thread(
-            locate,
-            model_id,
-            spec.quant,
-            cache_dir=hf_cache_dir(self._hf_cache),
-            model_dirs=self._model_dirs,
-        )
+        files, dtype, weights = await self._weights_bytes(spec)
         config = await asyncio.to_thread(read_json, files.root / "config.json")
         if files.gguf_file is None:
             loader.check_architecture(config)
-        on_cuda = bool(self._pool.cuda_indices) and spec.devices != []
-        dtype = loader.pick_dtype(
-            self._cuda_dtype if on_cuda else self._cpu_dtype,
-            cuda=on_cuda,
-            bf16_supported=on_cuda and torch.cuda.is_bf16_supported(),
-        )
-        need = await asyncio.to_thread(loader.estimate_bytes, files, dtype)
+        kv_budget = self._kv_budget(weights)
+        need = weights + kv_budget
         key = await self._place(spec, need)  # reserves `need` on that device
         device = torch.device(key)
         self._loading[model_id] = key
@@ -216,30 +231,45 @@ class TransformersHarness:
             tokenizer_task = asyncio.create_task(asyncio.to_thread(loader.load_tokenizer, files))
             worker = self._pool.worker(key)
             try:
-                model = await asyncio.wrap_future(
-                    worker.submit(loader.load_weights, files, dtype, device)
-                )
-            except BaseException:
+                # Off the device worker, so streams of models already on the device keep
+                # going while the weights are read (on CUDA they go straight to the device).
+                model = await asyncio.to_thread(loader.load_weights, files, dtype, device)
+            except BaseException as exc:
+                if is_device_fault(exc):
+                    worker.poison(exc)
                 await asyncio.gather(tokenizer_task, return_exceptions=True)
                 raise
             tokenizer = await tokenizer_task
             gen_config = await asyncio.to_thread(read_json, files.root / "generation_config.json")
-            self._models[model_id] = LoadedModel(
+            trained = loader.context_length(config, model)
+            backend, capacity = await asyncio.wrap_future(
+                worker.submit(self._backend, model, device, kv_budget, trained)
+            )
+            loaded = LoadedModel(
                 spec=spec,
                 device_key=key,
                 device=device,
                 model=model,
                 tokenizer=tokenizer,
-                bytes=loader.model_bytes(model),
-                context_length=loader.context_length(config, model),
+                bytes=loader.model_bytes(model) + (kv_budget if capacity else 0),
+                context_length=min(trained, capacity) if capacity else trained,
                 generation_defaults=generation_defaults(gen_config),
                 eos_ids=loader.eos_ids(gen_config, config, tokenizer),
                 tags=loader.output_tags(tokenizer),
+                kv_capacity_tokens=capacity,
             )
+            loaded.engine = Engine(
+                backend,
+                worker,
+                slots=self._settings.max_sequences,
+                batch_tokens=self._settings.batch_tokens,
+                is_loaded=lambda: loaded.loaded,
+                wait_timeout_s=self._wait_timeout_s,
+            )
+            self._models[model_id] = loaded
         finally:
             self._pool.unreserve(key, need)
             self._loading.pop(model_id, None)
-        loaded = self._models[model_id]
         log.info(
             "model loaded",
             extra={
@@ -247,19 +277,51 @@ class TransformersHarness:
                 "device": key,
                 "dtype": str(dtype).removeprefix("torch."),
                 "mb": loaded.bytes // MB,
+                "kv_tokens": capacity,
+                "batching": "paged" if capacity else "sequential",
                 "secs": round(time.monotonic() - started, 3),
                 "gguf": files.gguf_file,
             },
         )
         return self._status(loaded)
 
+    def _backend(
+        self, model: Any, device: torch.device, kv_budget: int, context: int
+    ) -> tuple[TorchBackend, int | None]:
+        """On the device worker: the paged KV cache where the model's attention allows it
+        (its capacity in tokens), else sequential decoding."""
+        shape = kv_shape(model) if self._settings.batching else None
+        if shape is None:
+            log.info(
+                "sequential decoding: the paged attention cannot run this model",
+                extra={"architecture": type(model).__name__},
+            )
+            return SequentialBackend(model, device), None
+        block = self._settings.kv_block_tokens
+        # However small the budget, one request of up to MIN_KV_TOKENS (or the whole trained
+        # context, if shorter) fits, with a block to spare per sequence.
+        floor = blocks_for(min(context, MIN_KV_TOKENS), block) + self._settings.max_sequences
+        blocks = max(kv_budget // (shape.bytes_per_token() * block), floor)
+        try:
+            kv = PagedKv(shape, blocks=blocks, block_size=block, device=device)
+        except RuntimeError as exc:
+            if "out of memory" not in str(exc).lower():
+                raise
+            raise insufficient_memory(f"not enough memory for the KV cache: {exc}") from exc
+        use_paged_attention(model)
+        return PagedBackend(model, kv, device), kv.capacity_tokens
+
     async def unload(self, model_id: str) -> None:
         loaded = self.get(model_id)
         loaded.loaded = False  # running generations stop at their next step
         del self._models[model_id]
         worker = self._pool.worker(loaded.device_key)
+        engine = loaded.engine
 
         def release() -> None:
+            if engine is not None:
+                engine.close(ModelGone("the model was unloaded during generation"))
+            loaded.engine = None
             loaded.model = None
             gc.collect()
             if loaded.device.type == "cuda":
@@ -269,6 +331,9 @@ class TransformersHarness:
             if worker.poisoned is None:
                 await asyncio.wrap_future(worker.submit(release))
             else:  # the device is lost anyway; drop our references so a reload can start
+                if engine is not None:
+                    engine.close(ModelGone("the model was unloaded during generation"))
+                loaded.engine = None
                 loaded.model = None
                 log.warning(
                     "unloaded from a poisoned device without releasing memory",
@@ -356,16 +421,15 @@ class TransformersHarness:
             if params.response_format is None
             else self._constraint(loaded, prompt, params.response_format)
         )
+        assert loaded.engine is not None
         stream = TokenStream(asyncio.get_running_loop())
-        job = DecodeJob(
-            model=loaded.model,
-            tokenizer=loaded.tokenizer,
+        generation = Generation(
             prompt_ids=prompt.token_ids,
             params=params,
-            device=loaded.device,
+            tokenizer=loaded.tokenizer,
             emit=stream.emit,
-            is_loaded=lambda: loaded.loaded,
             constraint=constraint,
         )
-        stream.attach(worker.submit_stepped(job), job.cancel)
+        stream.attach(generation.future, generation.cancel)
+        loaded.engine.submit(generation)
         return stream

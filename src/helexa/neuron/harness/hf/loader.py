@@ -109,10 +109,13 @@ def load_tokenizer(files: ModelFiles) -> Any:
 
 
 def load_weights(files: ModelFiles, dtype: torch.dtype, device: torch.device) -> Any:
-    """Runs on the device's worker thread."""
+    """Blocking; runs off the device worker. On CUDA the weights are read straight onto the
+    device (``device_map``), not staged in host memory first."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype}
+    if device.type == "cuda":
+        kwargs["device_map"] = str(device)
     if files.gguf_file:
         kwargs["gguf_file"] = files.gguf_file
     try:

@@ -1,0 +1,303 @@
+"""The transformers half of the batched engine (``harness.engine.Backend``): the paged KV
+cache, one packed forward pass per step with ``paged_attention``, per-request sampling.
+
+Per token, the host waits only for the sampled ids (one transfer per step for every
+sequence, together with their finite-logits flags); greedy rows are picked in one argmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from copy import deepcopy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from helexa.neuron.harness.engine import Generation, StepChunk
+from helexa.neuron.harness.hf.attention import (
+    ATTENTION,
+    STEP_KWARG,
+    DecodeGroup,
+    PromptSpan,
+    StepLayout,
+    register,
+)
+from helexa.neuron.harness.hf.paged import KvShape, PagedKv, contiguous_start
+from helexa.neuron.sampling import next_token
+
+# Only these layer kinds attend the way paged_attention computes (softmax over keys, with an
+# optional sliding window); models with anything else decode one request at a time.
+SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+
+
+def kv_shape(model: Any) -> KvShape | None:
+    """The KV cache shape of ``model`` when the batched engine can run it, else None."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(model, "_supports_attention_backend", False):
+        return None
+    config = getattr(config, "get_text_config", lambda: config)()
+    if any(
+        getattr(config, name, None)
+        for name in ("attn_logit_softcapping", "use_sinks", "sliding_window_pattern_mixed")
+    ):
+        return None
+    if not set(getattr(config, "layer_types", None) or ["full_attention"]) <= SUPPORTED_LAYER_TYPES:
+        return None
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not layers or not heads:
+        return None
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    attentions = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
+    if len(attentions) != layers:
+        return None
+    return KvShape(layers=layers, kv_heads=kv_heads, head_dim=head_dim, dtype=model.dtype)
+
+
+def use_paged_attention(model: Any) -> None:
+    register()
+    model.set_attn_implementation(ATTENTION)
+
+
+@dataclass
+class SequenceSampler:
+    """A request's sampling state: its generator, counts for the penalties, constraint."""
+
+    generator: torch.Generator | None
+    prompt_set: frozenset[int]
+    constraint: Any
+    simple: bool  # greedy, no penalties, no constraint: the batch argmax is its choice
+    counts: dict[int, int] = field(default_factory=dict)
+
+
+class TorchBackend:
+    """Sampling for both torch backends; subclasses own the cache and the forward pass."""
+
+    def __init__(self, model: Any, device: torch.device) -> None:
+        self._model = model
+        self._device = device
+        self._logits: torch.Tensor | None = None
+
+    def forget(self, slot: int, start: int = 0) -> None:
+        raise NotImplementedError
+
+    def share(self, src: int, dst: int, length: int) -> None:
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        raise NotImplementedError
+
+    def free_tokens(self) -> int | None:
+        return None
+
+    def close(self) -> None:
+        self._logits = None
+
+    def _fits(self, chunks: Sequence[StepChunk]) -> bool:
+        return True
+
+    def _forward(self, chunks: Sequence[StepChunk]) -> torch.Tensor:
+        """Logits ([n, vocab]) of the last token of each chunk that asks for them."""
+        raise NotImplementedError
+
+    def decode(self, chunks: Sequence[StepChunk]) -> bool:
+        if not self._fits(chunks):
+            return False
+        self._logits = self._forward(chunks)
+        return True
+
+    # -- sampling state ---------------------------------------------------------------------
+
+    def start(self, generation: Generation) -> None:
+        params = generation.params
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator(device=self._device)
+            if params.seed is not None:
+                generator.manual_seed(params.seed)
+            else:
+                generator.seed()
+        generation.state = SequenceSampler(
+            generator=generator,
+            prompt_set=frozenset(generation.history)
+            if params.repetition_penalty != 1.0
+            else frozenset(),
+            constraint=generation.constraint,
+            simple=params.greedy and not params.penalises and generation.constraint is None,
+        )
+
+    def stop(self, generation: Generation) -> None:
+        return None
+
+    def complete(self, generation: Generation) -> bool:
+        constraint = generation.state.constraint
+        return constraint is not None and constraint.done
+
+    def sample(self, generations: Sequence[Generation]) -> list[int | None]:
+        logits = self._logits
+        assert logits is not None and logits.shape[0] == len(generations)
+        # One device-to-host transfer for every sequence: finite flags and greedy picks.
+        summary = torch.stack([torch.isfinite(logits).all(dim=-1).long(), logits.argmax(dim=-1)])
+        finite, greedy = summary.tolist()
+        tokens: list[int | None] = []
+        for row, generation in enumerate(generations):
+            if not finite[row]:
+                tokens.append(None)
+                continue
+            state: SequenceSampler = generation.state
+            params = generation.params
+            if state.simple:
+                token = greedy[row]
+            else:
+                constraint = state.constraint
+                allowed = None if constraint is None else constraint.allowed(logits.shape[-1])
+                token = next_token(
+                    logits[row], params, state.counts, state.generator, state.prompt_set, allowed
+                )
+                if constraint is not None and token not in params.eos_ids:
+                    constraint.advance(token)
+            state.counts[token] = state.counts.get(token, 0) + 1
+            tokens.append(token)
+        self._logits = None
+        return tokens
+
+
+class PagedBackend(TorchBackend):
+    """Every sequence in one packed forward pass over the paged KV cache."""
+
+    def __init__(self, model: Any, kv: PagedKv, device: torch.device) -> None:
+        super().__init__(model, device)
+        self._kv = kv
+        self._block_offsets = torch.arange(kv.block_size, device=device)
+
+    def forget(self, slot: int, start: int = 0) -> None:
+        self._kv.forget(slot, start)
+
+    def share(self, src: int, dst: int, length: int) -> None:
+        self._kv.share(src, dst, length)
+
+    def clear(self) -> None:
+        self._kv.clear()
+
+    def free_tokens(self) -> int | None:
+        return self._kv.free_tokens()
+
+    def _fits(self, chunks: Sequence[StepChunk]) -> bool:
+        return self._kv.fits([(c.slot, c.start, c.start + len(c.tokens)) for c in chunks])
+
+    def _cells(self, slot: int, length: int) -> slice | torch.Tensor:
+        table = self._kv.table(slot)
+        size = self._kv.block_size
+        first = contiguous_start(table, length, size)
+        if first is not None:
+            return slice(first, first + length)
+        blocks = torch.tensor(table, dtype=torch.long, device=self._device)
+        return (blocks[:, None] * size + self._block_offsets).reshape(-1)[:length]
+
+    def _forward(self, chunks: Sequence[StepChunk]) -> torch.Tensor:
+        kv = self._kv
+        ids: list[int] = []
+        positions: list[int] = []
+        write: list[int] = []
+        logit_rows: list[int] = []
+        prompts: list[PromptSpan] = []
+        decoding: list[tuple[int, int, int]] = []  # (row, slot, length) of one-token chunks
+        for chunk in chunks:
+            first, end = len(ids), chunk.start + len(chunk.tokens)
+            write.extend(kv.reserve(chunk.slot, chunk.start, end))
+            ids.extend(chunk.tokens)
+            positions.extend(range(chunk.start, end))
+            if len(chunk.tokens) == 1:
+                decoding.append((first, chunk.slot, end))
+            else:
+                prompts.append(
+                    PromptSpan(first, len(chunk.tokens), chunk.start, self._cells(chunk.slot, end))
+                )
+            if chunk.logits:
+                logit_rows.append(len(ids) - 1)
+        device = self._device
+        layout = StepLayout(
+            kv=kv,
+            write=torch.tensor(write, dtype=torch.long, device=device),
+            spans=prompts,
+            decode=self._decode_group(decoding),
+        )
+        with torch.inference_mode():
+            out = self._model(
+                input_ids=torch.tensor([ids], device=device),
+                position_ids=torch.tensor([positions], device=device),
+                use_cache=False,
+                logits_to_keep=torch.tensor(logit_rows, dtype=torch.long, device=device),
+                **{STEP_KWARG: layout},
+            )
+        return out.logits[0]
+
+    def _decode_group(self, decoding: list[tuple[int, int, int]]) -> DecodeGroup | None:
+        if not decoding:
+            return None
+        device = self._device
+        longest = max(length for _, _, length in decoding)
+        if len(decoding) == 1:
+            keys = self._cells(decoding[0][1], longest)
+        else:
+            padded = []
+            for _, slot, length in decoding:
+                cells = self._cells(slot, length)
+                if isinstance(cells, slice):
+                    cells = torch.arange(cells.start, cells.stop, device=device)
+                padded.append(torch.nn.functional.pad(cells, (0, longest - length)))
+            keys = torch.stack(padded)
+        return DecodeGroup(
+            rows=torch.tensor([row for row, _, _ in decoding], device=device),
+            keys=keys,
+            lengths=torch.tensor([length for _, _, length in decoding], device=device),
+            longest=longest,
+        )
+
+
+class SequentialBackend(TorchBackend):
+    """For models the paged attention cannot run: each sequence keeps a ``DynamicCache`` and
+    runs its own forward pass within the step (no batching gain; the same scheduling, prefix
+    reuse and sampling). The cache grows with use: no fixed capacity."""
+
+    def __init__(self, model: Any, device: torch.device) -> None:
+        super().__init__(model, device)
+        self._caches: dict[int, Any] = {}
+
+    def forget(self, slot: int, start: int = 0) -> None:
+        cache = self._caches.get(slot)
+        if cache is None:
+            return
+        if start == 0:
+            del self._caches[slot]
+        else:
+            cache.crop(start)
+
+    def share(self, src: int, dst: int, length: int) -> None:
+        copy = deepcopy(self._caches[src])
+        copy.crop(length)
+        self._caches[dst] = copy
+
+    def clear(self) -> None:
+        self._caches.clear()
+
+    def _forward(self, chunks: Sequence[StepChunk]) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        rows = []
+        for chunk in chunks:
+            cache = self._caches.get(chunk.slot)
+            if cache is None:
+                cache = self._caches[chunk.slot] = DynamicCache(config=self._model.config)
+            with torch.inference_mode():
+                out = self._model(
+                    input_ids=torch.tensor([chunk.tokens], device=self._device),
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            if chunk.logits:
+                rows.append(out.logits[0, -1])
+        return torch.stack(rows) if rows else torch.empty(0)
