@@ -242,7 +242,7 @@ class TransformersHarness:
             tokenizer = await tokenizer_task
             gen_config = await asyncio.to_thread(read_json, files.root / "generation_config.json")
             trained = loader.context_length(config, model)
-            backend, capacity = await asyncio.wrap_future(
+            backend, capacity, kv_bytes = await asyncio.wrap_future(
                 worker.submit(self._backend, model, device, kv_budget, trained)
             )
             loaded = LoadedModel(
@@ -251,7 +251,7 @@ class TransformersHarness:
                 device=device,
                 model=model,
                 tokenizer=tokenizer,
-                bytes=loader.model_bytes(model) + (kv_budget if capacity else 0),
+                bytes=loader.model_bytes(model) + kv_bytes,
                 context_length=min(trained, capacity) if capacity else trained,
                 generation_defaults=generation_defaults(gen_config),
                 eos_ids=loader.eos_ids(gen_config, config, tokenizer),
@@ -287,21 +287,24 @@ class TransformersHarness:
 
     def _backend(
         self, model: Any, device: torch.device, kv_budget: int, context: int
-    ) -> tuple[TorchBackend, int | None]:
+    ) -> tuple[TorchBackend, int | None, int]:
         """On the device worker: the paged KV cache where the model's attention allows it
-        (its capacity in tokens), else sequential decoding."""
+        (its capacity in tokens and bytes), else sequential decoding."""
         shape = kv_shape(model) if self._settings.batching else None
         if shape is None:
             log.info(
                 "sequential decoding: the paged attention cannot run this model",
                 extra={"architecture": type(model).__name__},
             )
-            return SequentialBackend(model, device), None
+            return SequentialBackend(model, device), None, 0
         block = self._settings.kv_block_tokens
-        # However small the budget, one request of up to MIN_KV_TOKENS (or the whole trained
-        # context, if shorter) fits, with a block to spare per sequence.
-        floor = blocks_for(min(context, MIN_KV_TOKENS), block) + self._settings.max_sequences
-        blocks = max(kv_budget // (shape.bytes_per_token() * block), floor)
+        blocks = kv_budget // (shape.bytes_per_token() * block)
+        if self._settings.kv_cache_mb is None:
+            # A budget from the fraction still holds one request of up to MIN_KV_TOKENS (or
+            # the whole trained context, if shorter), with a block to spare per sequence.
+            floor = blocks_for(min(context, MIN_KV_TOKENS), block) + self._settings.max_sequences
+            blocks = max(blocks, floor)
+        blocks = max(blocks, 1)
         try:
             kv = PagedKv(shape, blocks=blocks, block_size=block, device=device)
         except RuntimeError as exc:
@@ -309,7 +312,7 @@ class TransformersHarness:
                 raise
             raise insufficient_memory(f"not enough memory for the KV cache: {exc}") from exc
         use_paged_attention(model)
-        return PagedBackend(model, kv, device), kv.capacity_tokens
+        return PagedBackend(model, kv, device), kv.capacity_tokens, kv.bytes
 
     async def unload(self, model_id: str) -> None:
         loaded = self.get(model_id)

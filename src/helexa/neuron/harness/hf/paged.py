@@ -86,6 +86,10 @@ class PagedKv:
     def capacity_tokens(self) -> int:
         return self.blocks * self.block_size
 
+    @property
+    def bytes(self) -> int:
+        return self.capacity_tokens * self.shape.bytes_per_token()
+
     def free_tokens(self) -> int:
         return len(self._free) * self.block_size
 
