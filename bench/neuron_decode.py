@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import httpx
@@ -27,8 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helexa.core.tiny_model import write_tiny_model_to_hf_cache
 from helexa.core.wire import ChatMessage
+from helexa.neuron.harness.engine import Engine, Generation
 from helexa.neuron.harness.hf import loader
-from helexa.neuron.harness.hf.decode import DecodeJob
+from helexa.neuron.harness.hf.batched import PagedBackend, kv_shape, use_paged_attention
+from helexa.neuron.harness.hf.paged import PagedKv, blocks_for
 from helexa.neuron.harness.prompt import render_chat
 from helexa.neuron.model_files import ModelFiles, read_json
 from helexa.neuron.sampling import SamplingParams
@@ -43,11 +46,20 @@ SHAPES = {
 PROMPT = [{"role": "user", "content": "Tell me about the weather in the city, in detail."}]
 
 
+class _Inline:
+    """Stands in for the device worker: the bench steps the engine itself, in this thread."""
+
+    def submit_stepped(self, job: object) -> Future[None]:
+        return Future()
+
+
 def bare_rate(snapshot: Path, tokens: int) -> tuple[float, int, str]:
     files = ModelFiles(root=snapshot)
-    model = _MODEL_CACHE.setdefault(
-        str(snapshot), loader.load_weights(files, torch.float32, torch.device("cpu"))
-    )
+    if str(snapshot) not in _MODEL_CACHE:
+        model = loader.load_weights(files, torch.float32, torch.device("cpu"))
+        use_paged_attention(model)
+        _MODEL_CACHE[str(snapshot)] = model
+    model = _MODEL_CACHE[str(snapshot)]
     tokenizer = _TOK_CACHE.setdefault(str(snapshot), loader.load_tokenizer(files))
     _text, ids = render_chat(tokenizer, [ChatMessage(**m) for m in PROMPT], None, None)
     gen_config = read_json(snapshot / "generation_config.json")
@@ -55,21 +67,25 @@ def bare_rate(snapshot: Path, tokens: int) -> tuple[float, int, str]:
         temperature=0.0, max_new_tokens=tokens, eos_ids=loader.eos_ids(gen_config, {}, tokenizer)
     )
     pieces: list[str] = []
-    job = DecodeJob(
-        model=model,
-        tokenizer=tokenizer,
-        prompt_ids=ids,
-        params=params,
-        device=torch.device("cpu"),
-        emit=pieces.append,
+    cpu = torch.device("cpu")
+    shape = kv_shape(model)
+    assert shape is not None
+    kv = PagedKv(shape, blocks=blocks_for(len(ids) + tokens, 16), block_size=16, device=cpu)
+    engine = Engine(
+        PagedBackend(model, kv, cpu),
+        _Inline(),  # type: ignore[arg-type]
+        slots=1,
+        batch_tokens=4096,
         is_loaded=lambda: True,
     )
-    job.step()  # prefill + first token
+    generation = Generation(prompt_ids=ids, params=params, tokenizer=tokenizer, emit=pieces.append)
+    engine.submit(generation)
+    engine.step()  # prefill + first token
     first = time.perf_counter()
-    while not job.step():
-        pass
+    while not generation.future.done():
+        engine.step()
     elapsed = time.perf_counter() - first
-    generated = job.result().completion_tokens
+    generated = generation.future.result().completion_tokens
     return (generated - 1) / elapsed, generated, "".join(pieces)
 
 

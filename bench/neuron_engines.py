@@ -1020,8 +1020,284 @@ def report(args: argparse.Namespace, res: Results) -> None:
         print(f"note: {note}")
 
 
+# -- the transformers engine (--engine transformers) ----------------------------------------------
+
+
+class GenerateDirect:
+    """``transformers.generate`` in this process on the same safetensors, fp32, greedy."""
+
+    def __init__(self, snapshot: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(str(snapshot))
+        self.model = AutoModelForCausalLM.from_pretrained(str(snapshot), dtype=torch.float32)
+        self.model.eval()
+
+    def ids(self, messages: list[dict[str, str]]) -> list[int]:
+        _text, ids = render_chat(self.tokenizer, [ChatMessage(**m) for m in messages], None, None)
+        return ids
+
+    def generate(self, batch: list[list[int]], tokens: int) -> tuple[float, Stream]:
+        """Greedy ``tokens`` new tokens for every prompt of ``batch`` at once (left-padded);
+        aggregate tok/s (sent to last token) and the first row's stream timings."""
+        torch = self.torch
+        longest = max(len(ids) for ids in batch)
+        pad = 0
+        input_ids = torch.tensor([[pad] * (longest - len(i)) + i for i in batch])
+        mask = torch.tensor([[0] * (longest - len(i)) + [1] * len(i) for i in batch])
+        out = Stream(sent=time.perf_counter())
+        seen = {"prompt": False}
+
+        class Timer:
+            def put(self, _value: Any) -> None:
+                if not seen["prompt"]:  # the first call carries the prompt
+                    seen["prompt"] = True
+                    return
+                now = time.perf_counter()
+                out.first = out.first or now
+                out.last = now
+                out.tokens += 1
+
+            def end(self) -> None:
+                return None
+
+        with torch.inference_mode():
+            self.model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                streamer=Timer() if len(batch) == 1 else None,
+            )
+        end = time.perf_counter()
+        if len(batch) > 1:
+            out.first, out.last, out.tokens = end, end, tokens
+        out.prompt_tokens = len(batch[0])
+        return len(batch) * tokens / (end - out.sent), out
+
+
+def hf_neuron_toml(args: argparse.Namespace) -> str:
+    return (
+        'log_level = "info"\n'
+        'harnesses = [{name = "transformers"}]\n'
+        "[admission]\n"
+        f"max_concurrent = {max(args.streams)}\n"
+        "[harness.transformers]\n"
+        f"max_sequences = {max(max(args.streams), args.slots)}\n"
+        f"kv_cache_mb = {args.kv_cache_mb}\n"
+    )
+
+
+def run_transformers(args: argparse.Namespace) -> Results:
+    """Issue 10's measurements: the transformers harness (continuous batching, paged KV,
+    prefix cache) against ``transformers.generate`` on the same safetensors."""
+    res = Results()
+    bench = Bench(args)
+    q = args.quiet
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="helexa-bench-engines-"))
+    cache = work / "hub"
+    repo = f"bench/qwen3-h{args.hidden}-l{args.layers}"
+    shape = {
+        "vocab_size": args.vocab,
+        "hidden_size": args.hidden,
+        "num_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads,
+        "max_position_embeddings": max(args.context, 8192),
+    }
+    snapshot = write_tiny_model_to_hf_cache(cache, repo, with_gguf=True, **shape)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+
+    direct = GenerateDirect(snapshot)
+    res.config = {
+        **shape,
+        "engine": "transformers",
+        "repo": repo,
+        "params_m": round(sum(p.numel() for p in direct.model.parameters()) / 1e6, 1),
+        "safetensors_mb": round((snapshot / "model.safetensors").stat().st_size / MB, 1),
+        "kv_cache_mb": args.kv_cache_mb,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "quiet_cores": q,
+    }
+    daemon, base = start_neuron(work, hf_neuron_toml(args), hf_cache=cache, name="bench-neuron")
+    bench.watch = CpuWatch([daemon.proc.pid])  # type: ignore[union-attr]
+    started = time.perf_counter()
+    client = httpx.Client()
+    try:
+        status, load_s = load_model(base, {"model_id": repo, "harness": "transformers"})
+        res.memory = {"load_s": load_s, "vram_used_mb": status["model"]["vram_used_mb"]}
+        stream_chat(client, base, repo, single_messages(f"[{nonce()}] "), 8)  # warm
+        direct.generate([direct.ids(single_messages(f"[{nonce()}] "))], 8)
+        if "single" in args.phases:
+            neuron, gen = Series(), Series()
+            for _ in range(args.rounds):
+                messages = single_messages(f"[{nonce()}] ")
+                s, load = bench.timed(
+                    lambda m=messages: stream_chat(client, base, repo, m, args.tokens)
+                )
+                neuron.add(s.decode_rate, load)
+                ids = direct.ids(messages)
+                (_agg, g), load = bench.timed(lambda i=ids: direct.generate([i], args.tokens))
+                gen.add(g.decode_rate, load)
+            res.single = {
+                "tokens": args.tokens,
+                "prompt_tokens": s.prompt_tokens,
+                "neuron_tok_s": neuron.dump(q),
+                "generate_tok_s": gen.dump(q),
+                "ratio_median": neuron.median(q) / gen.median(q),
+            }
+        if "concurrency" in args.phases:
+            neuron_n = {n: Series() for n in args.streams}
+            gen_n = {n: Series() for n in args.streams}
+            for _ in range(args.conc_rounds):
+                for n in args.streams:
+                    tag = nonce()
+                    prompts = [single_messages(f"[{tag}] Request {i}: ") for i in range(n)]
+                    (rate, _s), load = bench.timed(
+                        lambda p=prompts: concurrent_chat(base, repo, p, args.conc_tokens)
+                    )
+                    neuron_n[n].add(rate, load)
+                    ids = [direct.ids(p) for p in prompts]
+                    (agg, _g), load = bench.timed(
+                        lambda i=ids: direct.generate(i, args.conc_tokens)
+                    )
+                    gen_n[n].add(agg, load)
+            one = min(args.streams)
+            res.concurrency = {
+                "tokens_per_stream": args.conc_tokens,
+                "neuron_tok_s": {str(n): s.dump(q) for n, s in neuron_n.items()},
+                "generate_tok_s": {str(n): s.dump(q) for n, s in gen_n.items()},
+                "neuron_scaling": {
+                    str(n): neuron_n[n].median(q) / neuron_n[one].median(q) for n in args.streams
+                },
+                "generate_scaling": {
+                    str(n): gen_n[n].median(q) / gen_n[one].median(q) for n in args.streams
+                },
+                "health_batch": health_model(base, repo).get("batch"),
+            }
+        if "prefix" in args.phases:
+            rounds = []
+            for _ in range(args.prefix_rounds):
+                first = long_conversation(direct, args.prefix_tokens, nonce())  # type: ignore[arg-type]
+                t1, l1 = bench.timed(
+                    lambda m=first: stream_chat(client, base, repo, m, args.answer_tokens)
+                )
+                second = [
+                    *first,
+                    {"role": "assistant", "content": t1.text},
+                    {"role": "user", "content": "And what about tomorrow?"},
+                ]
+                before = health_model(base, repo).get("prefix_cache") or {}
+                t2, l2 = bench.timed(
+                    lambda m=second: stream_chat(client, base, repo, m, args.answer_tokens)
+                )
+                after = health_model(base, repo).get("prefix_cache") or {}
+                ids = direct.ids(second)
+                (_a, g2), l3 = bench.timed(lambda i=ids: direct.generate([i], 2))
+                rounds.append(
+                    {
+                        "first_prompt_tokens": t1.prompt_tokens,
+                        "second_prompt_tokens": t2.prompt_tokens,
+                        "neuron_ttft_first_s": t1.ttft,
+                        "neuron_ttft_second_s": t2.ttft,
+                        "neuron_ratio": t2.ttft / t1.ttft,
+                        "second_reused": int(after.get("prompt_tokens_reused", 0))
+                        - int(before.get("prompt_tokens_reused", 0)),
+                        "second_evaluated": int(after.get("prompt_tokens_evaluated", 0))
+                        - int(before.get("prompt_tokens_evaluated", 0)),
+                        "generate_ttft_second_s": g2.ttft,
+                        "foreign_cores": [round(x, 2) for x in (l1, l2, l3)],
+                    }
+                )
+            res.prefix = {
+                "rounds": rounds,
+                "health": health_model(base, repo).get("prefix_cache"),
+                "neuron_ratio_median": statistics.median(r["neuron_ratio"] for r in rounds),
+            }
+    finally:
+        client.close()
+        daemon.stop()
+        res.config["neuron_log"] = str(daemon.log_path)
+        res.config["measure_s"] = round(time.perf_counter() - started, 1)
+    found: dict[str, tuple[float, float, bool]] = {}
+    if res.single:
+        found["single neuron / generate >= 1.1"] = (res.single["ratio_median"], 1.1, True)
+    if res.concurrency:
+        for n, goal in ((4, 2.0), (8, 3.5)):
+            if str(n) in res.concurrency["neuron_scaling"]:
+                value = res.concurrency["neuron_scaling"][str(n)]
+                found[f"neuron {n} streams / 1 stream >= {goal}"] = (value, goal, True)
+    if res.prefix:
+        found["2nd-turn TTFT / 1st <= 0.3"] = (res.prefix["neuron_ratio_median"], 0.3, False)
+    for key, (value, goal, higher) in found.items():
+        met = value >= goal if higher else value <= goal
+        res.targets[key] = {"value": round(value, 3), "goal": goal, "met": bool(met)}
+    return res
+
+
+def report_transformers(args: argparse.Namespace, res: Results) -> None:
+    c = res.config
+    print(
+        f"\nmodel {c['repo']}: {c['params_m']}M params fp32, safetensors {c['safetensors_mb']} "
+        f"MiB; KV cache {c['kv_cache_mb']} MiB; {c['cpus']} CPUs, torch {c['torch']} "
+        f"({c['torch_threads']} threads); measured in {c['measure_s']}s"
+    )
+    s = res.single
+    if s:
+        print(f"\n[1] single stream: {s['tokens']} tokens, prompt {s['prompt_tokens']} tokens")
+        print(f"  {'':36}{'median':>9}{'best':>9}   rounds")
+        print(_row("transformers.generate  tok/s", s["generate_tok_s"]))
+        print(_row("neuron transformers    tok/s", s["neuron_tok_s"]))
+        print(f"  {'ratio neuron/generate':36}{s['ratio_median']:9.3f}")
+    k = res.concurrency
+    if k:
+        print(
+            f"\n[2] aggregate tok/s (all tokens / wall time incl. prefill), "
+            f"{k['tokens_per_stream']} tokens per stream, medians"
+        )
+        print(f"  {'streams':>8}{'neuron':>9}{'scale':>7}{'generate(batch)':>17}{'scale':>7}")
+        for n in args.streams:
+            key = str(n)
+            print(
+                f"  {n:>8}{k['neuron_tok_s'][key]['median_clean']:9.1f}"
+                f"{k['neuron_scaling'][key]:7.2f}"
+                f"{k['generate_tok_s'][key]['median_clean']:17.1f}"
+                f"{k['generate_scaling'][key]:7.2f}"
+            )
+        print(f"  neuron /health batch: {k['health_batch']}")
+    p = res.prefix
+    if p:
+        print(f"\n[3] second turn after a ~{args.prefix_tokens}-token conversation")
+        for r in p["rounds"]:
+            print(
+                f"  prompt {r['first_prompt_tokens']}/{r['second_prompt_tokens']}: neuron TTFT "
+                f"{r['neuron_ttft_first_s'] * 1e3:.0f}/{r['neuron_ttft_second_s'] * 1e3:.0f} ms "
+                f"= {r['neuron_ratio']:.3f}; reused {r['second_reused']}, evaluated "
+                f"{r['second_evaluated']}; generate (no cache) 2nd TTFT "
+                f"{r['generate_ttft_second_s'] * 1e3:.0f} ms; others' cores {r['foreign_cores']}"
+            )
+        print(f"  /health prefix_cache: {p['health']}")
+    print("\ntargets")
+    for name, t in res.targets.items():
+        print(f"  {name:46} {t['value']:8.3f}  {'met' if t['met'] else 'MISSED'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--engine",
+        choices=["llamacpp", "transformers"],
+        default="llamacpp",
+        help="llamacpp: vs llama.cpp; transformers: vs transformers.generate",
+    )
+    parser.add_argument("--kv-cache-mb", type=int, default=1024, help="transformers KV cache")
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--heads", type=int, default=12)
@@ -1069,8 +1345,12 @@ def main() -> None:
         args.phases.remove("hf")
     args.streams = sorted(set(args.streams))
     QUIET[0] = args.quiet
-    res = run(args)
-    report(args, res)
+    if args.engine == "transformers":
+        res = run_transformers(args)
+        report_transformers(args, res)
+    else:
+        res = run(args)
+        report(args, res)
     blob = json.dumps(asdict(res), indent=1, default=str)
     print("\nJSON")
     print(blob)

@@ -214,6 +214,16 @@ def test_metrics_are_scraped(fleet: Fleet) -> None:
     for node in ("n1", "n2", "n3"):
         assert metric(fleet, "cortex_neuron_up", node=node) == 1
     assert metric(fleet, "cortex_model_loaded", model="helexa/tiny-a") == 1
+    # The neurons' prefix caches, from their /health (the next poll round at the latest).
+    assert metric(fleet, "cortex_prefix_cache_capacity_tokens", model="helexa/tiny-a") > 0
+    deadline = time.monotonic() + 10
+    while not (
+        metric(fleet, "cortex_prefix_cache_hits", model="helexa/tiny-a")
+        + metric(fleet, "cortex_prefix_cache_misses", model="helexa/tiny-a")
+    ):
+        assert time.monotonic() < deadline, "no prefix-cache counts from the neuron"
+        time.sleep(0.1)
+    assert metric(fleet, "cortex_batch_peak_sequences", model="helexa/tiny-a") >= 1
     assert metric(fleet, "cortex_request_errors_total", model="helexa/gpu-only") >= 1
     assert metric(fleet, "cortex_request_errors_total", model="unknown") >= 1
     assert 'model="nobody/nothing"' not in text  # client-chosen names are not labels

@@ -16,6 +16,16 @@ LOAD_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
 MB = 1024 * 1024
 
 
+PREFIX_CACHE_FIELDS = {
+    "hits": "Prompts that started with cached tokens",
+    "misses": "Prompts that found nothing cached",
+    "prompt_tokens_reused": "Prompt tokens not computed thanks to the prefix cache",
+    "prompt_tokens_evaluated": "Prompt tokens computed",
+    "cached_tokens": "Tokens held in the KV cache",
+    "capacity_tokens": "KV cache capacity in tokens",
+}
+
+
 @dataclass(frozen=True)
 class Series:
     requests: Any
@@ -75,6 +85,18 @@ class Metrics:
         self.vram_used = Gauge(
             "cortex_neuron_vram_used_bytes", "VRAM in use on the node", ("node",), registry=r
         )
+        # The neurons' prefix caches and batching, as their /health last reported them (the
+        # neuron's counters start again at a reload, so these are gauges).
+        self.prefix_cache = {
+            field: Gauge(f"cortex_prefix_cache_{field}", help_text, labels, registry=r)
+            for field, help_text in PREFIX_CACHE_FIELDS.items()
+        }
+        self.batch_peak = Gauge(
+            "cortex_batch_peak_sequences",
+            "Most sequences one decode step of the model carried",
+            labels,
+            registry=r,
+        )
 
     def series(self, model: str, node: str) -> Series:
         """The labelled children for one model on one node, looked up once."""
@@ -105,6 +127,13 @@ class Metrics:
                 self.model_loaded.labels(model_id, state.name).set(
                     1 if status.status == "loaded" else 0
                 )
+            for model_id, info in (state.health.models if state.health else {}).items():
+                if info.prefix_cache is not None:
+                    cache = info.prefix_cache.model_dump()
+                    for field, gauge in self.prefix_cache.items():
+                        gauge.labels(model_id, state.name).set(cache[field])
+                if info.batch is not None:
+                    self.batch_peak.labels(model_id, state.name).set(info.batch.peak_sequences)
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -75,6 +75,7 @@ class Generation:
         self.pending: list[int] = []  # tokens to evaluate before the next sample
         self.admitted = 0
         self.queued_at = time.monotonic()
+        self.first_token_at = 0.0
 
     def cancel(self) -> None:
         self.cancelled = True  # read by the engine before its next step (one token at most)
@@ -424,6 +425,8 @@ class Engine:
         generation.history.append(token)
         generation.pending = [token]
         generation.generated += 1
+        if generation.generated == 1:
+            generation.first_token_at = time.perf_counter()
         text = generation.stops.push(generation.detok.push(token))
         if text:
             generation.emit(text)
@@ -464,6 +467,12 @@ class Engine:
                     "completion_tokens": generation.generated,
                     "max_tokens": generation.params.max_new_tokens,
                 },
+            )
+        if generation.generated > 1 and log.isEnabledFor(logging.DEBUG):
+            rate = (generation.generated - 1) / (time.perf_counter() - generation.first_token_at)
+            log.debug(
+                "generation done",
+                extra={"reason": reason, "tokens": generation.generated, "decode_tok_s": rate},
             )
         if not generation.future.done():
             generation.future.set_result(

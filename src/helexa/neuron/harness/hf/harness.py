@@ -34,7 +34,7 @@ from helexa.neuron.harness.hf.batched import (
     use_paged_attention,
 )
 from helexa.neuron.harness.hf.constraint import Grammars, JsonConstraint
-from helexa.neuron.harness.hf.paged import PagedKv, blocks_for
+from helexa.neuron.harness.hf.paged import PagedKv, blocks_for, kv_bytes_per_token
 from helexa.neuron.harness.prompt import PromptFacts, prepare_chat, prepare_text
 from helexa.neuron.model_files import (
     ModelFiles,
@@ -187,11 +187,20 @@ class TransformersHarness:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def _kv_budget(self, weights: int) -> int:
-        """Bytes of KV cache a model with ``weights`` bytes of weights gets."""
+    def _kv_budget(self, weights: int, config: dict[str, Any], dtype: torch.dtype) -> int:
+        """Bytes of KV cache the load allocates: ``kv_cache_mb``; else ``kv_cache_fraction``
+        of the weights, but at least one request of MIN_KV_TOKENS (or the whole trained
+        context, if shorter) plus a block per sequence."""
         if self._settings.kv_cache_mb is not None:
             return self._settings.kv_cache_mb * MB
-        return int(weights * self._settings.kv_cache_fraction)
+        budget = int(weights * self._settings.kv_cache_fraction)
+        per_token = kv_bytes_per_token(config, dtype)
+        if per_token:
+            block = self._settings.kv_block_tokens
+            context = loader.context_length(config, None)
+            floor = blocks_for(min(context, MIN_KV_TOKENS), block) + self._settings.max_sequences
+            budget = max(budget, floor * block * per_token)
+        return budget
 
     async def _weights_bytes(self, spec: ModelSpec) -> tuple[ModelFiles, torch.dtype, int]:
         files: ModelFiles = await asyncio.to_thread(
@@ -211,8 +220,9 @@ class TransformersHarness:
 
     async def size(self, spec: ModelSpec) -> ModelSize:
         """The dense weights in the dtype a load would pick, plus the KV cache it allocates."""
-        _files, _dtype, weights = await self._weights_bytes(spec)
-        kv = self._kv_budget(weights)
+        files, dtype, weights = await self._weights_bytes(spec)
+        config = await asyncio.to_thread(read_json, files.root / "config.json")
+        kv = self._kv_budget(weights, config, dtype)
         return ModelSize(bytes=weights + kv, weights_bytes=weights, kv_bytes=kv)
 
     async def load(self, spec: ModelSpec) -> ModelStatus:
@@ -222,7 +232,7 @@ class TransformersHarness:
         config = await asyncio.to_thread(read_json, files.root / "config.json")
         if files.gguf_file is None:
             loader.check_architecture(config)
-        kv_budget = self._kv_budget(weights)
+        kv_budget = self._kv_budget(weights, config, dtype)
         need = weights + kv_budget
         key = await self._place(spec, need)  # reserves `need` on that device
         device = torch.device(key)
@@ -243,7 +253,7 @@ class TransformersHarness:
             gen_config = await asyncio.to_thread(read_json, files.root / "generation_config.json")
             trained = loader.context_length(config, model)
             backend, capacity, kv_bytes = await asyncio.wrap_future(
-                worker.submit(self._backend, model, device, kv_budget, trained)
+                worker.submit(self._backend, model, device, kv_budget)
             )
             loaded = LoadedModel(
                 spec=spec,
@@ -286,7 +296,7 @@ class TransformersHarness:
         return self._status(loaded)
 
     def _backend(
-        self, model: Any, device: torch.device, kv_budget: int, context: int
+        self, model: Any, device: torch.device, kv_budget: int
     ) -> tuple[TorchBackend, int | None, int]:
         """On the device worker: the paged KV cache where the model's attention allows it
         (its capacity in tokens and bytes), else sequential decoding."""
@@ -298,13 +308,7 @@ class TransformersHarness:
             )
             return SequentialBackend(model, device), None, 0
         block = self._settings.kv_block_tokens
-        blocks = kv_budget // (shape.bytes_per_token() * block)
-        if self._settings.kv_cache_mb is None:
-            # A budget from the fraction still holds one request of up to MIN_KV_TOKENS (or
-            # the whole trained context, if shorter), with a block to spare per sequence.
-            floor = blocks_for(min(context, MIN_KV_TOKENS), block) + self._settings.max_sequences
-            blocks = max(blocks, floor)
-        blocks = max(blocks, 1)
+        blocks = max(kv_budget // (shape.bytes_per_token() * block), 1)
         try:
             kv = PagedKv(shape, blocks=blocks, block_size=block, device=device)
         except RuntimeError as exc:

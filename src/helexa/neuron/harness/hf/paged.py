@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -29,6 +30,19 @@ class KvShape:
     def bytes_per_token(self) -> int:
         element = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.layers * self.kv_heads * self.head_dim * element
+
+
+def kv_bytes_per_token(config: dict[str, Any], dtype: torch.dtype) -> int:
+    """K and V bytes per position of every layer, from a config.json (0 if it cannot say)."""
+    text = config.get("text_config") or config
+    layers = text.get("num_hidden_layers")
+    heads = text.get("num_attention_heads")
+    if not isinstance(layers, int) or not isinstance(heads, int) or not heads:
+        return 0
+    kv_heads = text.get("num_key_value_heads") or heads
+    head_dim = text.get("head_dim") or int(text.get("hidden_size", 0)) // heads
+    shape = KvShape(layers=layers, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
+    return shape.bytes_per_token()
 
 
 def blocks_for(positions: int, block_size: int) -> int:
