@@ -1,4 +1,10 @@
-"""The llamacpp harness against llama.cpp itself: decode, batching, prefix reuse, memory.
+"""The neuron's engines against their peers: decode, batching, prefix reuse, memory.
+
+``--engine llamacpp`` (default) measures the llamacpp harness against llama.cpp itself;
+``--engine transformers`` the transformers harness (continuous batching on a paged KV cache)
+against ``transformers.generate`` on the same safetensors: single-stream decode, aggregate
+tok/s at 1/4/8 streams (``generate`` on a padded batch of the same size), and the TTFT of a
+second turn sharing a ~1500-token conversation. The rest of this text is the llamacpp run.
 
 One random-weight Qwen3-shaped model (~136 M parameters: hidden 768, 16 layers, 12/4 heads,
 head_dim 128, vocab 896), built here in safetensors and GGUF, measured in one run, peer
