@@ -198,3 +198,43 @@ def test_repeated_nan_steps_poison_the_device(
         assert neuron.pool.worker("cpu").poisoned is not None
 
     run(model_dir, scenario)
+
+
+def test_sequential_decoding_for_models_paged_attention_cannot_run(model_dir: Path) -> None:
+    """``batching = false`` (what an unsupported architecture gets): the same engine, one
+    DynamicCache per sequence, no prefix reuse; consecutive turns sharing a template prefix
+    and concurrent requests all complete with the paged engine's greedy text."""
+    paged: list[str] = []
+
+    async def texts(client: httpx.AsyncClient) -> list[str]:
+        requests = [body(f"question {i}", 12) | {"temperature": 0} for i in range(3)]
+        first = [await client.post("/v1/chat/completions", json=r) for r in requests]
+        together = await asyncio.gather(
+            *(client.post("/v1/chat/completions", json=r) for r in requests)
+        )
+        replies = [*first, *together]
+        assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+        return [r.json()["choices"][0]["message"]["content"] for r in replies]
+
+    async def with_paged(neuron: Neuron, client: httpx.AsyncClient) -> None:
+        paged.extend(await texts(client))
+
+    async def sequential(neuron: Neuron, client: httpx.AsyncClient) -> None:
+        assert await texts(client) == paged
+        health = neuron.health().models[LOCAL_MODEL]
+        assert health.prefix_cache is None  # no fixed-capacity cache to report
+        assert health.batch is not None and health.batch.peak_sequences >= 2
+
+    run(model_dir, with_paged)
+    run(model_dir, sequential, transformers={"batching": False})
+
+
+def test_an_empty_prompt_is_a_400(model_dir: Path) -> None:
+    async def scenario(neuron: Neuron, client: httpx.AsyncClient) -> None:
+        reply = await client.post(
+            "/v1/completions", json={"model": LOCAL_MODEL, "prompt": "", "max_tokens": 4}
+        )
+        assert reply.status_code == 400, reply.text
+        assert "empty" in reply.json()["error"]["message"]
+
+    run(model_dir, scenario)

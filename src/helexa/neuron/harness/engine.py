@@ -21,11 +21,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from helexa.core.errors import internal, unavailable
+from helexa.core.errors import bad_request, internal, unavailable
 from helexa.core.wire import BatchInfo, PrefixCacheInfo
 from helexa.neuron.detokenize import IncrementalDetokenizer, StopMatcher, flush_held
 from helexa.neuron.harness.base import Finish, FinishReason, ModelGone
-from helexa.neuron.harness.slots import SlotView, choose_slot, make_room, plan_step
+from helexa.neuron.harness.slots import SlotChoice, SlotView, choose_slot, make_room, plan_step
 from helexa.neuron.sampling import SamplingParams
 from helexa.neuron.workers import DeviceWorker, NanLogitsFlood, is_device_fault
 
@@ -163,8 +163,10 @@ class Engine:
         batch_tokens: int,
         is_loaded: Callable[[], bool],
         wait_timeout_s: float | None = None,
+        prefix_reuse: bool = True,
     ) -> None:
         self._backend = backend
+        self._prefix_reuse = prefix_reuse
         self._worker = worker
         self._is_loaded = is_loaded
         self._slots = [Slot(i) for i in range(slots)]
@@ -182,6 +184,9 @@ class Engine:
     # -- loop side ------------------------------------------------------------------------------
 
     def submit(self, generation: Generation) -> None:
+        if not generation.history:  # nothing to compute the first token's logits from
+            _fail(generation, bad_request("the prompt is empty", param="prompt"))
+            return
         with self._lock:
             self._inbox.append(generation)
             if self._running:
@@ -303,6 +308,8 @@ class Engine:
             choice = choose_slot(generation.history, [s.view() for s in self._slots])
             if choice is None:
                 return
+            if not self._prefix_reuse:
+                choice = SlotChoice(slot=choice.slot, reuse=0)
             self._waiting.popleft()
             slot = self._slots[choice.slot]
             if choice.copy_from is not None:
@@ -392,6 +399,7 @@ class Engine:
             slot.owner = None
             generation.slot = None
             generation.pending = []
+            generation.queued_at = time.monotonic()  # its wait for room starts now
             self._waiting.appendleft(generation)  # first to come back once there is room
             self._full = True
             self.stats.preempted += 1
@@ -446,8 +454,8 @@ class Engine:
         return generation.stops.matched
 
     def _release(self, generation: Generation) -> None:
-        self._full = False  # its cells are free to be reused
         if generation.slot is not None:
+            self._full = False  # its cells are free to be reused
             slot = self._slots[generation.slot]
             slot.owner = None
             slot.last_used = next(self._tick)

@@ -8,7 +8,6 @@ sequence, together with their finite-logits flags); greedy rows are picked in on
 from __future__ import annotations
 
 from collections.abc import Sequence
-from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,8 +50,10 @@ def kv_shape(model: Any) -> KvShape | None:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     attentions = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
-    if len(attentions) != layers:
-        return None
+    if len(attentions) != layers or any(hasattr(m, "sinks") for m in attentions):
+        return None  # attention sinks (gpt-oss) add a term paged_attention does not compute
+    if getattr(config, "v_head_dim", None) not in (None, head_dim):
+        return None  # values narrower than keys (MLA)
     return KvShape(layers=layers, kv_heads=kv_heads, head_dim=head_dim, dtype=model.dtype)
 
 
@@ -93,7 +94,10 @@ class TorchBackend:
         return None
 
     def close(self) -> None:
+        # The engine job may still sit in the worker's queue after an unload: hold nothing
+        # that keeps the weights or the cache alive.
         self._logits = None
+        self._model = None
 
     def _fits(self, chunks: Sequence[StepChunk]) -> bool:
         return True
@@ -139,7 +143,8 @@ class TorchBackend:
         logits = self._logits
         assert logits is not None and logits.shape[0] == len(generations)
         # One device-to-host transfer for every sequence: finite flags and greedy picks.
-        summary = torch.stack([torch.isfinite(logits).all(dim=-1).long(), logits.argmax(dim=-1)])
+        # -inf is a legitimate mask value; NaN is what a broken step produces.
+        summary = torch.stack([(~torch.isnan(logits).any(dim=-1)).long(), logits.argmax(dim=-1)])
         finite, greedy = summary.tolist()
         tokens: list[int | None] = []
         for row, generation in enumerate(generations):
@@ -183,6 +188,11 @@ class PagedBackend(TorchBackend):
 
     def free_tokens(self) -> int | None:
         return self._kv.free_tokens()
+
+    def close(self) -> None:
+        super().close()
+        self._kv.keys.clear()  # the tensors go with their last reference
+        self._kv.values.clear()
 
     def _fits(self, chunks: Sequence[StepChunk]) -> bool:
         return self._kv.fits([(c.slot, c.start, c.start + len(c.tokens)) for c in chunks])
@@ -259,28 +269,26 @@ class PagedBackend(TorchBackend):
 
 class SequentialBackend(TorchBackend):
     """For models the paged attention cannot run: each sequence keeps a ``DynamicCache`` and
-    runs its own forward pass within the step (no batching gain; the same scheduling, prefix
-    reuse and sampling). The cache grows with use: no fixed capacity."""
+    runs its own forward pass within the step (no batching gain; the same scheduling and
+    sampling). The cache grows with use: no fixed capacity. The engine runs it without prefix
+    reuse: such models' caches (sliding windows, recurrent state) cannot all be cut back to
+    a prefix."""
 
     def __init__(self, model: Any, device: torch.device) -> None:
         super().__init__(model, device)
         self._caches: dict[int, Any] = {}
 
     def forget(self, slot: int, start: int = 0) -> None:
-        cache = self._caches.get(slot)
-        if cache is None:
-            return
-        if start == 0:
-            del self._caches[slot]
-        else:
-            cache.crop(start)
+        self._caches.pop(slot, None)  # without prefix reuse the engine only forgets whole slots
 
     def share(self, src: int, dst: int, length: int) -> None:
-        copy = deepcopy(self._caches[src])
-        copy.crop(length)
-        self._caches[dst] = copy
+        raise NotImplementedError("sequential decoding runs without prefix reuse")
 
     def clear(self) -> None:
+        self._caches.clear()
+
+    def close(self) -> None:
+        super().close()
         self._caches.clear()
 
     def _forward(self, chunks: Sequence[StepChunk]) -> torch.Tensor:

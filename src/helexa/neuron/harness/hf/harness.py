@@ -275,6 +275,7 @@ class TransformersHarness:
                 batch_tokens=self._settings.batch_tokens,
                 is_loaded=lambda: loaded.loaded,
                 wait_timeout_s=self._wait_timeout_s,
+                prefix_reuse=capacity is not None,
             )
             self._models[model_id] = loaded
         finally:
