@@ -257,7 +257,8 @@ class PagedBackend(TorchBackend):
                 cells = self._cells(slot, length)
                 if isinstance(cells, slice):
                     cells = torch.arange(cells.start, cells.stop, device=device)
-                padded.append(torch.nn.functional.pad(cells, (0, longest - length)))
+                pad = (0, longest - length)
+                padded.append(torch.nn.functional.pad(cells, pad, value=self._kv.scratch_cell))
             keys = torch.stack(padded)
         return DecodeGroup(
             rows=torch.tensor([row for row, _, _ in decoding], device=device),

@@ -85,7 +85,10 @@ class PagedKv:
         self.shape = shape
         self.block_size = block_size
         self.blocks = blocks
-        size = (shape.kv_heads, blocks * block_size, shape.head_dim)
+        # One block more than handed out: its first cell pads decode groups (masked reads
+        # must not touch a freed request's cells, which may hold NaN).
+        size = (shape.kv_heads, (blocks + 1) * block_size, shape.head_dim)
+        self.scratch_cell = blocks * block_size
         self.keys = [
             torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)
         ]
@@ -102,7 +105,7 @@ class PagedKv:
 
     @property
     def bytes(self) -> int:
-        return self.capacity_tokens * self.shape.bytes_per_token()
+        return (self.blocks + 1) * self.block_size * self.shape.bytes_per_token()  # + scratch
 
     def free_tokens(self) -> int:
         return len(self._free) * self.block_size
