@@ -6,21 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
-from helexa.core.settings import load_settings
-from helexa.core.wire import ModelSpec
-from helexa.neuron.app import build_app
-from helexa.neuron.config import NeuronSettings
 from helexa.neuron.harness.engine import StepChunk
 from helexa.neuron.harness.hf.batched import PagedBackend
 from helexa.neuron.service import Neuron
 from tests.conftest import LOCAL_MODEL
+from tests.support.inprocess import Scenario, run_neuron, sse_frames
 
 # The tiny model's KV is 4 KiB a token: 1 MiB holds 256 positions (16 blocks of 16).
 SMALL_KV = {"kv_cache_mb": 1, "max_sequences": 4}
@@ -39,43 +35,21 @@ def body(content: str, max_tokens: int, *, stream: bool = False, seed: int = 1) 
     }
 
 
-def frames(raw: str) -> list[str]:
-    return [b.removeprefix("data: ") for b in raw.split("\n\n") if b.startswith("data")]
-
-
 def run(
     model_dir: Path,
-    scenario: Callable[[Neuron, httpx.AsyncClient], Awaitable[None]],
+    scenario: Scenario,
     *,
     transformers: dict | None = None,
     wait_s: float = 30.0,
 ) -> None:
-    settings = load_settings(
-        NeuronSettings,
-        None,
-        {
-            "model_dirs": [model_dir],
-            "keepalive_s": 0.05,
-            "harnesses": [{"name": "transformers"}],
-            "harness": {"transformers": transformers or {}},
-            "admission": {"max_concurrent": 4, "queue_timeout_s": wait_s},
-        },
-    )
-
-    async def main() -> None:
-        neuron = Neuron(settings)
-        neuron.start()
-        try:
-            await neuron.load(ModelSpec(model_id=LOCAL_MODEL))
-            transport = httpx.ASGITransport(app=build_app(neuron))
-            async with httpx.AsyncClient(
-                transport=transport, base_url="http://neuron", timeout=60
-            ) as client:
-                await scenario(neuron, client)
-        finally:
-            neuron.pool.stop()
-
-    asyncio.run(main())
+    settings = {
+        "model_dirs": [model_dir],
+        "keepalive_s": 0.05,
+        "harnesses": [{"name": "transformers"}],
+        "harness": {"transformers": transformers or {}},
+        "admission": {"max_concurrent": 4, "queue_timeout_s": wait_s},
+    }
+    run_neuron(settings, LOCAL_MODEL, scenario)
 
 
 async def running_stream(
@@ -85,7 +59,7 @@ async def running_stream(
     inside the ~150-token prompt, so the prompt has been read."""
 
     async def consume() -> list[str]:
-        return frames((await client.post("/v1/chat/completions", json=request)).text)
+        return sse_frames((await client.post("/v1/chat/completions", json=request)).text)
 
     task = asyncio.create_task(consume())
     while True:
@@ -158,7 +132,7 @@ def test_nan_logits_fail_only_the_requests_they_hit(
     async def scenario(neuron: Neuron, client: httpx.AsyncClient) -> None:
         healthy = await running_stream(neuron, client, body(LONG, 60, stream=True))
         poisoned_slot["slot"] = 1  # the next request's slot: the first holds slot 0
-        hit = frames(
+        hit = sse_frames(
             (
                 await client.post(
                     "/v1/chat/completions", json=body("short", 40, stream=True, seed=3)

@@ -18,6 +18,7 @@ from helexa.neuron.config import NeuronSettings
 from helexa.neuron.harness.hf.batched import PagedBackend
 from helexa.neuron.service import Neuron
 from tests.conftest import LOCAL_MODEL
+from tests.support.inprocess import sse_frames
 
 ADMIN = {"authorization": "Bearer s3cret"}
 BODY = {
@@ -40,10 +41,6 @@ def fail_after(monkeypatch: pytest.MonkeyPatch, calls: int, error: BaseException
         return original(self, chunks)
 
     monkeypatch.setattr(PagedBackend, "_forward", forward)
-
-
-def frames(raw: str) -> list[str]:
-    return [block.removeprefix("data: ") for block in raw.split("\n\n") if block.startswith("data")]
 
 
 def test_mid_stream_failures(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,7 +67,7 @@ def test_mid_stream_failures(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -
                 # An ordinary error after a few tokens: an error frame, no [DONE], no poison.
                 fail_after(monkeypatch, 4, ValueError("boom"))
                 raw = (await client.post("/v1/chat/completions", json=BODY)).text
-                data = frames(raw)
+                data = sse_frames(raw)
                 assert data[-1] != "[DONE]"
                 error = json.loads(data[-1])["error"]
                 assert error["code"] == "generation_failed" and "boom" in error["message"]
@@ -81,7 +78,7 @@ def test_mid_stream_failures(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -
                 # A CUDA fault: error frame, the worker is poisoned, the model says so.
                 fail_after(monkeypatch, 2, RuntimeError("CUDA error: an illegal memory access"))
                 raw = (await client.post("/v1/chat/completions", json=BODY)).text
-                error = json.loads(frames(raw)[-1])["error"]
+                error = json.loads(sse_frames(raw)[-1])["error"]
                 assert error["code"] == "device_poisoned"
                 assert "cpu worker is poisoned" in error["message"]
                 models = (await client.get("/models")).json()

@@ -8,19 +8,15 @@ import asyncio
 import json
 import logging
 import shutil
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from helexa.core.settings import load_settings
 from helexa.core.tiny_model import GGUF_Q8_0_FILENAME, write_tiny_model_to_hf_cache
-from helexa.core.wire import ModelSpec
-from helexa.neuron.app import build_app
-from helexa.neuron.config import NeuronSettings
 from helexa.neuron.harness.llamacpp import binding
 from helexa.neuron.service import Neuron
+from tests.support.inprocess import Scenario, run_neuron, sse_frames
 
 MODEL = f"gguf/{GGUF_Q8_0_FILENAME}"
 
@@ -45,38 +41,14 @@ def body(seed: int, max_tokens: int, *, stream: bool = False) -> dict:
     }
 
 
-def frames(raw: str) -> list[str]:
-    return [b.removeprefix("data: ") for b in raw.split("\n\n") if b.startswith("data")]
-
-
-def run(
-    gguf_dir: Path, llamacpp: dict, scenario: Callable[[Neuron, httpx.AsyncClient], Awaitable[None]]
-) -> None:
-    settings = load_settings(
-        NeuronSettings,
-        None,
-        {
-            "model_dirs": [gguf_dir],
-            "keepalive_s": 0.05,
-            "harness": {"llamacpp": llamacpp},
-            "admission": {"max_concurrent": 4},
-        },
-    )
-
-    async def main() -> None:
-        neuron = Neuron(settings)
-        neuron.start()
-        try:
-            await neuron.load(ModelSpec(model_id=MODEL))
-            transport = httpx.ASGITransport(app=build_app(neuron))
-            async with httpx.AsyncClient(
-                transport=transport, base_url="http://neuron", timeout=60
-            ) as client:
-                await scenario(neuron, client)
-        finally:
-            neuron.pool.stop()
-
-    asyncio.run(main())
+def run(gguf_dir: Path, llamacpp: dict, scenario: Scenario) -> None:
+    settings = {
+        "model_dirs": [gguf_dir],
+        "keepalive_s": 0.05,
+        "harness": {"llamacpp": llamacpp},
+        "admission": {"max_concurrent": 4},
+    }
+    run_neuron(settings, MODEL, scenario)
 
 
 def test_a_full_kv_cache_preempts_and_recomputes(
@@ -117,7 +89,7 @@ def test_nan_logits_fail_that_request_only(gguf_dir: Path, monkeypatch: pytest.M
 
         monkeypatch.setattr(binding.Context, "logit_finite", finite)
         raw = (await client.post("/v1/chat/completions", json=body(1, 20, stream=True))).text
-        data = frames(raw)
+        data = sse_frames(raw)
         assert data[-1] != "[DONE]"
         assert json.loads(data[-1])["error"]["code"] == "nan_logits"
         assert neuron.pool.worker("cpu").poisoned is None
@@ -140,7 +112,7 @@ def test_a_device_fault_poisons_the_worker(gguf_dir: Path, monkeypatch: pytest.M
 
         monkeypatch.setattr(binding.Context, "decode", decode)
         raw = (await client.post("/v1/chat/completions", json=body(1, 50, stream=True))).text
-        error = json.loads(frames(raw)[-1])["error"]
+        error = json.loads(sse_frames(raw)[-1])["error"]
         assert error["code"] == "device_poisoned"
         assert [m["status"] for m in (await client.get("/models")).json()] == ["poisoned"]
         refused = await client.post("/v1/chat/completions", json=body(1, 5))
@@ -155,7 +127,7 @@ def test_unload_ends_a_running_stream_with_an_error(gguf_dir: Path) -> None:
     async def scenario(neuron: Neuron, client: httpx.AsyncClient) -> None:
         async def stream() -> list[str]:
             response = await client.post("/v1/chat/completions", json=body(1, 2000, stream=True))
-            return frames(response.text)
+            return sse_frames(response.text)
 
         running = asyncio.create_task(stream())
         while not neuron.health().models[MODEL].in_flight:

@@ -36,11 +36,8 @@ def kv_shape(model: Any) -> KvShape | None:
     if config is None or not getattr(model, "_supports_attention_backend", False):
         return None
     config = getattr(config, "get_text_config", lambda: config)()
-    if any(
-        getattr(config, name, None)
-        for name in ("attn_logit_softcapping", "use_sinks", "sliding_window_pattern_mixed")
-    ):
-        return None
+    if getattr(config, "attn_logit_softcapping", None):
+        return None  # soft-capped scores (Gemma 2): SDPA cannot apply the cap
     if not set(getattr(config, "layer_types", None) or ["full_attention"]) <= SUPPORTED_LAYER_TYPES:
         return None
     layers = getattr(config, "num_hidden_layers", None)

@@ -1,0 +1,43 @@
+"""A neuron in this process behind an ASGI client: for tests that patch engine internals
+(fault injection), which a neuron subprocess would not see."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+
+from helexa.core.settings import load_settings
+from helexa.core.wire import ModelSpec
+from helexa.neuron.app import build_app
+from helexa.neuron.config import NeuronSettings
+from helexa.neuron.service import Neuron
+
+Scenario = Callable[[Neuron, httpx.AsyncClient], Awaitable[None]]
+
+
+def run_neuron(settings: dict[str, Any], model_id: str, scenario: Scenario) -> None:
+    """Start a neuron with ``settings``, load ``model_id``, run ``scenario``, stop."""
+    parsed = load_settings(NeuronSettings, None, settings)
+
+    async def main() -> None:
+        neuron = Neuron(parsed)
+        neuron.start()
+        try:
+            await neuron.load(ModelSpec(model_id=model_id))
+            transport = httpx.ASGITransport(app=build_app(neuron))
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://neuron", timeout=60
+            ) as client:
+                await scenario(neuron, client)
+        finally:
+            neuron.pool.stop()
+
+    asyncio.run(main())
+
+
+def sse_frames(raw: str) -> list[str]:
+    """The ``data:`` payloads of a server-sent-events body, in order."""
+    return [b.removeprefix("data: ") for b in raw.split("\n\n") if b.startswith("data")]
