@@ -131,3 +131,30 @@ def test_containerfiles_run_the_daemons() -> None:
     neuron = (PACKAGING / "containers" / "Containerfile.neuron").read_text()
     assert '"cortex", "serve", "--config", "/etc/cortex/cortex.toml"' in cortex
     assert '".[neuron]"' in neuron and '"neuron", "--config"' in neuron
+
+
+@pytest.mark.parametrize("name", ["neuron.service", "cortex.service"])
+def test_units_allow_many_open_files(name: str) -> None:
+    """Each stream holds sockets: 1 024 open files failed 992 of 1 000 concurrent streams."""
+    assert int(unit(name)["Service"]["LimitNOFILE"]) >= 65536
+
+
+def test_release_tarball_script_builds_what_the_specs_unpack(tmp_path: Path) -> None:
+    """The command the README documents: helexa-VERSION.tar.gz holding helexa-VERSION/."""
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "release-tarball.sh"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    for spec in ("cortex.spec", "helexa-neuron.spec"):
+        text = (PACKAGING / "rpm" / spec).read_text()
+        assert "Source0:        helexa-%{version}.tar.gz" in text
+        assert "%autosetup -n helexa-%{version}" in text
+    tarball = tmp_path / "helexa-0.1.0.tar.gz"
+    assert result.stdout.strip() == str(tarball)
+    with tarfile.open(tarball) as archive:
+        names = set(archive.getnames())
+    for needed in ("pyproject.toml", "packaging/rpm/cortex.spec", "src/helexa/__init__.py"):
+        assert f"helexa-0.1.0/{needed}" in names

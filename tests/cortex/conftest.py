@@ -64,6 +64,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, fleet_cache: Path) -> Iterat
         "helexa/tiny-b",
         "helexa/tiny-k",
         "helexa/tiny-p",
+        "helexa/missing",  # in the catalogue, its weights on no neuron
         pinned={"helexa/tiny-p": "n3"},
     )
     models += """[[models]]

@@ -301,7 +301,7 @@ def test_router_asks_the_neuron_placement_considers(monkeypatch: pytest.MonkeyPa
     fleet = Fleet(settings.neurons, settings.poller)
     for name, free in (("small", 1000), ("big", 9000), ("down", 99000)):
         state = fleet.neurons[name]
-        state.healthy = name != "down"
+        state.healthy = state.responsive = name != "down"
         state.discovery = Discovery.model_validate(
             {
                 "hostname": name,

@@ -59,12 +59,30 @@ def test_catalogue_topology_and_aliases(fleet: Fleet) -> None:
     }
 
 
-def test_infeasible_profile_is_503_with_retry_after(fleet: Fleet) -> None:
-    with pytest.raises(openai.APIStatusError) as info:
+def test_a_model_no_neuron_can_ever_host_is_a_400_that_says_why(fleet: Fleet) -> None:
+    """A GPU-only profile on a CPU-only fleet: permanent, so a 400 (no Retry-After that
+    would have clients retry forever) naming the reason and the fix."""
+    with pytest.raises(openai.BadRequestError) as info:
         client(fleet).chat.completions.create(model="helexa/gpu-only", messages=MSGS)
-    assert info.value.status_code == 503
-    assert info.value.response.headers["retry-after"].isdigit()
-    assert info.value.body["code"] == "no_feasible_neuron"
+    assert "retry-after" not in info.value.response.headers
+    assert info.value.body["code"] == "model_unservable"
+    message = info.value.body["message"]
+    assert "n1: CPU only" in message and "min_devices = 0" in message
+    anthropic_answer = httpx.post(
+        f"{fleet.base}/v1/messages",
+        json={"model": "helexa/gpu-only", "max_tokens": 4, "messages": MSGS},
+    )
+    assert anthropic_answer.status_code == 400
+    assert anthropic_answer.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_missing_weights_are_a_404_that_says_what_to_do_not_a_retry(fleet: Fleet) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client(fleet).chat.completions.create(model="helexa/missing", messages=MSGS)
+    assert "retry-after" not in info.value.response.headers
+    assert info.value.body["code"] == "model_weights_not_found"
+    assert "download" in info.value.body["message"]
+    assert "/tmp" not in info.value.body["message"]  # no server paths
 
 
 def test_single_flight_cold_load_under_20_concurrent_requests(fleet: Fleet) -> None:

@@ -44,9 +44,7 @@ def fail_after(monkeypatch: pytest.MonkeyPatch, calls: int, error: BaseException
 
 
 def test_mid_stream_failures(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = load_settings(
-        NeuronSettings, None, {"model_dirs": [model_dir], "admin_token": "s3cret"}
-    )
+    settings = load_settings(NeuronSettings, None, {"model_dirs": [model_dir], "token": "s3cret"})
 
     async def scenario() -> None:
         neuron = Neuron(settings)
@@ -54,13 +52,18 @@ def test_mid_stream_failures(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -
         try:
             await neuron.load(ModelSpec(model_id=LOCAL_MODEL))
             transport = httpx.ASGITransport(app=build_app(neuron))
-            async with httpx.AsyncClient(transport=transport, base_url="http://neuron") as client:
-                # The admin routes want the token.
-                denied = await client.post("/models/unload", json={"model_id": LOCAL_MODEL})
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://neuron", headers=ADMIN
+            ) as client:
+                # Every route but /health wants the token (tests/neuron/test_auth.py: more).
+                wrong = {"authorization": "Bearer nope"}
+                unload = {"model_id": LOCAL_MODEL}
+                denied = await client.post("/models/unload", json=unload, headers=wrong)
                 assert denied.status_code == 401
                 assert denied.json()["error"]["type"] == "authentication_error"
                 size = {"model_id": LOCAL_MODEL}
-                assert (await client.post("/models/size", json=size)).status_code == 401
+                refused = await client.post("/models/size", json=size, headers=wrong)
+                assert refused.status_code == 401
                 sized = await client.post("/models/size", json=size, headers=ADMIN)
                 assert sized.status_code == 200 and sized.json()["weights_bytes"] > 0
 

@@ -345,5 +345,8 @@ def test_disconnect_cancels_within_a_token(gguf_fleet: tuple[Daemon, str, str]) 
     while time.monotonic() < deadline and health_of(base)["in_flight"]:
         time.sleep(0.05)
     assert health_of(base)["in_flight"] == 0
+    # The handler has returned; the engine logs the cancellation at its next step.
+    while time.monotonic() < deadline and "generation cancelled" not in neuron.log():
+        time.sleep(0.05)
     cancelled = re.findall(r'msg="generation cancelled" completion_tokens=(\d+)', neuron.log())
     assert cancelled and int(cancelled[-1]) < 200

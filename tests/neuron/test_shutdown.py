@@ -95,3 +95,87 @@ model_id = "{TINY_REPO_ID}"
         assert log.index("drain started") < log.index("msg=unloaded")
     finally:
         daemon.stop()
+
+
+def test_the_drain_deadline_ends_what_is_still_running_with_shutting_down(
+    tmp_path: Path, hf_cache: Path
+) -> None:
+    """SIGTERM with a drain deadline of 0: the queued request gets its 503 at once, and the
+    deadline then cuts what is generating: the stream ends with an error event and a clean
+    end of body (no [DONE], no truncated transfer), the non-stream answer is a 503; all with
+    code ``shutting_down`` so cortex can retry them elsewhere."""
+    daemon, base = start_neuron(
+        tmp_path,
+        f"""
+drain_timeout_s = 0
+[admission]
+max_concurrent = 2
+max_queue = 4
+[[default_models]]
+model_id = "{TINY_REPO_ID}"
+""",
+        hf_cache=hf_cache,
+    )
+    long = {**STREAM, "max_tokens": 1900}  # far longer than the test takes to get to SIGTERM
+    try:
+        frames: list[str] = []
+        broken: list[Exception] = []
+        started = threading.Event()
+
+        def consume() -> None:
+            try:
+                with httpx.stream(
+                    "POST", f"{base}/v1/chat/completions", json=long, timeout=60
+                ) as response:
+                    for line in response.iter_lines():
+                        if line.startswith("data: "):
+                            frames.append(line.removeprefix("data: "))
+                            if len(frames) == 3:
+                                started.set()
+            except httpx.HTTPError as exc:  # e.g. the body cut off mid-transfer
+                broken.append(exc)
+
+        replies: dict[str, httpx.Response] = {}
+
+        def ask(name: str) -> None:
+            replies[name] = httpx.post(
+                f"{base}/v1/chat/completions", json={**long, "stream": False}, timeout=60
+            )
+
+        def wait_for(what: str, count: int) -> None:
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{base}/health").json()["models"][TINY_REPO_ID][what] < count:
+                assert time.monotonic() < deadline, f"never {count} {what}"
+                time.sleep(0.02)
+
+        streamer = threading.Thread(target=consume)
+        streamer.start()
+        assert started.wait(60)
+        running = threading.Thread(target=ask, args=("running",))
+        running.start()
+        wait_for("in_flight", 2)
+        queued = threading.Thread(target=ask, args=("queued",))
+        queued.start()
+        wait_for("queued", 1)
+
+        daemon.signal(signal.SIGTERM)
+        for thread in (streamer, running, queued):
+            thread.join(60)
+        assert daemon.proc is not None
+        assert daemon.proc.wait(60) == 0
+
+        assert not broken, broken  # the stream's body ended properly
+        assert "[DONE]" not in frames
+        error = json.loads(frames[-1])["error"]
+        assert error["code"] == "shutting_down" and error["type"] == "service_unavailable"
+        assert any(json.loads(f)["choices"][0]["delta"].get("content") for f in frames[1:-1])
+        for name in ("running", "queued"):
+            reply = replies[name]
+            assert reply.status_code == 503, reply.text
+            assert reply.json()["error"]["code"] == "shutting_down"
+            assert int(reply.headers["retry-after"]) >= 1
+        assert "drain deadline" in replies["running"].json()["error"]["message"]
+        assert "drain deadline" not in replies["queued"].json()["error"]["message"]
+        assert "drain deadline: generations cut" in daemon.log()
+    finally:
+        daemon.stop()

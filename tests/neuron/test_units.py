@@ -51,8 +51,11 @@ def test_request_beats_model_defaults_beat_fallbacks() -> None:
 
 def test_token_limit_is_clamped_to_the_context() -> None:
     assert resolve(request()).max_new_tokens == 90
-    assert resolve(request(max_tokens=500)).max_new_tokens == 90
+    assert resolve(request(max_tokens=95)).max_new_tokens == 90  # within the context: clamped
     assert resolve(request(max_tokens=5, max_completion_tokens=7)).max_new_tokens == 7
+    with pytest.raises(ApiError) as info:  # beyond the context itself: 400 (as vLLM)
+        resolve(request(max_tokens=500))
+    assert info.value.status == 400 and info.value.param == "max_tokens"
     with pytest.raises(ApiError) as info:
         resolve(request(), prompt=100)
     assert info.value.code == "context_length_exceeded" and info.value.status == 400

@@ -15,6 +15,8 @@ def start_cortex(
     extra: str = "",
     name: str = "cortex",
     poll_interval_s: float = 0.3,
+    poller: str = "timeout_s = 2\n",
+    prefix: list[str] | None = None,
 ) -> tuple[Daemon, str, str]:
     """Returns the daemon, its API base URL and its metrics base URL."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -27,10 +29,10 @@ def start_cortex(
     config.write_text(
         f'models_config = "{name}-models.toml"\n{extra}\n'
         f'[gateway]\nlisten = "127.0.0.1:{port}"\nmetrics_listen = "127.0.0.1:{metrics_port}"\n'
-        f"[poller]\ninterval_s = {poll_interval_s}\ntimeout_s = 2\n{entries}"
+        f"[poller]\ninterval_s = {poll_interval_s}\n{poller}{entries}"
     )
     daemon = Daemon(
-        [console_script("cortex"), "serve", "--config", str(config)],
+        [*(prefix or []), console_script("cortex"), "serve", "--config", str(config)],
         log_path=workdir / f"{name}.log",
     ).start()
     base = f"http://127.0.0.1:{port}"

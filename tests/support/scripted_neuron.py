@@ -151,9 +151,28 @@ def chunk(delta: dict[str, Any], created: int) -> dict[str, Any]:
     }
 
 
+NAME = {"value": "scripted"}  # --name: fault cues can address one stand-in of several
+
+
 async def chat(request: Request) -> Response:
     body = await request.json()
     RECEIVED.append(body)
+    said = json.dumps(body["messages"])
+    if f"DRAIN:{NAME['value']}" in said:  # as a draining neuron answers a queued request
+        return JSONResponse(
+            {
+                "error": {
+                    "message": "the neuron is shutting down",
+                    "type": "service_unavailable",
+                    "code": "shutting_down",
+                    "param": None,
+                }
+            },
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+    if slow := re.search(r"SLOW:([0-9.]+)", said):  # a long generation
+        await asyncio.sleep(float(slow.group(1)))
     deltas = script_for(body)
     usage = {
         "prompt_tokens": 42,
@@ -302,7 +321,9 @@ app = Starlette(
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--name", default="scripted")
     args = parser.parse_args()
+    NAME["value"] = args.name
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 

@@ -10,8 +10,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import Field
 
-from helexa.core.errors import ApiError, bad_request
-from helexa.core.wire import Wire
+from helexa.core.errors import ApiError, bad_request, scrub_paths
+from helexa.core.wire import MAX_MESSAGES, MAX_STOP, MAX_TOOLS, ClientModelName, Wire
 
 # --- wire types -------------------------------------------------------------------------------
 
@@ -23,16 +23,16 @@ class AnthropicMessage(Wire):
 
 
 class MessagesRequest(Wire):
-    model: str = Field(min_length=1)
+    model: ClientModelName
     max_tokens: int = Field(ge=1)
-    messages: list[AnthropicMessage] = Field(min_length=1)
+    messages: list[AnthropicMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     system: str | list[dict[str, Any]] | None = None
-    stop_sequences: list[str] | None = None
+    stop_sequences: list[str] | None = Field(default=None, max_length=MAX_STOP)
     stream: bool = False
     temperature: float | None = Field(default=None, ge=0, le=1)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
@@ -44,10 +44,10 @@ class MessagesRequest(Wire):
 
 
 class CountTokensRequest(Wire):
-    model: str = Field(min_length=1)
-    messages: list[AnthropicMessage] = Field(min_length=1)
+    model: ClientModelName
+    messages: list[AnthropicMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     system: str | list[dict[str, Any]] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS)
     thinking: dict[str, Any] | None = None
     output_config: dict[str, Any] | None = None
     context_management: dict[str, Any] | None = None
@@ -60,9 +60,12 @@ ERROR_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "request_too_large",
     422: "invalid_request_error",
     429: "rate_limit_error",
+    431: "request_too_large",
     503: "overloaded_error",
     529: "overloaded_error",
 }
@@ -96,7 +99,7 @@ def error_from_openai(status: int, raw: bytes) -> dict[str, Any]:
 
 
 def api_error_body(exc: ApiError) -> dict[str, Any]:
-    return error_body(exc.status, exc.message)
+    return error_body(exc.status, scrub_paths(exc.message))
 
 
 # --- request ----------------------------------------------------------------------------------

@@ -6,7 +6,22 @@ it in the envelope of the protocol the client spoke.
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+# An absolute (or ~) file path of two or more segments; API routes (/v1/…, /models/…,
+# /admin/…) and URLs (http://host/…) are not paths of this server's disk.
+_SERVER_PATH = re.compile(
+    r"(?<![\w.:/~\\-])~?/(?!v1/|models/|admin/)(?:[\w.@+%=,-]+/)+[\w.@+%=,-]*"
+)
+
+
+def scrub_paths(message: str) -> str:
+    """``message`` with every server file path cut to its last component (``…/name``):
+    error bodies never reveal where the weight cache or model_dirs are; logs keep them."""
+    if "/" not in message:
+        return message
+    return _SERVER_PATH.sub(lambda m: "…/" + m.group().rstrip("/").rsplit("/", 1)[-1], message)
 
 
 class ApiError(Exception):
@@ -37,7 +52,7 @@ class ApiError(Exception):
     def openai_body(self) -> dict[str, Any]:
         return {
             "error": {
-                "message": self.message,
+                "message": scrub_paths(self.message),
                 "type": self.type,
                 "code": self.code,
                 "param": self.param,

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
@@ -17,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import Receive, Scope, Send
 
+from helexa.core.anthropic import api_error_body
 from helexa.core.errors import ApiError, bad_request
 
 log = logging.getLogger("helexa.http")
@@ -57,6 +59,21 @@ def validation_error(exc: ValidationError) -> ApiError:
     return bad_request(f"invalid request: {detail}", param=param)
 
 
+# Deeper than any real request (a tool's JSON schema nests a dozen levels); far below what
+# orjson refuses to serialise again (254) when a body is forwarded or translated.
+MAX_JSON_DEPTH = 64
+
+
+def _nested_within(value: dict[str, Any] | list[Any], levels: int) -> bool:
+    """Whether ``value`` (itself one level) nests at most ``levels`` deep."""
+    if levels <= 0:
+        return False
+    for item in value.values() if isinstance(value, dict) else value:
+        if isinstance(item, (dict, list)) and not _nested_within(item, levels - 1):
+            return False
+    return True
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
     try:
         data = orjson.loads(raw)
@@ -64,6 +81,10 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         raise bad_request(f"malformed JSON body: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object", code="invalid_json")
+    if not _nested_within(data, MAX_JSON_DEPTH):
+        raise bad_request(
+            f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json"
+        )
     return data
 
 
@@ -74,8 +95,103 @@ def validate(model: type[ModelT], data: dict[str, Any]) -> ModelT:
         raise validation_error(exc) from None
 
 
+# --- reading request bodies -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request body may be; the server protocol puts its own in the scope."""
+
+    max_body_bytes: int = 32 * 1024 * 1024
+    body_timeout_s: float = 30.0  # the longest wait for the next piece of a body
+
+
+LIMITS_KEY = "helexa.limits"  # scope key of the RequestLimits in force
+DEFAULT_LIMITS = RequestLimits()
+CLOSE = {"connection": "close"}  # the rest of the body is not read: this connection ends
+
+
+def _size(limit: int) -> str:
+    mib = limit / (1024 * 1024)
+    return f"{mib:g} MiB" if mib >= 1 else f"{limit} bytes"
+
+
+def body_too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"the request body is larger than the {_size(limit)} limit",
+        code="request_too_large",
+        headers=dict(CLOSE),
+    )
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope["headers"]:
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                raise bad_request("malformed Content-Length header") from None
+    return None
+
+
+async def receive_body(scope: Scope, receive: Receive) -> bytes:
+    """The whole request body, never holding more than the limit: a declared length over it
+    is refused before anything is read, and the bytes are counted as they arrive. 413 when
+    too large, 408 when the client stops sending for ``body_timeout_s``; ``ClientGone``
+    when it leaves. The one body reader of both daemons."""
+    limits: RequestLimits = scope.get(LIMITS_KEY) or DEFAULT_LIMITS
+    limit = limits.max_body_bytes
+    declared = _content_length(scope)
+    if declared is not None and declared > limit:
+        raise body_too_large(limit)
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            async with asyncio.timeout(limits.body_timeout_s):
+                message = await receive()
+        except TimeoutError:
+            raise ApiError(
+                408,
+                f"the request body did not arrive: nothing for {limits.body_timeout_s:g}s",
+                code="request_timeout",
+                headers=dict(CLOSE),
+            ) from None
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise body_too_large(limit)
+            parts.append(chunk)
+        if not message.get("more_body"):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 async def read_body(request: Request, model: type[ModelT]) -> ModelT:
-    return validate(model, parse_json(await request.body()))
+    """A Starlette handler's JSON body, validated as ``model``."""
+    try:
+        raw = await receive_body(request.scope, request.receive)
+    except ClientGone:
+        raise ApiError(
+            499, "the client left before sending its body", code="client_disconnected"
+        ) from None
+    return validate(model, parse_json(raw))
+
+
+# --- error envelopes ---------------------------------------------------------------------------
+
+# Routes that answer in Anthropic's envelope, whatever went wrong (cortex serves them).
+ANTHROPIC_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
+
+
+def error_body(path: str, exc: ApiError) -> bytes:
+    """``exc`` in the envelope of the protocol ``path`` speaks."""
+    if path.rstrip("/") in ANTHROPIC_PATHS:
+        return orjson.dumps(api_error_body(exc))
+    return orjson.dumps(exc.openai_body())
 
 
 def openai_error_response(exc: ApiError) -> JSONResponse:
@@ -87,11 +203,19 @@ async def api_error_handler(_request: Request, exc: Exception) -> Response:
     return openai_error_response(exc)
 
 
-async def http_error_handler(_request: Request, exc: Exception) -> Response:
+async def http_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return openai_error_response(ApiError(exc.status_code, str(exc.detail), type=kind, code=code))
+    error = ApiError(exc.status_code, str(exc.detail), type=kind, code=code, headers=exc.headers)
+    if exc.status_code == 404:  # an unknown path speaks no protocol of its own: OpenAI's
+        return openai_error_response(error)
+    return Response(
+        error_body(request.url.path, error),
+        status_code=error.status,
+        headers=error.headers,
+        media_type="application/json",
+    )
 
 
 async def unhandled_error_handler(request: Request, exc: Exception) -> Response:

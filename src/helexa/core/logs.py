@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 
@@ -10,7 +11,16 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
     "message",
     "asctime",
     "taskName",
+    # uvicorn's records carry a copy of the message with ANSI colours for its own console
+    # formatter: never a field of ours.
+    "color_message",
 }
+# CSI sequences (colours, cursor moves) and the two-byte escapes: what a terminal would eat.
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])")
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
 
 
 def _quote(value: object) -> str:
@@ -21,6 +31,12 @@ def _quote(value: object) -> str:
 
 
 class LogfmtFormatter(logging.Formatter):
+    """``strip_ansi``: drop terminal escapes from the line (journals and files are not TTYs)."""
+
+    def __init__(self, *, strip_ansi: bool = True) -> None:
+        super().__init__()
+        self.strip_ansi = strip_ansi
+
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
         parts = [
@@ -36,12 +52,21 @@ class LogfmtFormatter(logging.Formatter):
         ]
         if record.exc_info:
             parts.append(f"exc={_quote(self.formatException(record.exc_info))}")
-        return " ".join(parts)
+        line = " ".join(parts)
+        return strip_ansi(line) if self.strip_ansi else line
+
+
+def _is_tty(stream: object) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except (OSError, ValueError):  # a closed or detached stream
+        return False
 
 
 def setup_logging(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LogfmtFormatter())
+    handler.setFormatter(LogfmtFormatter(strip_ansi=not _is_tty(sys.stderr)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

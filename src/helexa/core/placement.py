@@ -62,6 +62,39 @@ def feasible(profile: ModelProfile, view: NeuronView) -> bool:
     return len(eligible_devices(profile, view)) >= max(profile.min_devices, 1)
 
 
+def why_infeasible(profile: ModelProfile, view: NeuronView) -> str | None:
+    """Why the neuron's hardware can never hold the model (None: it could)."""
+    if profile.pinned_on and view.name not in profile.pinned_on:
+        return f"{view.name}: not in pinned_on"
+    if feasible(profile, view):
+        return None
+    gpus = len(view.devices)
+    big = len(eligible_devices(profile, view))
+    if gpus == 0:
+        return f"{view.name}: CPU only"
+    if big < gpus:
+        return f"{view.name}: {big} of {gpus} GPUs have {profile.min_device_vram_mb} MB"
+    return f"{view.name}: {gpus} GPU(s)"
+
+
+def unhostable(profile: ModelProfile, views: Sequence[NeuronView]) -> str | None:
+    """Why no neuron of the fleet can ever host the model, whatever is loaded or healthy;
+    None when some could. ``views`` must cover every neuron, each with known hardware."""
+    reasons = [why_infeasible(profile, v) for v in views]
+    if not views or any(r is None for r in reasons):
+        return None
+    if profile.cpu_ok:
+        needs = f"it is pinned to {', '.join(profile.pinned_on)}"
+    else:
+        needs = f"it needs {max(profile.min_devices, 1)} GPU(s)"
+        if profile.min_device_vram_mb:
+            needs += f" with at least {profile.min_device_vram_mb} MB each"
+        if profile.pinned_on:
+            needs += f" on {', '.join(profile.pinned_on)}"
+    hint = "" if profile.cpu_ok else "; set min_devices = 0 in models.toml to allow CPU"
+    return f"{needs} ({'; '.join(r for r in reasons if r)}){hint}"
+
+
 def pools_for(profile: ModelProfile, view: NeuronView) -> list[int]:
     """Memory pools a load may use: eligible GPUs, or the CPU budget for CPU-capable
     profiles on GPU-less neurons (a GPU host still prefers its GPUs)."""

@@ -8,13 +8,13 @@ import copy
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
 from helexa.core.anthropic import Event, render
 from helexa.core.errors import bad_request
-from helexa.core.wire import Wire
+from helexa.core.wire import MAX_MESSAGES, MAX_TOOLS, ClientModelName, Wire
 
 __all__ = [
     "KEEPALIVE",
@@ -34,12 +34,12 @@ __all__ = [
 
 
 class ResponsesRequest(Wire):
-    model: str = Field(min_length=1)
+    model: ClientModelName
     # Optional on the wire (previous_response_id / prompt may stand in for it); to_openai
     # refuses those first so the client hears the real reason.
-    input: str | list[dict[str, Any]] | None = None
+    input: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)] | None = None
     instructions: str | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)

@@ -2,13 +2,110 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 
 class Wire(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+# --- request limits (§2.8.1): generous, but bounded ---------------------------------------------
+
+MAX_MESSAGES = 10_000
+MAX_TOOLS = 512
+MAX_STOP = 16
+MAX_MODEL_ID = 255
+# Template variables a client may set: the reasoning switches of the chat templates served
+# (Qwen3/GLM/Hunyuan ``enable_thinking``, DeepSeek ``thinking``, gpt-oss ``reasoning_effort``,
+# Granite ``thinking``/``reasoning``). Never ``chat_template``, ``tokenize``, ``tools`` … —
+# keys the renderer sets itself or that would replace the model's template.
+TEMPLATE_KWARGS = frozenset(
+    {"enable_thinking", "thinking", "reasoning_effort", "reasoning", "thinking_budget"}
+)
+_MAX_TEMPLATE_VALUE = 256  # characters of a string value
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f*?\[\]]")
+_QUANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+
+
+def _describe(char: str) -> str:
+    if char == "\x00":
+        return "a NUL byte"
+    if char in "*?[]":
+        return f"the glob character {char!r}"
+    return f"the control character U+{ord(char):04X}"
+
+
+def check_model_name(value: str, *, paths: bool = False, client: bool = False) -> str:
+    """A model id as clients and configs name it: 1 to 255 characters, no NUL or other control
+    characters, no glob characters (``* ? [ ]``), and — unless ``paths`` (a spec may name a
+    folder under model_dirs, whose escapes are refused with 403 where it is resolved) — no
+    ``..`` segment. ``client``: a name a client sent cortex, which only routes it (a
+    catalogue or fallback lookup, never a glob or a path on a gateway): glob characters
+    pass there, as in Claude Code's ``claude-…[1m]``. Raises ValueError saying which rule
+    it breaks."""
+    if not value:
+        raise ValueError("must not be empty")
+    if len(value) > MAX_MODEL_ID:
+        raise ValueError(f"must be at most {MAX_MODEL_ID} characters, not {len(value)}")
+    bad = (_CONTROL if client else _UNSAFE_NAME).search(value)
+    if bad:
+        raise ValueError(f"must not contain {_describe(bad.group())}")
+    if client:
+        return value
+    if not paths and ".." in value.replace("\\", "/").split("/"):
+        raise ValueError("must not contain a '..' path segment")
+    return value
+
+
+def check_quant(value: str | None) -> str | None:
+    """A GGUF quant tag (Q4_K_M, IQ2_XXS, F16, UD-Q4_K_XL …): it becomes a file pattern, so
+    nothing that could match every file of a repo."""
+    if value is None:
+        return None
+    if not _QUANT.match(value) or not any(c.isdigit() for c in value):
+        raise ValueError(
+            f"{value[:80]!r} is not a quant tag (letters, digits, '_', '-', '.', '+', with a "
+            "digit, at most 64 characters; e.g. Q4_K_M)"
+        )
+    return value
+
+
+def _model_path(value: str) -> str:
+    return check_model_name(value, paths=True)
+
+
+def check_template_kwargs(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``chat_template_kwargs``: only the allowlisted switches, each a JSON scalar."""
+    if value is None:
+        return None
+    for key, item in value.items():
+        if key not in TEMPLATE_KWARGS:
+            raise ValueError(
+                f"key {key[:80]!r} is not allowed (allowed: {', '.join(sorted(TEMPLATE_KWARGS))})"
+            )
+        if item is not None and not isinstance(item, (bool, int, float, str)):
+            raise ValueError(f"{key!r} must be a JSON scalar (string, number, boolean or null)")
+        if isinstance(item, str) and len(item) > _MAX_TEMPLATE_VALUE:
+            raise ValueError(f"{key!r} must be at most {_MAX_TEMPLATE_VALUE} characters")
+    return value
+
+
+ModelName = Annotated[str, AfterValidator(check_model_name)]
+# A name a client sent cortex: routed by lookup only (see check_model_name).
+ClientModelName = Annotated[str, AfterValidator(lambda v: check_model_name(v, client=True))]
+ModelPath = Annotated[str, AfterValidator(_model_path)]  # may name a folder under model_dirs
+TemplateKwargs = Annotated[dict[str, Any] | None, AfterValidator(check_template_kwargs)]
 
 
 # --- model lifecycle --------------------------------------------------------------------------
@@ -26,9 +123,9 @@ def default_harness(model_id: str, quant: str | None) -> str:
 class ModelSpec(Wire):
     """How to load one model: what ``/models/load`` takes and ``default_models`` lists."""
 
-    model_id: str = Field(min_length=1)
+    model_id: ModelPath
     harness: str = ""  # empty: chosen from the weights' format (default_harness)
-    quant: str | None = None
+    quant: Annotated[str | None, AfterValidator(check_quant)] = None
     tensor_parallel: int | None = Field(default=None, ge=1)
     devices: list[int] | None = None
 
@@ -40,7 +137,7 @@ class ModelSpec(Wire):
 
 
 class UnloadRequest(Wire):
-    model_id: str = Field(min_length=1)
+    model_id: ModelPath
 
 
 ModelState = Literal["loading", "loaded", "poisoned"]
@@ -156,6 +253,7 @@ class Health(Wire):
     cpu: CpuHealth
     activation: Activation
     models: dict[str, ModelLoadInfo]
+    draining: bool = False  # shutting down: finishing what it has, admitting nothing new
 
 
 # --- inference requests -----------------------------------------------------------------------
@@ -179,7 +277,7 @@ class StreamOptions(Wire):
 class SamplingFields(Wire):
     """Sampling knobs shared by chat and legacy completions (OpenAI names plus common extras)."""
 
-    model: str = Field(min_length=1)
+    model: ModelName
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -198,8 +296,8 @@ class SamplingFields(Wire):
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 16:
-            raise ValueError("at most 16 stop sequences")
+        if isinstance(value, list) and len(value) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences, not {len(value)}")
         return value
 
     def stop_strings(self) -> list[str]:
@@ -220,11 +318,11 @@ class ResponseFormat(Wire):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: str | dict[str, Any] | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: TemplateKwargs = None
     response_format: ResponseFormat | None = None
 
     def token_limit(self) -> int | None:
@@ -247,11 +345,11 @@ class CompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(Wire):
-    model: str = Field(min_length=1)
-    messages: list[ChatMessage] | None = None
+    model: ModelName
+    messages: list[ChatMessage] | None = Field(default=None, max_length=MAX_MESSAGES)
     prompt: str | None = None
-    tools: list[dict[str, Any]] | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS)
+    chat_template_kwargs: TemplateKwargs = None
 
 
 class Usage(Wire):

@@ -13,13 +13,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from helexa.core.errors import ApiError
 from helexa.cortex.metrics import Metrics
+
+if TYPE_CHECKING:
+    from helexa.cortex.auth import Guard
 
 log = logging.getLogger("helexa.cortex.access")
 
@@ -34,6 +37,8 @@ class RequestRecord:
     usage: dict[str, Any] | None = None
     error: str | None = None  # error code, when the answer is (or became) an error
     status: int = 0
+    key: str | None = None  # the name of the API key (never the key) that was sent
+    models: frozenset[str] | None = None  # that key's model allowlist; None: every model
 
 
 def record_of(scope: Scope) -> RequestRecord:
@@ -52,7 +57,9 @@ class AccessLog:
         hot: dict[str, ASGIApp],
         metrics: Metrics,
         model_label: Callable[[str | None], str],
+        guard: Guard | None = None,
     ) -> None:
+        self.guard = guard  # who may call (cortex.auth): checked before any route runs
         self.app = app
         self.hot = hot
         self.metrics = metrics
@@ -72,6 +79,8 @@ class AccessLog:
             await send(message)
 
         try:
+            if self.guard is not None and not await self.guard.admit(scope, record, tracking_send):
+                return
             await (handler or self.app)(scope, receive, tracking_send)
         except Exception as exc:  # a bug, not an API error: still an envelope, if we can
             log.error(
@@ -103,6 +112,8 @@ class AccessLog:
         if status >= 400:
             reason = record.error or f"status_{status}"
             self.metrics.error(self.model_label(record.model_id), record.node or "", reason)
+        if record.key is not None:
+            self.metrics.by_key(record.key)
         usage = record.usage or {}
         log.info(
             "request",
@@ -113,6 +124,7 @@ class AccessLog:
                 "status": status,
                 "secs": round(seconds, 4),
                 "node": record.node,
+                "key": record.key,
                 "prompt_tokens": usage.get("prompt_tokens"),
                 "completion_tokens": usage.get("completion_tokens"),
                 "error": record.error,

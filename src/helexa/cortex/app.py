@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from pydantic import Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -16,18 +15,20 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from helexa.core import anthropic
-from helexa.core.errors import ApiError, not_found
+from helexa.core.errors import not_found
 from helexa.core.http import (
     JSONResponse,
     openai_app,
     read_body,
 )
 from helexa.core.placement import feasible
-from helexa.core.wire import Wire
-from helexa.cortex.access import AccessLog
+from helexa.core.wire import ModelName, Wire
+from helexa.cortex.access import AccessLog, record_of
+from helexa.cortex.auth import Guard, model_allowed, not_allowed, visible
 from helexa.cortex.config import CortexConfig
 from helexa.cortex.dispatch import Dispatcher
 from helexa.cortex.fleet import Fleet, view_of
+from helexa.cortex.keys import KeyStore, keys_path
 from helexa.cortex.metrics import Metrics
 from helexa.cortex.protocols import (
     AnthropicCountTokens,
@@ -42,7 +43,7 @@ log = logging.getLogger("helexa.cortex")
 
 
 class AdminModelRequest(Wire):
-    model_id: str = Field(min_length=1)
+    model_id: ModelName  # 400 for NUL, glob characters, '..', over 255 characters
     node: str | None = None
 
 
@@ -57,6 +58,10 @@ class Gateway:
             config.settings.neurons,
             config.settings.poller,
             on_round=lambda: self.metrics.refresh(self.fleet),
+            token=config.settings.neuron_token or config.settings.admin_token,
+        )
+        self.keys = KeyStore(
+            keys_path(config.settings.auth.keys_file, config.path), config.settings.auth.api_key
         )
         self.router = Router(config.settings, config.catalogue, self.fleet, self.metrics)
 
@@ -113,9 +118,13 @@ class Gateway:
     def health(self) -> dict[str, Any]:
         total = len(self.fleet.neurons)
         healthy = self.fleet.healthy_count()
+        stale = self.fleet.stale()
+        age = self.fleet.view_age_s()
         return {
-            "status": "ok" if total and healthy == total else "degraded",
+            "status": "ok" if total and healthy == total and not stale else "degraded",
             "nodes": {"healthy": healthy, "total": total},
+            # How old cortex's picture of the fleet is: stale means the poller is stuck.
+            "view": {"age_s": None if age is None else round(age, 3), "stale": stale},
         }
 
     def fleet_view(self) -> dict[str, Any]:
@@ -150,7 +159,7 @@ def build_app(gateway: Gateway) -> ASGIApp:
     settings = gateway.config.settings
 
     async def models(request: Request) -> Response:
-        entries = gateway.model_entries()
+        entries = visible(gateway.model_entries(), record_of(request.scope).models)
         if wants_anthropic(request):
             data = [anthropic_model(e, gateway.started) for e in entries]
             return JSONResponse(
@@ -167,10 +176,16 @@ def build_app(gateway: Gateway) -> ASGIApp:
         name = request.path_params["model_id"]
         entry = gateway.model_entry(name)
         anthropic_shape = wants_anthropic(request)
-        if entry is None:
-            error = not_found(f"model {name!r} does not exist", code="model_not_found")
+        keys_models = record_of(request.scope).models  # the API key's allowlist
+        allowed = model_allowed(keys_models, name, gateway.router.resolve(name))
+        if entry is None or not allowed:
+            error = (
+                not_allowed(name)
+                if not allowed
+                else not_found(f"model {name!r} does not exist", code="model_not_found")
+            )
             body = anthropic.api_error_body(error) if anthropic_shape else error.openai_body()
-            return JSONResponse(body, status_code=404)
+            return JSONResponse(body, status_code=error.status)
         if anthropic_shape:
             return JSONResponse(anthropic_model(entry, gateway.started))
         return JSONResponse(entry)
@@ -181,24 +196,12 @@ def build_app(gateway: Gateway) -> ASGIApp:
     async def fleet(_request: Request) -> Response:
         return JSONResponse(gateway.fleet_view())
 
-    def require_admin(request: Request) -> None:
-        token = settings.admin_token
-        if token and request.headers.get("authorization") != f"Bearer {token}":
-            raise ApiError(
-                401,
-                "a valid admin token is required",
-                type="authentication_error",
-                code="unauthorized",
-            )
-
     async def admin_load(request: Request) -> Response:
-        require_admin(request)
-        body = await read_body(request, AdminModelRequest)
+        body = await read_body(request, AdminModelRequest)  # the admin token: cortex.auth
         state = await gateway.router.admin_load(body.model_id, body.node)
         return JSONResponse({"status": "loaded", "node": state.name})
 
     async def admin_unload(request: Request) -> Response:
-        require_admin(request)
         body = await read_body(request, AdminModelRequest)
         nodes = await gateway.router.admin_unload(body.model_id, body.node)
         return JSONResponse({"status": "unloaded", "nodes": nodes})
@@ -237,4 +240,17 @@ def build_app(gateway: Gateway) -> ASGIApp:
         # Client-chosen names must not become label values: unknown ones share one.
         return model_id if model_id and gateway.router.known(model_id) else "unknown"
 
-    return AccessLog(openai_app(routes, lifespan), hot, gateway.metrics, model_label)
+    guard = Guard(gateway.keys, settings.admin_token)
+    if not gateway.keys.enabled:
+        log.warning(
+            "no API keys configured: the API is open to anyone who can reach it "
+            "(set [auth] keys_file and run `cortex keys add`)",
+            extra={"admin": "guarded" if settings.admin_token else "open"},
+        )
+    return AccessLog(
+        openai_app(routes, lifespan),
+        hot,
+        gateway.metrics,
+        model_label,
+        None if guard.off else guard,  # nothing configured: nothing to check per request
+    )

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from helexa.core.settings import ConfigError
+from helexa.cortex.keys_cli import keys_app
 
 app = typer.Typer(
     add_completion=False,
@@ -18,6 +19,27 @@ app = typer.Typer(
     help="cortex: the helexa gateway and its fleet tools.",
 )
 log = logging.getLogger("helexa.cortex")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from helexa import __version__
+
+        typer.echo(f"cortex {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _cortex(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="print the version and exit", is_eager=True, callback=_print_version
+        ),
+    ] = False,
+) -> None:
+    """cortex: the helexa gateway and its fleet tools."""
+
 
 ConfigOption = Annotated[
     Path | None,
@@ -50,6 +72,9 @@ def serve(config: ConfigOption = None) -> None:
         raise typer.Exit(2) from None
     settings = loaded.settings
     setup_logging(settings.log_level)
+    from helexa.core.limits import raise_nofile
+
+    raise_nofile()  # every stream holds two sockets here
 
     from helexa.core.serving import DrainingServer, uvicorn_config
     from helexa.cortex.app import Gateway, build_app
@@ -79,8 +104,8 @@ def serve(config: ConfigOption = None) -> None:
             host,
             port,
             drain_timeout_s=30,
+            limits=settings.limits,
             loop="uvloop",
-            http="httptools",
             backlog=4096,
         ),
         on_drain=lambda: None,
@@ -91,30 +116,50 @@ def serve(config: ConfigOption = None) -> None:
 
 
 @app.command("check-config")
-def check_config(path: Annotated[Path, typer.Argument(help="cortex.toml to validate")]) -> None:
-    """Validate cortex.toml and the models.toml it points to."""
-    from helexa.cortex.config import load_config
+def check_config(
+    path: Annotated[
+        Path | None,
+        typer.Argument(help="cortex.toml to validate (default /etc/cortex/cortex.toml)"),
+    ] = None,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="check the files only; do not contact the neurons")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for each neuron")] = 3.0,
+) -> None:
+    """Validate cortex.toml and its models.toml; warn about models no neuron could host.
 
+    Each configured neuron is asked for its hardware (GET /discovery, /health) unless
+    --offline; warnings do not fail the check."""
+    from helexa.cortex.checkconfig import check
+    from helexa.cortex.config import DEFAULT_CONFIG_PATH
+
+    path = path or DEFAULT_CONFIG_PATH
     if not path.exists():
-        typer.echo(f"{path}: no such file", err=True)
+        typer.echo(
+            f"cortex check-config: {path} does not exist; pass the path: "
+            "cortex check-config path/to/cortex.toml",
+            err=True,
+        )
         raise typer.Exit(2)
-    try:
-        loaded = load_config(path)
-    except ConfigError as exc:
-        typer.echo(f"invalid:\n{exc}", err=True)
-        raise typer.Exit(1) from None
-    catalogue = loaded.catalogue
-    typer.echo(
-        f"ok: {len(loaded.settings.neurons)} neurons, {len(catalogue.models)} models, "
-        f"{len(catalogue.aliases)} aliases"
-    )
+    report = check(path, contact_neurons=not offline, timeout=timeout, echo=typer.echo)
+    for warning in report.warnings:
+        typer.echo(f"warning: {warning}")
+    if not report.ok:
+        typer.echo("invalid:\n" + "\n".join(report.errors), err=True)
+        raise typer.Exit(1)
+    typer.echo(f"ok{f' ({len(report.warnings)} warnings)' if report.warnings else ''}: {path}")
 
 
-def _fetch(endpoint: str) -> dict[str, Any]:
+def _fetch(endpoint: str, key: str | None = None) -> dict[str, Any]:
     import httpx
 
+    headers = {"authorization": f"Bearer {key}"} if key else {}
     try:
-        response = httpx.get(f"{endpoint.rstrip('/')}/admin/fleet", timeout=10)
+        response = httpx.get(f"{endpoint.rstrip('/')}/admin/fleet", timeout=10, headers=headers)
+        if response.status_code == 401:
+            hint = "the one given is not valid" if key else "pass --key or set CORTEX_API_KEY"
+            typer.echo(f"cortex status: {endpoint} wants an API key: {hint}", err=True)
+            raise typer.Exit(1)
         response.raise_for_status()
     except httpx.HTTPError as exc:
         typer.echo(f"cortex status: cannot reach {endpoint}: {exc}", err=True)
@@ -126,9 +171,13 @@ def _fetch(endpoint: str) -> dict[str, Any]:
 def status(
     endpoint: Annotated[str, typer.Option(help="cortex base URL")] = "http://127.0.0.1:31313",
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    key: Annotated[
+        str | None,
+        typer.Option(envvar="CORTEX_API_KEY", help="API key or admin token, when cortex wants one"),
+    ] = None,
 ) -> None:
     """Neurons (health, devices, memory) and models (where loaded, status)."""
-    fleet = _fetch(endpoint)
+    fleet = _fetch(endpoint, key)
     if as_json:
         typer.echo(json.dumps(fleet, indent=2))
         return
@@ -208,7 +257,11 @@ def up(
     ] = False,
     host: Annotated[str, typer.Option(help="listen address")] = "127.0.0.1",
     workdir: Annotated[
-        Path | None, typer.Option(help="where configs and logs go (default: a new temp dir)")
+        Path | None,
+        typer.Option(
+            help="where configs and logs go (default ~/.local/state/helexa/up, "
+            "up-PORT for another port)"
+        ),
     ] = None,
 ) -> None:
     """A whole local fleet on this machine: a neuron and a gateway serving a model."""
@@ -217,6 +270,9 @@ def up(
     raise typer.Exit(
         run_up(host=host, port=port, model=model, quant=quant, tiny=tiny, workdir=workdir)
     )
+
+
+app.add_typer(keys_app, name="keys")  # cortex keys add|list|revoke (cortex.keys_cli)
 
 
 def main() -> None:

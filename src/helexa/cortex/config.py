@@ -11,7 +11,9 @@ from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from helexa.core.catalogue import Catalogue, load_catalogue
+from helexa.core.serving import LimitsSettings
 from helexa.core.settings import ConfigError, load_settings
+from helexa.cortex.keys import keys_path, read_keys
 
 DEFAULT_CONFIG_PATH = Path("/etc/cortex/cortex.toml")
 
@@ -42,6 +44,7 @@ class EvictionSettings(BaseModel):
 class NeuronEntry(BaseModel):
     name: str = Field(min_length=1)
     endpoint: str
+    token: str | None = None  # this neuron's token, when not the global neuron_token
 
     @field_validator("endpoint")
     @classmethod
@@ -67,6 +70,14 @@ class ProxySettings(BaseModel):
     retry_after_s: int = Field(default=5, ge=1)
 
 
+class AuthSettings(BaseModel):
+    # API keys, hashed (``cortex keys add|list|revoke``); relative: next to cortex.toml.
+    # Set, every /v1 route needs a key (none in the file: every request is refused).
+    keys_file: Path | None = None
+    # One literal key besides the file's (containers: CORTEX_AUTH__API_KEY); logged as ":env".
+    api_key: str | None = None
+
+
 class CortexSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CORTEX_", env_nested_delimiter="__", extra="forbid"
@@ -77,8 +88,13 @@ class CortexSettings(BaseSettings):
     eviction: EvictionSettings = Field(default_factory=EvictionSettings)
     poller: PollerSettings = Field(default_factory=PollerSettings)
     proxy: ProxySettings = Field(default_factory=ProxySettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
     neurons: list[NeuronEntry] = Field(default_factory=list)
-    admin_token: str | None = None  # sent to neurons' admin routes
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    admin_token: str | None = None  # required by /admin/* (Bearer)
+    # Sent to every neuron on every request (a [[neurons]] entry's token overrides it);
+    # unset: admin_token, as configs before the split had it.
+    neuron_token: str | None = None
     log_level: str = "info"
 
     @field_validator("neurons")
@@ -105,6 +121,9 @@ def load_config(path: Path | None) -> CortexConfig:
     if not models_path.is_absolute():
         models_path = (path.parent if path else Path.cwd()) / models_path
     catalogue = load_catalogue(models_path)
+    keys = keys_path(settings.auth.keys_file, path)
+    if keys is not None:
+        read_keys(keys)  # a keys file that does not parse is a config error, named
     known = {n.name for n in settings.neurons}
     problems = [
         f"{models_path}: model {p.id!r} is pinned_on unknown neuron(s) "

@@ -12,7 +12,7 @@ from helexa.core.errors import ApiError, unavailable
 from helexa.cortex.fleet import Fleet, NeuronState
 from helexa.cortex.metrics import Metrics
 from helexa.cortex.router import Router
-from helexa.cortex.upstream import Response, UpstreamError, UpstreamTimeout
+from helexa.cortex.upstream import LocalExhaustion, Response, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("helexa.cortex.proxy")
 
@@ -49,16 +49,16 @@ class Dispatcher:
         stream: bool,
         affinity: str | None = None,
     ) -> Call:
-        """Route and send; a neuron that fails before its first byte is reported and the
-        request retried once elsewhere. Raises ApiError (counted by the access layer)."""
+        """Route and send; a neuron that fails before its first byte (unreachable, seen
+        dead by the poller, or draining) is reported and the request retried once
+        elsewhere. Raises ApiError (counted by the access layer)."""
         started = time.monotonic()
         failed: set[str] = set()  # neurons that broke: routed around on the retry
         attempts = 0
         while True:
             state = await self.router.route(model_id, frozenset(failed), affinity)
             attempts += 1
-            state.in_flight[model_id] = state.in_flight.get(model_id, 0) + 1
-            state.last_used[model_id] = time.monotonic()
+            state.begin_request(model_id)
             try:
                 upstream = await state.pool.request(
                     "POST",
@@ -71,6 +71,13 @@ class Dispatcher:
                 self._release(state, model_id)
                 if not isinstance(exc, UpstreamError):
                     raise  # cancelled (the client left): counted out, nothing to retry
+                if isinstance(exc, LocalExhaustion):  # our file descriptors, not the neuron
+                    log.error("out of connections", extra={"error": str(exc)})
+                    raise unavailable(
+                        f"cortex cannot open more connections: {exc}",
+                        code="gateway_overloaded",
+                        retry_after=1,
+                    ) from exc
                 if isinstance(exc, UpstreamTimeout):  # sent and maybe running: no retry
                     raise unavailable(
                         f"neuron {state.name} did not answer: {exc}",
@@ -88,6 +95,24 @@ class Dispatcher:
                     ) from exc
                 log.info("retry on another neuron", extra={"model": model_id, "failed": state.name})
                 continue
+            if upstream.status == 503 and attempts < 2:
+                try:
+                    raw = await self._peek(upstream)
+                except BaseException:  # cancelled (the client left) while reading it
+                    upstream.close()
+                    self._release(state, model_id)
+                    raise
+                if b'"shutting_down"' in raw:  # queued on a draining neuron: try elsewhere
+                    upstream.close()
+                    self._release(state, model_id)
+                    state.saw_draining()
+                    failed.add(state.name)
+                    log.info(
+                        "retry on another neuron",
+                        extra={"model": model_id, "failed": state.name, "reason": "draining"},
+                    )
+                    continue
+                upstream.replay(raw)
             if upstream.status == 404:
                 # Our picture was stale (evicted, restarted neuron): a routing miss.
                 try:
@@ -104,7 +129,7 @@ class Dispatcher:
                         type="not_found_error",
                         code="not_found",
                     )
-                state.models.pop(model_id, None)
+                state.vanished(model_id)
                 log.info("stale route", extra={"model": model_id, "node": state.name})
                 if attempts >= 2:
                     raise unavailable(
@@ -116,9 +141,15 @@ class Dispatcher:
             self.metrics.series(model_id, state.name).requests.inc()
             return Call(state, upstream, model_id, started)
 
+    async def _peek(self, upstream: Response) -> bytes:
+        """The body of a (small) error answer; unreadable reads as empty."""
+        try:
+            return await upstream.read(self.idle_timeout)
+        except UpstreamError:
+            return b""
+
     def _release(self, state: NeuronState, model_id: str) -> None:
-        state.in_flight[model_id] -= 1
-        state.last_used[model_id] = time.monotonic()
+        state.end_request(model_id)
 
     def client_left(self, call: Call) -> None:
         """Drop the upstream connection at once: the neuron stops generating."""

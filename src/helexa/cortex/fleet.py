@@ -1,4 +1,11 @@
-"""What cortex knows about each neuron, kept fresh by the poller (§2.2)."""
+"""What cortex knows about each neuron, kept fresh by the poller (§2.2).
+
+One ``NeuronState`` per neuron owns everything cortex holds about it — the poller's
+picture, cortex's own requests in flight, the memory ledger of the loads it started, the
+unloads under way — and every change goes through its methods. The poll snapshot and
+cortex's own changes are reconciled by sequence number: a snapshot taken before cortex
+loaded or unloaded a model cannot undo that change.
+"""
 
 from __future__ import annotations
 
@@ -7,52 +14,89 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
+from helexa.core.auth import bearer
 from helexa.core.catalogue import Catalogue, ModelProfile
 from helexa.core.placement import CPU_POOL, Device, NeuronView, Resident, need_mb
 from helexa.core.wire import Discovery, Health, ModelStatus
 from helexa.cortex.config import NeuronEntry, PollerSettings
-from helexa.cortex.upstream import Pool, UpstreamError
+from helexa.cortex.upstream import LocalExhaustion, Pool, UpstreamError
 
 log = logging.getLogger("helexa.cortex.fleet")
 
 _MODEL_LIST = TypeAdapter(list[ModelStatus])
 
 
-@dataclass
+@dataclass(frozen=True)
+class Reservation:
+    """Memory a cold load cortex started will take once it lands, in one pool."""
+
+    pool: int
+    mb: int
+
+
 class NeuronState:
-    name: str
-    endpoint: str
-    pool: Pool
-    healthy: bool = False
-    failures: int = 0
-    ever_seen: bool = False
-    discovery: Discovery | None = None
-    health: Health | None = None
-    models: dict[str, ModelStatus] = field(default_factory=dict)
-    in_flight: dict[str, int] = field(default_factory=dict)  # requests cortex is proxying
-    last_used: dict[str, float] = field(default_factory=dict)
-    pending_mb: dict[int, int] = field(default_factory=dict)  # cold loads cortex started here
-    cycles: int = 0  # loads + unloads since the last defrag
-    # What cortex itself changed since the poll it last applied began: a poll snapshot
-    # taken before a load or unload finished must not undo it.
-    polled_at: float = 0.0
-    loaded_at: dict[str, float] = field(default_factory=dict)
-    unloading: set[str] = field(default_factory=set)
-    unloaded_at: dict[str, float] = field(default_factory=dict)
-    reserved_for: set[str] = field(default_factory=set)  # cold loads counted in pending_mb
+    def __init__(self, name: str, endpoint: str, pool: Pool) -> None:
+        self.name = name
+        self.endpoint = endpoint
+        self.pool = pool
+        self.healthy = False  # answered its recent polls: routable
+        self.responsive = False  # answered the last one; a first miss takes it off new work
+        self.failures = 0
+        self.ever_seen = False
+        self.discovery: Discovery | None = None
+        self.rediscover = False  # reconnected: its hardware may have changed
+        self.health: Health | None = None
+        self.draining = False  # shutting down: answers what it has, takes nothing new
+        self.models: dict[str, ModelStatus] = {}
+        self.reservations: dict[str, Reservation] = {}  # the ledger of cortex's cold loads
+        self.loads: dict[str, asyncio.Future[None]] = {}  # load posts under way: join, not repost
+        self.unloading: set[str] = set()
+        self.cycles = 0  # loads + unloads since the last defrag
+        self._in_flight: dict[str, int] = {}  # requests cortex is proxying here
+        self._last_used: dict[str, float] = {}
+        self._seq = 0  # numbers cortex's own changes
+        self._changed: dict[str, int] = {}  # model -> number of cortex's last change to it
+        self._polled_seq = 0  # the number current when the applied snapshot was taken
+        self._polling_in_flight: dict[str, int] = {}  # cortex's own, as a poll began
+        self._others: dict[str, int] = {}  # others' requests the neuron last reported
+
+    # -- reading ------------------------------------------------------------------------------
 
     def loaded(self, model_id: str) -> bool:
         status = self.models.get(model_id)
         return status is not None and status.status == "loaded"
 
-    def busy(self) -> int:
-        return sum(self.in_flight.values())
+    def status_of(self, model_id: str) -> str | None:
+        status = self.models.get(model_id)
+        return status.status if status else None
+
+    def busy(self, model_id: str | None = None) -> int:
+        """Requests on the model (all models: None): cortex's own in flight now, plus what
+        the neuron last reported in flight or queued beyond cortex's own (other clients,
+        another gateway)."""
+        if model_id is not None:
+            return self._in_flight.get(model_id, 0) + self._others.get(model_id, 0)
+        return sum(self._in_flight.values()) + sum(self._others.values())
+
+    def last_used(self, model_id: str) -> float:
+        return self._last_used.get(model_id, 0.0)
+
+    def pending_mb(self) -> dict[int, int]:
+        pending: dict[int, int] = {}
+        for r in self.reservations.values():
+            pending[r.pool] = pending.get(r.pool, 0) + r.mb
+        return pending
+
+    def fresh(self, model_id: str) -> bool:
+        """Changed by cortex after the applied snapshot was taken: the neuron's memory
+        figures predate it."""
+        return self._changed.get(model_id, -1) > self._polled_seq
 
     def rewrite_url(self, url: str) -> str:
         """A neuron that says localhost means itself: use the configured host instead."""
@@ -62,6 +106,130 @@ class NeuronState:
             netloc = f"{own.hostname}:{parts.port or own.port}"
             return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
         return url
+
+    # -- cortex's requests --------------------------------------------------------------------
+
+    def begin_request(self, model_id: str) -> None:
+        self._in_flight[model_id] = self._in_flight.get(model_id, 0) + 1
+        self._last_used[model_id] = time.monotonic()
+
+    def end_request(self, model_id: str) -> None:
+        self._in_flight[model_id] -= 1
+        self._last_used[model_id] = time.monotonic()
+
+    # -- cortex's loads and unloads -----------------------------------------------------------
+
+    def _mark(self, model_id: str) -> None:
+        self._seq += 1
+        self._changed[model_id] = self._seq
+
+    def reserve(self, model_id: str, pool: int, mb: int) -> None:
+        self.reservations[model_id] = Reservation(pool, mb)
+
+    def release(self, model_id: str) -> None:
+        self.reservations.pop(model_id, None)
+
+    def landed(self, status: ModelStatus) -> None:
+        """A load cortex asked for answered with the model's status."""
+        self.models[status.id] = status
+        self._mark(status.id)
+        if status.status == "loaded":
+            self.cycles += 1
+            # Its requests are about to run: not the least recently used one to evict.
+            self._last_used[status.id] = time.monotonic()
+
+    def begin_unload(self, model_id: str) -> None:
+        """Not routable from now on; a failed unload comes back with the next poll."""
+        self.models.pop(model_id, None)
+        self.unloading.add(model_id)
+        self._mark(model_id)
+
+    def end_unload(self, model_id: str, *, done: bool) -> None:
+        self.unloading.discard(model_id)
+        self._mark(model_id)
+        if done:
+            self._last_used.pop(model_id, None)
+            self.cycles += 1
+
+    def vanished(self, model_id: str) -> None:
+        """The neuron answered that it does not have the model (evicted behind our back,
+        restarted): not routable until a poll shows it again."""
+        self.models.pop(model_id, None)
+
+    def saw_draining(self) -> None:
+        """A request was turned away as the neuron shuts down: no new ones until a poll
+        shows it serving again."""
+        self.draining = True
+
+    # -- the poller ---------------------------------------------------------------------------
+
+    def poll_began(self) -> int:
+        return self._seq
+
+    def asking_health(self) -> None:
+        """cortex's own requests as the neuron counts the ones in its /health answer."""
+        self._polling_in_flight = {m: n for m, n in self._in_flight.items() if n}
+
+    def apply_poll(self, models: list[ModelStatus], health: Health, began: int) -> None:
+        self.health = health
+        self.draining = health.draining
+        # The neuron's counts include cortex's own requests of the moment: the rest are
+        # other clients'.
+        self._others = {
+            model_id: others
+            for model_id, info in health.models.items()
+            if (others := info.in_flight + info.queued - self._polling_in_flight.get(model_id, 0))
+            > 0
+        }
+        snapshot = {m.id: m for m in models if m.id not in self.unloading}
+        for model_id, seq in self._changed.items():
+            if seq > began:  # cortex changed it after the snapshot was taken: ours wins
+                if model_id in self.models:
+                    snapshot[model_id] = self.models[model_id]
+                else:
+                    snapshot.pop(model_id, None)
+        for model_id in set(self.models) - set(snapshot):
+            log.info("model pruned", extra={"neuron": self.name, "model": model_id})
+            self._last_used.pop(model_id, None)
+        self.models = snapshot
+        self._polled_seq = began
+        self._changed = {m: s for m, s in self._changed.items() if s > began}
+        self.failures = 0
+        self.responsive = True
+        self.rediscover = False
+        if not self.healthy:
+            log.info("neuron healthy", extra={"neuron": self.name, "models": len(self.models)})
+        self.healthy = True
+        self.ever_seen = True
+
+    def request_failed(self, exc: BaseException) -> None:
+        if self.responsive:
+            log.warning(
+                "neuron unresponsive: no new requests until it answers a poll",
+                extra={"neuron": self.name, "error": str(exc)},
+            )
+        self.responsive = False
+
+    def poll_failed(self, exc: BaseException, unhealthy_after: int) -> None:
+        self.failures += 1
+        self.responsive = False
+        if self.healthy and self.failures >= unhealthy_after:
+            self.healthy = False
+            self.rediscover = True
+            self.models.clear()  # nothing there can be served; the poller refills it
+            # Requests waiting on it fail over now rather than at their own timeouts.
+            self.pool.abort(f"neuron {self.name} stopped answering health checks")
+            log.warning(
+                "neuron unhealthy",
+                extra={"neuron": self.name, "failures": self.failures, "error": str(exc)},
+            )
+        elif self.failures == 1 and self.healthy:
+            log.warning(
+                "neuron unresponsive: no new requests until it answers",
+                extra={"neuron": self.name, "error": str(exc)},
+            )
+        elif not self.ever_seen and self.failures == 1:
+            log.warning("neuron unreachable", extra={"neuron": self.name, "error": str(exc)})
 
 
 def view_of(
@@ -74,7 +242,8 @@ def view_of(
     A resident counts as the larger of what it uses and its profile's estimate (the
     estimate is what placement promised it: ``vram_mb``, else the size a neuron reported,
     ``sized_mb``; a neuron's free figure only shows use), and a model loaded since the last
-    poll counts in full: the free figure predates it.
+    poll counts in full: the free figure predates it. A model still loading is busy; a
+    poisoned one is not (evicting it is how its memory comes back).
     """
     residents = []
     unaccounted: dict[int, int] = {}
@@ -83,9 +252,8 @@ def view_of(
         estimate = need_mb(profile, sized_mb(profile) if sized_mb else None) if profile else 0
         size = max(status.vram_used_mb, estimate)
         pools = tuple(status.devices) or (CPU_POOL,)
-        fresh = state.loaded_at.get(model_id, -1.0) >= state.polled_at
-        reported = 0 if fresh else status.vram_used_mb
-        reserved = model_id in state.reserved_for  # already in pending_mb: count it once
+        reported = 0 if state.fresh(model_id) else status.vram_used_mb
+        reserved = model_id in state.reservations  # already in pending_mb: count it once
         for pool in pools:
             if not reserved:
                 unaccounted[pool] = unaccounted.get(pool, 0) + size - reported
@@ -94,8 +262,8 @@ def view_of(
                 model_id=model_id,
                 size_mb=size,
                 pools=pools,
-                last_used=state.last_used.get(model_id, 0.0),
-                in_flight=state.in_flight.get(model_id, 0) + (status.status != "loaded"),
+                last_used=state.last_used(model_id),
+                in_flight=state.busy(model_id) + (status.status == "loading"),
                 pinned=bool(profile and state.name in profile.pinned_on),
                 priority=profile.priority if profile else 0,
             )
@@ -112,10 +280,10 @@ def view_of(
     cpu_free = state.health.cpu.memory_free_mb if state.health else 0
     return NeuronView(
         name=state.name,
-        healthy=state.healthy,
+        healthy=state.healthy and state.responsive,
         devices=devices,
         cpu_free_mb=cpu_free - unaccounted.get(CPU_POOL, 0),
-        pending_mb=dict(state.pending_mb),
+        pending_mb=state.pending_mb(),
         residents=tuple(residents),
     )
 
@@ -126,14 +294,19 @@ class Fleet:
         entries: list[NeuronEntry],
         settings: PollerSettings,
         on_round: Callable[[], None] | None = None,
+        token: str | None = None,  # sent to every neuron whose entry names none
     ) -> None:
         self.settings = settings
         self._on_round = on_round
         self.neurons: dict[str, NeuronState] = {
-            e.name: NeuronState(name=e.name, endpoint=e.endpoint, pool=Pool(e.endpoint))
+            e.name: NeuronState(
+                e.name, e.endpoint, Pool(e.endpoint, headers=bearer(e.token or token))
+            )
             for e in entries
         }
         self._task: asyncio.Task[None] | None = None
+        self.last_round_at: float | None = None  # monotonic end of the last complete round
+        self._round = asyncio.Event()  # set after every round: waiters re-check the picture
 
     async def _get(self, state: NeuronState, path: str) -> bytes:
         response = await state.pool.request(
@@ -151,64 +324,61 @@ class Fleet:
         return body
 
     async def poll_one(self, state: NeuronState) -> None:
-        began = time.monotonic()
+        began = state.poll_began()
         try:
-            if state.discovery is None:
+            if state.discovery is None or state.rediscover:
                 state.discovery = Discovery.model_validate_json(
                     await self._get(state, "/discovery")
                 )
             models = _MODEL_LIST.validate_json(await self._get(state, "/models"))
+            state.asking_health()
             health = Health.model_validate_json(await self._get(state, "/health"))
-        except (UpstreamError, ValidationError, ValueError, orjson.JSONDecodeError) as exc:
-            self._failed(state, exc)
+        except LocalExhaustion as exc:
+            # Out of file descriptors here: says nothing about the neuron.
+            log.warning("poll skipped", extra={"neuron": state.name, "error": str(exc)})
             return
-        state.health = health
-        # What cortex did after this poll began wins over the (older) snapshot.
-        snapshot = {
-            m.id: m
-            for m in models
-            if m.id not in state.unloading and state.unloaded_at.get(m.id, -1.0) < began
-        }
-        for model_id, loaded_at in state.loaded_at.items():
-            if loaded_at >= began and state.loaded(model_id):
-                snapshot[model_id] = state.models[model_id]
-        for model_id in set(state.models) - set(snapshot):
-            log.info("model pruned", extra={"neuron": state.name, "model": model_id})
-            state.last_used.pop(model_id, None)
-        state.models = snapshot
-        state.polled_at = began
-        state.failures = 0
-        if not state.healthy:
-            log.info("neuron healthy", extra={"neuron": state.name, "models": len(state.models)})
-        state.healthy = True
-        state.ever_seen = True
-
-    def _failed(self, state: NeuronState, exc: BaseException) -> None:
-        state.failures += 1
-        if state.healthy and state.failures >= self.settings.unhealthy_after:
-            state.healthy = False
-            state.discovery = None  # refreshed on reconnect: the host may have changed
-            state.models.clear()  # nothing there can be served; the poller refills it
-            log.warning(
-                "neuron unhealthy",
-                extra={"neuron": state.name, "failures": state.failures, "error": str(exc)},
-            )
-        elif not state.ever_seen and state.failures == 1:
-            log.warning("neuron unreachable", extra={"neuron": state.name, "error": str(exc)})
+        except (UpstreamError, ValidationError, ValueError, orjson.JSONDecodeError) as exc:
+            state.poll_failed(exc, self.settings.unhealthy_after)
+            return
+        state.apply_poll(models, health, began)
 
     def report_failure(self, state: NeuronState, exc: BaseException) -> None:
-        """A proxy-side connection failure counts like a failed poll."""
-        self._failed(state, exc)
+        """A proxy-side connection failure: no new requests there until the next poll
+        answers. Only the poller marks a neuron down (a burst of failed requests from one
+        blip must not cut every stream it is serving)."""
+        state.request_failed(exc)
 
     async def poll_all(self) -> None:
-        await asyncio.gather(*(self.poll_one(s) for s in self.neurons.values()))
+        results = await asyncio.gather(
+            *(self.poll_one(s) for s in self.neurons.values()), return_exceptions=True
+        )
+        for state, result in zip(self.neurons.values(), results, strict=True):
+            if isinstance(result, Exception):  # a bug, not a neuron failure: keep polling
+                log.error(
+                    "poll error",
+                    extra={"neuron": state.name, "error": repr(result)},
+                    exc_info=result,
+                )
+        self.last_round_at = time.monotonic()
+        self._round.set()
+        self._round = asyncio.Event()
+
+    async def next_round(self, timeout: float) -> None:
+        """Wait for the next poll round to finish (or ``timeout``)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._round.wait()
 
     async def run(self) -> None:
+        """The poller, supervised: an unexpected error is logged and the loop goes on."""
         while True:
             started = time.monotonic()
-            await self.poll_all()
-            if self._on_round is not None:
-                self._on_round()
+            try:
+                await self.poll_all()
+                if self._on_round is not None:
+                    self._on_round()
+            except Exception as exc:
+                log.error("poller round failed", extra={"error": repr(exc)}, exc_info=exc)
             await asyncio.sleep(max(self.settings.interval_s - (time.monotonic() - started), 0.05))
 
     def start(self) -> None:
@@ -224,3 +394,15 @@ class Fleet:
 
     def healthy_count(self) -> int:
         return sum(s.healthy for s in self.neurons.values())
+
+    def view_age_s(self) -> float | None:
+        """Seconds since the poller last finished a round (None: never)."""
+        if self.last_round_at is None:
+            return None
+        return time.monotonic() - self.last_round_at
+
+    def stale(self) -> bool:
+        """The picture is older than a few rounds: the poller is stuck or dead."""
+        age = self.view_age_s()
+        limit = 3 * (self.settings.interval_s + self.settings.timeout_s)
+        return age is None or age > limit

@@ -91,6 +91,11 @@ class Metrics:
             field: Gauge(f"cortex_prefix_cache_{field}", help_text, labels, registry=r)
             for field, help_text in PREFIX_CACHE_FIELDS.items()
         }
+        # Per API key name (operator-chosen, so a bounded set; never the key itself).
+        self.requests_by_key = Counter(
+            "cortex_requests_by_key", "Requests by API key name", ("key",), registry=r
+        )
+        self._by_key: dict[str, Any] = {}
         self.batch_peak = Gauge(
             "cortex_batch_peak_sequences",
             "Most sequences one decode step of the model carried",
@@ -112,6 +117,12 @@ class Metrics:
                 completion_tokens=self.completion_tokens.labels(model, node),
             )
         return found
+
+    def by_key(self, key: str) -> None:
+        counter = self._by_key.get(key)
+        if counter is None:
+            counter = self._by_key[key] = self.requests_by_key.labels(key)
+        counter.inc()
 
     def error(self, model: str, node: str, reason: str) -> None:
         self.errors.labels(model, node, reason).inc()

@@ -15,6 +15,7 @@ from starlette.types import Scope
 from helexa.core import anthropic, responses
 from helexa.core.errors import ApiError, bad_request
 from helexa.core.http import validate
+from helexa.core.wire import check_model_name
 from helexa.cortex.relay import EventBuffer, EventCodec, NeuronRequest, header
 
 FIRST_TOKEN = re.compile(rb'"(?:content|text|reasoning_content)":"[^"]|"tool_calls":\[')
@@ -26,7 +27,10 @@ def _model_field(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("'model' must be a non-empty string", param="model")
-    return model
+    try:  # only routed here: a lookup, never a glob or a path (the neuron checks those)
+        return check_model_name(model, client=True)
+    except ValueError as exc:
+        raise bad_request(f"invalid model name: {exc}", param="model") from None
 
 
 def _text_key(*values: Any) -> str | None:

@@ -21,10 +21,12 @@ from helexa.core.errors import ApiError
 from helexa.core.http import (
     ClientGone,
     parse_json,
+    receive_body,
     unless_disconnected,
     until_done_or_disconnect,
 )
 from helexa.cortex.access import RequestRecord, record_of
+from helexa.cortex.auth import require_model
 from helexa.cortex.dispatch import Call, Dispatcher
 from helexa.cortex.upstream import UpstreamError, UpstreamTimeout
 
@@ -37,18 +39,6 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 PING_INTERVAL_S = 10.0  # keep-alive cadence towards clients while a neuron is quiet
-
-
-async def read_body(receive: Receive) -> bytes:
-    message = await receive()
-    body = message.get("body", b"")
-    if not message.get("more_body"):
-        return body
-    parts = [body]
-    while message.get("more_body"):
-        message = await receive()
-        parts.append(message.get("body", b""))
-    return b"".join(parts)
 
 
 async def send_json(
@@ -168,12 +158,14 @@ class Endpoint:
         protocol = self.protocol
         record = record_of(scope)
         try:
-            body = parse_json(await read_body(receive))
+            body = parse_json(await receive_body(scope, receive))  # limits: 413, 408
             requested = protocol.model_of(body)
             record.model = requested
             # The model is checked before the rest of the body: an unknown name is a 404
             # whatever else is wrong with the request.
             model_id = self.router.resolve(requested)
+            aliased = self.router.catalogue.resolve(requested) == model_id
+            require_model(record.models, requested, model_id, aliased=aliased)  # 403
             self.router.require_known(model_id)
             record.model_id = model_id
             request = protocol.translate(body, model_id, scope)
@@ -258,18 +250,24 @@ class Endpoint:
         opening = codec.opening()
         if opening:
             await send({"type": "http.response.body", "body": opening, "more_body": True})
-        wait = min(PING_INTERVAL_S, self.idle_timeout)
         quiet = 0.0
         try:
             while True:
+                # Pings to the client every PING_INTERVAL_S; the neuron is given up after
+                # idle_timeout_s of silence in all, whatever the ping cadence.
+                wait = min(PING_INTERVAL_S, self.idle_timeout - quiet)
                 try:
                     chunk = await call.upstream.next_chunk(wait)
                 except UpstreamTimeout:
                     quiet += wait
+                    if quiet >= self.idle_timeout:
+                        raise UpstreamTimeout(
+                            f"neuron sent nothing for {quiet:g}s "
+                            f"(proxy.idle_timeout_s = {self.idle_timeout:g})"
+                        ) from None
                     ping = codec.idle()
-                    if ping is None or quiet >= self.idle_timeout:
-                        raise UpstreamTimeout(f"neuron sent nothing for {quiet:g}s") from None
-                    await send({"type": "http.response.body", "body": ping, "more_body": True})
+                    if ping is not None:
+                        await send({"type": "http.response.body", "body": ping, "more_body": True})
                     continue
                 quiet = 0.0
                 if chunk is None:

@@ -10,16 +10,29 @@ import orjson
 
 from helexa.core.catalogue import Catalogue, ModelProfile
 from helexa.core.errors import ApiError, not_found, unavailable
-from helexa.core.placement import Placement, choose_replica, need_mb, place, rank_neurons
+from helexa.core.placement import (
+    CPU_POOL,
+    Placement,
+    choose_replica,
+    need_mb,
+    place,
+    rank_neurons,
+    unhostable,
+)
 from helexa.core.wire import ModelSize, ModelStatus
 from helexa.cortex.affinity import AffinityTable
 from helexa.cortex.config import CortexSettings
 from helexa.cortex.fleet import Fleet, NeuronState, view_of
 from helexa.cortex.metrics import Metrics
-from helexa.cortex.upstream import UpstreamError
+from helexa.cortex.upstream import LocalExhaustion, UpstreamError
 from helexa.cortex.weights import WeightSizes
 
 log = logging.getLogger("helexa.cortex.router")
+
+SIZE_TIMEOUT_S = 60.0  # /models/size reads file headers: a neuron that takes longer is sick
+# A neuron's load answers that retrying cannot change (missing weights, a bad spec, an
+# architecture it cannot run, a model bigger than the host): passed on, without Retry-After.
+PERMANENT_LOAD_ERRORS = frozenset({400, 403, 404, 413, 422})
 
 
 class Router:
@@ -87,12 +100,14 @@ class Router:
         affinity: str | None = None,
     ) -> NeuronState | None:
         """The healthy neuron with the model loaded: the conversation's own while it is
-        healthy, else the one with the least in-flight work."""
-        states = [
+        healthy, else the one with the least in-flight work. A neuron that missed its last
+        health check (or is draining) gets new requests only when no other one has it."""
+        candidates = [
             s
             for s in self.fleet.neurons.values()
             if s.healthy and s.name not in exclude and s.loaded(model_id)
         ]
+        states = [s for s in candidates if s.responsive and not s.draining] or candidates
         key = (model_id, affinity) if affinity else None
         preferred = self.affinity.get(key) if key else None
         name = choose_replica([(s.name, s.busy()) for s in states], preferred)
@@ -122,10 +137,8 @@ class Router:
             ),
             None,
         )
-        if loading is not None:  # pre-warm (or another client's load) in progress: join it
-            await self._load_on(
-                loading, self.catalogue.profile(model_id) or ModelProfile(id=model_id)
-            )
+        if loading is not None:  # a load in progress there (ours, or a pre-warm): join it
+            await self._join_load(loading, model_id)
             return loading
         profile = self.catalogue.profile(model_id)
         if profile is None:
@@ -137,6 +150,28 @@ class Router:
         # A neuron where the model is poisoned must not be chosen to load it again.
         poisoned = {s.name for s in self.fleet.neurons.values() if model_id in s.models}
         return await self.cold_load(profile, exclude | poisoned)
+
+    async def _join_load(self, state: NeuronState, model_id: str) -> None:
+        """Wait for a load already under way on ``state``: cortex's own post is shared (not
+        posted or counted again); a neuron's own (pre-warm) is watched through the poller."""
+        pending = state.loads.get(model_id)
+        if pending is not None:
+            await asyncio.shield(pending)
+            return
+        deadline = time.monotonic() + self.settings.proxy.load_timeout_s
+        round_s = 2 * (self.fleet.settings.interval_s + self.fleet.settings.timeout_s)
+        while state.healthy and state.status_of(model_id) == "loading":
+            if time.monotonic() > deadline:
+                break
+            pending = state.loads.get(model_id)
+            if pending is not None:
+                await asyncio.shield(pending)
+                return
+            await self.fleet.next_round(round_s)
+        if not (state.healthy and state.loaded(model_id)):
+            raise self._unavailable(
+                f"{model_id!r} did not finish loading on {state.name}", "load_failed"
+            )
 
     async def cold_load(
         self, profile: ModelProfile, exclude: frozenset[str] = frozenset()
@@ -152,33 +187,40 @@ class Router:
     async def _cold_load(self, profile: ModelProfile, exclude: frozenset[str]) -> NeuronState:
         need = await self._need(profile, exclude)
         while True:
-            # Planning, evicting and reserving happen under one lock, so concurrent cold
-            # loads never plan against the same free memory or victims.
+            # Planning and booking (the victims taken off routing, the memory reserved in
+            # the neuron's ledger) happen under one lock with no network call inside, so
+            # concurrent cold loads never plan against the same free memory or victims,
+            # and a hung neuron holds up only the loads placed on it.
             async with self._placing:
+                # Waiting for a neuron, the model may have landed (a defrag's reload, an
+                # admin load): use it rather than load it twice.
+                ready = self.replica(profile.id, exclude)
+                if ready is not None:
+                    return ready
                 placement = self._plan(profile, exclude, need)
                 state = self.fleet.neurons[placement.neuron]
                 neuron_lock = self._neuron_locks[state.name]
                 if await _try_acquire(neuron_lock):
-                    try:
-                        for victim in placement.evict:
-                            await self._evict(state, victim, profile.id)
-                    except BaseException:
-                        neuron_lock.release()
-                        raise
-                    state.pending_mb[placement.pool] = (
-                        state.pending_mb.get(placement.pool, 0) + need
-                    )
-                    state.reserved_for.add(profile.id)
+                    for victim in placement.evict:
+                        state.begin_unload(victim)
+                    state.reserve(profile.id, placement.pool, need)
                     break
             # That neuron is busy (a load, a defrag): wait for it without holding up
             # planning for the others, then plan again on fresh numbers.
             async with neuron_lock:
                 pass
         try:
-            await self._load_on(state, profile, cold=True)
+            for index, victim in enumerate(placement.evict):
+                try:
+                    await self._unload_begun(state, victim)
+                except BaseException:
+                    for rest in placement.evict[index + 1 :]:
+                        state.end_unload(rest, done=False)
+                    raise
+                self._evicted(state, victim, profile.id)
+            await self._load_on(state, profile, pool=placement.pool, cold=True)
         finally:
-            state.pending_mb[placement.pool] -= need
-            state.reserved_for.discard(profile.id)
+            state.release(profile.id)
             neuron_lock.release()
         self._maybe_defrag(state)
         return state
@@ -202,7 +244,7 @@ class Router:
     async def _ask_size(self, name: str, profile: ModelProfile) -> ModelSize:
         state = self.fleet.neurons[name]
         status, payload = await self._post(
-            state, "/models/size", self._spec(state, profile), self.settings.proxy.load_timeout_s
+            state, "/models/size", self._spec(state, profile), SIZE_TIMEOUT_S
         )
         if status != 200:
             raise RuntimeError((payload.get("error") or {}).get("message", f"status {status}"))
@@ -210,18 +252,13 @@ class Router:
 
     # -- lifecycle calls to neurons -------------------------------------------------------------
 
-    def _admin_headers(self) -> list[tuple[bytes, bytes]]:
-        token = self.settings.admin_token
-        return [(b"Authorization", b"Bearer " + token.encode())] if token else []
-
     async def _post(
         self, state: NeuronState, path: str, body: dict[str, object], timeout: float
     ) -> tuple[int, dict]:
         response = await state.pool.request(
             "POST",
             path,
-            orjson.dumps(body),
-            headers=self._admin_headers(),
+            orjson.dumps(body),  # the neuron token: a default header of the pool
             connect_timeout=self.settings.proxy.connect_timeout_s,
             header_timeout=timeout,
         )
@@ -236,48 +273,77 @@ class Router:
         return response.status, payload
 
     @staticmethod
-    def _spec(state: NeuronState, profile: ModelProfile) -> dict[str, object]:
-        """The ModelSpec a load of ``profile`` on ``state`` sends (and its sizing)."""
+    def _spec(
+        state: NeuronState, profile: ModelProfile, pool: int | None = None
+    ) -> dict[str, object]:
+        """The ModelSpec a load of ``profile`` on ``state`` sends (and its sizing): with
+        the pool placement planned for, so the load lands where the room was made."""
         spec: dict[str, object] = {"model_id": profile.id, "harness": profile.harness}
         if profile.quant:
             spec["quant"] = profile.quant
-        if profile.cpu_ok and not (state.discovery and state.discovery.devices):
+        if pool == CPU_POOL or (
+            pool is None and profile.cpu_ok and not (state.discovery and state.discovery.devices)
+        ):
             spec["devices"] = []
+        elif pool is not None and profile.min_devices <= 1:
+            spec["devices"] = [pool]
         return spec
 
     async def _load_on(
-        self, state: NeuronState, profile: ModelProfile, *, cold: bool = False
+        self,
+        state: NeuronState,
+        profile: ModelProfile,
+        *,
+        pool: int | None = None,
+        cold: bool = False,
     ) -> None:
-        spec = self._spec(state, profile)
+        """Load ``profile`` on ``state``; a load of it already posted there is joined."""
+        pending = state.loads.get(profile.id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._post_load(state, profile, pool, cold))
+            state.loads[profile.id] = pending
+            pending.add_done_callback(lambda _f: state.loads.pop(profile.id, None))
+        await asyncio.shield(pending)
+
+    async def _post_load(
+        self, state: NeuronState, profile: ModelProfile, pool: int | None, cold: bool
+    ) -> None:
+        spec = self._spec(state, profile, pool)
         started = time.monotonic()
         try:
             status, payload = await self._post(
                 state, "/models/load", spec, self.settings.proxy.load_timeout_s
             )
         except UpstreamError as exc:
-            self.fleet.report_failure(state, exc)
+            if not isinstance(exc, LocalExhaustion):
+                self.fleet.report_failure(state, exc)
             self.metrics.error(profile.id, state.name, "load_failed")
             raise self._unavailable(
                 f"loading {profile.id!r} on {state.name} failed: {exc}", "load_failed"
             ) from exc
         if status != 200:
-            reason = (payload.get("error") or {}).get("message", f"status {status}")
+            error = payload.get("error") or {}
+            reason = error.get("message", f"status {status}")
             self.metrics.error(profile.id, state.name, "load_failed")
             log.warning(
                 "load failed",
                 extra={"model": profile.id, "node": state.name, "status": status, "error": reason},
             )
-            raise self._unavailable(
-                f"loading {profile.id!r} on {state.name} failed: {reason}", "load_failed"
-            )
+            message = f"loading {profile.id!r} on {state.name} failed: {reason}"
+            if status in PERMANENT_LOAD_ERRORS:  # retrying cannot help: say so, no Retry-After
+                raise ApiError(
+                    status,
+                    message,
+                    type=error.get("type") or "invalid_request_error",
+                    code=error.get("code") or "load_failed",
+                    param="model",
+                )
+            raise self._unavailable(message, "load_failed")
         elapsed = time.monotonic() - started
         model = payload.get("model")
         if isinstance(model, dict):
-            state.models[profile.id] = ModelStatus.model_validate(model)
+            state.landed(ModelStatus.model_validate(model))
         if payload.get("status") == "loaded":
-            state.loaded_at[profile.id] = time.monotonic()
-            state.unloaded_at.pop(profile.id, None)
-            state.cycles += 1
             self.metrics.load_seconds.labels(profile.id, state.name).observe(elapsed)
             if cold:
                 self.metrics.cold_starts.labels(profile.id, state.name).inc()
@@ -298,9 +364,17 @@ class Router:
             if s.name not in exclude
         ]
         if not rank_neurons(profile, views):
+            never = self._never_hostable(profile)
+            if never is not None:
+                raise ApiError(
+                    400,
+                    f"no neuron of this fleet can ever host {profile.id!r}: {never}",
+                    code="model_unservable",
+                    param="model",
+                )
             raise self._unavailable(
-                f"no healthy neuron can host {profile.id!r} (feasible neurons are down or "
-                "none matches its profile)",
+                f"no healthy neuron can host {profile.id!r} (the neurons that could are down "
+                "or unresponsive)",
                 "no_feasible_neuron",
             )
         placement = place(profile, views, need, self.settings.eviction.strategy)
@@ -322,13 +396,15 @@ class Router:
         )
         return placement
 
-    async def _evict(self, state: NeuronState, victim: str, for_model: str) -> None:
-        if state.in_flight.get(victim, 0):
-            raise self._unavailable(
-                f"{victim!r} became busy while making room for {for_model!r}",
-                "insufficient_capacity",
-            )
-        await self.unload(state, victim)
+    def _never_hostable(self, profile: ModelProfile) -> str | None:
+        """Why no neuron could ever host the profile, judged on every configured neuron's
+        hardware (healthy or not); None while any neuron's hardware is still unknown."""
+        states = list(self.fleet.neurons.values())
+        if any(s.discovery is None for s in states):
+            return None
+        return unhostable(profile, [view_of(s, self.catalogue) for s in states])
+
+    def _evicted(self, state: NeuronState, victim: str, for_model: str) -> None:
         self.metrics.evictions.labels(victim, state.name).inc()
         log.info(
             "evict",
@@ -341,28 +417,28 @@ class Router:
         )
 
     async def unload(self, state: NeuronState, model_id: str) -> None:
-        # Not routable from now on; a failed unload comes back with the next poll.
-        state.models.pop(model_id, None)
-        state.unloading.add(model_id)
+        state.begin_unload(model_id)
+        await self._unload_begun(state, model_id)
+
+    async def _unload_begun(self, state: NeuronState, model_id: str) -> None:
+        """Post the unload of a model already taken off routing (``begin_unload``)."""
+        done = False
         try:
             status, payload = await self._post(
                 state, "/models/unload", {"model_id": model_id}, self.settings.proxy.load_timeout_s
             )
+            if status not in (200, 404):
+                reason = (payload.get("error") or {}).get("message", f"status {status}")
+                raise self._unavailable(
+                    f"unloading {model_id!r} on {state.name} failed: {reason}", "unload_failed"
+                )
+            done = True
         except UpstreamError as exc:
             raise self._unavailable(
                 f"unloading {model_id!r} on {state.name} failed: {exc}", "unload_failed"
             ) from exc
         finally:
-            state.unloading.discard(model_id)
-        if status not in (200, 404):
-            reason = (payload.get("error") or {}).get("message", f"status {status}")
-            raise self._unavailable(
-                f"unloading {model_id!r} on {state.name} failed: {reason}", "unload_failed"
-            )
-        state.last_used.pop(model_id, None)
-        state.loaded_at.pop(model_id, None)
-        state.unloaded_at[model_id] = time.monotonic()
-        state.cycles += 1
+            state.end_unload(model_id, done=done)
 
     async def admin_load(self, model_id: str, node: str | None) -> NeuronState:
         profile = self.catalogue.profile(model_id) or ModelProfile(id=model_id)
@@ -412,10 +488,15 @@ class Router:
                 "defrag",
                 extra={"node": state.name, "cycles": state.cycles, "models": ",".join(resident)},
             )
+            recycled: list[str] = []
             try:
                 for model_id in resident:
+                    # Checked at each step: one that became busy meanwhile stays in place.
+                    if state.busy(model_id) or not state.loaded(model_id):
+                        continue
                     await self.unload(state, model_id)
-                for model_id in resident:
+                    recycled.append(model_id)
+                for model_id in recycled:
                     await self._load_on(
                         state, self.catalogue.profile(model_id) or ModelProfile(id=model_id)
                     )

@@ -3,6 +3,11 @@ model — for a first run and for demos. Both run as child processes and stop to
 
 By default the model is Qwen3-0.6B as a Q8_0 GGUF on the llamacpp harness (one file of
 ~0.6 GB, run quantized); ``--tiny`` serves the tiny self-built model's Q8_0 GGUF the same way.
+
+Configs and logs go to a work directory (``--workdir``; default
+``$XDG_STATE_HOME/helexa/up``, i.e. ``~/.local/state/helexa/up``, one per port), so the logs
+of the last run are where the failure message says. Every way it can fail ends with one
+message saying what to run next.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +25,60 @@ from typing import Any
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.prompt import Confirm
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B-GGUF"
+DEFAULT_PORT = 31313
+DEFAULT_HOST = "127.0.0.1"
 # The GGUF file served when the model is a GGUF repo and --quant is not given.
 DEFAULT_QUANT = "Q8_0"
 HUB_PROBE_URL = f"https://huggingface.co/api/models/{DEFAULT_MODEL}"
 # KV cells of the served model's context (capped at what it was trained for): room for Claude
 # Code's whole prompt (~54 k tokens with the tiny model's small vocabulary) and its answer.
 CONTEXT_TOKENS = 65536
+# max_tokens of the banner's curls: the tiny model writes random text until it is stopped.
+BANNER_MAX_TOKENS = 64
+TINY_BANNER_MAX_TOKENS = 32
+
+
+def default_workdir(port: int, env: dict[str, str] | None = None) -> Path:
+    """``$XDG_STATE_HOME/helexa/up`` (``~/.local/state/helexa/up``), ``up-PORT`` for another
+    port: one port is one running fleet, so two fleets never share a directory."""
+    env = dict(os.environ) if env is None else env
+    state = Path(env.get("XDG_STATE_HOME") or Path(env.get("HOME") or "~") / ".local" / "state")
+    name = "up" if port == DEFAULT_PORT else f"up-{port}"
+    return state.expanduser() / "helexa" / name
+
+
+def up_command(
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    model: str = DEFAULT_MODEL,
+    quant: str | None = None,
+    tiny: bool = False,
+    workdir: Path | None = None,
+) -> str:
+    """The ``cortex up`` command line for these choices (defaults left out), to print in a
+    message that says what to run next."""
+    import shlex
+
+    words = ["cortex", "up"]
+    if tiny:
+        words.append("--tiny")
+    else:
+        if model != DEFAULT_MODEL:
+            words += ["--model", model]
+        if quant and quant != pick_quant(model, None):
+            words += ["--quant", quant]
+    if host != DEFAULT_HOST:
+        words += ["--host", host]
+    if port != DEFAULT_PORT:
+        words += ["--port", str(port)]
+    if workdir is not None:
+        words += ["--workdir", str(workdir)]
+    return shlex.join(words)
 
 
 def pick_quant(model: str, quant: str | None) -> str | None:
@@ -40,6 +89,12 @@ def pick_quant(model: str, quant: str | None) -> str | None:
     if quant:
         return quant
     return DEFAULT_QUANT if default_harness(model, None) == "llamacpp" else None
+
+
+def tempfile_dir() -> str:
+    import tempfile
+
+    return tempfile.gettempdir()
 
 
 class UpFailed(Exception):
@@ -145,10 +200,34 @@ class LocalFleet:
         self.quant = quant
         self.tiny = tiny
         self.console = console
-        self.work = workdir or Path(tempfile.mkdtemp(prefix="helexa-up-"))
+        self.workdir = workdir  # as given (None: the default), for the commands we print
+        self.asked = (model, quant)  # --model/--quant as given (--tiny replaces the model)
+        self.work = workdir or default_workdir(port)
         self.work.mkdir(parents=True, exist_ok=True)
         self.cache = hf_cache_dir(None)
+        self.metrics_port = port + 1
         self.children: list[Child] = []
+
+    def command(self, **change: Any) -> str:
+        """``cortex up`` as the user ran it, with ``change`` applied."""
+        choices: dict[str, Any] = {
+            "host": self.host,
+            "port": self.port,
+            "model": self.asked[0],
+            "quant": self.asked[1],
+            "tiny": self.tiny,
+            "workdir": self.workdir,
+        }
+        return up_command(**{**choices, **change})
+
+    def child_env(self) -> dict[str, str]:
+        """What the neuron and the gateway run with: the hub offline (the model is in the
+        cache by now); with --tiny, a Hugging Face home inside the work directory too, so
+        nothing (token, xet or module caches) is written to the user's ~/.cache/huggingface."""
+        env = {"HF_HUB_OFFLINE": "1"}
+        if self.tiny:
+            env["HF_HOME"] = str(self.work / "hf-home")
+        return env
 
     # -- model ----------------------------------------------------------------------------
 
@@ -179,8 +258,8 @@ class LocalFleet:
                 "Face hub cannot be reached from this machine."
             )
             if sys.stdin.isatty() and Confirm.ask(
-                f"[yellow]{message}[/]\nServe a tiny self-built model instead, so the whole "
-                "pipeline still runs?",
+                f"[yellow]{escape(message)}[/]\nServe a tiny self-built model instead, so the "
+                "whole pipeline still runs?",
                 default=True,
                 console=self.console,
             ):
@@ -188,16 +267,27 @@ class LocalFleet:
                 self.prepare_model()
                 return
             raise UpFailed(
-                f"{message}\nRun `cortex up --tiny` to try helexa with a tiny "
-                "self-built model, or fetch the model on a connected machine into "
-                "that cache."
+                f"{message}\nTo try helexa with a tiny self-built model (no network), run:\n"
+                f"  {self.command(tiny=True)}\n"
+                "or download the model where the hub can be reached and copy it into that "
+                "cache (`hf download "
+                f"{self.model}"
+                + (f" --include '*{self.quant}*.gguf'" if self.quant else "")
+                + "`)."
             )
         from huggingface_hub import snapshot_download
 
         self.console.print(f"downloading {self.served} into {self.cache}")
-        snapshot_download(
-            self.model, cache_dir=self.cache, allow_patterns=download_patterns(self.quant)
-        )
+        try:
+            snapshot_download(
+                self.model, cache_dir=self.cache, allow_patterns=download_patterns(self.quant)
+            )
+        except Exception as exc:  # network, disk, auth, no such repo: all end the same way
+            raise UpFailed(
+                f"downloading {self.served} failed: {type(exc).__name__}: {exc}\n"
+                f"Run the same command again to resume, or try the pipeline with a tiny "
+                f"self-built model: {self.command(tiny=True)}"
+            ) from None
 
     @property
     def served(self) -> str:
@@ -225,7 +315,8 @@ class LocalFleet:
             while True:
                 if child.proc.poll() is not None:
                     raise UpFailed(
-                        f"the {child.name} exited ({child.proc.returncode}):\n{child.tail()}"
+                        f"the {child.name} exited ({child.proc.returncode}):\n{child.tail()}\n"
+                        f"{self.advice(child)}"
                     )
                 with contextlib.suppress(httpx.HTTPError, ValueError):
                     response = httpx.get(url, timeout=2)
@@ -236,18 +327,33 @@ class LocalFleet:
                 elapsed = time.monotonic() - started
                 if elapsed > timeout:
                     raise UpFailed(
-                        f"the {child.name} was not ready after {timeout:.0f}s:\n{child.tail()}"
+                        f"the {child.name} was not ready after {timeout:.0f}s:\n{child.tail()}\n"
+                        f"{self.advice(child)}"
                     )
                 status.update(f"{what} ({elapsed:.0f}s)")
                 time.sleep(0.25)
 
+    def advice(self, child: Child) -> str:
+        """Where the whole log is, and what to run instead."""
+        text = f"The whole log: {child.log}"
+        if not self.tiny:
+            text += (
+                "\nTo check the rest of the pipeline with a tiny self-built model: "
+                f"{self.command(tiny=True)}"
+            )
+        return text
+
     def start(self) -> None:
-        neuron_port = free_port(self.host)
+        # Only the gateway beside it talks to the neuron: loopback, whatever --host says
+        # (a neuron listening beyond loopback would need a token).
+        neuron_host = "127.0.0.1"
+        neuron_port = free_port(neuron_host)
         metrics_port = self.port + 1 if port_free(self.host, self.port + 1) else free_port()
-        neuron_url = f"http://{self.host}:{neuron_port}"
+        self.metrics_port = metrics_port
+        neuron_url = f"http://{neuron_host}:{neuron_port}"
         quant = f'quant = "{self.quant}"\n' if self.quant else ""
         (self.work / "neuron.toml").write_text(
-            f'host = "{self.host}"\nport = {neuron_port}\n'
+            f'host = "{neuron_host}"\nport = {neuron_port}\n'
             f'[harness.transformers]\nhf_cache = "{self.cache}"\n'
             f'[harness.llamacpp]\nhf_cache = "{self.cache}"\ncontext_tokens = {CONTEXT_TOKENS}\n'
             f'[[default_models]]\nmodel_id = "{self.model}"\n{quant}'
@@ -263,7 +369,7 @@ class LocalFleet:
             f'metrics_listen = "{self.host}:{metrics_port}"\n[poller]\ninterval_s = 1.0\n'
             f'[[neurons]]\nname = "local"\nendpoint = "{neuron_url}"\n'
         )
-        offline = {"HF_HUB_OFFLINE": "1"}  # the model is in the cache by now
+        offline = self.child_env()
         neuron = self._spawn(
             "neuron",
             [sys.executable, "-m", "helexa.neuron", "--config", str(self.work / "neuron.toml")],
@@ -275,7 +381,8 @@ class LocalFleet:
             if activation["failed"]:
                 failure = activation["failed"][0]
                 raise UpFailed(
-                    f"the neuron could not load {failure['model_id']}: {failure['error']}"
+                    f"the neuron could not load {failure['model_id']}: {failure['error']}\n"
+                    f"{self.advice(neuron)}"
                 )
             return activation["state"] == "ready"
 
@@ -311,20 +418,39 @@ class LocalFleet:
         return f"http://{self.host}:{self.port}"
 
     def banner(self) -> str:
-        # The same body suits both APIs (Anthropic requires max_tokens).
+        # The same body suits both APIs (Anthropic requires max_tokens). The tiny model's
+        # answers are random tokens that rarely stop by themselves: keep them short.
+        max_tokens = TINY_BANNER_MAX_TOKENS if self.tiny else BANNER_MAX_TOKENS
         chat = messages = (
-            '{"model": "helexa/default", "max_tokens": 64, "messages": '
+            f'{{"model": "helexa/default", "max_tokens": {max_tokens}, "messages": '
             '[{"role": "user", "content": "Hello!"}]}'
         )
+        tiny = (
+            "  The tiny model has random weights: it answers with random text. It shows the "
+            "whole pipeline works, not what a model says;\n"
+            f"  for real answers run `{self.command(tiny=False)}` (downloads "
+            f"{DEFAULT_MODEL}, ~0.6 GB).\n\n"
+            if self.tiny
+            else ""
+        )
+        status = "cortex status" + (
+            ""
+            if self.base == f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
+            else f" --endpoint {self.base}"
+        )
+        metrics_host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         return (
             f"\nhelexa is up: {self.base}  (model {self.served}, alias helexa/default)\n\n"
-            f"  curl -s {self.base}/v1/chat/completions -H 'content-type: application/json' "
+            + tiny
+            + f"  curl -s {self.base}/v1/chat/completions -H 'content-type: application/json' "
             f"-d '{chat}'\n\n"
             f"  curl -s {self.base}/v1/messages -H 'content-type: application/json' "
             f"-d '{messages}'\n\n"
             f"  export ANTHROPIC_BASE_URL={self.base}   # Claude Code: claude-* names "
             f"are served by {self.model}\n"
             f"  export OPENAI_BASE_URL={self.base}/v1\n\n"
+            f"  {status}   # neurons, models, memory\n"
+            f"  metrics: http://{metrics_host}:{self.metrics_port}/metrics\n\n"
             f"logs and configs: {self.work}    Ctrl-C stops everything.\n"
         )
 
@@ -341,7 +467,9 @@ class LocalFleet:
                 if child.proc.poll() is not None:
                     self.console.print(
                         f"[red]the {child.name} exited "
-                        f"({child.proc.returncode}):[/]\n{child.tail()}"
+                        f"({child.proc.returncode}):[/]\n{escape(child.tail())}\nThe whole "
+                        f"log: {escape(str(child.log))}",
+                        highlight=False,
                     )
                     return 1
             time.sleep(0.3)
@@ -366,36 +494,65 @@ def run_up(
 
     from helexa.core.wire import default_harness
 
-    console = Console()
+    console = Console(highlight=False, soft_wrap=True)
     quant = DEFAULT_QUANT if tiny else pick_quant(model, quant)
     harness = default_harness(model, quant)
     libraries = ["llama_cpp"] if harness == "llamacpp" else ["torch", "transformers"]
-    if any(importlib.util.find_spec(name) is None for name in libraries):
+    missing = [name for name in libraries if importlib.util.find_spec(name) is None]
+    if missing:
         console.print(
-            f"[red]cortex up runs a neuron too, which needs the inference stack "
-            f"({', '.join(libraries)} for the {harness} harness):[/] "
-            "pip install 'helexa[neuron]'"
+            f"[red]cortex up runs a neuron too, which needs the inference stack; "
+            f"{', '.join(missing)} (for the {harness} harness) is not installed.[/]\n"
+            f"Install it into this environment:\n"
+            f"  {escape(sys.executable)} -m pip install 'helexa\\[neuron]'\n"
+            "(in a checkout of the repository: scripts/dev.sh setup), then run "
+            "the same command again.",
         )
         return 1
+    again = {
+        "host": host,
+        "port": port,
+        "model": model,
+        "quant": quant,
+        "tiny": tiny,
+        "workdir": workdir,
+    }
     if not port_free(host, port):
-        console.print(f"[red]port {port} on {host} is in use[/] (choose another with --port)")
+        other = free_port(host)
+        console.print(
+            f"[red]port {port} on {host} is in use[/] (another cortex up? `cortex status"
+            + ("" if port == DEFAULT_PORT else f" --endpoint http://{host}:{port}")
+            + "` asks it). Use another port:\n"
+            f"  {escape(up_command(**{**again, 'port': other}))}",
+        )
         return 1
-    fleet = LocalFleet(
-        host=host,
-        port=port,
-        model=model,
-        quant=quant,
-        tiny=tiny,
-        workdir=workdir,
-        console=console,
-    )
+    try:
+        fleet = LocalFleet(
+            host=host,
+            port=port,
+            model=model,
+            quant=quant,
+            tiny=tiny,
+            workdir=workdir,
+            console=console,
+        )
+    except OSError as exc:
+        where = workdir or default_workdir(port)
+        console.print(
+            f"[red]cannot use {escape(str(where))} for configs and logs: "
+            f"{escape(str(exc.strerror or exc))}[/]\n"
+            "Pick a directory you can write:\n"
+            f"  {escape(up_command(**{**again, 'workdir': Path(tempfile_dir(), 'helexa-up')}))}",
+        )
+        return 1
+    console.print(f"configs and logs: {fleet.work}", markup=False)
     try:
         fleet.prepare_model()
         fleet.start()
-        console.print(fleet.banner(), soft_wrap=True, highlight=False)
+        console.print(fleet.banner(), markup=False)
         code = fleet.run_until_stopped()
     except UpFailed as exc:
-        console.print(f"[red]{exc}[/]")
+        console.print(f"[red]{escape(str(exc))}[/]")
         code = 1
     except KeyboardInterrupt:
         code = 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from collections import deque
 from urllib.parse import urlsplit
 
@@ -23,6 +24,17 @@ class ConnectFailed(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     pass
+
+
+class NeuronLost(UpstreamError):
+    """The poller saw the neuron stop answering: requests waiting on it are cut."""
+
+
+class LocalExhaustion(UpstreamError):
+    """This process is out of file descriptors or sockets: not the neuron's fault."""
+
+
+_LOCAL_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
 
 
 class _Connection(asyncio.Protocol):
@@ -97,6 +109,11 @@ class _Connection(asyncio.Protocol):
             self.error = exc
         self._wake()
 
+    def abort(self, exc: BaseException) -> None:
+        self._fail(exc)
+        if self.transport is not None:
+            self.transport.close()
+
     def _wake(self) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
@@ -134,6 +151,7 @@ class Response:
         self.status = conn.status
         self.headers = conn.headers
         self._released = False
+        self._replay: bytes | None = None
 
     def header(self, name: bytes) -> bytes | None:
         lowered = name.lower()
@@ -142,6 +160,9 @@ class Response:
     async def next_chunk(self, idle_timeout: float | None) -> bytes | None:
         """The next piece of body, or None at the end; each wait is bounded by
         ``idle_timeout`` (a stalled neuron is cut, a long healthy stream is not)."""
+        if self._replay is not None:
+            chunk, self._replay = self._replay, None
+            return chunk
         conn = self._conn
         while not conn.body:
             if conn.complete:
@@ -150,6 +171,10 @@ class Response:
                 raise conn.error
             await conn.wait(idle_timeout)
         return conn.take()
+
+    def replay(self, data: bytes) -> None:
+        """Hand ``data`` (already read) out again as the next chunk."""
+        self._replay = data or None
 
     async def read(self, idle_timeout: float | None) -> bytes:
         parts = []
@@ -162,6 +187,7 @@ class Response:
             return
         self._released = True
         conn = self._conn
+        self._pool.active.discard(conn)
         reusable = conn.complete and conn.keep_alive and conn.error is None and not conn.closed
         if reusable and not conn.paused and not conn.body:
             self._pool.put_back(conn)
@@ -172,13 +198,28 @@ class Response:
 class Pool:
     """Keep-alive connections to one neuron."""
 
-    def __init__(self, base_url: str, *, max_idle: int = 256) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        max_idle: int = 256,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         parts = urlsplit(base_url)
+        self._default_lines = [name + b": " + value for name, value in headers or ()]
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 80
         self._host_header = f"{self.host}:{self.port}".encode()
         self._idle: list[_Connection] = []
         self._max_idle = max_idle
+        self.active: set[_Connection] = set()  # lent out to a request or response
+
+    def abort(self, reason: str) -> None:
+        """Fail every request and response on this neuron now (it was seen dead)."""
+        for conn in list(self.active):
+            conn.abort(NeuronLost(reason))
+        self.active.clear()
+        self.close()
 
     def put_back(self, conn: _Connection) -> None:
         if len(self._idle) < self._max_idle:
@@ -191,7 +232,11 @@ class Pool:
         try:
             async with asyncio.timeout(timeout):  # not wait_for: see _Connection.wait
                 transport, conn = await loop.create_connection(_Connection, self.host, self.port)
-        except (OSError, TimeoutError) as exc:
+        except OSError as exc:
+            if exc.errno in _LOCAL_ERRNOS:
+                raise LocalExhaustion(f"cannot open a connection here: {exc}") from exc
+            raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+        except TimeoutError as exc:
             raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
         conn.transport = transport  # type: ignore[assignment]
         return conn
@@ -200,6 +245,7 @@ class Pool:
         self, method: str, path: str, body: bytes | None, headers: list[tuple[bytes, bytes]] | None
     ) -> bytes:
         lines = [f"{method} {path} HTTP/1.1".encode(), b"Host: " + self._host_header]
+        lines += self._default_lines  # sent with every request (the neuron token)
         if body is not None:
             lines.append(b"Content-Type: application/json")
             lines.append(b"Content-Length: " + str(len(body)).encode())
@@ -231,25 +277,31 @@ class Pool:
                 conn = await self._connect(connect_timeout)
             conn.reset()
             assert conn.transport is not None
+            self.active.add(conn)
             conn.transport.write(payload)
             try:
                 while not conn.headers_done:
                     if conn.error is not None:
                         raise conn.error
                     await conn.wait(header_timeout)
-            except UpstreamTimeout:
-                conn.transport.close()
+            except (UpstreamTimeout, NeuronLost):
+                self._drop(conn)
                 raise
             except UpstreamError:
-                conn.transport.close()
+                self._drop(conn)
                 if reused and not conn.got_bytes and attempt == 0:
                     continue
                 raise
             except BaseException:  # cancelled: the connection is mid-request, drop it
-                conn.transport.close()
+                self._drop(conn)
                 raise
             return Response(self, conn)
         raise UpstreamError("unreachable")  # pragma: no cover
+
+    def _drop(self, conn: _Connection) -> None:
+        self.active.discard(conn)
+        if conn.transport is not None:
+            conn.transport.close()
 
     def close(self) -> None:
         for conn in self._idle:

@@ -5,8 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from typing import Protocol
 
-from helexa.core.errors import unavailable
+from helexa.core.errors import ApiError, unavailable
+
+
+class Abortable(Protocol):
+    def abort(self, exc: BaseException) -> None: ...
 
 
 class Admission:
@@ -20,6 +25,8 @@ class Admission:
         self.in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
+        self._held: set[Abortable] = set()  # generations holding a slot
+        self._cut: str | None = None  # why held generations end now (the drain deadline)
 
     @property
     def queued(self) -> int:
@@ -33,10 +40,27 @@ class Admission:
             if not waiter.done():
                 waiter.set_exception(self._shutting_down())
 
-    def _shutting_down(self) -> Exception:
-        return unavailable(
-            "the neuron is shutting down", code="shutting_down", retry_after=self.retry_after_s
-        )
+    def _shutting_down(self, message: str = "the neuron is shutting down") -> ApiError:
+        return unavailable(message, code="shutting_down", retry_after=self.retry_after_s)
+
+    def hold(self, generation: Abortable) -> None:
+        """A generation running on a slot this gate gave: ``cut`` ends it."""
+        if self._cut is not None:
+            generation.abort(self._shutting_down(self._cut))
+            return
+        self._held.add(generation)
+
+    def drop(self, generation: Abortable) -> None:
+        self._held.discard(generation)
+
+    def cut(self, why: str) -> int:
+        """The drain deadline: every generation still running ends now with 503
+        ``shutting_down`` (an error event on a stream); returns how many there were."""
+        self._cut = why
+        held, self._held = self._held, set()
+        for generation in held:
+            generation.abort(self._shutting_down(why))
+        return len(held)
 
     async def acquire(self) -> None:
         """Take a slot, waiting in the bounded queue; 503 when full, timed out or draining.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from helexa.core.auth import TokenGuard
 from helexa.core.errors import ApiError, not_found
 from helexa.core.http import (
     JSONResponse,
@@ -25,6 +25,7 @@ from helexa.core.wire import (
     TokenizeRequest,
     UnloadRequest,
 )
+from helexa.neuron.access import AccessLog
 from helexa.neuron.harness.base import Harness, PreparedPrompt
 from helexa.neuron.inference import respond
 from helexa.neuron.service import Neuron
@@ -36,18 +37,6 @@ def _dump(value: Any) -> Any:
 
 def build_app(neuron: Neuron) -> Starlette:
     settings = neuron.settings
-
-    def require_admin(request: Request) -> None:
-        if settings.admin_token is None:
-            return
-        supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(supplied.encode(), settings.admin_token.encode()):
-            raise ApiError(
-                401,
-                "a valid admin token is required (Authorization: Bearer …)",
-                type="authentication_error",
-                code="unauthorized",
-            )
 
     async def discovery(_request: Request) -> Response:
         return JSONResponse(_dump(neuron.hardware.discovery(sorted(neuron.harnesses))))
@@ -67,24 +56,21 @@ def build_app(neuron: Neuron) -> Starlette:
         return JSONResponse({"object": "list", "data": data})
 
     async def load(request: Request) -> Response:
-        require_admin(request)
         spec = await read_body(request, ModelSpec)
         outcome, status = await neuron.load(spec)
         return JSONResponse({"status": outcome, "model": _dump(status)})
 
     async def size(request: Request) -> Response:
-        require_admin(request)
         spec = await read_body(request, ModelSpec)
         return JSONResponse(_dump(await neuron.size(spec)))
 
     async def unload(request: Request) -> Response:
-        require_admin(request)
         body = await read_body(request, UnloadRequest)
         await neuron.unload(body.model_id)
         return JSONResponse({"status": "unloaded"})
 
     async def endpoint(request: Request) -> Response:
-        model_id = request.path_params["model_id"]
+        model_id = neuron.model_id(request.path_params["model_id"])
         if not any(m.id == model_id for m in neuron.models()):
             raise not_found(
                 f"model {model_id!r} is not on this neuron",
@@ -110,6 +96,7 @@ def build_app(neuron: Neuron) -> Starlette:
 
     async def chat_completions(request: Request) -> Response:
         body = await read_body(request, ChatCompletionRequest)
+        body.model = neuron.model_id(body.model)  # one id per local folder, however spelled
         harness = neuron.harness_of(body.model)
         tools = None if body.tool_choice == "none" else body.tools
         prompt = await harness.prepare_chat(
@@ -119,6 +106,7 @@ def build_app(neuron: Neuron) -> Starlette:
 
     async def completions(request: Request) -> Response:
         body = await read_body(request, CompletionRequest)
+        body.model = neuron.model_id(body.model)
         harness = neuron.harness_of(body.model)
         try:
             text = body.prompt_text()
@@ -129,6 +117,7 @@ def build_app(neuron: Neuron) -> Starlette:
 
     async def tokenize(request: Request) -> Response:
         body = await read_body(request, TokenizeRequest)
+        body.model = neuron.model_id(body.model)
         harness = neuron.harness_of(body.model)
         if body.messages:
             prompt = await harness.prepare_chat(
@@ -166,4 +155,8 @@ def build_app(neuron: Neuron) -> Starlette:
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/tokenize", tokenize, methods=["POST"]),
     ]
-    return openai_app(routes, lifespan)
+    app = openai_app(routes, lifespan)
+    if settings.token:  # every route but /health (core.auth); inside the access log
+        app.add_middleware(TokenGuard, token=settings.token)
+    app.add_middleware(AccessLog)  # one line per request (helexa.neuron.access)
+    return app

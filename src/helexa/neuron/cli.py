@@ -1,18 +1,19 @@
-"""``neuron [--config PATH] [--host H] [--port N]``."""
+"""``neuron [--config PATH] [--host H] [--port N]``, ``neuron check-config [PATH]``."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from helexa.core.logs import setup_logging
 from helexa.core.settings import ConfigError, load_settings
-from helexa.neuron.config import NeuronSettings
+from helexa.neuron.config import NeuronSettings, unguarded_listen
 
 log = logging.getLogger("helexa.neuron")
 
@@ -46,7 +47,16 @@ def serve(
     except ConfigError as exc:
         typer.echo(f"neuron: bad configuration:\n{exc}", err=True)
         raise typer.Exit(2) from None
+    unguarded = unguarded_listen(settings)
+    if unguarded is not None:
+        typer.echo(f"neuron: refusing to start: {unguarded}", err=True)
+        raise typer.Exit(2)
     setup_logging(settings.log_level)
+    if settings.admin_token:
+        log.warning("admin_token is deprecated: it is now called token (and guards every route)")
+    from helexa.core.limits import raise_nofile
+
+    raise_nofile()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one line per event in the journal, no bars
@@ -61,7 +71,7 @@ def serve(
 
     from helexa.core.serving import DrainingServer, uvicorn_config
     from helexa.neuron.app import build_app
-    from helexa.neuron.service import Neuron
+    from helexa.neuron.service import DRAIN_GRACE_S, Neuron
 
     try:
         neuron = Neuron(settings)
@@ -73,7 +83,8 @@ def serve(
             build_app(neuron),
             settings.host,
             settings.port,
-            drain_timeout_s=settings.drain_timeout_s,
+            drain_timeout_s=settings.drain_timeout_s + DRAIN_GRACE_S,  # the neuron cuts first
+            limits=settings.limits,
         ),
         on_drain=neuron.begin_drain,
         on_bound=neuron.start_prewarm,
@@ -84,8 +95,62 @@ def serve(
     log.info("stopped")
 
 
-def main() -> None:
-    typer.run(serve)
+def check_config(
+    path: Annotated[
+        Path | None,
+        typer.Argument(help="neuron.toml to validate (default /etc/neuron/neuron.toml)"),
+    ] = None,
+) -> None:
+    """Validate neuron.toml; say which harnesses, model_dirs and default-model weights the
+    neuron would find (offline: nothing is downloaded). Warnings do not fail the check."""
+    from helexa.neuron.checkconfig import check
+    from helexa.neuron.config import DEFAULT_CONFIG_PATH
+
+    path = path or DEFAULT_CONFIG_PATH
+    if not path.exists():
+        typer.echo(
+            f"neuron check-config: {path} does not exist; pass the path: "
+            "neuron check-config path/to/neuron.toml",
+            err=True,
+        )
+        raise typer.Exit(2)
+    typer.echo(f"checking {path}")
+    try:
+        settings = load_settings(NeuronSettings, path)
+    except ConfigError as exc:
+        typer.echo(f"invalid:\n{exc}", err=True)
+        raise typer.Exit(1) from None
+    report = check(settings, echo=typer.echo)
+    for warning in report.warnings:
+        typer.echo(f"warning: {warning}")
+    if not report.ok:
+        typer.echo("invalid:\n" + "\n".join(report.errors), err=True)
+        raise typer.Exit(1)
+    typer.echo(f"ok{f' ({len(report.warnings)} warnings)' if report.warnings else ''}: {path}")
+
+
+def _command(function: Callable[..., None], epilog: str | None = None) -> Any:
+    single = typer.Typer(add_completion=False)
+    single.command(epilog=epilog)(function)
+    return typer.main.get_command(single)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``neuron [OPTIONS]`` serves (as it always has: the unit and the tests start it so);
+    ``neuron check-config [PATH]`` validates a config file; ``neuron --version``."""
+    args = sys.argv[1:] if argv is None else argv
+    if "--version" in args:  # eager, like cortex --version: before anything is parsed
+        from helexa import __version__
+
+        typer.echo(f"neuron {__version__}")
+        return
+    if args and args[0] == "check-config":
+        _command(check_config).main(args=args[1:], prog_name="neuron check-config")
+        return
+    _command(
+        serve,
+        epilog="Also: neuron check-config [PATH] validates neuron.toml; neuron --version.",
+    ).main(args=args, prog_name="neuron")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from helexa.core.auth import is_loopback
+from helexa.core.serving import LimitsSettings
 from helexa.core.wire import ModelSpec
 
 DEFAULT_PORT = 13131
@@ -67,7 +69,8 @@ class NeuronSettings(BaseSettings):
         env_prefix="NEURON_", env_nested_delimiter="__", extra="forbid"
     )
 
-    host: str = "0.0.0.0"
+    # Loopback unless told otherwise: listening beyond it needs the shared token.
+    host: str = "127.0.0.1"
     port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
     harnesses: list[HarnessEntry] = Field(
         default_factory=lambda: [HarnessEntry(name="transformers"), HarnessEntry(name="llamacpp")]
@@ -77,10 +80,22 @@ class NeuronSettings(BaseSettings):
     model_dirs: list[Path] = Field(default_factory=list)
     cpu: CpuSettings = Field(default_factory=CpuSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
-    admin_token: str | None = None
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    # Required (Authorization: Bearer) by every route but /health; a neuron listening beyond
+    # loopback without one refuses to start. cortex.toml's neuron_token must match.
+    token: str | None = None
+    admin_token: str | None = None  # the old name of ``token`` (it guarded admin routes only)
     keepalive_s: float = Field(default=5.0, gt=0)  # SSE comment cadence while prefilling
     drain_timeout_s: float = Field(default=90.0, ge=0)  # in-flight grace on SIGTERM (< 120 s)
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _renamed_token(self) -> NeuronSettings:
+        if self.token is None and self.admin_token:
+            self.token = self.admin_token
+        if not self.token:  # an empty token guards nothing
+            self.token = None
+        return self
 
     @field_validator("harnesses")
     @classmethod
@@ -89,3 +104,16 @@ class NeuronSettings(BaseSettings):
         if len(set(names)) != len(names):
             raise ValueError(f"harness listed twice: {names}")
         return value
+
+
+def unguarded_listen(settings: NeuronSettings) -> str | None:
+    """Why the neuron must not start as configured (listening beyond loopback with no
+    token: anyone on the network could load models and run them), or None."""
+    if settings.token or is_loopback(settings.host):
+        return None
+    return (
+        f"host {settings.host!r} listens beyond loopback, so a shared token is required: "
+        'set token = "<random secret>" in neuron.toml (or NEURON_TOKEN) and the same value '
+        "as neuron_token in cortex.toml — or listen on loopback only (--host 127.0.0.1). "
+        "A token: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+    )

@@ -7,11 +7,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from helexa.core.errors import ApiError
 from helexa.neuron.workers import DeviceWorker
 
 log = logging.getLogger("helexa.neuron.devices")
 
 CPU = "cpu"
+MB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,19 @@ class DevicePool:
         )
         return int(free)
 
+    async def capacity_bytes(self, key: str) -> int:
+        """All the memory a device could ever give models: the CPU budget, or the card's
+        total (asked on its worker)."""
+        if key == CPU:
+            return self.cpu_budget_bytes
+        import torch
+
+        index = int(key.split(":")[1])
+        _free, total = await asyncio.wrap_future(
+            self.worker(key).submit(torch.cuda.mem_get_info, index)
+        )
+        return int(total)
+
     async def room(self, keys: list[str]) -> dict[str, int]:
         """Free bytes minus reservations, per key. Callers reserve what they take before
         their next await, so concurrent placements see each other without a lock."""
@@ -89,6 +104,20 @@ class DevicePool:
 
     def unreserve(self, key: str, size: int) -> None:
         self.reserved[key] = self.reserved.get(key, 0) - size
+
+
+def model_too_large(need: int, most: int, where: str) -> ApiError:
+    """400 ``model_too_large``: more than ``where`` could hold with nothing else loaded, so
+    no retry, eviction or wait helps on this neuron (unlike 409 ``insufficient_memory``)."""
+    hint = "raise [cpu] memory_mb or " if where == CPU else ""
+    return ApiError(
+        400,
+        f"the model needs ~{need // MB} MB, more than {where} can ever hold on this neuron "
+        f"({most // MB} MB with nothing else loaded): {hint}pick a smaller model or quant, "
+        "or another host",
+        code="model_too_large",
+        param="model_id",
+    )
 
 
 def _select_cuda(index: int):  # type: ignore[no-untyped-def]

@@ -91,12 +91,14 @@ async def respond(
     except Exception as exc:
         gate.release()
         raise generation_error(exc) from exc
+    gate.hold(stream)  # the drain deadline may end it (503 / an error event: shutting_down)
     parser = parser_for(body, prompt)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def close() -> None:
             stream.cancel()
+            gate.drop(stream)
             gate.release()
 
         return EventStreamResponse(
@@ -127,6 +129,7 @@ async def respond(
         raise generation_error(exc) from exc
     finally:
         stream.cancel()
+        gate.drop(stream)
         gate.release()
     assert stream.finish is not None
     text = "".join(pieces)

@@ -3,6 +3,7 @@ directory under ``model_dirs``. Paths outside those directories are refused."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -13,9 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
 
-from helexa.core.errors import ApiError, bad_request, not_found
+from helexa.core.errors import ApiError, bad_request, not_found, unavailable
 
 log = logging.getLogger("helexa.neuron.model_files")
 
@@ -34,6 +41,11 @@ def gguf_patterns(quant: str) -> list[str]:
 class ModelFiles:
     root: Path  # directory holding config/tokenizer (and weights unless GGUF)
     gguf_file: str | None = None  # file name inside root when loading a GGUF
+    model_id: str = ""  # what the files are called in error messages (never ``root``)
+
+    def hide(self, text: str) -> str:
+        """``text`` with this model's folder replaced by its name (see ``hide_paths``)."""
+        return hide_paths(text, self.root, repr(self.model_id) if self.model_id else "<model>")
 
 
 def hf_cache_dir(setting: Path | None, env: Mapping[str, str] = os.environ) -> Path:
@@ -77,6 +89,63 @@ def resolve_local_dir(model_id: str, model_dirs: list[Path]) -> Path | None:
             param="model_id",
         )
     return None
+
+
+def canonical_model_id(model_id: str, model_dirs: list[Path]) -> str:
+    """One spelling per local model: ``./x``, ``x/.``, ``x//`` and ``/abs/models/x`` all name
+    the folder ``x`` under a ``model_dirs`` entry, and all become ``x`` (its path relative to
+    the first entry that resolves back to it; the absolute path where none does). A ``.gguf``
+    file under model_dirs becomes ``<canonical folder>/<file>``. Anything that is not a local
+    folder (a Hugging Face repo id, an unknown name) is returned unchanged; so is a path outside
+    model_dirs (the load that follows refuses it with the 403)."""
+    if not model_dirs:
+        return model_id
+    try:
+        if model_id.lower().endswith(".gguf"):
+            parent, _, name = model_id.replace("\\", "/").rpartition("/")
+            folder = resolve_local_dir(parent, model_dirs) if parent else None
+            if folder is None or not name:
+                return model_id
+            return f"{_spelling(folder, model_dirs)}/{name}"
+        local = resolve_local_dir(model_id, model_dirs)
+    except (ApiError, OSError, ValueError):
+        return model_id
+    return model_id if local is None else _spelling(local, model_dirs)
+
+
+def _spelling(folder: Path, model_dirs: list[Path]) -> str:
+    for base in model_dirs:
+        base_real = base.expanduser().resolve()
+        if folder.is_relative_to(base_real):
+            relative = folder.relative_to(base_real).as_posix()
+            try:
+                if resolve_local_dir(relative, model_dirs) == folder:
+                    return relative
+            except ApiError:
+                pass
+    return str(folder)
+
+
+def hide_paths(text: str, root: Path, label: str) -> str:
+    """``text`` (a library's error message) with the server-side folder ``root`` replaced by
+    ``label``: error bodies name models, never the neuron's paths."""
+    for spelling in {str(root), str(root.resolve())}:
+        text = text.replace(spelling, label)
+    return text
+
+
+def missing_weights(model_id: str, quant: str | None, why: str) -> ApiError:
+    """404 ``model_weights_not_found``: what is missing, why, and what to do on the host."""
+    what = f"{model_id!r}" + (f" (quant {quant})" if quant else "")
+    include = f" --include '*{quant}*.gguf'" if quant else ""
+    return not_found(
+        f"the weights of {what} are not on this neuron: {why}. Download them on the neuron's "
+        f"host (`hf download {model_id}{include}`, or `huggingface-cli download`, as the user "
+        "the neuron runs as, so they land in its Hugging Face cache), or put the model's "
+        "folder under one of the neuron's model_dirs",
+        code="model_weights_not_found",
+        param="model_id",
+    )
 
 
 def select_gguf(file_names: list[str], quant: str) -> str:
@@ -127,25 +196,37 @@ def locate(
         root = local
     else:
         if not REPO_ID.match(model_id):
-            raise bad_request(
-                f"model_id {model_id!r} is neither a Hugging Face repo id (org/name) nor a "
-                "directory under model_dirs",
-                param="model_id",
-            )
+            raise _not_a_model(model_id, quant, model_dirs)
         patterns = (
             ["*.json", "*.jinja", "*.txt", "*.model", f"*{quant}*.gguf"]
             if quant
             else (DENSE_PATTERNS)
         )
-        root = _from_hub(model_id, patterns, cache_dir, env)
+        root = _from_hub(model_id, quant, patterns, cache_dir, env)
     gguf = select_gguf(_list_files(root), quant) if quant else None
     if gguf is None and not (root / "config.json").is_file():
         raise not_found(
-            f"{model_id}: no config.json in {root}",
+            f"{model_id}: its folder has no config.json (a dense model needs the Hugging Face "
+            "layout: config.json, tokenizer files, *.safetensors)",
             code="model_weights_not_found",
             param="model_id",
         )
-    return ModelFiles(root=root, gguf_file=gguf)
+    return ModelFiles(root=root, gguf_file=gguf, model_id=model_id)
+
+
+def _not_a_model(model_id: str, quant: str | None, model_dirs: list[Path]) -> ApiError:
+    """A name that is neither a folder under model_dirs nor a Hugging Face repo id."""
+    if not model_dirs:
+        return bad_request(
+            f"model_id {model_id!r} is not a Hugging Face repo id (org/name), and this neuron "
+            "has no model_dirs for local models",
+            param="model_id",
+        )
+    return missing_weights(
+        model_id,
+        quant,
+        "there is no such folder under model_dirs, and it is not a Hugging Face repo id (org/name)",
+    )
 
 
 def locate_gguf(
@@ -162,40 +243,59 @@ def locate_gguf(
         parent, _, name = model_id.replace("\\", "/").rpartition("/")
         folder = resolve_local_dir(parent, model_dirs) if parent else None
         if folder is None or not (folder / name).is_file():
-            raise not_found(
-                f"{model_id}: no such GGUF file under model_dirs",
-                code="model_weights_not_found",
-                param="model_id",
-            )
-        return ModelFiles(root=folder, gguf_file=name)
+            raise missing_weights(model_id, quant, "there is no such GGUF file under model_dirs")
+        return ModelFiles(root=folder, gguf_file=name, model_id=model_id)
     local = resolve_local_dir(model_id, model_dirs)
     if local is not None:
         root = local
     elif not REPO_ID.match(model_id):
-        raise bad_request(
-            f"model_id {model_id!r} is neither a Hugging Face repo id (org/name) nor a "
-            "directory under model_dirs",
-            param="model_id",
-        )
+        raise _not_a_model(model_id, quant, model_dirs)
     elif quant:
-        root = _from_hub(model_id, gguf_patterns(quant), cache_dir, env)
+        root = _from_hub(model_id, quant, gguf_patterns(quant), cache_dir, env)
     else:  # never download every quantization of a repo: only a cached one is picked
-        root = _from_hub(
-            model_id, ["*.json", "*.jinja", "*.gguf"], cache_dir, {"HF_HUB_OFFLINE": "1"}
-        )
+        try:
+            root = _from_hub(
+                model_id, None, ["*.json", "*.jinja", "*.gguf"], cache_dir, {"HF_HUB_OFFLINE": "1"}
+            )
+        except ApiError as exc:
+            if exc.code != "model_weights_not_found":
+                raise
+            raise not_found(
+                f"no GGUF file of {model_id!r} is on this neuron, and without a quant none is "
+                "downloaded (a GGUF repo holds many): name the quant to fetch (e.g. "
+                '"quant": "Q4_K_M"), or download one on the neuron\'s host '
+                f"(`hf download {model_id} --include '*Q4_K_M*.gguf'`)",
+                code="model_weights_not_found",
+                param="quant",
+            ) from None
     if quant:
-        return ModelFiles(root=root, gguf_file=select_gguf(_list_files(root), quant))
+        return ModelFiles(
+            root=root, gguf_file=select_gguf(_list_files(root), quant), model_id=model_id
+        )
     ggufs = sorted(f for f in _list_files(root) if f.lower().endswith(".gguf"))
     if not ggufs:
         raise not_found(
-            f"{model_id}: no GGUF file in {root}", code="model_weights_not_found", param="model_id"
+            f"{model_id}: its folder holds no GGUF file; name one (folder/file.gguf) or a quant",
+            code="model_weights_not_found",
+            param="model_id",
         )
     return ModelFiles(
-        root=root, gguf_file=_one_gguf(ggufs, "several GGUF files; name one with quant")
+        root=root,
+        gguf_file=_one_gguf(ggufs, "several GGUF files; name one with quant"),
+        model_id=model_id,
     )
 
 
-def _from_hub(model_id: str, patterns: list[str], cache_dir: Path, env: Mapping[str, str]) -> Path:
+def _from_hub(
+    model_id: str,
+    quant: str | None,
+    patterns: list[str],
+    cache_dir: Path,
+    env: Mapping[str, str],
+) -> Path:
+    """The snapshot folder of ``model_id`` in the weight cache, downloading what is missing
+    when the hub may be used. Weights that cannot be had are a 404 (nothing will change until
+    someone acts on the host); a hub that answers but fails is a 503 (try again later)."""
     try:
         return Path(
             snapshot_download(
@@ -206,21 +306,79 @@ def _from_hub(model_id: str, patterns: list[str], cache_dir: Path, env: Mapping[
         raise bad_request(f"invalid model_id {model_id!r}: {exc}", param="model_id") from exc
     except LocalEntryNotFoundError:
         if hub_offline(env):
-            raise not_found(
-                f"{model_id} is not in the weight cache {cache_dir} and the hub is offline "
-                "(HF_HUB_OFFLINE)",
-                code="model_weights_not_found",
-                param="model_id",
+            raise missing_weights(
+                model_id,
+                quant,
+                "they are not in its Hugging Face cache or under model_dirs, and the hub is "
+                "offline (HF_HUB_OFFLINE)",
             ) from None
     log.info("downloading model", extra={"model_id": model_id, "cache": str(cache_dir)})
     try:
         return Path(snapshot_download(model_id, cache_dir=cache_dir, allow_patterns=patterns))
-    except Exception as exc:  # network, auth, missing repo: all mean "no weights here"
-        raise not_found(
-            f"{model_id}: weights not cached in {cache_dir} and download failed: {exc}",
-            code="model_weights_not_found",
+    except Exception as exc:
+        raise hub_error(model_id, quant, exc) from exc
+
+
+def _http_status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def hub_error(model_id: str, quant: str | None, exc: BaseException) -> ApiError:
+    """What a failed download means for the client, without the library's text (it names
+    the server's cache paths): 404 when the weights cannot be had as things stand (no such
+    repo, gated or private, hub unreachable), 503 when the hub answered but failed (5xx, 429,
+    a download cut short: worth another try), 507 when the disk is full."""
+    log.warning(
+        "download failed",
+        extra={"model_id": model_id, "error": f"{type(exc).__name__}: {exc}"},
+    )
+    if isinstance(exc, RepositoryNotFoundError):  # GatedRepoError is one too
+        gated = isinstance(exc, GatedRepoError)
+        return missing_weights(
+            model_id,
+            quant,
+            "the repo is gated: accept its terms on huggingface.co and give the neuron a token "
+            "(HF_TOKEN)"
+            if gated
+            else "the Hugging Face hub has no such repo (or it is private: give the neuron a "
+            "token, HF_TOKEN)",
+        )
+    unreachable = isinstance(exc, LocalEntryNotFoundError)  # nothing cached, hub not usable
+    cause = exc.__cause__ if unreachable else exc
+    status = _http_status(cause) if cause is not None else None
+    if status in (401, 403):
+        return missing_weights(
+            model_id,
+            quant,
+            "the Hugging Face hub refused access (a private or gated repo: give the neuron a "
+            "token, HF_TOKEN)",
+        )
+    if status == 404 or (isinstance(exc, EntryNotFoundError) and not unreachable):
+        return missing_weights(model_id, quant, "the Hugging Face hub has no such repo or files")
+    if unreachable and status is None:  # no connection (or offline mode)
+        return missing_weights(
+            model_id,
+            quant,
+            "they are not in its Hugging Face cache or model_dirs, and the Hugging Face hub "
+            "cannot be reached from the neuron's host",
+        )
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return ApiError(
+            507,
+            f"downloading {model_id!r} failed: no space left in the neuron's weight cache",
+            type="server_error",
+            code="insufficient_storage",
             param="model_id",
-        ) from exc
+        )
+    detail = f"HTTP {status}" if status is not None else type(cause or exc).__name__
+    return unavailable(
+        f"downloading the weights of {model_id!r} from the Hugging Face hub failed ({detail}); "
+        "the hub was reachable, so this may pass: try again later",
+        code="weights_download_failed",
+        retry_after=30,
+    )
 
 
 # -- metadata every harness reads the same way ------------------------------------------------

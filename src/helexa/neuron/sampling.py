@@ -115,6 +115,20 @@ def resolve_sampling(
             code="context_length_exceeded",
             details={"prompt_tokens": prompt_tokens, "context_length": context_length},
         )
+    if token_limit is not None and token_limit > context_length:
+        # As vLLM: a limit no prompt could ever leave room for is a mistake, not a wish.
+        # Within the context it is clamped to what the prompt leaves (finish_reason length).
+        completion_tokens = isinstance(request, ChatCompletionRequest) and bool(
+            request.max_completion_tokens
+        )
+        field = "max_completion_tokens" if completion_tokens else "max_tokens"
+        raise ApiError(
+            400,
+            f"{field} ({token_limit}) is greater than the model's context length "
+            f"({context_length})",
+            param=field,
+            code="invalid_request",
+        )
     max_new = room if token_limit is None else min(token_limit, room)
     top_k = _pick(request.top_k, generation_defaults.get("top_k"), 0)
     return SamplingParams(

@@ -15,9 +15,14 @@ from helexa.neuron.devices import CPU, DevicePool
 from helexa.neuron.discovery import MB, Hardware, total_memory_bytes
 from helexa.neuron.harness.base import Harness
 from helexa.neuron.harness.registry import build_harnesses
+from helexa.neuron.model_files import canonical_model_id
 from helexa.neuron.workers import WorkerPoisoned
 
 log = logging.getLogger("helexa.neuron")
+
+# uvicorn's graceful-shutdown limit is drain_timeout_s plus this: the neuron's own cut
+# (cut_in_flight, with proper error bodies) comes first, uvicorn's task cancel is the backstop.
+DRAIN_GRACE_S = 5.0
 
 
 def cuda_indices(hardware: Hardware) -> list[int]:
@@ -48,6 +53,7 @@ class Neuron:
         self._loads: dict[str, asyncio.Future[ModelStatus]] = {}
         self._admission: dict[str, Admission] = {}
         self.draining = False
+        self._drain_cut: asyncio.TimerHandle | None = None
         self._prewarm: asyncio.Future[None] | None = None
         self._load_specs: dict[str, ModelSpec] = {}
 
@@ -83,18 +89,37 @@ class Neuron:
             )
         return harness
 
+    def model_id(self, model_id: str) -> str:
+        """The one id a model has on this neuron: every spelling of a local folder (``./x``,
+        ``x/.``, ``x//``, ``/abs/models/x``) becomes one (``canonical_model_id``), so it loads
+        once and requests find it; repo ids and ids already loaded are kept as they are (the
+        filesystem is only asked about other ids)."""
+        if model_id in self._loads or any(h.has(model_id) for h in self.harnesses.values()):
+            return model_id
+        return canonical_model_id(model_id, self.settings.model_dirs)
+
+    def _canonical(self, spec: ModelSpec) -> ModelSpec:
+        model_id = self.model_id(spec.model_id)
+        return spec if model_id == spec.model_id else spec.model_copy(update={"model_id": model_id})
+
     async def size(self, spec: ModelSpec) -> ModelSize:
         """What loading ``spec`` would take, from its files; nothing is loaded."""
+        spec = self._canonical(spec)
         return await self.harness_for(spec).size(spec)
 
     async def load(self, spec: ModelSpec) -> tuple[str, ModelStatus]:
-        """Load ``spec``; concurrent loads of one id share a single attempt."""
+        """Load ``spec``; concurrent loads of one id (however spelled) share one attempt."""
+        spec = self._canonical(spec)
         harness = self.harness_for(spec)
         if harness.has(spec.model_id):
             status = next(s for s in harness.list() if s.id == spec.model_id)
             return "already_loaded", status
         pending = self._loads.get(spec.model_id)
         if pending is None:
+            if self.draining:  # it would be unloaded again at once, and delay the exit
+                raise unavailable(
+                    "the neuron is shutting down", code="shutting_down", retry_after=5
+                )
             pending = asyncio.ensure_future(self._load_once(harness, spec))
             self._loads[spec.model_id] = pending
             self._load_specs[spec.model_id] = spec
@@ -126,6 +151,7 @@ class Neuron:
             raise
 
     async def unload(self, model_id: str) -> None:
+        model_id = self.model_id(model_id)
         if model_id in self._loads:
             raise ApiError(
                 409, f"model {model_id!r} is still loading", code="model_loading", param="model_id"
@@ -160,14 +186,34 @@ class Neuron:
         return gate
 
     def begin_drain(self) -> None:
+        """Stop admitting (queued requests get 503 ``shutting_down`` now); what is running
+        goes on until ``drain_timeout_s``, when ``cut_in_flight`` ends it."""
         if self.draining:
             return
         self.draining = True
         for gate in self._admission.values():
             gate.close()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            self._drain_cut = loop.call_later(self.settings.drain_timeout_s, self.cut_in_flight)
         log.info(
             "drain started", extra={"in_flight": sum(g.in_flight for g in self._admission.values())}
         )
+
+    def cut_in_flight(self) -> None:
+        """The drain deadline: every generation still running ends now with 503
+        ``shutting_down`` (streams: an error event, then the end of the body), before
+        uvicorn's own deadline (``DRAIN_GRACE_S`` later) cancels what is left."""
+        why = (
+            f"the neuron is shutting down: its drain deadline ({self.settings.drain_timeout_s:g}"
+            "s) ended this generation; retry it"
+        )
+        cut = sum(gate.cut(why) for gate in self._admission.values())
+        if cut:
+            log.warning("drain deadline: generations cut", extra={"cut": cut})
 
     # -- views ------------------------------------------------------------------------------
 
@@ -211,4 +257,5 @@ class Neuron:
             ),
             activation=self.activation.snapshot(),
             models=models,
+            draining=self.draining,
         )

@@ -126,8 +126,11 @@ class DeviceWorker:
 
     def _poison(self, exc: BaseException) -> None:
         with self._lock:
-            self.poisoned = f"{type(exc).__name__}: {exc}"
-        log.error("device worker poisoned", extra={"worker": self.name, "error": self.poisoned})
+            first = self.poisoned is None
+            if first:
+                self.poisoned = f"{type(exc).__name__}: {exc}"
+        if first:
+            log.error("device worker poisoned", extra={"worker": self.name, "error": self.poisoned})
         # Reject everything already waiting, at once.
         while True:
             try:

@@ -117,6 +117,7 @@ class TokenStream:
         self._future: Future[Finish] | None = None
         self._ended = False
         self._cancel_hook: Callable[[], None] | None = None
+        self._aborted: BaseException | None = None
         self.finish: Finish | None = None
 
     # -- producer side (device thread) --------------------------------------------------------
@@ -144,6 +145,16 @@ class TokenStream:
         if self._cancel_hook is not None:
             self._cancel_hook()
 
+    def abort(self, exc: BaseException) -> None:
+        """End the stream on the loop side now (the drain deadline): what arrived so far is
+        still returned, then ``next_batch`` raises ``exc``, whatever the generation does
+        next; it is asked to stop. A stream whose end was already seen is left alone."""
+        if self._ended or self._aborted is not None:
+            return
+        self._aborted = exc
+        self._wakeup.set()
+        self.cancel()
+
     async def next_batch(self, timeout: float | None = None) -> list[str] | None:
         """Text pieces that arrived since the last call, waiting for at least one.
 
@@ -152,7 +163,7 @@ class TokenStream:
         ``finish``; raises what the generation raised.
         """
         assert self._future is not None, "stream not attached to a job"
-        while not self._pieces and not self._ended:
+        while not self._pieces and not self._ended and self._aborted is None:
             try:  # asyncio.timeout: wait_for may swallow a racing cancellation on 3.11
                 async with asyncio.timeout(timeout):
                     await self._wakeup.wait()
@@ -160,6 +171,10 @@ class TokenStream:
                 return None
             self._wakeup.clear()
         pieces, self._pieces = self._pieces, []
+        if self._aborted is not None and self.finish is None:
+            if pieces:
+                return pieces
+            raise self._aborted
         if self._ended and self.finish is None:
             if pieces and self._future.exception() is not None:
                 return pieces  # text produced before the failure first; the error next call

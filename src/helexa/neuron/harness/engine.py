@@ -27,7 +27,7 @@ from helexa.neuron.detokenize import IncrementalDetokenizer, StopMatcher, flush_
 from helexa.neuron.harness.base import Finish, FinishReason, ModelGone
 from helexa.neuron.harness.slots import SlotChoice, SlotView, choose_slot, make_room, plan_step
 from helexa.neuron.sampling import SamplingParams
-from helexa.neuron.workers import DeviceWorker, NanLogitsFlood, is_device_fault
+from helexa.neuron.workers import DeviceWorker, NanLogitsFlood, WorkerPoisoned, is_device_fault
 
 log = logging.getLogger("helexa.neuron.engine")
 
@@ -117,9 +117,11 @@ class Backend(Protocol):
         """One forward pass; False (nothing changed) when the KV cache has no room for it."""
         ...
 
-    def sample(self, generations: Sequence[Generation]) -> list[int | None]:
+    def sample(self, generations: Sequence[Generation]) -> list[int | BaseException | None]:
         """The next token of each generation whose chunk asked for logits in the last
-        ``decode``, in that order; None where its logits were not finite."""
+        ``decode``, in that order; None where its logits were not finite; the exception where
+        sampling that one request failed (its constraint, its penalties): it fails alone.
+        A device fault is raised, never returned."""
         ...
 
     def complete(self, generation: Generation) -> bool:
@@ -176,6 +178,7 @@ class Engine:
         self._waiting: deque[Generation] = deque()
         self._lock = threading.Lock()
         self._running = False
+        self._epoch = 0  # counts stepped jobs: a late _stopped must not touch a newer one
         self._tick = itertools.count(1)
         self._nan_steps = 0
         self._full = False  # a sequence was preempted: admit nothing until one finishes
@@ -192,17 +195,28 @@ class Engine:
             if self._running:
                 return
             self._running = True
+            self._epoch += 1
+            epoch = self._epoch
         future = self._worker.submit_stepped(self)
-        future.add_done_callback(self._stopped)
+        future.add_done_callback(lambda done: self._stopped(done, epoch))
 
-    def _stopped(self, future: Future[None]) -> None:
+    def _stopped(self, future: Future[None], epoch: int) -> None:
+        """The stepped job ``epoch`` ended. A step that raised has already failed its
+        requests and marked the engine idle (a request submitted since then started a new
+        job, which this must not touch); left to do here: a job the worker refused or
+        failed before it stepped (poisoned), whose requests get that error."""
         exc = future.exception()
-        if exc is not None:  # the worker refused the job (poisoned) or a step raised
-            with self._lock:
-                self._running = False
-                self._waiting.extend(self._inbox)
-                self._inbox = []
-            self._fail_all(exc)
+        if exc is None:
+            return
+        with self._lock:
+            if not self._running or epoch != self._epoch:
+                return
+            self._running = False
+            doomed = [*self._waiting, *self._inbox]
+            self._waiting.clear()
+            self._inbox = []
+        for generation in doomed:
+            _fail(generation, exc)
 
     def prefix_cache_info(self, capacity_tokens: int) -> PrefixCacheInfo:
         # Read off the worker thread: figures may be a step apart, never torn objects.
@@ -236,6 +250,9 @@ class Engine:
 
     def step(self) -> bool:
         if not self._is_loaded():
+            with self._lock:
+                self._waiting.extend(self._inbox)
+                self._inbox = []
             self._fail_all(ModelGone("the model was unloaded during generation"))
             return self._go_idle()
         try:
@@ -247,13 +264,21 @@ class Engine:
                 return self._go_idle()
             return False
         except BaseException as exc:
-            with self._lock:
+            # A step-wide failure (the forward pass, the cache): every request of the model
+            # shares it. (One request's own failure never gets here: _request_failed.)
+            fault = is_device_fault(exc)
+            error: BaseException = exc
+            if fault:  # poisoned first: whoever sees a request fail sees the poison
+                self._worker.poison(exc)
+                error = WorkerPoisoned(f"{self._worker.name} worker is poisoned: {exc}")
+            with self._lock:  # idle from here: a request arriving now starts a new job
                 self._running = False
-            if is_device_fault(exc):
-                # The worker poisons itself when this re-raises, then fails this job with
-                # WorkerPoisoned; _stopped passes that on to every request.
-                raise
-            self._fail_all(exc)
+                self._waiting.extend(self._inbox)
+                self._inbox = []
+            self._fail_all(error)
+            if fault:
+                raise  # the worker poisons itself and rejects every later job
+            log.error("engine step failed", exc_info=exc)
             if self._is_loaded():
                 self._backend.clear()
                 for slot in self._slots:
@@ -311,6 +336,9 @@ class Engine:
             if not self._prefix_reuse:
                 choice = SlotChoice(slot=choice.slot, reuse=0)
             self._waiting.popleft()
+            first = generation.state is None  # not a resumed preemption
+            if first and not self._start(generation):
+                continue  # that request failed alone; the slot stays free
             slot = self._slots[choice.slot]
             if choice.copy_from is not None:
                 self._backend.forget(slot.index)
@@ -319,8 +347,7 @@ class Engine:
             else:
                 self._backend.forget(slot.index, choice.reuse)
                 del slot.cached[choice.reuse :]
-            if generation.state is None:  # first admission (not a resumed preemption)
-                self._backend.start(generation)
+            if first:
                 if choice.reuse:
                     self.stats.hits += 1
                 else:
@@ -331,6 +358,29 @@ class Engine:
             generation.admitted = next(self._tick)
             slot.owner = generation
             slot.last_used = generation.admitted
+
+    def _start(self, generation: Generation) -> bool:
+        """Set the request's sampling state up; False (and the request failed) if that
+        raised for it alone."""
+        try:
+            self._backend.start(generation)
+        except Exception as exc:
+            if is_device_fault(exc):
+                raise
+            generation.state = None
+            self._request_failed(generation, exc, "starting")
+            return False
+        return True
+
+    def _request_failed(self, generation: Generation, exc: BaseException, stage: str) -> None:
+        """One request raised while being handled on its own (its sampler, constraint,
+        detokenizer, stream): it fails with that error; the rest of the batch carries on."""
+        log.warning(
+            "request failed",
+            extra={"stage": stage, "error": f"{type(exc).__name__}: {exc}"},
+            exc_info=exc,
+        )
+        self._finish_error(generation, exc)
 
     def _run_step(self) -> bool:
         """One forward pass over every running sequence; False when there is nothing to run."""
@@ -414,13 +464,21 @@ class Engine:
         tokens = self._backend.sample(generations)
         bad = 0
         for generation, token in zip(generations, tokens, strict=True):
+            if isinstance(token, BaseException):
+                self._request_failed(generation, token, "sampling")
+                continue
             if token is None:
                 bad += 1
                 self._finish_error(
                     generation, internal("the model produced NaN logits", code="nan_logits")
                 )
                 continue
-            self._advance(generation, token)
+            try:
+                self._advance(generation, token)
+            except Exception as exc:
+                if is_device_fault(exc):
+                    raise
+                self._request_failed(generation, exc, "emitting its output")
         self._nan_steps = self._nan_steps + 1 if bad else 0
         if self._nan_steps >= NAN_STEPS_TO_POISON:
             raise NanLogitsFlood(f"{self._nan_steps} consecutive steps produced NaN logits")

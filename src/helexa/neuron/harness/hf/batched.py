@@ -24,6 +24,7 @@ from helexa.neuron.harness.hf.attention import (
 )
 from helexa.neuron.harness.hf.paged import KvShape, PagedKv, contiguous_start
 from helexa.neuron.sampling import next_token
+from helexa.neuron.workers import is_device_fault
 
 # Only these layer kinds attend the way paged_attention computes (softmax over keys, with an
 # optional sliding window); models with anything else decode one request at a time.
@@ -136,34 +137,43 @@ class TorchBackend:
         constraint = generation.state.constraint
         return constraint is not None and constraint.done
 
-    def sample(self, generations: Sequence[Generation]) -> list[int | None]:
+    def sample(self, generations: Sequence[Generation]) -> list[int | BaseException | None]:
         logits = self._logits
         assert logits is not None and logits.shape[0] == len(generations)
         # One device-to-host transfer for every sequence: finite flags and greedy picks.
         # -inf is a legitimate mask value; NaN is what a broken step produces.
         summary = torch.stack([(~torch.isnan(logits).any(dim=-1)).long(), logits.argmax(dim=-1)])
         finite, greedy = summary.tolist()
-        tokens: list[int | None] = []
+        tokens: list[int | BaseException | None] = []
         for row, generation in enumerate(generations):
             if not finite[row]:
                 tokens.append(None)
                 continue
-            state: SequenceSampler = generation.state
-            params = generation.params
-            if state.simple:
-                token = greedy[row]
-            else:
-                constraint = state.constraint
-                allowed = None if constraint is None else constraint.allowed(logits.shape[-1])
-                token = next_token(
-                    logits[row], params, state.counts, state.generator, state.prompt_set, allowed
-                )
-                if constraint is not None and token not in params.eos_ids:
-                    constraint.advance(token)
-            state.counts[token] = state.counts.get(token, 0) + 1
-            tokens.append(token)
+            try:
+                tokens.append(self._sample_row(generation, logits, row, greedy[row]))
+            except Exception as exc:  # this request's sampler or constraint: it fails alone
+                if is_device_fault(exc):
+                    raise
+                tokens.append(exc)
         self._logits = None
         return tokens
+
+    @staticmethod
+    def _sample_row(generation: Generation, logits: torch.Tensor, row: int, greedy: int) -> int:
+        state: SequenceSampler = generation.state
+        params = generation.params
+        if state.simple:
+            token = greedy
+        else:
+            constraint = state.constraint
+            allowed = None if constraint is None else constraint.allowed(logits.shape[-1])
+            token = next_token(
+                logits[row], params, state.counts, state.generator, state.prompt_set, allowed
+            )
+            if constraint is not None and token not in params.eos_ids:
+                constraint.advance(token)
+        state.counts[token] = state.counts.get(token, 0) + 1
+        return token
 
 
 class PagedBackend(TorchBackend):

@@ -22,7 +22,7 @@ from helexa.core.wire import (
     PrefixCacheInfo,
 )
 from helexa.neuron.config import TransformersHarnessSettings
-from helexa.neuron.devices import CPU, DevicePool, cuda_key
+from helexa.neuron.devices import CPU, DevicePool, cuda_key, model_too_large
 from helexa.neuron.harness.base import ModelGone, PreparedPrompt, TokenStream
 from helexa.neuron.harness.engine import Engine, Generation
 from helexa.neuron.harness.hf import loader
@@ -150,8 +150,10 @@ class TransformersHarness:
         if (spec.tensor_parallel or 1) > 1 or (spec.devices and len(spec.devices) > 1):
             raise bad_request(
                 "the transformers harness places a model on exactly one device; "
-                "tensor_parallel and multi-device placement are not supported",
+                "tensor_parallel and multi-device placement are not supported (the llamacpp "
+                "harness splits GGUF models across GPUs)",
                 param="devices",
+                code="unsupported_placement",
             )
         if spec.devices == []:
             candidates = [CPU]
@@ -159,8 +161,10 @@ class TransformersHarness:
             index = spec.devices[0]
             if index not in self._pool.cuda_indices:
                 raise bad_request(
-                    f"no CUDA device {index} on this host (have {self._pool.cuda_indices})",
+                    f"no CUDA device {index} on this host (have {self._pool.cuda_indices}); "
+                    "devices: [] is the CPU",
                     param="devices",
+                    code="no_such_device",
                 )
             candidates = [cuda_key(index)]
         elif self._pool.cuda_indices:
@@ -178,6 +182,10 @@ class TransformersHarness:
         room = await self._pool.room(healthy)
         best = max(healthy, key=lambda k: room[k])
         if room[best] < need:
+            capacity = {k: await self._pool.capacity_bytes(k) for k in healthy}
+            largest = max(healthy, key=lambda k: capacity[k])
+            if need > capacity[largest]:
+                raise model_too_large(need, capacity[largest], largest)
             raise insufficient_memory(
                 f"not enough memory: the model needs ~{need // MB} MB, the best device "
                 f"({best}) has {max(room[best], 0) // MB} MB free"

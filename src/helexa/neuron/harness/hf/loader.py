@@ -87,7 +87,7 @@ def estimate_bytes(files: ModelFiles, dtype: torch.dtype) -> int:
     shards = sorted(files.root.glob("*.safetensors"))
     if not shards:
         raise not_found(
-            f"no *.safetensors weights in {files.root}",
+            f"{files.model_id or 'the model'}: its folder has no *.safetensors weights",
             code="model_weights_not_found",
             param="model_id",
         )
@@ -104,7 +104,9 @@ def load_tokenizer(files: ModelFiles) -> Any:
         return AutoTokenizer.from_pretrained(str(files.root), **kwargs)
     except Exception as exc:
         raise bad_request(
-            f"cannot load the tokenizer: {exc}", param="model_id", code="tokenizer_unavailable"
+            f"cannot load the tokenizer: {files.hide(str(exc))}",
+            param="model_id",
+            code="tokenizer_unavailable",
         ) from exc
 
 
@@ -121,10 +123,12 @@ def load_weights(files: ModelFiles, dtype: torch.dtype, device: torch.device) ->
     try:
         model = AutoModelForCausalLM.from_pretrained(str(files.root), **kwargs)
     except (ValueError, KeyError, NotImplementedError) as exc:
-        raise unsupported(f"transformers cannot load this model: {exc}") from exc
+        raise unsupported(f"transformers cannot load this model: {files.hide(str(exc))}") from exc
     except OSError as exc:
         raise not_found(
-            f"cannot read the weights: {exc}", code="model_weights_not_found", param="model_id"
+            f"cannot read the weights: {files.hide(str(exc))}",
+            code="model_weights_not_found",
+            param="model_id",
         ) from exc
     try:
         model = model.to(device)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from helexa.neuron.harness.engine import Generation, StepChunk
 from helexa.neuron.harness.llamacpp.binding import Batch, Context, Model, Sampler
 from helexa.neuron.harness.llamacpp.tokenizer import GgufTokenizer
+from helexa.neuron.workers import is_device_fault
 
 
 @dataclass
@@ -61,12 +62,17 @@ class LlamaBackend:
         self._outputs = outputs
         return True
 
-    def sample(self, generations: Sequence[Generation]) -> list[int | None]:
+    def sample(self, generations: Sequence[Generation]) -> list[int | BaseException | None]:
         ctx = self._rt.ctx
-        tokens: list[int | None] = []
+        tokens: list[int | BaseException | None] = []
         for generation, index in zip(generations, self._outputs, strict=True):
-            token = generation.state.sample(ctx, index)
-            tokens.append(token if ctx.logit_finite(index, token) else None)
+            try:
+                token = generation.state.sample(ctx, index)
+                tokens.append(token if ctx.logit_finite(index, token) else None)
+            except Exception as exc:  # this request's sampler: it fails alone
+                if is_device_fault(exc):
+                    raise
+                tokens.append(exc)
         return tokens
 
     def complete(self, generation: Generation) -> bool:

@@ -24,7 +24,7 @@ from helexa.core.wire import (
     PrefixCacheInfo,
 )
 from helexa.neuron.config import LlamaCppHarnessSettings
-from helexa.neuron.devices import CPU, DevicePool
+from helexa.neuron.devices import CPU, DevicePool, model_too_large
 from helexa.neuron.harness.base import ModelGone, PreparedPrompt, TokenStream
 from helexa.neuron.harness.engine import Engine, Generation
 from helexa.neuron.harness.llamacpp import binding, plan
@@ -183,23 +183,41 @@ class LlamaCppHarness:
         sizes = await asyncio.to_thread(_gguf_sizes, path, self._settings)
         need = sizes.file_bytes + sizes.kv_bytes
         keys = self._worker_keys() if spec.devices != [] else [CPU]
+        asked = [f"cuda:{i}" for i in spec.devices or [] if i in self._pool.cuda_indices]
+        sick = [k for k in asked if self._pool.worker(k).poisoned is not None]
         healthy = [k for k in keys if self._pool.worker(k).poisoned is None]
-        if not healthy:
+        if sick or not healthy:
             raise unavailable(
-                "every candidate device is poisoned; unload and reload its models, or restart "
-                "the neuron",
+                f"{'the device asked for' if sick else 'every candidate device'} is poisoned "
+                f"({', '.join(sick or keys)}); unload and reload its models, or restart the "
+                "neuron",
                 code="device_poisoned",
                 retry_after=30,
             )
         room = await self._pool.room(healthy)
         room.update({k: -1 for k in keys if k not in healthy})
-        placement = plan.place(
-            devices=spec.devices,
-            tensor_parallel=spec.tensor_parallel,
-            cuda_indices=[i for i in self._pool.cuda_indices if f"cuda:{i}" in healthy],
-            room=room,
-            need=need,
-        )
+        usable = [i for i in self._pool.cuda_indices if f"cuda:{i}" in healthy]
+        try:
+            placement = plan.place(
+                devices=spec.devices,
+                tensor_parallel=spec.tensor_parallel,
+                cuda_indices=self._pool.cuda_indices if spec.devices else usable,
+                room=room,
+                need=need,
+            )
+        except ApiError as exc:
+            if exc.code != "insufficient_memory":
+                raise
+            capacity = {k: await self._pool.capacity_bytes(k) for k in healthy}
+            most, where = plan.most_ever(
+                devices=spec.devices,
+                tensor_parallel=spec.tensor_parallel,
+                cuda_indices=usable,
+                capacity=capacity,
+            )
+            if need > most:
+                raise model_too_large(need, most, where) from None
+            raise
         for key, share in zip(placement.keys, placement.share, strict=True):
             self._pool.reserve(key, share)  # no await since the room was read
         self._loading[model_id] = placement.keys[0]
@@ -303,6 +321,17 @@ class LlamaCppHarness:
 
         if worker.poisoned is None:
             await asyncio.wrap_future(worker.submit(release))
+        elif loaded.placement.on_cpu:
+            # A poisoned CPU worker (NaN flood) runs nothing more, and host memory is sound:
+            # free it here, off the loop. (A faulted CUDA context is not touched: llama.cpp
+            # aborts the process on CUDA errors.)
+            try:
+                await asyncio.to_thread(release)
+            except Exception as exc:
+                log.warning(
+                    "releasing a model from a poisoned worker failed",
+                    extra={"model_id": model_id, "error": f"{type(exc).__name__}: {exc}"},
+                )
         else:
             log.warning(
                 "unloaded from a poisoned device without releasing memory",
@@ -406,7 +435,11 @@ def _gguf_sizes(path: Path, settings: LlamaCppHarnessSettings) -> GgufSizes:
 
     if not path.is_file():
         raise ApiError(
-            404, f"no GGUF file at {path}", code="model_weights_not_found", param="model_id"
+            404,
+            f"the GGUF file {path.name} is missing",
+            type="not_found_error",
+            code="model_weights_not_found",
+            param="model_id",
         )
     parts = _split_parts(path) or [path]
     reader = GGUFReader(path)

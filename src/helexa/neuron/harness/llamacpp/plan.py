@@ -46,6 +46,27 @@ def insufficient_memory(message: str) -> ApiError:
     )
 
 
+def most_ever(
+    *,
+    devices: list[int] | None,
+    tensor_parallel: int | None,
+    cuda_indices: list[int],
+    capacity: dict[str, int],
+) -> tuple[int, str]:
+    """The most memory the placement a spec asks for could offer with nothing else loaded
+    (``capacity``: each device key's total), and what it is: a model needing more can never
+    load here, as asked."""
+    if devices == [] or (devices is None and not cuda_indices):
+        return capacity[CPU], CPU
+    if devices:
+        chosen = [i for i in devices if cuda_key(i) in capacity]
+    else:
+        by_size = sorted(cuda_indices, key=lambda i: -capacity.get(cuda_key(i), 0))
+        chosen = by_size[: tensor_parallel or 1]
+    total = sum(capacity.get(cuda_key(i), 0) for i in chosen)
+    return total, ",".join(cuda_key(i) for i in chosen) or "the GPUs"
+
+
 def split_by_room(indices: list[int], room: dict[int, int]) -> tuple[float, ...]:
     """llama.cpp's ``tensor_split``: one fraction per CUDA index up to the highest used,
     proportional to each chosen device's free memory (mismatched cards get their share)."""
@@ -80,8 +101,12 @@ def place(
         return Placement(keys=(CPU,), share=(need,))
     unknown = [i for i in devices or [] if i not in cuda_indices]
     if unknown:
-        raise bad_request(
-            f"no CUDA device {unknown[0]} on this host (have {cuda_indices})", param="devices"
+        raise ApiError(
+            400,
+            f"no CUDA device {unknown[0]} on this host (have {cuda_indices}); devices: [] is "
+            "the CPU",
+            code="no_such_device",
+            param="devices",
         )
     width = len(devices) if devices else (tensor_parallel or 1)
     if tensor_parallel and devices and tensor_parallel != len(devices):

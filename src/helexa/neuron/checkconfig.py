@@ -1,0 +1,110 @@
+"""``neuron check-config``: validate neuron.toml and say what the neuron would find.
+
+Errors (a file that does not parse, a bad value, an unknown harness) fail the check.
+Warnings do not: a harness whose library is missing, a ``model_dirs`` entry that does not
+exist, a default model whose weights are not on this host (the neuron would download them
+at start, or fail with ``HF_HUB_OFFLINE=1``). Weights are looked for exactly as a load looks
+for them, offline: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from helexa.neuron.config import NeuronSettings
+
+OFFLINE = {"HF_HUB_OFFLINE": "1"}
+
+
+@dataclass
+class Report:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def harness_cache(settings: NeuronSettings, harness: str) -> Path:
+    """The weight cache a harness reads (as the registry builds it): its ``hf_cache``
+    (llamacpp falls back to the transformers one), else HF_HUB_CACHE, HF_HOME/hub, default."""
+    from helexa.neuron.model_files import hf_cache_dir
+
+    if harness == "llamacpp":
+        setting = settings.harness.llamacpp.hf_cache or settings.harness.transformers.hf_cache
+    else:
+        setting = settings.harness.transformers.hf_cache
+    return hf_cache_dir(setting)
+
+
+def find_weights(settings: NeuronSettings, model_id: str, quant: str | None, harness: str) -> str:
+    """Where the weights of one model are on this host; ``LookupError`` saying why not."""
+    from helexa.core.errors import ApiError
+    from helexa.neuron.model_files import locate, locate_gguf
+
+    cache = harness_cache(settings, harness)
+    finder = locate_gguf if harness == "llamacpp" else locate
+    try:
+        files = finder(
+            model_id, quant, cache_dir=cache, model_dirs=settings.model_dirs, env=OFFLINE
+        )
+    except ApiError as exc:
+        raise LookupError(exc.message) from None
+    if files.gguf_file:
+        return str(files.root / files.gguf_file)
+    if not any(files.root.glob("*.safetensors")):
+        raise LookupError(f"{model_id}: no *.safetensors in {files.root}")
+    return str(files.root)
+
+
+def check(settings: NeuronSettings, echo: Callable[[str], None] = print) -> Report:
+    from helexa.neuron import config
+    from helexa.neuron.harness.registry import KNOWN, LIBRARY, available
+
+    report = Report()
+    echo(f"  listen: {settings.host}:{settings.port}")
+    unguarded = getattr(config, "unguarded_listen", None)  # the token rule, where it exists
+    refusal = unguarded(settings) if unguarded else None
+    if refusal:
+        report.errors.append(f"the neuron would refuse to start: {refusal}")
+    names = [h.name for h in settings.harnesses]
+    explicit = "harnesses" in settings.model_fields_set
+    usable = set()
+    for name in names:
+        if name not in KNOWN:
+            report.errors.append(f"unknown harness {name!r} (known: {', '.join(KNOWN)})")
+        elif not available(name):
+            problem = f"the {name} harness needs the {LIBRARY[name]} package: " + (
+                "pip install 'helexa[neuron]'"
+            )
+            (report.errors if explicit else report.warnings).append(
+                problem + ("" if explicit else " (skipped at start)")
+            )
+        else:
+            usable.add(name)
+            echo(f"  harness {name}: weight cache {harness_cache(settings, name)}")
+    for folder in settings.model_dirs:
+        if not folder.expanduser().is_dir():
+            report.warnings.append(f"model_dirs: {folder} does not exist")
+        else:
+            echo(f"  model_dirs: {folder}")
+    if not settings.default_models:
+        echo("  default_models: none (models load when cortex asks)")
+    for spec in settings.default_models:
+        label = f"default model {spec.model_id}" + (f" ({spec.quant})" if spec.quant else "")
+        if spec.harness not in usable:
+            report.warnings.append(f"{label}: its harness {spec.harness} is not available here")
+            continue
+        try:
+            where = find_weights(settings, spec.model_id, spec.quant, spec.harness)
+        except LookupError as exc:
+            report.warnings.append(
+                f"{label}: not on this host yet; the neuron downloads it at start when it can "
+                f"reach the Hugging Face hub (not with HF_HUB_OFFLINE=1). {exc}"
+            )
+            continue
+        echo(f"  {label} on {spec.harness}: {where}")
+    return report

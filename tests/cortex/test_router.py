@@ -1,0 +1,336 @@
+"""The router and the fleet's per-neuron state, in process, with the neurons' answers
+scripted: regressions from a code read of cortex (each names what it guards)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from typing import Any
+
+from helexa.core.catalogue import parse_catalogue
+from helexa.core.placement import plan_eviction
+from helexa.core.wire import Discovery, Health, ModelStatus
+from helexa.cortex.config import CortexSettings, NeuronEntry
+from helexa.cortex.fleet import Fleet, NeuronState, view_of
+from helexa.cortex.metrics import Metrics
+from helexa.cortex.router import Router
+
+
+def discovery(name: str, gpus_mb: list[int]) -> Discovery:
+    return Discovery.model_validate(
+        {
+            "hostname": name,
+            "os": "linux",
+            "kernel": "6",
+            "cuda_version": "12" if gpus_mb else None,
+            "driver_version": None,
+            "devices": [
+                {"index": i, "name": "gpu", "vram_total_mb": mb} for i, mb in enumerate(gpus_mb)
+            ],
+            "cpu": {"cores": 2, "memory_total_mb": 64000},
+            "harnesses": ["transformers", "llamacpp"],
+        }
+    )
+
+
+def health(
+    gpus_free_mb: list[int], models: dict[str, tuple[int, int]] | None = None, cpu_free: int = 0
+) -> Health:
+    return Health.model_validate(
+        {
+            "uptime_secs": 1,
+            "devices": [
+                {"index": i, "vram_used_mb": 0, "vram_free_mb": mb}
+                for i, mb in enumerate(gpus_free_mb)
+            ],
+            "cpu": {"memory_used_mb": 0, "memory_free_mb": cpu_free},
+            "activation": {
+                "state": "ready",
+                "pending": [],
+                "in_progress": None,
+                "completed": [],
+                "failed": [],
+            },
+            "models": {m: {"in_flight": f, "queued": q} for m, (f, q) in (models or {}).items()},
+        }
+    )
+
+
+def status(model_id: str, state: str = "loaded", devices: list[int] | None = None) -> ModelStatus:
+    return ModelStatus(
+        id=model_id,
+        harness="transformers",
+        status=state,  # type: ignore[arg-type]
+        devices=devices if devices is not None else [0],
+        vram_used_mb=1000,
+        context_length=4096,
+    )
+
+
+class Neurons:
+    """A router over in-process neuron states whose lifecycle answers are scripted."""
+
+    def __init__(self, gpus: dict[str, list[int]], models: list[dict[str, Any]]) -> None:
+        self.settings = CortexSettings(
+            neurons=[NeuronEntry(name=n, endpoint=f"http://{n}:1") for n in gpus]
+        )
+        self.settings.eviction.defrag_after_cycles = 0
+        self.catalogue = parse_catalogue({"models": models}, "models.toml")
+        self.fleet = Fleet(self.settings.neurons, self.settings.poller)
+        for name, sizes in gpus.items():
+            state = self.fleet.neurons[name]
+            state.healthy = state.responsive = True
+            state.discovery = discovery(name, sizes)
+            state.health = health(sizes)
+        self.metrics = Metrics()
+        self.router = Router(self.settings, self.catalogue, self.fleet, self.metrics)
+        self.posts: list[tuple[str, str, dict[str, Any]]] = []
+        self.hold: dict[tuple[str, str], asyncio.Event] = {}  # (neuron, path) held until set
+        self.on_post: Any = None
+        self.router._post = self._post  # type: ignore[method-assign]
+
+    def state(self, name: str) -> NeuronState:
+        return self.fleet.neurons[name]
+
+    async def _post(
+        self, state: NeuronState, path: str, body: dict[str, Any], timeout: float
+    ) -> tuple[int, dict[str, Any]]:
+        self.posts.append((state.name, path, body))
+        if self.on_post is not None:
+            self.on_post(state, path, body)
+        gate = self.hold.get((state.name, path))
+        if gate is not None:
+            await gate.wait()
+        if path == "/models/load":
+            devices = body.get("devices") or [0]
+            return 200, {
+                "status": "loaded",
+                "model": status(body["model_id"], devices=devices).model_dump(),
+            }
+        return 200, {"status": "unloaded"}
+
+    def loads(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(n, b) for n, p, b in self.posts if p == "/models/load"]
+
+
+async def until(condition: Any, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
+def gpu_model(model_id: str, mb: int = 1000, **extra: Any) -> dict[str, Any]:
+    return {"id": model_id, "vram_mb": mb, **extra}
+
+
+def test_the_cold_load_names_the_device_it_made_room_on() -> None:
+    """Placement picked device 1 (the one with room): the load must land there, not
+    wherever the neuron would choose, or the room made is wasted."""
+    neurons = Neurons({"n": [24000, 24000]}, [gpu_model("m/a", 8000)])
+    neurons.state("n").health = health([2000, 20000])
+    asyncio.run(neurons.router.route("m/a"))
+    assert neurons.loads() == [
+        ("n", {"model_id": "m/a", "harness": "transformers", "devices": [1]})
+    ]
+    assert neurons.state("n").loaded("m/a") and neurons.state("n").reservations == {}
+
+
+def test_cpu_placement_names_no_device() -> None:
+    neurons = Neurons({"c": []}, [gpu_model("m/cpu", 100, min_devices=0)])
+    neurons.state("c").health = health([], cpu_free=4000)
+    asyncio.run(neurons.router.route("m/cpu"))
+    assert neurons.loads()[0][1]["devices"] == []
+
+
+def test_requests_joining_a_load_in_progress_do_not_post_it_again() -> None:
+    """The poll shows the model "loading" (cortex's own load): later requests join that
+    load; one post, one cold start."""
+    neurons = Neurons({"n": [24000]}, [gpu_model("m/a")])
+    gate = neurons.hold[("n", "/models/load")] = asyncio.Event()
+
+    async def scenario() -> list[NeuronState]:
+        first = asyncio.ensure_future(neurons.router.route("m/a"))
+        await until(neurons.loads)
+        # What the next poll reports while the neuron loads it.
+        neurons.state("n").models["m/a"] = status("m/a", "loading")
+        joiners = [asyncio.ensure_future(neurons.router.route("m/a")) for _ in range(5)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        return await asyncio.gather(first, *joiners)
+
+    states = asyncio.run(scenario())
+    assert {s.name for s in states} == {"n"}
+    assert len(neurons.loads()) == 1
+    cold = neurons.metrics.cold_starts.labels("m/a", "n")._value.get()
+    assert cold == 1
+
+
+def test_a_neuron_pre_warming_the_model_is_waited_for_not_posted_to() -> None:
+    neurons = Neurons({"n": [24000]}, [gpu_model("m/a")])
+    state = neurons.state("n")
+    state.models["m/a"] = status("m/a", "loading")  # the neuron's own pre-warm
+
+    async def scenario() -> NeuronState:
+        waiter = asyncio.ensure_future(neurons.router.route("m/a"))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        state.apply_poll([status("m/a")], health([23000]), state.poll_began())
+        await neurons.fleet.poll_all()  # a round ends: waiters look again
+        return await asyncio.wait_for(waiter, 5)
+
+    neurons.fleet.poll_one = _no_poll  # type: ignore[method-assign]
+    assert asyncio.run(scenario()).name == "n"
+    assert neurons.loads() == []
+
+
+async def _no_poll(_state: NeuronState) -> None:
+    return None
+
+
+def test_defrag_waits_for_a_serving_model_and_skips_one_that_becomes_busy_midway() -> None:
+    neurons = Neurons({"n": [24000]}, [gpu_model(m) for m in ("m/a", "m/b", "m/c")])
+    state = neurons.state("n")
+    for model_id in ("m/a", "m/b", "m/c"):
+        state.models[model_id] = status(model_id)
+    state.begin_request("m/a")  # serving a request
+
+    def on_post(_state: NeuronState, path: str, body: dict[str, Any]) -> None:
+        if path == "/models/unload" and body["model_id"] == "m/a":
+            state.begin_request("m/c")  # a request for m/c arrives mid-defrag
+
+    neurons.on_post = on_post
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(neurons.router._defrag(state))
+        await asyncio.sleep(0.05)
+        assert neurons.posts == []  # nothing is unloaded while m/a serves
+        state.end_request("m/a")
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(scenario())
+    unloaded = [b["model_id"] for _n, p, b in neurons.posts if p == "/models/unload"]
+    assert unloaded == ["m/a", "m/b"]  # m/c became busy: left in place
+    assert all(state.loaded(m) for m in ("m/a", "m/b", "m/c"))
+
+
+def test_a_hung_neuron_holds_up_only_the_loads_placed_on_it() -> None:
+    """An eviction on neuron h hangs (the neuron stopped answering): a cold load placed on
+    neuron n goes ahead meanwhile (no lock is held across a network call)."""
+    neurons = Neurons(
+        {"h": [24000], "n": [24000]},
+        [
+            gpu_model("m/old", 20000),
+            gpu_model("m/new", 20000, pinned_on=["h"]),
+            gpu_model("m/other", 1000, pinned_on=["n"]),
+        ],
+    )
+    hung = neurons.state("h")
+    hung.models["m/old"] = status("m/old")
+    hung.health = health([23000])  # m/old's 20000 MB estimate leaves 4000 free
+    gate = neurons.hold[("h", "/models/unload")] = asyncio.Event()
+
+    async def scenario() -> None:
+        stuck = asyncio.ensure_future(neurons.router.route("m/new"))
+        await until(lambda: any(p == "/models/unload" for _n, p, _b in neurons.posts))
+        other = await asyncio.wait_for(neurons.router.route("m/other"), 5)
+        assert other.name == "n" and not stuck.done()
+        assert not hung.loaded("m/old")  # the victim is off routing while it goes
+        gate.set()
+        assert (await stuck).name == "h"
+
+    asyncio.run(scenario())
+
+
+def test_busy_counts_cortexs_requests_and_others_the_neuron_reports() -> None:
+    state = NeuronState("n", "http://n:1", pool=None)  # type: ignore[arg-type]
+    state.models["m/a"] = status("m/a")
+    state.begin_request("m/a")
+    began = state.poll_began()
+    # The neuron reports 3 in flight + 1 queued: cortex's own one and 3 from elsewhere.
+    state.apply_poll([status("m/a")], health([1000], {"m/a": (3, 1)}), began)
+    assert state.busy("m/a") == 4
+    state.end_request("m/a")
+    assert state.busy("m/a") == 3  # the other clients' requests still count
+    state.apply_poll([status("m/a")], health([1000], {"m/a": (0, 0)}), state.poll_began())
+    assert state.busy("m/a") == 0 and state.busy() == 0
+
+
+def test_a_poisoned_model_can_be_evicted_a_loading_one_cannot() -> None:
+    neurons = Neurons({"n": [24000]}, [gpu_model("m/p"), gpu_model("m/l")])
+    state = neurons.state("n")
+    state.models["m/p"] = status("m/p", "poisoned")
+    state.models["m/l"] = status("m/l", "loading")
+    view = view_of(state, neurons.catalogue)
+    residents = {r.model_id: r for r in view.residents}
+    assert residents["m/p"].in_flight == 0 and residents["m/l"].in_flight == 1
+    assert plan_eviction(list(view.residents), 0, 500, "lru") == ["m/p"]
+
+
+def test_a_poll_that_began_before_an_unload_cannot_bring_the_model_back() -> None:
+    state = NeuronState("n", "http://n:1", pool=None)  # type: ignore[arg-type]
+    state.models["m/a"] = status("m/a")
+    began = state.poll_began()
+    state.begin_unload("m/a")
+    state.end_unload("m/a", done=True)
+    state.apply_poll([status("m/a")], health([1000]), began)  # the older snapshot
+    assert "m/a" not in state.models
+    state.apply_poll([status("m/a")], health([1000]), state.poll_began())  # a newer one
+    assert state.loaded("m/a")  # (loaded again behind cortex's back: believed)
+
+
+def test_the_poller_survives_an_unexpected_error_and_health_shows_a_stale_view() -> None:
+    neurons = Neurons({"n": [24000]}, [gpu_model("m/a")])
+    fleet = neurons.fleet
+    fleet.settings.interval_s = 0.01
+    calls = {"n": 0}
+
+    async def flaky(_state: NeuronState) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug in the poller")
+
+    fleet.poll_one = flaky  # type: ignore[method-assign]
+    rounds: list[int] = []
+    fleet._on_round = lambda: rounds.append(calls["n"])
+
+    async def scenario() -> None:
+        assert fleet.stale()  # never polled
+        fleet.start()
+        while len(rounds) < 3:
+            await asyncio.sleep(0.01)
+        assert not fleet.stale()
+        await fleet.stop()
+
+    asyncio.run(scenario())
+    assert rounds[:3] == [1, 2, 3]  # the round with the error was logged, the loop went on
+    fleet.last_round_at = -1e9
+    assert fleet.stale()
+
+
+def test_a_first_missed_health_check_stops_new_requests_where_another_replica_has_it() -> None:
+    neurons = Neurons({"a": [24000], "b": [24000]}, [gpu_model("m/a")])
+    for name in ("a", "b"):
+        neurons.state(name).models["m/a"] = status("m/a")
+    assert neurons.router.replica("m/a").name == "a"  # ties: the first listed
+    neurons.fleet.report_failure(neurons.state("a"), OSError("timed out"))
+    assert neurons.state("a").healthy and not neurons.state("a").responsive
+    assert neurons.router.replica("m/a").name == "b"
+    neurons.state("b").healthy = False
+    assert neurons.router.replica("m/a").name == "a"  # the only one left: still tried
+
+
+def test_cortex_never_imports_the_hub_client() -> None:
+    """Sizes come from neurons: an offline gateway has nothing that could stall on the hub."""
+    code = (
+        "import sys, helexa.cortex.app, helexa.cortex.router, helexa.cortex.cli;"
+        "sys.exit('huggingface_hub' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_spec_without_a_planned_pool_leaves_the_choice_to_the_neuron() -> None:
+    neurons = Neurons({"n": [24000]}, [gpu_model("m/a")])
+    profile = neurons.catalogue.profile("m/a")
+    assert profile is not None
+    assert "devices" not in Router._spec(neurons.state("n"), profile)

@@ -1,0 +1,344 @@
+"""Load-path errors a client can act on, through a real neuron: missing weights are a 404
+that names the model and what to do (never a server path), a local folder has one id
+however it is spelled, ``devices`` is honoured or refused, a model too big for the host is a
+400 (not a retryable 409/503), and a poisoned model can be evicted."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from huggingface_hub.errors import LocalEntryNotFoundError
+
+from helexa.core.errors import ApiError
+from helexa.core.settings import load_settings
+from helexa.core.tiny_model import (
+    GGUF_Q8_0_FILENAME,
+    write_tiny_model,
+    write_tiny_model_to_hf_cache,
+)
+from helexa.core.wire import ModelSpec
+from helexa.neuron.app import build_app
+from helexa.neuron.config import NeuronSettings
+from helexa.neuron.harness.hf.batched import PagedBackend
+from helexa.neuron.model_files import canonical_model_id, hub_error
+from helexa.neuron.service import Neuron
+from tests.conftest import GGUF_REPO_ID, LOCAL_MODEL
+from tests.support.inprocess import sse_frames
+from tests.support.procs import Daemon, start_neuron
+
+GGUF_FILE = f"gguf/{GGUF_Q8_0_FILENAME}"
+MSGS = [{"role": "user", "content": "weather"}]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model_dirs folder of its own: the tiny dense model twice, and a GGUF file."""
+    root = tmp_path_factory.mktemp("lifecycle-models")
+    write_tiny_model(root / LOCAL_MODEL)
+    write_tiny_model(root / "tiny-copy")
+    snapshot = write_tiny_model_to_hf_cache(root.parent / "gguf-build", "helexa/q8", with_gguf=True)
+    (root / "gguf").mkdir()
+    shutil.copy(Path(snapshot) / GGUF_Q8_0_FILENAME, root / GGUF_FILE)
+    return root
+
+
+@pytest.fixture(scope="module")
+def neuron(
+    tmp_path_factory: pytest.TempPathFactory, hf_cache: Path, models: Path
+) -> Iterator[tuple[Daemon, str]]:
+    daemon, base = start_neuron(
+        tmp_path_factory.mktemp("lifecycle"), f'model_dirs = ["{models}"]\n', hf_cache=hf_cache
+    )
+    yield daemon, base
+    daemon.stop()
+
+
+def post(base: str, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{base}{path}", json=body, timeout=120)
+
+
+def error_of(response: httpx.Response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code, error
+    return error
+
+
+def model_ids(base: str) -> list[str]:
+    return [m["id"] for m in httpx.get(f"{base}/models").json()]
+
+
+# --- missing weights --------------------------------------------------------------------------
+
+
+def test_missing_weights_are_a_404_naming_the_model_and_the_fix(
+    neuron: tuple[Daemon, str], hf_cache: Path, models: Path
+) -> None:
+    _daemon, base = neuron
+    cases = [
+        ({"model_id": "nobody/absent"}, "nobody/absent", "offline"),
+        ({"model_id": "nobody/absent-GGUF", "quant": "Q4_K_M"}, "Q4_K_M", "offline"),
+        ({"model_id": "no-such-folder"}, "no-such-folder", "model_dirs"),
+        ({"model_id": "gguf/absent-Q8_0.gguf"}, "absent-Q8_0.gguf", "model_dirs"),
+        ({"model_id": GGUF_REPO_ID, "quant": "Q2_K"}, "Q2_K", "available"),
+    ]
+    for route in ("/models/load", "/models/size"):
+        for spec, named, why in cases:
+            error = error_of(post(base, route, spec), 404, "model_weights_not_found")
+            message = error["message"]
+            assert named in message and why in message, message
+            for secret in (str(hf_cache), str(models), str(hf_cache.parent), "/tmp/"):
+                assert secret not in message, message
+        missing = error_of(
+            post(base, route, {"model_id": "nobody/absent"}), 404, "model_weights_not_found"
+        )
+        assert "hf download nobody/absent" in missing["message"]
+        assert "model_dirs" in missing["message"]
+    assert model_ids(base) == []
+
+
+class HttpError(OSError):
+    """What the hub client raises for an HTTP status (only ``.response.status_code`` is read)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.response = SimpleNamespace(status_code=status)
+
+
+def error_with_status(status: int) -> HttpError:
+    return HttpError(status)
+
+
+def unreachable(cause: BaseException | None) -> LocalEntryNotFoundError:
+    error = LocalEntryNotFoundError("Cannot find an appropriate cached snapshot folder")
+    error.__cause__ = cause
+    return error
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "code"),
+    [
+        (unreachable(ConnectionError("refused")), 404, "model_weights_not_found"),
+        (unreachable(None), 404, "model_weights_not_found"),
+        (unreachable(error_with_status(404)), 404, "model_weights_not_found"),
+        (error_with_status(401), 404, "model_weights_not_found"),
+        (unreachable(error_with_status(503)), 503, "weights_download_failed"),
+        (unreachable(error_with_status(429)), 503, "weights_download_failed"),
+        (error_with_status(502), 503, "weights_download_failed"),
+        (OSError(errno.ENOSPC, "No space left on device: '/var/lib/neuron/hub/x'"), 507, None),
+    ],
+)
+def test_what_a_failed_download_means(exc: BaseException, status: int, code: str | None) -> None:
+    error = hub_error("org/model", None, exc)
+    assert error.status == status
+    if code is not None:
+        assert error.code == code
+    if status == 503:
+        assert error.headers["Retry-After"]
+    assert "/var/lib" not in error.message and "org/model" in error.message
+
+
+# --- one id per local folder -------------------------------------------------------------------
+
+
+def test_canonical_ids(models: Path) -> None:
+    dirs = [models]
+    for spelling in (
+        LOCAL_MODEL,
+        f"./{LOCAL_MODEL}",
+        f"{LOCAL_MODEL}/.",
+        f"{LOCAL_MODEL}//",
+        f"{LOCAL_MODEL}/../{LOCAL_MODEL}",
+        str(models / LOCAL_MODEL),
+        f"{models}//{LOCAL_MODEL}/",
+    ):
+        assert canonical_model_id(spelling, dirs) == LOCAL_MODEL, spelling
+    assert canonical_model_id(f"./{GGUF_FILE}", dirs) == GGUF_FILE
+    assert canonical_model_id(str(models / GGUF_FILE), dirs) == GGUF_FILE
+    for kept in ("Qwen/Qwen3-0.6B", "no-such-folder", "../../etc", "/etc"):
+        assert canonical_model_id(kept, dirs) == kept
+    assert canonical_model_id(f"./{LOCAL_MODEL}", []) == f"./{LOCAL_MODEL}"
+
+
+def test_every_spelling_of_a_local_folder_loads_once(
+    neuron: tuple[Daemon, str], models: Path
+) -> None:
+    daemon, base = neuron
+
+    def loads() -> list[str]:
+        return [
+            line
+            for line in daemon.log().splitlines()
+            if "msg=load " in line and f"model_id={LOCAL_MODEL} " in line
+        ]
+
+    before = len(loads())
+    spellings = [
+        LOCAL_MODEL,
+        f"./{LOCAL_MODEL}",
+        f"{LOCAL_MODEL}/.",
+        f"{LOCAL_MODEL}//",
+        str(models / LOCAL_MODEL),
+        f"{LOCAL_MODEL}/../{LOCAL_MODEL}",
+    ]
+    with concurrent.futures.ThreadPoolExecutor(len(spellings)) as pool:
+        replies = list(pool.map(lambda s: post(base, "/models/load", {"model_id": s}), spellings))
+    assert [r.status_code for r in replies] == [200] * len(spellings), [r.text for r in replies]
+    assert {r.json()["model"]["id"] for r in replies} == {LOCAL_MODEL}
+    assert len(loads()) == before + 1, loads()
+    assert model_ids(base) == [LOCAL_MODEL]
+
+    for spelling in spellings[1:-1]:  # a request's model may not hold '..' (wire limits)
+        answer = post(
+            base,
+            "/v1/chat/completions",
+            {"model": spelling, "messages": MSGS, "max_tokens": 2},
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"] == LOCAL_MODEL
+    endpoint = httpx.get(f"{base}/models/{LOCAL_MODEL}%2F./endpoint")
+    assert endpoint.status_code == 200, endpoint.text
+    again = post(base, "/models/load", {"model_id": f"./{LOCAL_MODEL}"})
+    assert again.json()["status"] == "already_loaded"
+
+    gone = post(base, "/models/unload", {"model_id": str(models / LOCAL_MODEL)})
+    assert gone.status_code == 200, gone.text
+    assert model_ids(base) == []
+
+
+# --- devices ---------------------------------------------------------------------------------
+
+
+def test_devices_are_honoured_or_refused(neuron: tuple[Daemon, str]) -> None:
+    _daemon, base = neuron
+    assert httpx.get(f"{base}/discovery").json()["devices"] == []  # a CPU-only host
+    for spec in (
+        {"model_id": LOCAL_MODEL, "devices": [5]},
+        {"model_id": LOCAL_MODEL, "devices": [0]},
+        {"model_id": GGUF_FILE, "devices": [5]},
+        {"model_id": GGUF_REPO_ID, "quant": "Q8_0", "devices": [1]},
+    ):
+        error = error_of(post(base, "/models/load", spec), 400, "no_such_device")
+        assert error["param"] == "devices"
+    assert model_ids(base) == []
+
+    for model_id in (LOCAL_MODEL, GGUF_FILE):
+        loaded = post(base, "/models/load", {"model_id": model_id, "devices": []})
+        assert loaded.status_code == 200, loaded.text
+        assert loaded.json()["model"]["devices"] == []
+        answer = post(
+            base, "/v1/chat/completions", {"model": model_id, "messages": MSGS, "max_tokens": 2}
+        )
+        assert answer.status_code == 200, answer.text
+        assert post(base, "/models/unload", {"model_id": model_id}).status_code == 200
+
+
+# --- memory: never (400) versus not now (409) ------------------------------------------------
+
+
+def run_in_process(settings: dict, scenario) -> None:  # type: ignore[no-untyped-def]
+    parsed = load_settings(NeuronSettings, None, settings)
+
+    async def main() -> None:
+        neuron = Neuron(parsed)
+        neuron.start()
+        try:
+            transport = httpx.ASGITransport(app=build_app(neuron))
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://neuron", timeout=60
+            ) as client:
+                await scenario(neuron, client)
+        finally:
+            neuron.pool.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("model_id", [LOCAL_MODEL, GGUF_FILE])
+def test_too_big_ever_is_400_too_big_now_is_409(models: Path, model_id: str) -> None:
+    probe: dict[str, int] = {}
+
+    async def size(neuron: Neuron, client: httpx.AsyncClient) -> None:
+        probe["bytes"] = (await neuron.size(ModelSpec(model_id=model_id))).bytes
+
+    run_in_process({"model_dirs": [models]}, size)
+    need_mb = probe["bytes"] // (1024 * 1024) + 1
+
+    async def too_small(neuron: Neuron, client: httpx.AsyncClient) -> None:
+        reply = await client.post("/models/load", json={"model_id": model_id})
+        error = error_of(reply, 400, "model_too_large")
+        assert "[cpu] memory_mb" in error["message"]
+        assert (await client.get("/models")).json() == []
+
+    run_in_process({"model_dirs": [models], "cpu": {"memory_mb": max(need_mb // 2, 1)}}, too_small)
+
+    async def one_fits(neuron: Neuron, client: httpx.AsyncClient) -> None:
+        first = await client.post("/models/load", json={"model_id": model_id})
+        assert first.status_code == 200, first.text
+        if model_id == LOCAL_MODEL:  # a second copy would fit alone, not beside the first
+            second = await client.post("/models/load", json={"model_id": "tiny-copy"})
+            error_of(second, 409, "insufficient_memory")
+
+    run_in_process({"model_dirs": [models], "cpu": {"memory_mb": need_mb + need_mb // 2}}, one_fits)
+
+
+# --- a poisoned model can be evicted ----------------------------------------------------------
+
+
+def test_a_poisoned_model_unloads_and_frees_its_memory(
+    models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fault(self: PagedBackend, chunks):  # type: ignore[no-untyped-def]
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    async def scenario(neuron: Neuron, client: httpx.AsyncClient) -> None:
+        for model_id in (LOCAL_MODEL, GGUF_FILE):
+            loaded = await client.post("/models/load", json={"model_id": model_id})
+            assert loaded.status_code == 200, loaded.text
+        assert neuron.health().cpu.memory_used_mb > 0
+        monkeypatch.setattr(PagedBackend, "_forward", fault)
+        body = {"model": LOCAL_MODEL, "messages": MSGS, "max_tokens": 4, "stream": True}
+        frames = sse_frames((await client.post("/v1/chat/completions", json=body)).text)
+        assert json.loads(frames[-1])["error"]["code"] == "device_poisoned"
+        statuses = {m["id"]: m["status"] for m in (await client.get("/models")).json()}
+        assert statuses == {LOCAL_MODEL: "poisoned", GGUF_FILE: "poisoned"}  # one cpu worker
+        for model_id in (f"./{LOCAL_MODEL}", GGUF_FILE):
+            gone = await client.post("/models/unload", json={"model_id": model_id})
+            assert gone.status_code == 200, gone.text
+        assert (await client.get("/models")).json() == []
+        health = (await client.get("/health")).json()
+        assert health["cpu"]["memory_used_mb"] == 0 and health["models"] == {}
+        again = await client.post("/models/unload", json={"model_id": LOCAL_MODEL})
+        error_of(again, 404, "model_not_found")
+
+    run_in_process({"model_dirs": [models]}, scenario)
+
+
+def test_api_error_details_stay_out_of_paths() -> None:
+    # The 403 for a path outside model_dirs repeats the caller's own spelling, nothing more.
+    from helexa.neuron.model_files import resolve_local_dir
+
+    with pytest.raises(ApiError) as info:
+        resolve_local_dir("../../etc", [Path("/srv/models")])
+    assert info.value.status == 403 and "/srv/models" not in info.value.message
+
+
+def test_loads_are_refused_once_draining(models: Path) -> None:
+    async def scenario(neuron: Neuron, client: httpx.AsyncClient) -> None:
+        two = await client.post("/models/load", json={"model_id": LOCAL_MODEL, "devices": [0, 1]})
+        error_of(two, 400, "unsupported_placement")
+        neuron.begin_drain()
+        refused = await client.post("/models/load", json={"model_id": LOCAL_MODEL})
+        error_of(refused, 503, "shutting_down")
+        assert refused.headers["retry-after"]
+
+    run_in_process({"model_dirs": [models], "drain_timeout_s": 30}, scenario)
