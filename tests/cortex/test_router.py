@@ -247,11 +247,13 @@ def test_busy_counts_cortexs_requests_and_others_the_neuron_reports() -> None:
     state.models["m/a"] = status("m/a")
     state.begin_request("m/a")
     began = state.poll_began()
+    state.asking_health()
     # The neuron reports 3 in flight + 1 queued: cortex's own one and 3 from elsewhere.
     state.apply_poll([status("m/a")], health([1000], {"m/a": (3, 1)}), began)
     assert state.busy("m/a") == 4
     state.end_request("m/a")
     assert state.busy("m/a") == 3  # the other clients' requests still count
+    state.asking_health()
     state.apply_poll([status("m/a")], health([1000], {"m/a": (0, 0)}), state.poll_began())
     assert state.busy("m/a") == 0 and state.busy() == 0
 
