@@ -241,6 +241,11 @@ def build_app(gateway: Gateway) -> ASGIApp:
         return model_id if model_id and gateway.router.known(model_id) else "unknown"
 
     guard = Guard(gateway.keys, settings.admin_token)
+    if settings.admin_token and not settings.neuron_token:
+        log.warning(
+            "neuron_token is not set: the admin token is sent to every neuron in its place; "
+            "set a separate neuron_token so a neuron host cannot learn cortex's admin token"
+        )
     if not gateway.keys.enabled:
         log.warning(
             "no API keys configured: the API is open to anyone who can reach it "
