@@ -120,13 +120,14 @@ def test_model_allowlist() -> None:
     assert model_allowed(allow, "claude-sonnet", "org/model")  # a name resolved into it
     assert model_allowed(allow, "helexa/fast", "org/other")  # the alias itself is listed
     assert not model_allowed(allow, "org/other", "org/other")
-    require_model(allow, "claude-x", "org/model", aliased=False)  # resolved into an allowed one
-    require_model(allow, "helexa/fast", "org/x", aliased=True)  # an allowed alias of it
+    require_model(allow, "claude-x", "org/model")  # resolved into an allowed one
+    require_model(allow, "helexa/fast", "org/x", ["helexa/fast"])  # an allowed alias of it
+    require_model(frozenset({"claude-*"}), "claude-x", "org/y", ["claude-*"])  # its pattern
     with pytest.raises(Exception) as fallback:  # allowed name, but a fallback took it elsewhere
-        require_model(allow, "org/model", "org/fallback-target", aliased=False)
+        require_model(allow, "org/model", "org/fallback-target", [])
     assert fallback.value.status == 403  # type: ignore[attr-defined]
     with pytest.raises(Exception) as caught:
-        require_model(allow, "org/other", "org/other", aliased=False)
+        require_model(allow, "org/other", "org/other", ["org/other"])
     error = caught.value
     assert error.status == 403 and error.type == "permission_error"  # type: ignore[attr-defined]
     entries = [
@@ -169,7 +170,8 @@ def test_keys_file_round_trip(tmp_path: Path) -> None:
     assert revoke_key(path, "alice") and not revoke_key(path, "alice")
     assert [k.name for k in read_keys(path)] == ["bob@team"]
     assert oct(path.stat().st_mode & 0o777) == "0o600"  # kept across the atomic rewrite
-    assert sorted(p.name for p in path.parent.iterdir()) == ["keys.toml"]  # no temp left
+    left = sorted(p.name for p in path.parent.iterdir())
+    assert left == [".keys.toml.lock", "keys.toml"]  # no temp file left behind
     assert render_keys(read_keys(path)) == path.read_text()
     path.write_text('[[keys]]\nname = "x"\nsha256 = "not-a-hash"\n')
     with pytest.raises(ConfigError, match="sha256"):

@@ -336,3 +336,20 @@ def test_spec_without_a_planned_pool_leaves_the_choice_to_the_neuron() -> None:
     profile = neurons.catalogue.profile("m/a")
     assert profile is not None
     assert "devices" not in Router._spec(neurons.state("n"), profile)
+
+
+def test_an_admin_load_keeps_its_neuron_locked_after_its_client_leaves() -> None:
+    neurons = Neurons({"n": [24000]}, [gpu_model("m/a")])
+    gate = neurons.hold[("n", "/models/load")] = asyncio.Event()
+
+    async def scenario() -> None:
+        caller = asyncio.ensure_future(neurons.router.admin_load("m/a", "n"))
+        await until(neurons.loads)
+        caller.cancel()  # the admin client disconnects mid-load
+        await asyncio.sleep(0.01)
+        assert neurons.router._neuron_locks["n"].locked()  # the load still owns the neuron
+        gate.set()
+        await until(lambda: not neurons.router._neuron_locks["n"].locked())
+        assert neurons.state("n").loaded("m/a")
+
+    asyncio.run(scenario())

@@ -5,7 +5,6 @@ however it is spelled, ``devices`` is honoured or refused, a model too big for t
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import errno
 import json
@@ -19,20 +18,17 @@ import pytest
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 from helexa.core.errors import ApiError
-from helexa.core.settings import load_settings
 from helexa.core.tiny_model import (
     GGUF_Q8_0_FILENAME,
     write_tiny_model,
     write_tiny_model_to_hf_cache,
 )
 from helexa.core.wire import ModelSpec
-from helexa.neuron.app import build_app
-from helexa.neuron.config import NeuronSettings
 from helexa.neuron.harness.hf.batched import PagedBackend
 from helexa.neuron.model_files import canonical_model_id, hub_error
 from helexa.neuron.service import Neuron
 from tests.conftest import GGUF_REPO_ID, LOCAL_MODEL
-from tests.support.inprocess import sse_frames
+from tests.support.inprocess import run_neuron, sse_frames
 from tests.support.procs import Daemon, start_neuron
 
 GGUF_FILE = f"gguf/{GGUF_Q8_0_FILENAME}"
@@ -245,24 +241,6 @@ def test_devices_are_honoured_or_refused(neuron: tuple[Daemon, str]) -> None:
 # --- memory: never (400) versus not now (409) ------------------------------------------------
 
 
-def run_in_process(settings: dict, scenario) -> None:  # type: ignore[no-untyped-def]
-    parsed = load_settings(NeuronSettings, None, settings)
-
-    async def main() -> None:
-        neuron = Neuron(parsed)
-        neuron.start()
-        try:
-            transport = httpx.ASGITransport(app=build_app(neuron))
-            async with httpx.AsyncClient(
-                transport=transport, base_url="http://neuron", timeout=60
-            ) as client:
-                await scenario(neuron, client)
-        finally:
-            neuron.pool.stop()
-
-    asyncio.run(main())
-
-
 @pytest.mark.parametrize("model_id", [LOCAL_MODEL, GGUF_FILE])
 def test_too_big_ever_is_400_too_big_now_is_409(models: Path, model_id: str) -> None:
     probe: dict[str, int] = {}
@@ -270,7 +248,7 @@ def test_too_big_ever_is_400_too_big_now_is_409(models: Path, model_id: str) -> 
     async def size(neuron: Neuron, client: httpx.AsyncClient) -> None:
         probe["bytes"] = (await neuron.size(ModelSpec(model_id=model_id))).bytes
 
-    run_in_process({"model_dirs": [models]}, size)
+    run_neuron({"model_dirs": [models]}, None, size)
     need_mb = probe["bytes"] // (1024 * 1024) + 1
 
     async def too_small(neuron: Neuron, client: httpx.AsyncClient) -> None:
@@ -279,7 +257,8 @@ def test_too_big_ever_is_400_too_big_now_is_409(models: Path, model_id: str) -> 
         assert "[cpu] memory_mb" in error["message"]
         assert (await client.get("/models")).json() == []
 
-    run_in_process({"model_dirs": [models], "cpu": {"memory_mb": max(need_mb // 2, 1)}}, too_small)
+    small = {"model_dirs": [models], "cpu": {"memory_mb": max(need_mb // 2, 1)}}
+    run_neuron(small, None, too_small)
 
     async def one_fits(neuron: Neuron, client: httpx.AsyncClient) -> None:
         first = await client.post("/models/load", json={"model_id": model_id})
@@ -288,7 +267,8 @@ def test_too_big_ever_is_400_too_big_now_is_409(models: Path, model_id: str) -> 
             second = await client.post("/models/load", json={"model_id": "tiny-copy"})
             error_of(second, 409, "insufficient_memory")
 
-    run_in_process({"model_dirs": [models], "cpu": {"memory_mb": need_mb + need_mb // 2}}, one_fits)
+    room_for_one = {"model_dirs": [models], "cpu": {"memory_mb": need_mb + need_mb // 2}}
+    run_neuron(room_for_one, None, one_fits)
 
 
 # --- a poisoned model can be evicted ----------------------------------------------------------
@@ -320,7 +300,7 @@ def test_a_poisoned_model_unloads_and_frees_its_memory(
         again = await client.post("/models/unload", json={"model_id": LOCAL_MODEL})
         error_of(again, 404, "model_not_found")
 
-    run_in_process({"model_dirs": [models]}, scenario)
+    run_neuron({"model_dirs": [models]}, None, scenario)
 
 
 def test_api_error_details_stay_out_of_paths() -> None:
@@ -341,4 +321,4 @@ def test_loads_are_refused_once_draining(models: Path) -> None:
         error_of(refused, 503, "shutting_down")
         assert refused.headers["retry-after"]
 
-    run_in_process({"model_dirs": [models], "drain_timeout_s": 30}, scenario)
+    run_neuron({"model_dirs": [models], "drain_timeout_s": 30}, None, scenario)

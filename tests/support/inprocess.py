@@ -18,15 +18,17 @@ from helexa.neuron.service import Neuron
 Scenario = Callable[[Neuron, httpx.AsyncClient], Awaitable[None]]
 
 
-def run_neuron(settings: dict[str, Any], model_id: str, scenario: Scenario) -> None:
-    """Start a neuron with ``settings``, load ``model_id``, run ``scenario``, stop."""
+def run_neuron(settings: dict[str, Any], model_id: str | None, scenario: Scenario) -> None:
+    """Start a neuron with ``settings``, load ``model_id`` (None: nothing), run
+    ``scenario``, stop."""
     parsed = load_settings(NeuronSettings, None, settings)
 
     async def main() -> None:
         neuron = Neuron(parsed)
         neuron.start()
         try:
-            await neuron.load(ModelSpec(model_id=model_id))
+            if model_id is not None:
+                await neuron.load(ModelSpec(model_id=model_id))
             transport = httpx.ASGITransport(app=build_app(neuron))
             async with httpx.AsyncClient(
                 transport=transport, base_url="http://neuron", timeout=60

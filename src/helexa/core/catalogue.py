@@ -49,11 +49,14 @@ class Catalogue:
         """The concrete id behind an alias (or the name itself)."""
         return self.aliases.get(name, name)
 
+    def fallback_match(self, name: str) -> tuple[str, str] | None:
+        """The first fallback ``(pattern, target)`` that matches ``name``."""
+        return next(((p, t) for p, t in self.fallbacks if fnmatchcase(name, p)), None)
+
     def fallback_for(self, name: str) -> str | None:
         """The model a fallback pattern maps ``name`` to, if any pattern matches."""
-        return next(
-            (target for pattern, target in self.fallbacks if fnmatchcase(name, pattern)), None
-        )
+        match = self.fallback_match(name)
+        return match[1] if match else None
 
     def profile(self, model_id: str) -> ModelProfile | None:
         return self.models.get(model_id)

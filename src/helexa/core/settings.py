@@ -23,6 +23,13 @@ class ConfigError(Exception):
     """A configuration file or value that cannot be used; the message says where."""
 
 
+def require_unique(names: list[str], what: str) -> None:
+    """ValueError naming the repeated ones, for a validator of a list of named entries."""
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{what} names must be unique; repeated: {dupes}")
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")

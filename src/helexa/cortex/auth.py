@@ -137,12 +137,12 @@ def not_allowed(model: str) -> ApiError:
 
 
 def require_model(
-    models: frozenset[str] | None, requested: str, model_id: str, *, aliased: bool
+    models: frozenset[str] | None, requested: str, model_id: str, grants: Iterable[str] = ()
 ) -> None:
-    """The 403 for a model outside the key's allowlist: the model it resolved to must be
-    allowed, or the name sent when that name is an alias of it (``aliased``). A name that
-    only reached ``model_id`` through a fallback does not carry its permission along."""
-    if models is None or model_id in models or (aliased and requested in models):
+    """The 403 for a model outside the key's allowlist: the model the name resolved to
+    must be allowed, or a name in ``grants`` that led to it (the alias sent, or the
+    fallback pattern that matched). A listed name a fallback took elsewhere grants nothing."""
+    if models is None or model_id in models or any(g in models for g in grants):
         return
     raise not_allowed(requested)
 

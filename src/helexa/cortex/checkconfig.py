@@ -19,6 +19,7 @@ import httpx
 from pydantic import ValidationError
 
 from helexa.core.catalogue import Catalogue, ModelProfile
+from helexa.core.checks import Report
 from helexa.core.placement import CPU_POOL, Device, NeuronView, feasible, pools_for
 from helexa.core.wire import Discovery, Health
 from helexa.cortex.config import CortexSettings, NeuronEntry
@@ -226,17 +227,6 @@ def hardware_warnings(catalogue: Catalogue, probes: Sequence[Probe]) -> list[str
     return warnings
 
 
-@dataclass
-class Report:
-    errors: list[str]
-    warnings: list[str]
-    lines: list[str]  # what was checked, and the summary
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-
 def check(
     path: Path,
     *,
@@ -248,7 +238,7 @@ def check(
     from helexa.core.settings import ConfigError, load_settings
     from helexa.cortex.config import load_config
 
-    report = Report(errors=[], warnings=[], lines=[])
+    report = Report()
 
     def say(line: str) -> None:
         report.lines.append(line)

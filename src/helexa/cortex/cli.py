@@ -130,6 +130,7 @@ def check_config(
 
     Each configured neuron is asked for its hardware (GET /discovery, /health) unless
     --offline; warnings do not fail the check."""
+    from helexa.core.checks import conclude
     from helexa.cortex.checkconfig import check
     from helexa.cortex.config import DEFAULT_CONFIG_PATH
 
@@ -142,12 +143,7 @@ def check_config(
         )
         raise typer.Exit(2)
     report = check(path, contact_neurons=not offline, timeout=timeout, echo=typer.echo)
-    for warning in report.warnings:
-        typer.echo(f"warning: {warning}")
-    if not report.ok:
-        typer.echo("invalid:\n" + "\n".join(report.errors), err=True)
-        raise typer.Exit(1)
-    typer.echo(f"ok{f' ({len(report.warnings)} warnings)' if report.warnings else ''}: {path}")
+    raise typer.Exit(conclude(report, path, typer.echo))
 
 
 def _fetch(endpoint: str, key: str | None = None) -> dict[str, Any]:

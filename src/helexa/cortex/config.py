@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from helexa.core.catalogue import Catalogue, load_catalogue
 from helexa.core.serving import LimitsSettings
-from helexa.core.settings import ConfigError, load_settings
+from helexa.core.settings import ConfigError, load_settings, require_unique
 from helexa.cortex.keys import keys_path, read_keys
 
 DEFAULT_CONFIG_PATH = Path("/etc/cortex/cortex.toml")
@@ -100,10 +100,7 @@ class CortexSettings(BaseSettings):
     @field_validator("neurons")
     @classmethod
     def _unique(cls, value: list[NeuronEntry]) -> list[NeuronEntry]:
-        names = [n.name for n in value]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"neuron names must be unique; repeated: {dupes}")
+        require_unique([n.name for n in value], "neuron")
         return value
 
 

@@ -14,19 +14,25 @@ models = ["Qwen/Qwen3-8B"]          # optional: only these (names or resolved id
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import re
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from helexa.core.auth import ApiKey, KeyRing, hash_key, new_key
-from helexa.core.settings import ConfigError, describe_validation_error, read_toml
+from helexa.core.settings import (
+    ConfigError,
+    describe_validation_error,
+    read_toml,
+    require_unique,
+)
 
 log = logging.getLogger("helexa.cortex.auth")
 
@@ -67,10 +73,7 @@ class KeysFile(BaseModel):
     @field_validator("keys")
     @classmethod
     def _unique(cls, value: list[KeyEntry]) -> list[KeyEntry]:
-        names = [k.name for k in value]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"key names must be unique; repeated: {dupes}")
+        require_unique([k.name for k in value], "key")
         return value
 
 
@@ -125,7 +128,10 @@ def write_keys(path: Path, keys: Iterable[ApiKey]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(render_keys(keys), encoding="utf-8")
+        with tmp.open("w", encoding="utf-8") as handle:
+            handle.write(render_keys(keys))
+            handle.flush()
+            os.fsync(handle.fileno())
         with contextlib.suppress(FileNotFoundError):
             old = path.stat()
             os.chmod(tmp, stat.S_IMODE(old.st_mode))
@@ -145,6 +151,20 @@ def check_model_names(models: Iterable[str]) -> list[str]:
     return names
 
 
+@contextlib.contextmanager
+def editing(path: Path) -> Iterator[None]:
+    """Serialise read-modify-write of the keys file between `cortex keys` runs: two at once
+    must not lose a key whose secret was already printed, nor bring a revoked one back."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(f".{path.name}.lock")
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def add_key(path: Path, name: str, models: list[str] | None) -> str:
     """Add a key named ``name`` and return it: the only time it is ever seen."""
     if not NAME.fullmatch(name):
@@ -152,23 +172,25 @@ def add_key(path: Path, name: str, models: list[str] | None) -> str:
             f"{name!r}: a key name is 1-64 letters, digits, '.', '_', '@' or '-' "
             "(it goes on log lines and metric labels)"
         )
-    keys = read_keys(path)
-    if any(k.name == name for k in keys):
-        raise ValueError(f"a key named {name!r} exists; revoke it first or choose another name")
-    secret = new_key()
-    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     allowed = None if models is None else frozenset(check_model_names(models))
-    keys.append(ApiKey(name=name, sha256=hash_key(secret), created=created, models=allowed))
-    write_keys(path, keys)
+    with editing(path):
+        keys = read_keys(path)
+        if any(k.name == name for k in keys):
+            raise ValueError(f"a key named {name!r} exists; revoke it first or choose another name")
+        secret = new_key()
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        keys.append(ApiKey(name=name, sha256=hash_key(secret), created=created, models=allowed))
+        write_keys(path, keys)
     return secret
 
 
 def revoke_key(path: Path, name: str) -> bool:
-    keys = read_keys(path)
-    kept = [k for k in keys if k.name != name]
-    if len(kept) == len(keys):
-        return False
-    write_keys(path, kept)
+    with editing(path):
+        keys = read_keys(path)
+        kept = [k for k in keys if k.name != name]
+        if len(kept) == len(keys):
+            return False
+        write_keys(path, kept)
     return True
 
 

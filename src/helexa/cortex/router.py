@@ -73,6 +73,15 @@ class Router:
             return model_id
         return self.catalogue.fallback_for(name) or model_id
 
+    def granting(self, name: str, model_id: str) -> list[str]:
+        """The names that led from ``name`` to ``model_id`` (for a key's allowlist): the
+        name itself when it is the model or its alias, the fallback pattern that matched."""
+        names = [name] if self.catalogue.resolve(name) == model_id else []
+        match = self.catalogue.fallback_match(name)
+        if match is not None and model_id != name and self.catalogue.resolve(match[1]) == model_id:
+            names.append(match[0])
+        return names
+
     def _on_any_neuron(self, model_id: str) -> bool:
         return any(model_id in s.models for s in self.fleet.neurons.values())
 
@@ -447,9 +456,14 @@ class Router:
         state = self.fleet.neurons.get(node)
         if state is None:
             raise not_found(f"no neuron named {node!r}", code="neuron_not_found", param="node")
+        # Shielded with its lock: an admin client that leaves must not release the neuron
+        # to other loads while this one still runs there.
+        await asyncio.shield(asyncio.ensure_future(self._locked_load(state, profile)))
+        return state
+
+    async def _locked_load(self, state: NeuronState, profile: ModelProfile) -> None:
         async with self._neuron_locks[state.name]:
             await self._load_on(state, profile)
-        return state
 
     async def admin_unload(self, model_id: str, node: str | None) -> list[str]:
         targets = [

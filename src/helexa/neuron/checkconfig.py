@@ -10,22 +10,12 @@ for them, offline: nothing is downloaded.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from helexa.core.checks import Report
 from helexa.neuron.config import NeuronSettings
 
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
-
-
-@dataclass
-class Report:
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
 
 
 def harness_cache(settings: NeuronSettings, harness: str) -> Path:

@@ -103,6 +103,7 @@ def check_config(
 ) -> None:
     """Validate neuron.toml; say which harnesses, model_dirs and default-model weights the
     neuron would find (offline: nothing is downloaded). Warnings do not fail the check."""
+    from helexa.core.checks import conclude
     from helexa.neuron.checkconfig import check
     from helexa.neuron.config import DEFAULT_CONFIG_PATH
 
@@ -121,12 +122,7 @@ def check_config(
         typer.echo(f"invalid:\n{exc}", err=True)
         raise typer.Exit(1) from None
     report = check(settings, echo=typer.echo)
-    for warning in report.warnings:
-        typer.echo(f"warning: {warning}")
-    if not report.ok:
-        typer.echo("invalid:\n" + "\n".join(report.errors), err=True)
-        raise typer.Exit(1)
-    typer.echo(f"ok{f' ({len(report.warnings)} warnings)' if report.warnings else ''}: {path}")
+    raise typer.Exit(conclude(report, path, typer.echo))
 
 
 def _command(function: Callable[..., None], epilog: str | None = None) -> Any:
