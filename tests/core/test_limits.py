@@ -240,6 +240,12 @@ def test_error_bodies_never_carry_server_paths() -> None:
     assert error.message == message  # logs keep the whole text
 
 
+def test_a_model_folder_under_models_is_cut_and_api_routes_and_pointers_are_not() -> None:
+    assert scrub_paths("no weights in /models/qwen/x") == "no weights in …/x"
+    assert scrub_paths("POST /models/load failed") == "POST /models/load failed"
+    assert scrub_paths("#/definitions/Address is invalid") == "#/definitions/Address is invalid"
+
+
 def test_error_body_picks_the_envelope_by_route() -> None:
     error = ApiError(413, "too big", code="request_too_large")
     assert b'"type":"error"' in error_body("/v1/messages", error)

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
+
 from helexa.core.catalogue import parse_catalogue
+from helexa.core.errors import ApiError
 from helexa.core.placement import plan_eviction
 from helexa.core.wire import Discovery, Health, ModelStatus
 from helexa.cortex.config import CortexSettings, NeuronEntry
@@ -353,3 +356,17 @@ def test_an_admin_load_keeps_its_neuron_locked_after_its_client_leaves() -> None
         assert neurons.state("n").loaded("m/a")
 
     asyncio.run(scenario())
+
+
+def test_a_local_folder_the_neuron_names_otherwise_is_a_400_naming_its_id() -> None:
+    neurons = Neurons({"c": []}, [gpu_model("./models/x", 100, min_devices=0)])
+    neurons.state("c").health = health([], cpu_free=4000)
+
+    async def canonical(state: NeuronState, path: str, body: dict[str, Any], timeout: float):  # type: ignore[no-untyped-def]
+        return 200, {"status": "loaded", "model": status("models/x", devices=[]).model_dump()}
+
+    neurons.router._post = canonical  # type: ignore[method-assign]
+    with pytest.raises(ApiError) as info:
+        asyncio.run(neurons.router.route("./models/x"))
+    assert info.value.status == 400 and info.value.code == "model_id_not_canonical"
+    assert "'models/x'" in info.value.message

@@ -209,6 +209,23 @@ def test_a_refused_job_fails_its_requests(worker: DeviceWorker) -> None:
     assert not engine._running
 
 
+def test_a_worker_poisoned_under_running_requests_fails_them_all() -> None:
+    """Another model's fault poisons the shared worker between two steps: requests already
+    generating here end with that error (they hung before) and their slots are let go."""
+    worker = DeviceWorker("stepped-by-hand")
+    engine = engine_on(worker, FakeBackend())
+    running = [request(seed, tokens=50) for seed in (1, 2)]
+    for generation in running:
+        engine.submit(generation)
+    job_future, _job = worker._jobs.get_nowait()
+    engine.step()  # both are in slots, mid-generation
+    assert all(g.slot is not None for g in running)
+    job_future.set_exception(RuntimeError("device poisoned by another model"))
+    for generation in running:
+        assert "poisoned by another model" in str(outcome(generation))
+    assert all(slot.owner is None for slot in engine._slots) and not engine._running
+
+
 # --- end to end: the tiny model, one request's sampler raising --------------------------------
 
 

@@ -166,6 +166,21 @@ def test_max_tokens_beyond_the_context_is_400(base: str) -> None:
         client.completions.create(model=TINY_REPO_ID, prompt="hi", max_tokens=context + 1)
 
 
+def test_fit_max_tokens_clamps_instead(base: str) -> None:
+    """cortex's Anthropic translation sets it: Claude Code's 64k max_tokens must not fail
+    on a model with a smaller context (the answer is cut at the context instead)."""
+    body = {
+        "model": TINY_REPO_ID,
+        "messages": USER,
+        "max_tokens": context_length(base) * 4,
+        "fit_max_tokens": True,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        assert any(line.startswith("data: {") for line in response.iter_lines())
+
+
 def test_max_tokens_within_the_context_is_still_clamped(base: str) -> None:
     """At the context (the prompt leaves less room), the answer is cut short: length."""
     body = {"model": TINY_REPO_ID, "messages": USER, "max_tokens": context_length(base)}

@@ -332,6 +332,7 @@ def to_openai(req: MessagesRequest, model_id: str) -> dict[str, Any]:
         "model": model_id,
         "messages": _messages(req),
         "max_tokens": req.max_tokens,
+        "fit_max_tokens": True,  # chosen for Claude, not for this model: clamp, no 400
         "chat_template_kwargs": {"enable_thinking": thinking_enabled(req.thinking)},
     }
     if req.stream:

@@ -9,11 +9,21 @@ from __future__ import annotations
 import re
 from typing import Any
 
-# An absolute (or ~) file path of two or more segments; API routes (/v1/…, /models/…,
-# /admin/…) and URLs (http://host/…) are not paths of this server's disk.
-_SERVER_PATH = re.compile(
-    r"(?<![\w.:/~\\-])~?/(?!v1/|models/|admin/)(?:[\w.@+%=,-]+/)+[\w.@+%=,-]*"
+# An absolute (or ~) file path of two or more segments. URLs (http://host/…) and JSON
+# pointers (#/definitions/…) are not paths of this server's disk, nor are the API's own
+# routes (matched whole below, so a model folder under /models/ is still cut).
+_SERVER_PATH = re.compile(r"(?<![\w.:/~\\#-])~?/(?:[\w.@+%=,-]+/)+[\w.@+%=,-]*")
+_API_ROUTE = re.compile(
+    r"/(?:v1/(?:chat/completions|completions|messages(?:/count_tokens)?|responses|models)"
+    r"|models/(?:load|unload|size)|admin/(?:fleet|models/(?:load|unload)))"
 )
+
+
+def _cut(match: re.Match[str]) -> str:
+    path = match.group()
+    if _API_ROUTE.fullmatch(path.rstrip(".,=")):
+        return path
+    return "…/" + path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def scrub_paths(message: str) -> str:
@@ -21,7 +31,7 @@ def scrub_paths(message: str) -> str:
     error bodies never reveal where the weight cache or model_dirs are; logs keep them."""
     if "/" not in message:
         return message
-    return _SERVER_PATH.sub(lambda m: "…/" + m.group().rstrip("/").rsplit("/", 1)[-1], message)
+    return _SERVER_PATH.sub(_cut, message)
 
 
 class ApiError(Exception):

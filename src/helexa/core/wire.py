@@ -324,6 +324,10 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: str | dict[str, Any] | None = None
     chat_template_kwargs: TemplateKwargs = None
     response_format: ResponseFormat | None = None
+    # helexa extension: a max_tokens above the context is clamped to it instead of a 400.
+    # cortex sets it for Anthropic clients, which size max_tokens for Claude (Claude Code
+    # asks for 32k-64k), not for the model that serves them.
+    fit_max_tokens: bool = False
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

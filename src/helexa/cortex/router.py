@@ -351,7 +351,22 @@ class Router:
         elapsed = time.monotonic() - started
         model = payload.get("model")
         if isinstance(model, dict):
-            state.landed(ModelStatus.model_validate(model))
+            landed = ModelStatus.model_validate(model)
+            if landed.id != profile.id:
+                # A local folder spelled otherwise than the neuron's canonical id: cortex
+                # would never see it as loaded and would load it again on every request.
+                log.warning(
+                    "model id not canonical",
+                    extra={"model": profile.id, "node": state.name, "canonical": landed.id},
+                )
+                raise ApiError(
+                    400,
+                    f"neuron {state.name} serves {profile.id!r} as {landed.id!r}: name it "
+                    f"{landed.id!r} in models.toml",
+                    code="model_id_not_canonical",
+                    param="model",
+                )
+            state.landed(landed)
         if payload.get("status") == "loaded":
             self.metrics.load_seconds.labels(profile.id, state.name).observe(elapsed)
             if cold:

@@ -115,7 +115,8 @@ def resolve_sampling(
             code="context_length_exceeded",
             details={"prompt_tokens": prompt_tokens, "context_length": context_length},
         )
-    if token_limit is not None and token_limit > context_length:
+    fit = isinstance(request, ChatCompletionRequest) and request.fit_max_tokens
+    if token_limit is not None and token_limit > context_length and not fit:
         # As vLLM: a limit no prompt could ever leave room for is a mistake, not a wish.
         # Within the context it is clamped to what the prompt leaves (finish_reason length).
         completion_tokens = isinstance(request, ChatCompletionRequest) and bool(

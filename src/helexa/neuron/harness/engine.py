@@ -215,6 +215,15 @@ class Engine:
             doomed = [*self._waiting, *self._inbox]
             self._waiting.clear()
             self._inbox = []
+            # Requests mid-generation too (the worker was poisoned under them, e.g. by
+            # another model's fault): the job will not step again. Their slots are let go
+            # without the backend, which must not touch a poisoned device.
+            for slot in self._slots:
+                if slot.owner is not None:
+                    doomed.append(slot.owner)
+                    slot.owner.slot = None
+                    slot.owner.state = None
+                    slot.owner = None
         for generation in doomed:
             _fail(generation, exc)
 
