@@ -80,9 +80,132 @@ def claude_code_script(body: dict[str, Any]) -> list[dict[str, Any]] | None:
     return deltas
 
 
+ACP_TOOLS = {"write_file", "edit_file"}
+ACP_DIRECTIVE = re.compile(r"ACP:(\w+)[ \t]*([^\n]*)")
+
+
+def _text(content: Any) -> str:
+    """A message's text, whether a string or a list of content parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def acp_directive(body: dict[str, Any]) -> tuple[str, str] | None:
+    """(verb, rest of the line) of the ``ACP:verb ...`` cue in the last user message, if the
+    request comes from helexa-acp (its tool set has write_file and edit_file)."""
+    names = {t["function"]["name"] for t in body.get("tools") or []}
+    if not ACP_TOOLS.issubset(names):
+        return None
+    users = [m for m in body["messages"] if m["role"] == "user"]
+    found = ACP_DIRECTIVE.search(_text(users[-1]["content"])) if users else None
+    return (found.group(1), found.group(2).strip()) if found else ("say", "")
+
+
+def acp_delay(body: dict[str, Any]) -> float:
+    """Seconds to wait before answering an helexa-acp request: ``ACP:slow S`` and each
+    round of ``ACP:rounds N S``. Only the last user message counts, so a cancelled slow
+    prompt still in the history does not slow the next one."""
+    cue = acp_directive(body)
+    if cue is None:
+        return 0.0
+    verb, rest = cue
+    args = rest.split()
+    if verb == "slow" and args:
+        return float(args[0])
+    if verb == "rounds" and len(args) > 1 and len(_acp_calls_since_user(body)) < int(args[0]):
+        return float(args[1])
+    return 0.0
+
+
+def _acp_calls_since_user(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The assistant tool-call turns since the last user message."""
+    messages = body["messages"]
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    later = messages[last_user + 1 :]
+    return [m for m in later if m["role"] == "assistant" and m.get("tool_calls")]
+
+
+def acp_script(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """helexa-acp's tools (read_file, list_dir, write_file, edit_file, bash, grep), on the
+    cue the test wrote in the last user message:
+
+        ACP:write PATH CONTENT     write_file (CONTENT: the rest of the line, \\n a newline)
+        ACP:edit PATH OLD NEW      edit_file
+        ACP:bash COMMAND           bash (COMMAND: the rest of the line)
+        ACP:read PATH              read_file
+        ACP:grep PATTERN PATH      grep
+        ACP:slow S                 wait S seconds, then answer in text (cancel tests)
+        ACP:rounds N S [DIR]       N rounds of list_dir DIR/roundI, each a model call that
+                                   waits S seconds first (kill tests); DIR defaults to "."
+        ACP:think                  reasoning_content, then text
+        ACP:truncate               text, then finish_reason "length"
+        anything else              a plain text answer echoing the prompt
+
+    Once the tool results are back (role "tool" after the last assistant turn) the answer
+    is "done: " and the first 200 characters of each result. None when the request is not
+    helexa-acp's."""
+    cue = acp_directive(body)
+    if cue is None:
+        return None
+    verb, rest = cue
+    args = rest.split()
+    recent = _since_assistant(body["messages"])
+    results = [m for m in recent if m["role"] == "tool"]
+    calls = _acp_calls_since_user(body)
+    if verb == "rounds" and args and len(calls) < int(args[0]):
+        base = args[2] if len(args) > 2 else "."
+        path = f"{base.rstrip('/')}/round{len(calls)}"
+        return [
+            {"content": f"Round {len(calls)}."},
+            _call(0, f"call_r{len(calls)}_{len(body['messages'])}", "list_dir", {"path": path}),
+            {"finish_reason": "tool_calls"},
+        ]
+    if results and calls:
+        said = " | ".join(_text(m["content"])[:200] for m in results)
+        return [{"content": "done: "}, {"content": said}, {"finish_reason": "stop"}]
+    if verb == "think":
+        return [
+            {"reasoning_content": "Let me think "},
+            {"reasoning_content": "about this."},
+            {"content": "Thought it through."},
+            {"finish_reason": "stop"},
+        ]
+    if verb == "slow":
+        return [{"content": "Slow answer."}, {"finish_reason": "stop"}]
+    if verb == "truncate":  # the answer ran into max_tokens
+        return [{"content": "This answer is cut"}, {"finish_reason": "length"}]
+    tool: tuple[str, dict[str, Any]] | None = None
+    if verb == "write" and args:
+        content = rest[len(args[0]) :].strip().replace("\\n", "\n")
+        tool = ("write_file", {"path": args[0], "content": content})
+    elif verb == "edit" and len(args) >= 3:
+        tool = ("edit_file", {"path": args[0], "old": args[1], "new": args[2]})
+    elif verb == "bash" and rest:
+        tool = ("bash", {"command": rest})
+    elif verb == "read" and args:
+        tool = ("read_file", {"path": args[0]})
+    elif verb == "grep" and args:
+        tool = ("grep", {"pattern": args[0], **({"path": args[1]} if len(args) > 1 else {})})
+    if tool is None:
+        users = [m for m in body["messages"] if m["role"] == "user"]
+        echo = _text(users[-1]["content"])[:100] if users else ""
+        return [{"content": "ok: "}, {"content": echo}, {"finish_reason": "stop"}]
+    return [
+        {"content": f"Calling {tool[0]}."},
+        _call(0, f"call_{verb}_{len(body['messages'])}", tool[0], tool[1]),  # unique ids
+        {"finish_reason": "tool_calls"},
+    ]
+
+
 def script_for(body: dict[str, Any]) -> list[dict[str, Any]]:
     """Deltas for one answer: a tool-call turn, or the answer after a tool result."""
     scripted = claude_code_script(body)
+    if scripted is not None:
+        return scripted
+    scripted = acp_script(body)
     if scripted is not None:
         return scripted
     last = body["messages"][-1]
@@ -173,6 +296,13 @@ async def chat(request: Request) -> Response:
         )
     if slow := re.search(r"SLOW:([0-9.]+)", said):  # a long generation
         await asyncio.sleep(float(slow.group(1)))
+    if delay := acp_delay(body):
+        # As a real generation stops when its client leaves (a cancelled prompt).
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline:
+            if await request.is_disconnected():
+                return Response(status_code=499)
+            await asyncio.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
     deltas = script_for(body)
     usage = {
         "prompt_tokens": 42,

@@ -1,0 +1,3 @@
+from helexa.acp.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""The ``openai-chat`` wire API: ``POST {base_url}/chat/completions`` with ``stream: true``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from helexa.acp.config import EndpointConfig
+from helexa.acp.endpoint import (
+    EndpointError,
+    Finish,
+    ReasoningDelta,
+    StreamEvent,
+    TextDelta,
+    ToolCallDelta,
+    UsageInfo,
+    describe_http_error,
+    describe_transport_error,
+    fetch_model_ids,
+    new_http_client,
+)
+from helexa.acp.sse import aiter_events
+
+_FINISH = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+    "content_filter": "refusal",
+}
+
+
+def request_body(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]], model: str, max_tokens: int
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if tools:
+        body["tools"] = tools
+        body["tool_choice"] = "auto"
+    return body
+
+
+def parse_chunk(chunk: dict[str, Any]) -> list[StreamEvent]:
+    """One ``chat.completion.chunk`` as events (pure)."""
+    if "error" in chunk:
+        error = chunk["error"]
+        message = error.get("message") if isinstance(error, dict) else error
+        raise EndpointError(f"the endpoint reported an error mid-stream: {message}")
+    events: list[StreamEvent] = []
+    for choice in chunk.get("choices") or []:
+        delta = choice.get("delta") or choice.get("message") or {}
+        # reasoning_content: cortex, vLLM, DeepSeek; reasoning: newer vLLM and OpenRouter.
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            events.append(ReasoningDelta(reasoning))
+        content = delta.get("content")
+        if isinstance(content, str) and content:
+            events.append(TextDelta(content))
+        for call in delta.get("tool_calls") or []:
+            function = call.get("function") or {}
+            events.append(
+                ToolCallDelta(
+                    index=call.get("index"),
+                    id=call.get("id"),
+                    name=function.get("name"),
+                    arguments=_arguments_text(function.get("arguments")),
+                )
+            )
+        if choice.get("finish_reason"):
+            events.append(Finish(_FINISH.get(choice["finish_reason"], "stop")))
+    usage = chunk.get("usage")
+    if isinstance(usage, dict):
+        events.append(
+            UsageInfo(
+                input_tokens=int(usage.get("prompt_tokens") or 0),
+                output_tokens=int(usage.get("completion_tokens") or 0),
+            )
+        )
+    return events
+
+
+def _arguments_text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class OpenAIChatEndpoint:
+    def __init__(self, config: EndpointConfig) -> None:
+        self.config = config
+        self._client: httpx.AsyncClient | None = None
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = new_http_client(self.config)
+        return self._client
+
+    def _headers(self) -> dict[str, str]:
+        key = self.config.resolved_api_key()
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    async def list_models(self, timeout_s: float) -> list[str]:
+        return await fetch_model_ids(self._http(), self.config, self._headers(), timeout_s)
+
+    async def stream(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        model: str,
+        max_tokens: int,
+    ) -> AsyncIterator[StreamEvent]:
+        body = request_body(messages, tools, model, max_tokens)
+        url = f"{self.config.base_url}/chat/completions"
+        try:
+            async with self._http().stream(
+                "POST", url, json=body, headers=self._headers()
+            ) as response:
+                if response.status_code != 200:
+                    text = (await response.aread()).decode("utf-8", "replace")
+                    raise EndpointError(
+                        describe_http_error(self.config, response.status_code, text)
+                    )
+                if "text/event-stream" not in response.headers.get("content-type", ""):
+                    # A server that ignored stream=true: one whole completion.
+                    try:
+                        payload = json.loads(await response.aread())
+                    except ValueError as exc:
+                        raise EndpointError("the endpoint answered neither SSE nor JSON") from exc
+                    for event in parse_chunk(payload):
+                        yield event
+                    return
+                async for sse in aiter_events(response.aiter_lines()):
+                    if sse.data.strip() == "[DONE]":
+                        break
+                    if not sse.data.strip():
+                        continue
+                    try:
+                        chunk = json.loads(sse.data)
+                    except ValueError as exc:
+                        raise EndpointError(f"the endpoint sent a bad chunk: {exc}") from exc
+                    for event in parse_chunk(chunk):
+                        yield event
+        except httpx.HTTPError as exc:
+            raise EndpointError(describe_transport_error(self.config, exc)) from exc
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None

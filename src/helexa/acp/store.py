@@ -1,0 +1,114 @@
+"""Sessions on disk: one JSON file per session, ``<sessions_dir>/<id>.json``, replaced
+atomically (temp file + fsync + os.replace) so a crash mid-write never leaves half a file.
+
+``messages`` is the conversation in OpenAI chat form; keys starting with ``_`` are ours
+(reasoning, the ACP prompt blocks, tool display content) and never reach the endpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import tempfile
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+
+log = logging.getLogger("helexa.acp.store")
+
+FORMAT_VERSION = 1
+# uuid4 strings (ours) and anything else safe as a file name; never a path.
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_session_id() -> str:
+    # Random, not a counter: ids stay unique across restarts and machines.
+    return str(uuid.uuid4())
+
+
+class StoredSession(BaseModel):
+    version: int = FORMAT_VERSION
+    id: str
+    cwd: str
+    title: str | None = None
+    created_at: str = Field(default_factory=now_iso)
+    updated_at: str = Field(default_factory=now_iso)
+    mode: str = "default"
+    endpoint: str | None = None
+    model: str
+    # ACP tool kinds ("edit", "execute") the user chose "allow always" for.
+    always_allowed: list[str] = Field(default_factory=list)
+    messages: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class SessionStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path_for(self, session_id: str) -> Path:
+        if not _SAFE_ID.match(session_id):
+            raise ValueError(f"not a session id: {session_id!r}")
+        return self.root / f"{session_id}.json"
+
+    def save(self, session: StoredSession) -> None:
+        path = self.path_for(session.id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = session.model_dump_json(indent=1)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{session.id}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def load(self, session_id: str) -> StoredSession | None:
+        try:
+            path = self.path_for(session_id)
+            text = path.read_text(encoding="utf-8")
+        except (ValueError, OSError):
+            return None
+        try:
+            return StoredSession.model_validate_json(text)
+        except ValidationError as exc:
+            log.warning("unreadable session file", extra={"path": str(path), "err": str(exc)})
+            return None
+
+    def all(self) -> list[StoredSession]:
+        """Every readable session, most recently updated first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in self.root.glob("*.json"):
+            session = self.load(path.stem)
+            if session is not None:
+                found.append(session)
+        found.sort(key=lambda s: s.updated_at, reverse=True)
+        return found
+
+
+def same_dir(a: str, b: str) -> bool:
+    """Whether two cwd strings name the same directory (trailing slashes, ``..``, ``~``)."""
+    return os.path.normpath(os.path.expanduser(a)) == os.path.normpath(os.path.expanduser(b))
+
+
+def title_from(text: str, limit: int = 60) -> str | None:
+    """A session title: the first non-empty line of the first prompt, shortened."""
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
+    return None
