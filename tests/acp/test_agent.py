@@ -632,10 +632,6 @@ def test_a_plain_chat_with_a_real_tiny_model(
             sid = await session(agent, project)
             stop = await agent.prompt(sid, "Say hello.", timeout=120)
             assert stop in ("end_turn", "max_tokens"), dump(agent)
-            chunks = client.updates(sid, "agent_message_chunk") + client.updates(
-                sid, "agent_thought_chunk"
-            )
-            assert chunks, dump(agent)
 
     run(main(), timeout=240)
     served = [
@@ -644,3 +640,5 @@ def test_a_plain_chat_with_a_real_tiny_model(
         if "path=/v1/chat/completions" in line and f"model={TINY_ACP} " in line
     ]
     assert served and all(" status=200 " in line for line in served), served
+    # Random weights: the answer may be an end-of-sequence alone (no text for the panel),
+    # so what is checked is that the real model answered the agent's request in full.

@@ -22,7 +22,7 @@ from helexa.acp.tools import (
     parse_args,
     resolve_path,
 )
-from helexa.acp.workspace import ToolError, keep_tail, slice_lines
+from helexa.acp.workspace import ToolError, keep_tail
 
 CWD = Path("/proj")
 
@@ -94,11 +94,7 @@ def test_edit_needs_exactly_one_occurrence() -> None:
         apply_edit("b b", "b", "B", CWD)
 
 
-def test_line_slices_and_output_tails() -> None:
-    text = "1\n2\n3\n4\n"
-    assert slice_lines(text, 2, 2) == "2\n3\n"
-    assert slice_lines(text, None, 1) == "1\n"
-    assert slice_lines(text, 3, None) == "3\n4\n"
+def test_output_tails() -> None:
     buffer = bytearray()
     assert keep_tail(buffer, b"abcdef", 4) and buffer == b"cdef"
 

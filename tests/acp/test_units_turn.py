@@ -108,7 +108,7 @@ def make_turn(
     session = StoredSession(id=new_session_id(), cwd=str(tmp_path), model="m", mode=mode)
     saves: list[int] = []
 
-    def save() -> None:
+    async def save() -> None:
         store.save(session)
         saves.append(len(session.messages))
 
@@ -134,7 +134,12 @@ def test_rounds_run_tools_locally_and_save_after_each(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("alpha\nbeta\n")
     endpoint = FakeEndpoint(
         [
-            [ReasoningDelta("look"), TextDelta("Reading."), call(0, "read_file", path="a.txt")],
+            [
+                ReasoningDelta("look"),
+                TextDelta("Reading."),
+                call(0, "read_file", path="a.txt"),
+                Finish("tool_calls"),
+            ],
             [
                 call(0, "edit_file", path="a.txt", old="beta", new="BETA"),
                 call(1, "bash", command="echo hi-$((1+1)); exit 3"),
@@ -187,6 +192,7 @@ def test_denied_and_refused_calls_go_back_to_the_model(tmp_path: Path) -> None:
             [
                 call(0, "bash", command="touch nope"),
                 call(1, "write_file", path=".helexa/plans/p.md", content="P"),
+                Finish("tool_calls"),
             ],
             [Finish("stop")],
         ]
@@ -251,7 +257,9 @@ def test_endpoint_errors_are_shown_and_not_sent_back(tmp_path: Path) -> None:
 
 
 def test_the_round_limit_stops_the_turn(tmp_path: Path) -> None:
-    endpoint = FakeEndpoint([[call(0, "list_dir", path=".")] for _ in range(4)])
+    endpoint = FakeEndpoint(
+        [[call(0, "list_dir", path="."), Finish("tool_calls")] for _ in range(4)]
+    )
     turn, _, _, _ = make_turn(tmp_path, endpoint, RecordingUi())
     assert asyncio.run(turn.run(prompt("loop"))).stop_reason == "max_turn_requests"
 

@@ -59,6 +59,7 @@ from helexa.acp.store import (
     new_session_id,
     now_iso,
     same_dir,
+    snapshot,
     title_from,
 )
 from helexa.acp.toolrun import ToolRunner
@@ -68,13 +69,17 @@ from helexa.acp.workspace import ClientCaps, Workspace
 log = logging.getLogger("helexa.acp.agent")
 
 LIST_PAGE = 100
+SHUTDOWN_WAIT_S = 10.0  # for live turns to unwind (and save) when the connection closes
 
 
 @dataclass
 class LiveSession:
     record: StoredSession
     turn: asyncio.Task[TurnResult] | None = None
-    cancel_sent: bool = False
+    cancel_sent: bool = False  # the running turn was cancelled already
+    # A session/cancel came while a prompt waited for the previous turn to unwind: that
+    # prompt must not start its own.
+    cancel_requested: bool = False
 
 
 def _blocks(prompt: list[Any]) -> list[dict[str, Any]]:
@@ -99,6 +104,7 @@ class HelexaAgent:
         self._live: dict[str, LiveSession] = {}
         self._conn: Any = None
         self._caps = ClientCaps()
+        self._save_seq = 0
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -112,14 +118,25 @@ class HelexaAgent:
         return self._endpoints[config.name]
 
     async def aclose(self) -> None:
+        """Cancel the turns still running and let them unwind (they save the session) before
+        their HTTP clients close under them."""
+        turns = [t for live in self._live.values() if (t := live.turn) and not t.done()]
+        for task in turns:
+            task.cancel()
+        if turns:
+            await asyncio.wait(turns, timeout=SHUTDOWN_WAIT_S)
         for endpoint in self._endpoints.values():
             with contextlib.suppress(Exception):
                 await endpoint.aclose()
 
-    def _save(self, record: StoredSession) -> None:
+    async def _save(self, record: StoredSession) -> None:
+        """Save off the event loop (fsync can take a while); the snapshot is taken here, in
+        order, so a slow write never lands over a newer one."""
         record.updated_at = now_iso()
+        data = snapshot(record)
+        self._save_seq += 1
         try:
-            self.store.save(record)
+            await asyncio.to_thread(self.store.write, record.id, data, self._save_seq)
         except OSError as exc:  # keep serving; the log says the session is not on disk
             log.error("session save failed", extra={"session_id": record.id, "err": str(exc)})
 
@@ -211,7 +228,7 @@ class HelexaAgent:
             model=endpoint.model,
         )
         self._live[record.id] = LiveSession(record)
-        self._save(record)
+        await self._save(record)
         log.info("session new", extra={"session_id": record.id, "cwd": record.cwd})
         return NewSessionResponse(
             session_id=record.id,
@@ -260,18 +277,18 @@ class HelexaAgent:
 
     # -- settings ---------------------------------------------------------------------
 
-    def _set_mode(self, live: LiveSession, mode_id: str) -> None:
+    async def _set_mode(self, live: LiveSession, mode_id: str) -> None:
         if mode_id not in MODE_IDS:
             raise RequestError.invalid_params({"modeId": mode_id, "available": list(MODE_IDS)})
         live.record.mode = mode_id
-        self._save(live.record)
+        await self._save(live.record)
         log.info("mode", extra={"session_id": live.record.id, "mode": mode_id})
 
     async def set_session_mode(
         self, session_id: str, mode_id: str, **kwargs: Any
     ) -> SetSessionModeResponse:
         live = self._session(session_id)
-        self._set_mode(live, mode_id)
+        await self._set_mode(live, mode_id)
         options = await self._config_options(live.record)
         await self._notify(
             session_id,
@@ -286,7 +303,7 @@ class HelexaAgent:
             served = await self._model_ids(endpoint.name, fresh=fresh)
             if value in model_choices(served, endpoint.model, record.model):
                 record.model = value
-                self._save(record)
+                await self._save(record)
                 log.info("model", extra={"session_id": record.id, "model": value})
                 return
         raise RequestError.invalid_params({"configId": MODEL_OPTION, "value": value})
@@ -300,14 +317,14 @@ class HelexaAgent:
                 {"configId": config_id, "error": "expects a value id"}
             )
         if config_id == MODE_OPTION:
-            self._set_mode(live, value)
+            await self._set_mode(live, value)
             await self._notify(session_id, update_current_mode(value))
         elif config_id == MODEL_OPTION:
             await self._set_model(live, value)
         elif config_id == ENDPOINT_OPTION and value in [e.name for e in self.config.endpoints]:
             live.record.endpoint = value
             live.record.model = self.config.endpoint(value).model
-            self._save(live.record)
+            await self._save(live.record)
         else:
             raise RequestError.invalid_params({"configId": config_id, "value": value})
         return SetSessionConfigOptionResponse(
@@ -332,9 +349,12 @@ class HelexaAgent:
 
     async def prompt(self, session_id: str, prompt: list[Any], **kwargs: Any) -> PromptResponse:
         live = self._session(session_id)
+        live.cancel_requested = False  # a cancel from before this prompt was not for it
         # One turn at a time per session; loop: another prompt may have started one meanwhile.
         while live.turn is not None and not live.turn.done():
             await self._stop_turn(live)
+        if live.cancel_requested:  # cancelled while the previous turn unwound
+            return PromptResponse(stop_reason="cancelled")
         blocks = _blocks(prompt)
         task = asyncio.create_task(self._run_turn(live, blocks), name=f"turn-{session_id}")
         live.turn, live.cancel_sent = task, False
@@ -393,7 +413,10 @@ class HelexaAgent:
 
     async def cancel(self, session_id: str, **kwargs: Any) -> None:
         live = self._live.get(session_id)
-        if live is None or live.turn is None or live.turn.done() or live.cancel_sent:
+        if live is None:
+            return
+        live.cancel_requested = True
+        if live.turn is None or live.turn.done() or live.cancel_sent:
             return
         live.cancel_sent = True
         live.turn.cancel()

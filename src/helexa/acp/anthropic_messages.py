@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from helexa.acp.config import EndpointConfig
+from helexa.acp.context import IS_ERROR
 from helexa.acp.endpoint import (
     EndpointError,
     Finish,
@@ -51,7 +52,7 @@ def _text_of(content: Any) -> str:
 def _tool_input(arguments: str) -> dict[str, Any]:
     try:
         value = json.loads(arguments) if arguments.strip() else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
         return {"_unparsed_arguments": arguments}
     return value if isinstance(value, dict) else {"value": value}
 
@@ -99,6 +100,8 @@ def to_anthropic(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, An
                 "tool_use_id": message.get("tool_call_id"),
                 "content": _text_of(message.get("content")),
             }
+            if message.get(IS_ERROR):
+                block["is_error"] = True
             push("user", [block])
     if out and out[0]["role"] != "user":
         out.insert(0, {"role": "user", "content": [{"type": "text", "text": "(continued)"}]})

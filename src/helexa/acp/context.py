@@ -45,14 +45,22 @@ def system_prompt(cwd: str, mode: str) -> str:
     return "\n".join(lines)
 
 
+# On a failed tool message in wire form, for the wire APIs that can say so (Anthropic's
+# ``is_error``); the OpenAI wire drops it.
+IS_ERROR = "is_error"
+
+
 def wire_messages(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The stored history as the endpoint gets it: our ``_`` keys dropped, messages that were
-    only shown to the user (``_local``) and empty assistant turns left out."""
+    """The stored history as the endpoint gets it: our ``_`` keys dropped (a failed tool
+    result marked ``is_error``), messages that were only shown to the user (``_local``) and
+    empty assistant turns left out."""
     out: list[dict[str, Any]] = []
     for message in history:
         if message.get("_local"):
             continue
         clean = {k: v for k, v in message.items() if not k.startswith("_")}
+        if clean.get("role") == "tool" and message.get("_status") == "failed":
+            clean[IS_ERROR] = True
         if clean.get("role") == "assistant":
             if not clean.get("tool_calls"):
                 clean.pop("tool_calls", None)

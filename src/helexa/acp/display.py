@@ -25,6 +25,24 @@ def diff_content(path: str, old_text: str | None, new_text: str) -> Content:
     return diff
 
 
+STORED_TEXT_LIMIT = 64 * 1024  # chars of each diff text kept in the session file
+
+
+def for_storage(content: list[Content], limit: int = STORED_TEXT_LIMIT) -> list[Content]:
+    """Display content as the session file keeps it: a diff whose old or new text is over
+    ``limit`` chars becomes a note, or every edit of a big file would store it twice more."""
+    return [_stored(item, limit) for item in content]
+
+
+def _stored(item: Content, limit: int) -> Content:
+    if item.get("type") != "diff":
+        return item
+    size = max(len(item.get("oldText") or ""), len(item.get("newText") or ""))
+    if size <= limit:
+        return item
+    return text_content(f"Changed {item.get('path')} (diff of {size} characters not kept)")
+
+
 def terminal_content(terminal_id: str) -> Content:
     return {"type": "terminal", "terminalId": terminal_id}
 

@@ -30,7 +30,7 @@ from acp.schema import (
 from pydantic import TypeAdapter, ValidationError
 
 from helexa.acp.display import Content
-from helexa.acp.tools import ToolArgError, describe, fallback_view, parse_args
+from helexa.acp.tools import describe, fallback_view, parse_args
 from helexa.acp.ui import locations
 
 Update = UserMessageChunk | AgentMessageChunk | AgentThoughtChunk | ToolCallStart | ToolCallProgress
@@ -93,8 +93,8 @@ def _call_updates(call: dict[str, Any], cwd: Path) -> Update:
         args = parse_args(name, arguments)
         view = describe(name, args, cwd)
         raw: Any = args.model_dump(exclude_none=True)
-    except ToolArgError:
-        view, raw = fallback_view(name), arguments
+    except Exception:  # whatever the stored arguments are, the session must stay loadable
+        view, raw = fallback_view(str(name or "")), str(arguments)
     return start_tool_call(
         call.get("id", ""),
         view.title,

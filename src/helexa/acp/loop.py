@@ -14,13 +14,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from helexa.acp.config import EndpointConfig
 from helexa.acp.context import request_messages
-from helexa.acp.display import error_text, text_content
+from helexa.acp.display import error_text, for_storage, text_content
 from helexa.acp.endpoint import (
     Endpoint,
     EndpointError,
@@ -74,7 +74,7 @@ def tool_message(call_id: str, outcome: ToolOutcome) -> dict[str, Any]:
         "tool_call_id": call_id,
         "content": outcome.text,
         "_status": outcome.status,
-        "_content": outcome.content,
+        "_content": for_storage(outcome.content),
     }
 
 
@@ -98,7 +98,7 @@ class Turn:
         endpoint_config: EndpointConfig,
         tools: ToolRunner,
         ui: Ui,
-        save: Callable[[], None],
+        save: Callable[[], Awaitable[None]],
         max_rounds: int,
     ) -> None:
         self.session = session
@@ -118,11 +118,11 @@ class Turn:
         # the endpoint would reject the conversation.
         self._answer_unanswered("interrupted: the agent stopped before this call finished")
         self.session.messages.append(user)
-        self.save()
+        await self.save()
         try:
             for number in range(1, self.max_rounds + 1):
                 stop = await self._round(number)
-                self.save()
+                await self.save()
                 if stop is not None:
                     self.result.stop_reason = stop
                     return self.result
@@ -140,7 +140,7 @@ class Turn:
             log.exception("turn failed", extra={"session_id": self.session.id})
             await self._fail(f"helexa-acp internal error: {type(exc).__name__}: {exc}", "internal")
         finally:
-            self.save()
+            await self.save()
         return self.result
 
     async def _round(self, number: int) -> str | None:
@@ -171,6 +171,13 @@ class Turn:
                 usage = event
             elif isinstance(event, Finish):
                 finish = event.reason
+        if finish is None:
+            # A clean end names its reason; a stream that just stops lost its connection,
+            # and a tool call in it may be cut in half.
+            raise EndpointError(
+                "the endpoint's reply ended without a finish reason (the connection was "
+                "probably lost); no tool call from it was run"
+            )
         tool_calls = calls.calls()
         stop = stop_reason_for(finish, bool(tool_calls))
         if stop is not None:

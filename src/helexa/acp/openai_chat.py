@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from helexa.acp.config import EndpointConfig
+from helexa.acp.context import IS_ERROR
 from helexa.acp.endpoint import (
     EndpointError,
     Finish,
@@ -38,7 +39,7 @@ def request_body(
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": model,
-        "messages": messages,
+        "messages": [_openai_message(m) for m in messages],
         "max_tokens": max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -47,6 +48,13 @@ def request_body(
         body["tools"] = tools
         body["tool_choice"] = "auto"
     return body
+
+
+def _openai_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A wire message without ``is_error``: the Chat Completions API has no such field."""
+    if IS_ERROR not in message:
+        return message
+    return {k: v for k, v in message.items() if k != IS_ERROR}
 
 
 def parse_chunk(chunk: dict[str, Any]) -> list[StreamEvent]:

@@ -63,6 +63,16 @@ def is_within(path: Path, root: Path) -> bool:
     return real_path == real_root or real_root in real_path.parents
 
 
+def in_plans_dir(target: Path, cwd: Path) -> bool:
+    """Whether a write to ``target`` stays inside ``<cwd>/.helexa/plans``. The folder must
+    be a real folder: a repository can ship ``.helexa/plans -> /`` (or ``.helexa -> ..``),
+    and resolving through that would let plan mode write anywhere."""
+    expected = Path(os.path.realpath(cwd)) / PLANS_DIR
+    if Path(os.path.realpath(plans_dir(cwd))) != expected:
+        return False  # a symlink on the way from the project to the plans folder
+    return is_within(target, expected)
+
+
 def acp_kind_for(tool_class: ToolClass) -> str:
     return {"read": "read", "write": "edit", "command": "execute"}[tool_class]
 
@@ -81,7 +91,7 @@ def decide(
         if tool_class == "command":
             return Decision(Verdict.DENY, "plan mode: running commands is not allowed")
         plans = plans_dir(cwd)
-        if target is not None and is_within(target, plans):
+        if target is not None and in_plans_dir(target, cwd):
             return Decision(Verdict.ALLOW)
         return Decision(
             Verdict.DENY,

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,6 +54,10 @@ class StoredSession(BaseModel):
 class SessionStore:
     def __init__(self, root: Path) -> None:
         self.root = root
+        # Writes run in worker threads: one at a time, and never an older snapshot over a
+        # newer one (a cancelled save's thread can finish after the next save's).
+        self._lock = threading.Lock()
+        self._written: dict[str, int] = {}
 
     def path_for(self, session_id: str) -> Path:
         if not _SAFE_ID.match(session_id):
@@ -60,10 +65,22 @@ class SessionStore:
         return self.root / f"{session_id}.json"
 
     def save(self, session: StoredSession) -> None:
-        path = self.path_for(session.id)
+        self.write(session.id, snapshot(session))
+
+    def write(self, session_id: str, data: str, seq: int | None = None) -> bool:
+        """Write a ``snapshot``; with ``seq``, only when no later-numbered one of this session
+        is on disk already. Whether it was written."""
+        with self._lock:
+            if seq is not None and seq < self._written.get(session_id, 0):
+                return False
+            self._replace(self.path_for(session_id), data)
+            if seq is not None:
+                self._written[session_id] = seq
+            return True
+
+    def _replace(self, path: Path, data: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = session.model_dump_json(indent=1)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{session.id}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(data)
@@ -98,6 +115,11 @@ class SessionStore:
                 found.append(session)
         found.sort(key=lambda s: s.updated_at, reverse=True)
         return found
+
+
+def snapshot(session: StoredSession) -> str:
+    """The session file's text; take it on the event loop, where the session changes."""
+    return session.model_dump_json(indent=1)
 
 
 def same_dir(a: str, b: str) -> bool:

@@ -7,7 +7,6 @@ loop never sees an exception from here except cancellation.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -107,19 +106,7 @@ class ToolRunner:
 
     async def dispatch(self, call: ToolCall) -> ToolOutcome:
         started = time.monotonic()
-        verdict = "-"
-        try:
-            args = parse_args(call.name, call.arguments)
-        except ToolArgError as exc:
-            await self.ui.tool_start(call.id, fallback_view(call.name), _raw(call.arguments))
-            outcome = failure(str(exc))
-        else:
-            view = describe(call.name, args, self.cwd)
-            await self.ui.tool_start(call.id, view, args.model_dump(exclude_none=True))
-            try:
-                outcome, verdict = await self._run(call, args, view)
-            except ToolError as exc:
-                outcome = failure(str(exc))
+        outcome, verdict = await self._attempt(call)
         await self.ui.tool_update(
             call.id,
             status=outcome.status,
@@ -139,6 +126,25 @@ class ToolRunner:
             },
         )
         return outcome
+
+    async def _attempt(self, call: ToolCall) -> tuple[ToolOutcome, str]:
+        """(the outcome, how permission was decided); every failure but cancellation is an
+        outcome the model reads, so one bad call never ends the turn."""
+        try:
+            args = parse_args(call.name, call.arguments)
+        except ToolArgError as exc:
+            # Shown as the model wrote it: parsed, "[[[…" can be too deep to serialize.
+            await self.ui.tool_start(call.id, fallback_view(call.name), call.arguments)
+            return failure(str(exc)), "-"
+        try:
+            view = describe(call.name, args, self.cwd)
+            await self.ui.tool_start(call.id, view, args.model_dump(exclude_none=True))
+            return await self._run(call, args, view)
+        except ToolError as exc:
+            return failure(str(exc)), "-"
+        except Exception as exc:  # a NUL in a path or a command (ValueError), and the like
+            log.warning("tool error", extra={"tool": call.name, "err": repr(exc)}, exc_info=True)
+            return failure(f"{call.name} failed: {type(exc).__name__}: {exc}"), "error"
 
     async def _gate(
         self, call: ToolCall, view: CallView, preview: list[Content]
@@ -212,6 +218,11 @@ class ToolRunner:
         if refusal is not None:
             return failure(refusal), verdict
         await self.ui.tool_update(call.id, status="in_progress")
+        if isinstance(args, EditFileArgs):
+            # The user may have changed the file while the prompt was up: edit what is there
+            # now, never write back the snapshot.
+            old_text, new_text = await self._reapply(path, args)
+            diff = [diff_content(str(path), old_text, new_text)]
         await self.ws.write_text(path, new_text)
         if isinstance(args, EditFileArgs):
             summary = f"Edited {path}: replaced 1 occurrence."
@@ -219,6 +230,16 @@ class ToolRunner:
             verb = "Created" if old_text is None else "Overwrote"
             summary = f"{verb} {path} ({len(new_text.splitlines())} lines)."
         return ToolOutcome(True, summary, diff), verdict
+
+    async def _reapply(self, path: Path, args: EditFileArgs) -> tuple[str, str]:
+        """(the file now, the file edited)."""
+        current = await self.ws.read_existing(path)
+        if current is None:
+            raise ToolError(f"{path} was deleted while waiting for permission; not edited")
+        try:
+            return current, apply_edit(current, args.old, args.new, path)
+        except ToolError as exc:
+            raise ToolError(f"{path} changed while waiting for permission: {exc}") from exc
 
     async def _bash(
         self, call: ToolCall, args: BashArgs, view: CallView
@@ -240,10 +261,3 @@ class ToolRunner:
         ok = result.exit_code == 0 and not result.timed_out
         model_text = cap(text, self.output_limit)
         return ToolOutcome(ok, model_text, [text_content(fenced(text))], live), verdict
-
-
-def _raw(arguments: str) -> Any:
-    try:
-        return json.loads(arguments)
-    except ValueError:
-        return arguments

@@ -177,6 +177,8 @@ def parse_args(name: str, arguments: str) -> _Args:
         raw = json.loads(arguments) if arguments.strip() else {}
     except ValueError as exc:
         raise ToolArgError(f"arguments are not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # "[[[[…": the JSON parser recurses per level
+        raise ToolArgError("arguments are nested too deeply") from exc
     if not isinstance(raw, dict):
         raise ToolArgError("arguments must be a JSON object")
     try:

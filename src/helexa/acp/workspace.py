@@ -14,9 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from helexa.acp.errors import ToolError
+from helexa.acp.files import check_regular, read_text_file, write_text_file
 
-class ToolError(Exception):
-    """A tool failed in a way the model should hear about (sent back as an error result)."""
+__all__ = ["ClientCaps", "CommandResult", "ToolError", "Workspace"]
+
+# How long kill/release of an editor terminal may take while unwinding: a slow editor must
+# not stall a cancel.
+CLEANUP_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -48,16 +53,6 @@ class CommandResult:
     terminal_id: str | None = None
 
 
-def slice_lines(text: str, line: int | None, limit: int | None) -> str:
-    """Lines ``line`` (1-based) .. ``line + limit - 1`` of ``text``, newlines kept (pure)."""
-    if line is None and limit is None:
-        return text
-    lines = text.splitlines(keepends=True)
-    start = max((line or 1) - 1, 0)
-    end = start + limit if limit is not None else None
-    return "".join(lines[start:end])
-
-
 def keep_tail(buffer: bytearray, chunk: bytes, limit: int) -> bool:
     """Append ``chunk`` keeping at most the last ``limit`` bytes; whether any were dropped."""
     buffer.extend(chunk)
@@ -80,15 +75,19 @@ class Workspace:
         *,
         timeout_s: float = 120.0,
         output_limit: int = 64 * 1024,
+        cleanup_timeout_s: float = CLEANUP_TIMEOUT_S,
     ) -> None:
         self.client = client
         self.session_id = session_id
         self.caps = caps
         self.timeout_s = timeout_s
         self.output_limit = output_limit
+        self.cleanup_timeout_s = cleanup_timeout_s
 
     async def read_text(self, path: Path, line: int | None = None, limit: int | None = None) -> str:
         if self.client is not None and self.caps.read_text_file:
+            if os.path.exists(path):  # else the editor may hold an unsaved buffer of it
+                await asyncio.to_thread(check_regular, path)  # never /dev/zero, a FIFO…
             try:
                 response = await self.client.read_text_file(
                     session_id=self.session_id, path=str(path), line=line, limit=limit
@@ -96,8 +95,7 @@ class Workspace:
             except Exception as exc:  # the editor's JSON-RPC error, passed on to the model
                 raise ToolError(f"cannot read {path}: {exc}") from exc
             return response.content
-        text = await asyncio.to_thread(_read_local, path)
-        return slice_lines(text, line, limit)
+        return await asyncio.to_thread(read_text_file, path, line, limit)
 
     async def read_existing(self, path: Path) -> str | None:
         """The whole file, or None when there is none yet (for diffs and edits)."""
@@ -117,7 +115,7 @@ class Workspace:
             except Exception as exc:
                 raise ToolError(f"cannot write {path}: {exc}") from exc
             return
-        await asyncio.to_thread(_write_local, path, content)
+        await asyncio.to_thread(write_text_file, path, content)
 
     async def run(
         self,
@@ -158,23 +156,26 @@ class Workspace:
                 exit_code, sig = status.exit_code, status.signal
             except TimeoutError:
                 timed_out = True
-                await client.kill_terminal(session_id=sid, terminal_id=tid)
+                await self._cleanup(client.kill_terminal(session_id=sid, terminal_id=tid))
                 exit_code, sig = None, None
             out = await client.terminal_output(session_id=sid, terminal_id=tid)
             if out.exit_status is not None and exit_code is None and sig is None:
                 exit_code, sig = out.exit_status.exit_code, out.exit_status.signal
             return CommandResult(out.output, exit_code, sig, out.truncated, timed_out, tid)
         except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await client.kill_terminal(session_id=sid, terminal_id=tid)
+            await self._cleanup(client.kill_terminal(session_id=sid, terminal_id=tid))
             raise
         except ToolError:
             raise
         except Exception as exc:
             raise ToolError(f"the editor's terminal failed: {exc}") from exc
         finally:
-            with contextlib.suppress(Exception):
-                await client.release_terminal(session_id=sid, terminal_id=tid)
+            await self._cleanup(client.release_terminal(session_id=sid, terminal_id=tid))
+
+    async def _cleanup(self, request: Awaitable[Any]) -> None:
+        """A best-effort request to the editor, given up after ``cleanup_timeout_s``."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(request, self.cleanup_timeout_s)
 
     async def _run_local(self, command: str, cwd: Path) -> CommandResult:
         try:
@@ -224,24 +225,3 @@ async def _kill_group(proc: asyncio.subprocess.Process) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(Exception):
         await asyncio.wait_for(proc.wait(), 5)
-
-
-def _read_local(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise ToolError(f"{path}: no such file") from exc
-    except IsADirectoryError as exc:
-        raise ToolError(f"{path} is a directory; use list_dir") from exc
-    except UnicodeDecodeError as exc:
-        raise ToolError(f"{path} is not a UTF-8 text file") from exc
-    except OSError as exc:
-        raise ToolError(f"cannot read {path}: {exc.strerror or exc}") from exc
-
-
-def _write_local(path: Path, content: str) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(content, encoding="utf-8")
-    except OSError as exc:
-        raise ToolError(f"cannot write {path}: {exc.strerror or exc}") from exc
