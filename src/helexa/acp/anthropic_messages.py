@@ -10,9 +10,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
-from helexa.acp.config import EndpointConfig
 from helexa.acp.context import IS_ERROR
 from helexa.acp.endpoint import (
     EndpointError,
@@ -22,12 +19,8 @@ from helexa.acp.endpoint import (
     TextDelta,
     ToolCallDelta,
     UsageInfo,
-    describe_http_error,
-    describe_transport_error,
-    fetch_model_ids,
-    new_http_client,
 )
-from helexa.acp.sse import aiter_events
+from helexa.acp.http_endpoint import HttpEndpoint
 
 ANTHROPIC_VERSION = "2023-06-01"
 _STOP = {
@@ -192,25 +185,13 @@ class AnthropicStreamParser:
         return []  # signature_delta and the like
 
 
-class AnthropicMessagesEndpoint:
-    def __init__(self, config: EndpointConfig) -> None:
-        self.config = config
-        self._client: httpx.AsyncClient | None = None
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = new_http_client(self.config)
-        return self._client
-
-    def _headers(self) -> dict[str, str]:
+class AnthropicMessagesEndpoint(HttpEndpoint):
+    def headers(self) -> dict[str, str]:
         headers = {"anthropic-version": ANTHROPIC_VERSION}
         key = self.config.resolved_api_key()
         if key:
             headers["x-api-key"] = key
         return headers
-
-    async def list_models(self, timeout_s: float) -> list[str]:
-        return await fetch_model_ids(self._http(), self.config, self._headers(), timeout_s)
 
     async def stream(
         self,
@@ -221,29 +202,8 @@ class AnthropicMessagesEndpoint:
     ) -> AsyncIterator[StreamEvent]:
         body = request_body(messages, tools, model, max_tokens)
         parser = AnthropicStreamParser()
-        url = f"{self.config.base_url}/messages"
-        try:
-            async with self._http().stream(
-                "POST", url, json=body, headers=self._headers()
-            ) as response:
-                if response.status_code != 200:
-                    text = (await response.aread()).decode("utf-8", "replace")
-                    raise EndpointError(
-                        describe_http_error(self.config, response.status_code, text)
-                    )
-                async for sse in aiter_events(response.aiter_lines()):
-                    if not sse.data.strip():
-                        continue
-                    try:
-                        data = json.loads(sse.data)
-                    except ValueError as exc:
-                        raise EndpointError(f"the endpoint sent a bad event: {exc}") from exc
-                    for event in parser.feed(sse.event, data):
-                        yield event
-        except httpx.HTTPError as exc:
-            raise EndpointError(describe_transport_error(self.config, exc)) from exc
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        async for name, data in self.post_events("/messages", body):
+            if name is None:
+                raise EndpointError("the endpoint answered JSON where an event stream was asked")
+            for event in parser.feed(name, data):
+                yield event

@@ -137,19 +137,22 @@ def write_text_file(path: Path, content: str) -> None:
     data = content.encode("utf-8")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        _replace(target, data)
+        replace_atomically(target, data)
     except OSError as exc:
         raise ToolError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
-def _replace(target: Path, data: bytes) -> None:
+def replace_atomically(target: Path, data: bytes, new_mode: int = 0o666) -> None:
+    """Write ``data`` to a temp file beside ``target``, fsync it, rename it over: a crash
+    or a full disk leaves the old file or the new one, never half of either. A file that
+    exists keeps its permission bits; a new one gets ``new_mode`` (less the umask)."""
     try:
         mode: int | None = stat.S_IMODE(os.stat(target).st_mode)
     except FileNotFoundError:
         mode = None
     # Short enough for NAME_MAX; a dot file so that watchers and globs mostly ignore it.
     tmp = target.parent / f".{target.name[:200]}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, new_mode)  # the umask applies
     try:
         with os.fdopen(fd, "wb") as handle:
             if mode is not None:

@@ -6,9 +6,6 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
-
-from helexa.acp.config import EndpointConfig
 from helexa.acp.context import IS_ERROR
 from helexa.acp.endpoint import (
     EndpointError,
@@ -18,12 +15,8 @@ from helexa.acp.endpoint import (
     TextDelta,
     ToolCallDelta,
     UsageInfo,
-    describe_http_error,
-    describe_transport_error,
-    fetch_model_ids,
-    new_http_client,
 )
-from helexa.acp.sse import aiter_events
+from helexa.acp.http_endpoint import HttpEndpoint
 
 _FINISH = {
     "stop": "stop",
@@ -102,22 +95,10 @@ def _arguments_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-class OpenAIChatEndpoint:
-    def __init__(self, config: EndpointConfig) -> None:
-        self.config = config
-        self._client: httpx.AsyncClient | None = None
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = new_http_client(self.config)
-        return self._client
-
-    def _headers(self) -> dict[str, str]:
+class OpenAIChatEndpoint(HttpEndpoint):
+    def headers(self) -> dict[str, str]:
         key = self.config.resolved_api_key()
         return {"Authorization": f"Bearer {key}"} if key else {}
-
-    async def list_models(self, timeout_s: float) -> list[str]:
-        return await fetch_model_ids(self._http(), self.config, self._headers(), timeout_s)
 
     async def stream(
         self,
@@ -127,40 +108,6 @@ class OpenAIChatEndpoint:
         max_tokens: int,
     ) -> AsyncIterator[StreamEvent]:
         body = request_body(messages, tools, model, max_tokens)
-        url = f"{self.config.base_url}/chat/completions"
-        try:
-            async with self._http().stream(
-                "POST", url, json=body, headers=self._headers()
-            ) as response:
-                if response.status_code != 200:
-                    text = (await response.aread()).decode("utf-8", "replace")
-                    raise EndpointError(
-                        describe_http_error(self.config, response.status_code, text)
-                    )
-                if "text/event-stream" not in response.headers.get("content-type", ""):
-                    # A server that ignored stream=true: one whole completion.
-                    try:
-                        payload = json.loads(await response.aread())
-                    except ValueError as exc:
-                        raise EndpointError("the endpoint answered neither SSE nor JSON") from exc
-                    for event in parse_chunk(payload):
-                        yield event
-                    return
-                async for sse in aiter_events(response.aiter_lines()):
-                    if sse.data.strip() == "[DONE]":
-                        break
-                    if not sse.data.strip():
-                        continue
-                    try:
-                        chunk = json.loads(sse.data)
-                    except ValueError as exc:
-                        raise EndpointError(f"the endpoint sent a bad chunk: {exc}") from exc
-                    for event in parse_chunk(chunk):
-                        yield event
-        except httpx.HTTPError as exc:
-            raise EndpointError(describe_transport_error(self.config, exc)) from exc
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        async for _name, chunk in self.post_events("/chat/completions", body):
+            for event in parse_chunk(chunk):  # a whole completion parses like a chunk
+                yield event

@@ -7,11 +7,9 @@ atomically (temp file + fsync + os.replace) so a crash mid-write never leaves ha
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
-import tempfile
 import threading
 import uuid
 from datetime import UTC, datetime
@@ -19,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
+
+from helexa.acp.files import replace_atomically
 
 log = logging.getLogger("helexa.acp.store")
 
@@ -73,24 +73,12 @@ class SessionStore:
         with self._lock:
             if seq is not None and seq < self._written.get(session_id, 0):
                 return False
-            self._replace(self.path_for(session_id), data)
+            path = self.path_for(session_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            replace_atomically(path, data.encode(), new_mode=0o600)  # a private conversation
             if seq is not None:
                 self._written[session_id] = seq
             return True
-
-    def _replace(self, path: Path, data: str) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
 
     def load(self, session_id: str) -> StoredSession | None:
         try:
