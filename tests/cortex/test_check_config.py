@@ -24,40 +24,15 @@ from helexa.cortex.checkconfig import (
 )
 from helexa.cortex.config import CortexSettings
 from tests.support.procs import console_script, free_port
+from tests.support.wire import discovery_body, health_body
 
 
 def discovery(gpus: list[int], harnesses: tuple[str, ...] = KNOWN_HARNESSES) -> dict[str, Any]:
-    return {
-        "hostname": "h",
-        "os": "linux",
-        "kernel": "6",
-        "cuda_version": None,
-        "driver_version": None,
-        "devices": [
-            {"index": i, "name": f"GPU {i}", "vram_total_mb": mb} for i, mb in enumerate(gpus)
-        ],
-        "cpu": {"cores": 8, "memory_total_mb": 16000},
-        "harnesses": list(harnesses),
-    }
+    return discovery_body(gpus, harnesses, memory_mb=16000)
 
 
 def health(gpus: list[int]) -> dict[str, Any]:
-    return {
-        "uptime_secs": 1.0,
-        "devices": [
-            {"index": i, "vram_used_mb": 0, "vram_free_mb": mb, "utilization_pct": 0, "temp_c": 40}
-            for i, mb in enumerate(gpus)
-        ],
-        "cpu": {"memory_used_mb": 0, "memory_free_mb": 16000},
-        "activation": {
-            "state": "ready",
-            "pending": [],
-            "in_progress": None,
-            "completed": [],
-            "failed": [],
-        },
-        "models": {},
-    }
+    return health_body(gpus, cpu_free_mb=16000)
 
 
 def probe(name: str, gpus: list[int], harnesses: tuple[str, ...] = KNOWN_HARNESSES) -> Probe:

@@ -291,6 +291,7 @@ def test_router_asks_the_neuron_placement_considers(monkeypatch: pytest.MonkeyPa
     from helexa.cortex.fleet import Fleet
     from helexa.cortex.metrics import Metrics
     from helexa.cortex.router import Router
+    from tests.support.wire import discovery_body, health_body
 
     settings = CortexSettings(
         neurons=[NeuronEntry(name=n, endpoint=f"http://{n}:1") for n in ("small", "big", "down")]
@@ -302,33 +303,8 @@ def test_router_asks_the_neuron_placement_considers(monkeypatch: pytest.MonkeyPa
     for name, free in (("small", 1000), ("big", 9000), ("down", 99000)):
         state = fleet.neurons[name]
         state.healthy = state.responsive = name != "down"
-        state.discovery = Discovery.model_validate(
-            {
-                "hostname": name,
-                "os": "linux",
-                "kernel": "6",
-                "cuda_version": None,
-                "driver_version": None,
-                "devices": [],
-                "cpu": {"cores": 2, "memory_total_mb": 99000},
-                "harnesses": ["llamacpp"],
-            }
-        )
-        state.health = Health.model_validate(
-            {
-                "uptime_secs": 1,
-                "devices": [],
-                "cpu": {"memory_used_mb": 0, "memory_free_mb": free},
-                "activation": {
-                    "state": "ready",
-                    "pending": [],
-                    "in_progress": None,
-                    "completed": [],
-                    "failed": [],
-                },
-                "models": {},
-            }
-        )
+        state.discovery = Discovery.model_validate(discovery_body([], ("llamacpp",), hostname=name))
+        state.health = Health.model_validate(health_body([], cpu_free_mb=free))
     router = Router(settings, catalogue, fleet, Metrics())
     calls: list[tuple[str, str, dict]] = []
 

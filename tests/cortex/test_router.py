@@ -18,46 +18,17 @@ from helexa.cortex.config import CortexSettings, NeuronEntry
 from helexa.cortex.fleet import Fleet, NeuronState, view_of
 from helexa.cortex.metrics import Metrics
 from helexa.cortex.router import Router
+from tests.support.wire import discovery_body, health_body
 
 
 def discovery(name: str, gpus_mb: list[int]) -> Discovery:
-    return Discovery.model_validate(
-        {
-            "hostname": name,
-            "os": "linux",
-            "kernel": "6",
-            "cuda_version": "12" if gpus_mb else None,
-            "driver_version": None,
-            "devices": [
-                {"index": i, "name": "gpu", "vram_total_mb": mb} for i, mb in enumerate(gpus_mb)
-            ],
-            "cpu": {"cores": 2, "memory_total_mb": 64000},
-            "harnesses": ["transformers", "llamacpp"],
-        }
-    )
+    return Discovery.model_validate(discovery_body(gpus_mb, hostname=name))
 
 
 def health(
     gpus_free_mb: list[int], models: dict[str, tuple[int, int]] | None = None, cpu_free: int = 0
 ) -> Health:
-    return Health.model_validate(
-        {
-            "uptime_secs": 1,
-            "devices": [
-                {"index": i, "vram_used_mb": 0, "vram_free_mb": mb}
-                for i, mb in enumerate(gpus_free_mb)
-            ],
-            "cpu": {"memory_used_mb": 0, "memory_free_mb": cpu_free},
-            "activation": {
-                "state": "ready",
-                "pending": [],
-                "in_progress": None,
-                "completed": [],
-                "failed": [],
-            },
-            "models": {m: {"in_flight": f, "queued": q} for m, (f, q) in (models or {}).items()},
-        }
-    )
+    return Health.model_validate(health_body(gpus_free_mb, models, cpu_free_mb=cpu_free))
 
 
 def status(model_id: str, state: str = "loaded", devices: list[int] | None = None) -> ModelStatus:

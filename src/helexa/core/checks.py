@@ -27,3 +27,19 @@ def conclude(report: Report, path: Path, echo: Callable[..., None]) -> int:
         return 1
     echo(f"ok{f' ({len(report.warnings)} warnings)' if report.warnings else ''}: {path}")
     return 0
+
+
+def config_to_check(
+    tool: str, given: Path | None, default: Path, echo: Callable[..., None]
+) -> Path:
+    """The file ``<tool> check-config`` checks: the one given, else ``default``. A missing
+    one is exit status 2 with the command to run instead (raised as SystemExit)."""
+    path = given or default
+    if not path.exists():
+        echo(
+            f"{tool} check-config: {path} does not exist; pass the path: "
+            f"{tool} check-config path/to/{default.name}",
+            err=True,
+        )
+        raise SystemExit(2)
+    return path

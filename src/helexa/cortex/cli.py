@@ -130,18 +130,11 @@ def check_config(
 
     Each configured neuron is asked for its hardware (GET /discovery, /health) unless
     --offline; warnings do not fail the check."""
-    from helexa.core.checks import conclude
+    from helexa.core.checks import conclude, config_to_check
     from helexa.cortex.checkconfig import check
     from helexa.cortex.config import DEFAULT_CONFIG_PATH
 
-    path = path or DEFAULT_CONFIG_PATH
-    if not path.exists():
-        typer.echo(
-            f"cortex check-config: {path} does not exist; pass the path: "
-            "cortex check-config path/to/cortex.toml",
-            err=True,
-        )
-        raise typer.Exit(2)
+    path = config_to_check("cortex", path, DEFAULT_CONFIG_PATH, typer.echo)
     report = check(path, contact_neurons=not offline, timeout=timeout, echo=typer.echo)
     raise typer.Exit(conclude(report, path, typer.echo))
 

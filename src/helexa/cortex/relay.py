@@ -164,8 +164,9 @@ class Endpoint:
             # The model is checked before the rest of the body: an unknown name is a 404
             # whatever else is wrong with the request.
             model_id = self.router.resolve(requested)
-            grants = self.router.granting(requested, model_id)
-            require_model(record.models, requested, model_id, grants)  # the allowlist: 403
+            if record.models is not None:  # the key has an allowlist: 403 outside it
+                grants = self.router.granting(requested, model_id)
+                require_model(record.models, requested, model_id, grants)
             self.router.require_known(model_id)
             record.model_id = model_id
             request = protocol.translate(body, model_id, scope)

@@ -103,18 +103,11 @@ def check_config(
 ) -> None:
     """Validate neuron.toml; say which harnesses, model_dirs and default-model weights the
     neuron would find (offline: nothing is downloaded). Warnings do not fail the check."""
-    from helexa.core.checks import conclude
+    from helexa.core.checks import conclude, config_to_check
     from helexa.neuron.checkconfig import check
     from helexa.neuron.config import DEFAULT_CONFIG_PATH
 
-    path = path or DEFAULT_CONFIG_PATH
-    if not path.exists():
-        typer.echo(
-            f"neuron check-config: {path} does not exist; pass the path: "
-            "neuron check-config path/to/neuron.toml",
-            err=True,
-        )
-        raise typer.Exit(2)
+    path = config_to_check("neuron", path, DEFAULT_CONFIG_PATH, typer.echo)
     typer.echo(f"checking {path}")
     try:
         settings = load_settings(NeuronSettings, path)

@@ -175,3 +175,25 @@ async def prepare_chat(
 
 async def prepare_text(tokenizer: Any, facts: PromptFacts, text: str) -> PreparedPrompt:
     return facts.prepared(await asyncio.to_thread(encode_text, tokenizer, text))
+
+
+class TokenizerPrompts:
+    """``prepare_chat`` / ``prepare_text`` for a harness: what differs between harnesses
+    is only where a loaded model keeps its tokenizer and facts (``prompt_source``)."""
+
+    def prompt_source(self, model_id: str) -> tuple[Any, PromptFacts]:
+        raise NotImplementedError
+
+    async def prepare_chat(
+        self,
+        model_id: str,
+        messages: list[ChatMessage],
+        tools: list[dict[str, Any]] | None,
+        template_kwargs: dict[str, Any] | None,
+    ) -> PreparedPrompt:
+        tokenizer, facts = self.prompt_source(model_id)
+        return await prepare_chat(tokenizer, facts, messages, tools, template_kwargs)
+
+    async def prepare_text(self, model_id: str, text: str) -> PreparedPrompt:
+        tokenizer, facts = self.prompt_source(model_id)
+        return await prepare_text(tokenizer, facts, text)

@@ -15,7 +15,6 @@ import torch
 from helexa.core.errors import ApiError, bad_request, model_not_found, unavailable
 from helexa.core.wire import (
     BatchInfo,
-    ChatMessage,
     ModelSize,
     ModelSpec,
     ModelStatus,
@@ -35,7 +34,7 @@ from helexa.neuron.harness.hf.batched import (
 )
 from helexa.neuron.harness.hf.constraint import Grammars, JsonConstraint
 from helexa.neuron.harness.hf.paged import PagedKv, blocks_for, kv_bytes_per_token
-from helexa.neuron.harness.prompt import PromptFacts, prepare_chat, prepare_text
+from helexa.neuron.harness.prompt import PromptFacts, TokenizerPrompts
 from helexa.neuron.model_files import (
     ModelFiles,
     generation_defaults,
@@ -77,7 +76,7 @@ def insufficient_memory(message: str) -> ApiError:
     )
 
 
-class TransformersHarness:
+class TransformersHarness(TokenizerPrompts):
     name = "transformers"
 
     def __init__(
@@ -360,30 +359,15 @@ class TransformersHarness:
 
     # -- inference --------------------------------------------------------------------------
 
-    @staticmethod
-    def _facts(loaded: LoadedModel) -> PromptFacts:
-        return PromptFacts(
+    def prompt_source(self, model_id: str) -> tuple[Any, PromptFacts]:
+        loaded = self.get(model_id)
+        facts = PromptFacts(
             context_length=loaded.context_length,
             generation_defaults=loaded.generation_defaults,
             eos_ids=loaded.eos_ids,
             tags=loaded.tags,
         )
-
-    async def prepare_chat(
-        self,
-        model_id: str,
-        messages: list[ChatMessage],
-        tools: list[dict[str, Any]] | None,
-        template_kwargs: dict[str, Any] | None,
-    ) -> PreparedPrompt:
-        loaded = self.get(model_id)
-        return await prepare_chat(
-            loaded.tokenizer, self._facts(loaded), messages, tools, template_kwargs
-        )
-
-    async def prepare_text(self, model_id: str, text: str) -> PreparedPrompt:
-        loaded = self.get(model_id)
-        return await prepare_text(loaded.tokenizer, self._facts(loaded), text)
+        return loaded.tokenizer, facts
 
     async def _grammars(self, loaded: LoadedModel) -> Grammars:
         """The model's llguidance tokenizer, built once on first use, off the event loop."""

@@ -17,7 +17,6 @@ from typing import Any
 from helexa.core.errors import ApiError, bad_request, model_not_found, unavailable
 from helexa.core.wire import (
     BatchInfo,
-    ChatMessage,
     ModelSize,
     ModelSpec,
     ModelStatus,
@@ -30,7 +29,7 @@ from helexa.neuron.harness.engine import Engine, Generation
 from helexa.neuron.harness.llamacpp import binding, plan
 from helexa.neuron.harness.llamacpp.backend import LlamaBackend, Runtime
 from helexa.neuron.harness.llamacpp.tokenizer import GgufTokenizer, chat_template
-from helexa.neuron.harness.prompt import PromptFacts, prepare_chat, prepare_text
+from helexa.neuron.harness.prompt import PromptFacts, TokenizerPrompts
 from helexa.neuron.model_files import (
     ModelFiles,
     as_ids,
@@ -68,7 +67,7 @@ class LoadedGguf:
         return self.placement.keys[0]
 
 
-class LlamaCppHarness:
+class LlamaCppHarness(TokenizerPrompts):
     name = "llamacpp"
 
     def __init__(
@@ -340,30 +339,15 @@ class LlamaCppHarness:
 
     # -- inference --------------------------------------------------------------------------
 
-    @staticmethod
-    def _facts(loaded: LoadedGguf) -> PromptFacts:
-        return PromptFacts(
+    def prompt_source(self, model_id: str) -> tuple[Any, PromptFacts]:
+        loaded = self.get(model_id)
+        facts = PromptFacts(
             context_length=loaded.runtime.context_length,
             generation_defaults=loaded.generation_defaults,
             eos_ids=loaded.eos_ids,
             tags=loaded.tags,
         )
-
-    async def prepare_chat(
-        self,
-        model_id: str,
-        messages: list[ChatMessage],
-        tools: list[dict[str, Any]] | None,
-        template_kwargs: dict[str, Any] | None,
-    ) -> PreparedPrompt:
-        loaded = self.get(model_id)
-        return await prepare_chat(
-            loaded.tokenizer, self._facts(loaded), messages, tools, template_kwargs
-        )
-
-    async def prepare_text(self, model_id: str, text: str) -> PreparedPrompt:
-        loaded = self.get(model_id)
-        return await prepare_text(loaded.tokenizer, self._facts(loaded), text)
+        return loaded.tokenizer, facts
 
     async def prepare_format(self, model_id: str, fmt: OutputFormat) -> None:
         loaded = self.get(model_id)
