@@ -22,24 +22,49 @@ if ! "$py" -c "import torch" >/dev/null 2>&1; then
   pip_q "$TORCH_PIN"
 fi
 
-# llama-cpp-python compiles llama.cpp when pip has no wheel for it yet: minutes on a small
-# machine, so say so rather than sit silent. Where nvcc and an NVIDIA GPU (its driver) are
-# both present the build gets CUDA (GGML_CUDA) unless CMAKE_ARGS already says what to build;
-# pip's wheel cache is skipped then, since it would hand back an earlier CPU-only wheel.
+# llama-cpp-python compiles llama.cpp when no wheel for it is built yet: minutes on a small
+# machine, so say so rather than sit silent. The wheel is built once per set of CMake
+# arguments into ~/.cache/helexa/wheels (pip's own wheel cache ignores CMAKE_ARGS and would
+# hand back a build made for another CPU or without CUDA). Where nvcc and an NVIDIA GPU (its
+# driver) are both present the build gets CUDA (GGML_CUDA); on x86 CPUs that advertise AMX
+# it leaves llama.cpp's AMX path out (scripts/llama-cpp-cmake-args says why). CMAKE_ARGS set
+# by the caller wins. An installed build with AMX compiled in on such a CPU is replaced.
+LLAMA_CPP_REQ=${LLAMA_CPP_REQ:-llama-cpp-python>=0.3.16}
+llama_cpp_usable() {
+  "$py" - <<'PY' >/dev/null 2>&1
+import sys
+import llama_cpp
+info = llama_cpp.llama_print_system_info().decode()
+cpu = open("/proc/cpuinfo").read() if sys.platform == "linux" else ""
+sys.exit(1 if "AMX_INT8 = 1" in info and " amx_tile" in cpu else 0)
+PY
+}
 want_llama_cpp() {
-  if "$py" -c "import llama_cpp" >/dev/null 2>&1; then return; fi
-  local extra=()
-  if [ -z "${CMAKE_ARGS:-}" ] && command -v nvcc >/dev/null 2>&1 \
-      && { [ -e /proc/driver/nvidia/version ] || nvidia-smi -L >/dev/null 2>&1; }; then
-    export CMAKE_ARGS="-DGGML_CUDA=on"
-    extra=(--no-cache-dir)
-    echo "building llama-cpp-python with CUDA (nvcc and a GPU found); this takes a while…" >&2
-  else
-    echo "building llama-cpp-python (compiles llama.cpp: several minutes on a small machine," \
-      "cached afterwards)…" >&2
+  if llama_cpp_usable; then return; fi
+  local args=${CMAKE_ARGS:-}
+  if [ -z "$args" ]; then
+    if command -v nvcc >/dev/null 2>&1 \
+        && { [ -e /proc/driver/nvidia/version ] || nvidia-smi -L >/dev/null 2>&1; }; then
+      args="-DGGML_CUDA=on"
+      echo "building llama-cpp-python with CUDA (nvcc and a GPU found); this takes a while…" >&2
+    else
+      args=$(scripts/llama-cpp-cmake-args)
+      echo "building llama-cpp-python: $(scripts/llama-cpp-cmake-args --why)." \
+        "It compiles llama.cpp: several minutes on a small machine, cached afterwards…" >&2
+    fi
   fi
-  "$py" -m pip install --disable-pip-version-check --progress-bar on ${extra[@]+"${extra[@]}"} \
-    "llama-cpp-python>=0.3.16"
+  local key
+  key=$(printf '%s\n%s\n' "$LLAMA_CPP_REQ" "$args" | sha256sum | cut -c1-16)
+  local wheels="${XDG_CACHE_HOME:-$HOME/.cache}/helexa/wheels/llama-cpp-python-$key"
+  if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    mkdir -p "$wheels.tmp"
+    CMAKE_ARGS="$args" "$py" -m pip wheel --disable-pip-version-check --no-deps \
+      --no-cache-dir --progress-bar on -w "$wheels.tmp" "$LLAMA_CPP_REQ"
+    rm -rf "$wheels" && mv "$wheels.tmp" "$wheels"
+  fi
+  "$py" -m pip install --disable-pip-version-check -q --force-reinstall --no-deps \
+    "$wheels"/llama_cpp_python-*.whl
+  pip_q "$LLAMA_CPP_REQ"   # its pure-Python dependencies
 }
 
 # rpmbuild lets the packaging tests build the source RPMs; best effort (root + apt only).

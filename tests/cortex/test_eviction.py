@@ -35,7 +35,12 @@ def test_model_pinned_to_a_dead_neuron_is_503(solo: Fleet) -> None:
     )
     assert response.status_code == 503
     assert response.headers["retry-after"].isdigit()
-    assert response.json()["error"]["code"] == "no_feasible_neuron"
+    error = response.json()["error"]
+    assert error["code"] == "no_feasible_neuron"
+    # The neuron that could host it is named, with since when and why it is down.
+    assert "neuron ghost down since " in error["message"], error
+    assert error["message"].endswith(": connection refused"), error
+    assert "solo" not in error["message"]
     anthropic_shape = httpx.post(
         f"{solo.base}/v1/messages",
         json={"model": "helexa/haunted", "max_tokens": 4, "messages": MSGS},

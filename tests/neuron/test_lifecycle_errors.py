@@ -31,7 +31,8 @@ from tests.conftest import GGUF_REPO_ID, LOCAL_MODEL
 from tests.support.inprocess import run_neuron, sse_frames
 from tests.support.procs import Daemon, start_neuron
 
-GGUF_FILE = f"gguf/{GGUF_Q8_0_FILENAME}"
+GGUF_FILE = f"gguf/{GGUF_Q8_0_FILENAME}"  # "gguf" is a folder holding only this GGUF
+DIRECT_GGUF = "tiny-direct.Q8_0.gguf"  # a GGUF file straight in the model_dirs entry
 MSGS = [{"role": "user", "content": "weather"}]
 
 
@@ -44,6 +45,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     snapshot = write_tiny_model_to_hf_cache(root.parent / "gguf-build", "helexa/q8", with_gguf=True)
     (root / "gguf").mkdir()
     shutil.copy(Path(snapshot) / GGUF_Q8_0_FILENAME, root / GGUF_FILE)
+    shutil.copy(Path(snapshot) / GGUF_Q8_0_FILENAME, root / DIRECT_GGUF)
     return root
 
 
@@ -85,6 +87,7 @@ def test_missing_weights_are_a_404_naming_the_model_and_the_fix(
         ({"model_id": "nobody/absent-GGUF", "quant": "Q4_K_M"}, "Q4_K_M", "offline"),
         ({"model_id": "no-such-folder"}, "no-such-folder", "model_dirs"),
         ({"model_id": "gguf/absent-Q8_0.gguf"}, "absent-Q8_0.gguf", "model_dirs"),
+        ({"model_id": "absent.Q8_0.gguf"}, "absent.Q8_0.gguf", "model_dirs"),
         ({"model_id": GGUF_REPO_ID, "quant": "Q2_K"}, "Q2_K", "available"),
     ]
     for route in ("/models/load", "/models/size"):
@@ -94,6 +97,8 @@ def test_missing_weights_are_a_404_naming_the_model_and_the_fix(
             assert named in message and why in message, message
             for secret in (str(hf_cache), str(models), str(hf_cache.parent), "/tmp/"):
                 assert secret not in message, message
+            if why == "model_dirs":  # a local name: nothing to download
+                assert "hf download" not in message and "huggingface-cli" not in message
         missing = error_of(
             post(base, route, {"model_id": "nobody/absent"}), 404, "model_weights_not_found"
         )
@@ -143,6 +148,49 @@ def test_what_a_failed_download_means(exc: BaseException, status: int, code: str
     assert "/var/lib" not in error.message and "org/model" in error.message
 
 
+# --- GGUFs as people lay them out --------------------------------------------------------------
+
+
+def test_local_ggufs_load_on_llamacpp_without_naming_it(neuron: tuple[Daemon, str]) -> None:
+    """A folder holding only a GGUF (no config.json) and a GGUF file straight in a model_dirs
+    entry, named by its file name with or without ``.gguf``: all run on llama.cpp with no
+    ``harness`` in the spec."""
+    _daemon, base = neuron
+    for spec, loaded_as in [
+        ({"model_id": "gguf"}, "gguf"),
+        ({"model_id": "tiny-direct.Q8_0"}, DIRECT_GGUF),
+        ({"model_id": DIRECT_GGUF}, DIRECT_GGUF),
+        ({"model_id": "gguf", "harness": "transformers"}, "gguf"),  # cortex's guess, corrected
+    ]:
+        size = post(base, "/models/size", spec)
+        assert size.status_code == 200, size.text
+        response = post(base, "/models/load", spec)
+        assert response.status_code == 200, response.text
+        status = {m["id"]: m for m in httpx.get(f"{base}/models").json()}[loaded_as]
+        assert status["harness"] == "llamacpp", status
+        answer = post(
+            base,
+            "/v1/chat/completions",
+            {"model": loaded_as, "messages": MSGS, "max_tokens": 3, "temperature": 0},
+        )
+        assert answer.status_code == 200, answer.text
+        assert post(base, "/models/unload", {"model_id": loaded_as}).status_code == 200
+    assert model_ids(base) == []
+
+
+def test_local_gguf_lookup(models: Path) -> None:
+    from helexa.neuron.model_files import gguf_only_folder, resolve_local_gguf
+
+    dirs = [models]
+    assert resolve_local_gguf("tiny-direct.Q8_0", dirs) == (models.resolve(), DIRECT_GGUF)
+    assert resolve_local_gguf(GGUF_FILE, dirs) == ((models / "gguf").resolve(), GGUF_Q8_0_FILENAME)
+    for outside in ("../tiny-direct.Q8_0", "/etc/passwd", "gguf", "", "x\x00.gguf"):
+        assert resolve_local_gguf(outside, dirs) is None, outside
+    assert resolve_local_gguf(DIRECT_GGUF, []) is None
+    assert gguf_only_folder("gguf", dirs) and gguf_only_folder("tiny-direct.Q8_0", dirs)
+    assert not gguf_only_folder(LOCAL_MODEL, dirs) and not gguf_only_folder("absent", dirs)
+
+
 # --- one id per local folder -------------------------------------------------------------------
 
 
@@ -159,6 +207,13 @@ def test_canonical_ids(models: Path) -> None:
     ):
         assert canonical_model_id(spelling, dirs) == LOCAL_MODEL, spelling
     assert canonical_model_id(f"./{GGUF_FILE}", dirs) == GGUF_FILE
+    for spelling in (
+        DIRECT_GGUF,
+        DIRECT_GGUF.removesuffix(".gguf"),
+        f"./{DIRECT_GGUF}",
+        str(models / DIRECT_GGUF),
+    ):
+        assert canonical_model_id(spelling, dirs) == DIRECT_GGUF, spelling
     assert canonical_model_id(str(models / GGUF_FILE), dirs) == GGUF_FILE
     for kept in ("Qwen/Qwen3-0.6B", "no-such-folder", "../../etc", "/etc"):
         assert canonical_model_id(kept, dirs) == kept

@@ -297,7 +297,7 @@ def test_system_turns_mid_conversation(tokenizer) -> None:  # type: ignore[no-un
         ChatMessage(role="user", content="hi"),
         ChatMessage(role="system", content="Agent types: none."),
     ]
-    text, _ids = render_chat(tokenizer, messages, None, None)
+    text = render_chat(tokenizer, messages, None, None).text
     assert (
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>system\nAgent types: none.<|im_end|>" in text
     )
@@ -307,8 +307,8 @@ def test_system_turns_mid_conversation(tokenizer) -> None:  # type: ignore[no-un
         "{{ raise_exception('System message must be at the beginning.') }}{% endif %}"
         "<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"
     )
-    folded, _ = render_chat(strict, messages, None, None)
+    folded = render_chat(strict, messages, None, None).text
     assert folded == "<system>Be brief.</system><user>hi\n\nAgent types: none.</user>"
     later = [*messages[:2], messages[2], ChatMessage(role="user", content="go")]
-    folded, _ = render_chat(strict, later, None, None)
+    folded = render_chat(strict, later, None, None).text
     assert folded.endswith("<user>hi</user><user>Agent types: none.\n\ngo</user>")

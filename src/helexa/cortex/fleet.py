@@ -48,6 +48,8 @@ class NeuronState:
         self.healthy = False  # answered its recent polls: routable
         self.responsive = False  # answered the last one; a first miss takes it off new work
         self.failures = 0
+        self.down_since: float | None = None  # wall clock of the first of the failed polls
+        self.last_error = ""  # why the last poll failed, as a client may read it
         self.ever_seen = False
         self.discovery: Discovery | None = None
         self.rediscover = False  # reconnected: its hardware may have changed
@@ -67,6 +69,19 @@ class NeuronState:
         self._others: dict[str, int] = {}  # others' requests the neuron last reported
 
     # -- reading ------------------------------------------------------------------------------
+
+    def why_unroutable(self, now: float | None = None) -> str | None:
+        """Why no new request goes here, for a client's 503 (``neuron n1 down since
+        21:50:03 UTC (12 s): connection refused``); None while it is routable."""
+        if self.draining:
+            return f"neuron {self.name} is shutting down"
+        if self.healthy and self.responsive:
+            return None
+        if self.down_since is None:
+            return f"neuron {self.name} has not answered a poll yet"
+        since = time.strftime("%H:%M:%S UTC", time.gmtime(self.down_since))
+        age = max(0, round((time.time() if now is None else now) - self.down_since))
+        return f"neuron {self.name} down since {since} ({age} s): {self.last_error}"
 
     def loaded(self, model_id: str) -> bool:
         status = self.models.get(model_id)
@@ -195,6 +210,8 @@ class NeuronState:
         self._polled_seq = began
         self._changed = {m: s for m, s in self._changed.items() if s > began}
         self.failures = 0
+        self.down_since = None
+        self.last_error = ""
         self.responsive = True
         self.rediscover = False
         if not self.healthy:
@@ -212,6 +229,9 @@ class NeuronState:
 
     def poll_failed(self, exc: BaseException, unhealthy_after: int) -> None:
         self.failures += 1
+        if self.down_since is None:
+            self.down_since = time.time()
+        self.last_error = failure_reason(exc)
         self.responsive = False
         if self.healthy and self.failures >= unhealthy_after:
             self.healthy = False
@@ -230,6 +250,21 @@ class NeuronState:
             )
         elif not self.ever_seen and self.failures == 1:
             log.warning("neuron unreachable", extra={"neuron": self.name, "error": str(exc)})
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A failed poll in a few words: the OS's reason for a refused or timed-out connection
+    (found down the exception's causes), else the error's own text."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(seen, TimeoutError):
+            return "timed out"
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror.lower()
+        seen = seen.__cause__ or seen.__context__
+    return str(exc) or type(exc).__name__
 
 
 def view_of(

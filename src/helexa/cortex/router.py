@@ -14,6 +14,7 @@ from helexa.core.placement import (
     CPU_POOL,
     Placement,
     choose_replica,
+    feasible,
     need_mb,
     place,
     rank_neurons,
@@ -397,8 +398,8 @@ class Router:
                     param="model",
                 )
             raise self._unavailable(
-                f"no healthy neuron can host {profile.id!r} (the neurons that could are down "
-                "or unresponsive)",
+                f"no healthy neuron can host {profile.id!r}: "
+                + ("; ".join(self._down_reasons(profile)) or "the neurons that could are down"),
                 "no_feasible_neuron",
             )
         placement = place(profile, views, need, self.settings.eviction.strategy)
@@ -419,6 +420,22 @@ class Router:
             },
         )
         return placement
+
+    def _down_reasons(self, profile: ModelProfile) -> list[str]:
+        """Why each neuron that could host ``profile`` (its pinned ones, when it has any;
+        hardware unknown counts as could) takes no request now."""
+        reasons = []
+        for state in self.fleet.neurons.values():
+            if profile.pinned_on and state.name not in profile.pinned_on:
+                continue
+            if state.discovery is not None and not feasible(
+                profile, view_of(state, self.catalogue)
+            ):
+                continue
+            reason = state.why_unroutable()
+            if reason is not None:
+                reasons.append(reason)
+        return reasons
 
     def _never_hostable(self, profile: ModelProfile) -> str | None:
         """Why no neuron could ever host the profile, judged on every configured neuron's

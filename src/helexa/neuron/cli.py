@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import sys
@@ -52,6 +53,9 @@ def serve(
         typer.echo(f"neuron: refusing to start: {unguarded}", err=True)
         raise typer.Exit(2)
     setup_logging(settings.log_level)
+    # A native crash (SIGSEGV, SIGILL, SIGABRT from an engine) leaves every thread's Python
+    # stack in the log (stderr: the journal under systemd) instead of nothing at all.
+    faulthandler.enable(file=sys.stderr, all_threads=True)
     if settings.admin_token:
         log.warning("admin_token is deprecated: it is now called token (and guards every route)")
     from helexa.core.limits import raise_nofile

@@ -28,6 +28,9 @@ class TransformersHarnessSettings(BaseModel):
     # weights (0.2: the headroom cortex plans for), within the room the device has left.
     kv_cache_mb: int | None = Field(default=None, ge=1)
     kv_cache_fraction: float = Field(default=0.2, gt=0, le=8)
+    # Without kv_cache_mb the cache holds at least one request of the trained context,
+    # capped at this (the llamacpp harness's cap of the same name).
+    max_default_context_tokens: int = Field(default=40960, ge=256)
     kv_block_tokens: int = Field(default=16, ge=1, le=1024)
     max_sequences: int = Field(default=8, ge=1, le=256)  # decoded together or kept cached
     batch_tokens: int = Field(default=512, ge=16)  # tokens per step (chunked prefill)

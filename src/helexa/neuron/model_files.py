@@ -91,6 +91,38 @@ def resolve_local_dir(model_id: str, model_dirs: list[Path]) -> Path | None:
     return None
 
 
+def resolve_local_gguf(model_id: str, model_dirs: list[Path]) -> tuple[Path, str] | None:
+    """``(folder, file name)`` when ``model_id`` names a GGUF file under one of
+    ``model_dirs``: ``x.gguf``, or ``x`` for ``x.gguf`` (a file laid straight into a
+    model_dirs entry, named with or without its suffix), ``folder/x.gguf``, or its absolute
+    path. Never a file outside those directories."""
+    raw = model_id.replace("\\", "/")
+    if not raw.strip("/") or "\x00" in raw:
+        return None
+    name = raw if raw.lower().endswith(".gguf") else raw + ".gguf"
+    for base in model_dirs:
+        base_real = base.expanduser().resolve()
+        path = Path(name)
+        candidate = (path if path.is_absolute() else base_real / name).resolve()
+        if candidate.is_relative_to(base_real) and candidate.is_file():
+            return candidate.parent, candidate.name
+    return None
+
+
+def gguf_only_folder(model_id: str, model_dirs: list[Path]) -> bool:
+    """True when ``model_id`` is a local GGUF: a file, or a folder holding GGUF files and no
+    config.json (which transformers could not load)."""
+    if resolve_local_gguf(model_id, model_dirs) is not None:
+        return True
+    try:
+        folder = resolve_local_dir(model_id, model_dirs)
+    except ApiError:
+        return False
+    if folder is None or (folder / "config.json").is_file():
+        return False
+    return any(p.suffix.lower() == ".gguf" for p in folder.rglob("*") if p.is_file())
+
+
 def canonical_model_id(model_id: str, model_dirs: list[Path]) -> str:
     """One spelling per local model: ``./x``, ``x/.``, ``x//`` and ``/abs/models/x`` all name
     the folder ``x`` under a ``model_dirs`` entry, and all become ``x`` (its path relative to
@@ -101,6 +133,12 @@ def canonical_model_id(model_id: str, model_dirs: list[Path]) -> str:
     if not model_dirs:
         return model_id
     try:
+        direct = resolve_local_gguf(model_id, model_dirs)
+        if direct is not None:
+            folder, name = direct
+            if any(folder == base.expanduser().resolve() for base in model_dirs):
+                return name  # a file laid straight into a model_dirs entry: its file name
+            return f"{_spelling(folder, model_dirs)}/{name}"
         if model_id.lower().endswith(".gguf"):
             parent, _, name = model_id.replace("\\", "/").rpartition("/")
             folder = resolve_local_dir(parent, model_dirs) if parent else None
@@ -132,6 +170,19 @@ def hide_paths(text: str, root: Path, label: str) -> str:
     for spelling in {str(root), str(root.resolve())}:
         text = text.replace(spelling, label)
     return text
+
+
+def missing_local(model_id: str, why: str, model_dirs: list[Path]) -> ApiError:
+    """404 for a local model that is not there: never hub advice, it names no repo."""
+    return not_found(
+        f"{model_id!r} is not on this neuron: {why}. Put the GGUF file or the model's folder "
+        "under one of the neuron's model_dirs"
+        + (" (it has none configured)" if not model_dirs else "")
+        + " and name it by its path there (a GGUF file by its file name, with or without "
+        "'.gguf')",
+        code="model_weights_not_found",
+        param="model_id",
+    )
 
 
 def missing_weights(model_id: str, quant: str | None, why: str) -> ApiError:
@@ -215,17 +266,19 @@ def locate(
 
 
 def _not_a_model(model_id: str, quant: str | None, model_dirs: list[Path]) -> ApiError:
-    """A name that is neither a folder under model_dirs nor a Hugging Face repo id."""
+    """A name that is neither a folder or GGUF file under model_dirs nor a Hugging Face repo
+    id: there is nothing to download, so the advice is about model_dirs only."""
     if not model_dirs:
         return bad_request(
             f"model_id {model_id!r} is not a Hugging Face repo id (org/name), and this neuron "
             "has no model_dirs for local models",
             param="model_id",
         )
-    return missing_weights(
+    return missing_local(
         model_id,
-        quant,
-        "there is no such folder under model_dirs, and it is not a Hugging Face repo id (org/name)",
+        "there is no such folder or GGUF file under model_dirs, and it is not a Hugging Face "
+        "repo id (org/name)",
+        model_dirs,
     )
 
 
@@ -239,12 +292,11 @@ def locate_gguf(
 ) -> ModelFiles:
     """The GGUF file to run for ``model_id``: a ``.gguf`` path under ``model_dirs``, or the
     file tagged ``quant`` in a directory or hub repo (without ``quant``, its only GGUF)."""
+    direct = resolve_local_gguf(model_id, model_dirs)
+    if direct is not None:
+        return ModelFiles(root=direct[0], gguf_file=direct[1], model_id=model_id)
     if model_id.lower().endswith(".gguf"):
-        parent, _, name = model_id.replace("\\", "/").rpartition("/")
-        folder = resolve_local_dir(parent, model_dirs) if parent else None
-        if folder is None or not (folder / name).is_file():
-            raise missing_weights(model_id, quant, "there is no such GGUF file under model_dirs")
-        return ModelFiles(root=folder, gguf_file=name, model_id=model_id)
+        raise missing_local(model_id, "there is no such GGUF file under model_dirs", model_dirs)
     local = resolve_local_dir(model_id, model_dirs)
     if local is not None:
         root = local

@@ -15,7 +15,7 @@ from helexa.neuron.devices import CPU, DevicePool
 from helexa.neuron.discovery import MB, Hardware, total_memory_bytes
 from helexa.neuron.harness.base import Harness
 from helexa.neuron.harness.registry import build_harnesses
-from helexa.neuron.model_files import canonical_model_id
+from helexa.neuron.model_files import canonical_model_id, gguf_only_folder
 from helexa.neuron.workers import WorkerPoisoned
 
 log = logging.getLogger("helexa.neuron")
@@ -99,8 +99,20 @@ class Neuron:
         return canonical_model_id(model_id, self.settings.model_dirs)
 
     def _canonical(self, spec: ModelSpec) -> ModelSpec:
+        """``spec`` under the model's one id; a local GGUF (a file, or a folder holding only
+        GGUF files) goes to llama.cpp, which transformers could not load anyway."""
+        update: dict[str, str] = {}
         model_id = self.model_id(spec.model_id)
-        return spec if model_id == spec.model_id else spec.model_copy(update={"model_id": model_id})
+        if model_id != spec.model_id:
+            update["model_id"] = model_id
+        if (
+            spec.harness == "transformers"
+            and "llamacpp" in self.harnesses
+            and not any(h.has(model_id) for h in self.harnesses.values())
+            and gguf_only_folder(model_id, self.settings.model_dirs)
+        ):
+            update["harness"] = "llamacpp"
+        return spec.model_copy(update=update) if update else spec
 
     async def size(self, spec: ModelSpec) -> ModelSize:
         """What loading ``spec`` would take, from its files; nothing is loaded."""

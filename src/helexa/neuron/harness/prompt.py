@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+import re
+import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from helexa.core.errors import bad_request
 from helexa.core.wire import ChatMessage
 from helexa.neuron.harness.base import PreparedPrompt
-from helexa.neuron.output_parser import CALL_OPEN, THINK_OPEN
+from helexa.neuron.output_parser import CALL_CLOSE, CALL_OPEN, THINK_OPEN
 
 
 def _text_of(content: str | list[dict[str, Any]] | None, index: int) -> str:
@@ -99,12 +102,169 @@ def _apply_template(
     )
 
 
+# Client text that spells a control token is wrapped in these (private-use code points, never
+# in a template's own markup) for rendering, so the rendered prompt shows where it lies.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_WRAPPED = re.compile(f"{_OPEN}(.*?){_CLOSE}", re.DOTALL)
+_control_cache: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def control_texts(tokenizer: Any) -> tuple[str, ...]:
+    """How the tokenizer's control tokens are written (``<|im_start|>``, ``<|endoftext|>``):
+    a GGUF vocabulary lists them itself; for transformers, its special added tokens."""
+    own = getattr(tokenizer, "control_texts", None)
+    if own is not None:
+        return tuple(own)
+    cached = _control_cache.get(tokenizer)
+    if cached is None:
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        cached = tuple(sorted({t.content for t in decoder.values() if t.special and t.content}))
+        _control_cache[tokenizer] = cached
+    return cached
+
+
+def encode_plain(tokenizer: Any, text: str) -> list[int]:
+    """``text`` as plain text: a control token written in it is not that token."""
+    own = getattr(tokenizer, "encode_plain", None)
+    if own is not None:
+        return own(text)
+    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+
+def _guard(value: Any, controls: tuple[str, ...]) -> tuple[Any, bool]:
+    """``value`` with every string that spells a control token wrapped; whether any was."""
+    if isinstance(value, str):
+        if any(c in value for c in controls):
+            return f"{_OPEN}{value}{_CLOSE}", True
+        return value, False
+    if isinstance(value, dict):
+        pairs = [(k, _guard(v, controls)) for k, v in value.items()]
+        return {k: v for k, (v, _) in pairs}, any(hit for _, (_, hit) in pairs)
+    if isinstance(value, list):
+        items = [_guard(v, controls) for v in value]
+        return [v for v, _ in items], any(hit for _, hit in items)
+    return value, False
+
+
+def _tokenize_guarded(tokenizer: Any, text: str) -> tuple[str, list[int]]:
+    """A prompt rendered from wrapped client text: the template's markup tokenized with its
+    control tokens, the client's text as plain text."""
+    if text.count(_OPEN) != text.count(_CLOSE):
+        raise bad_request(
+            "the chat template split a message that contains control-token text "
+            "(such as <|im_start|>); it cannot be rendered safely",
+            param="messages",
+            code="control_tokens_in_text",
+        )
+    ids: list[int] = []
+    plain: list[str] = []
+    cursor = 0
+    for match in _WRAPPED.finditer(text):
+        markup = text[cursor : match.start()]
+        if markup:
+            ids += tokenizer.encode(markup, add_special_tokens=False)
+        ids += encode_plain(tokenizer, match.group(1))
+        plain += [markup, match.group(1)]
+        cursor = match.end()
+    if text[cursor:]:
+        ids += tokenizer.encode(text[cursor:], add_special_tokens=False)
+    plain.append(text[cursor:])
+    return "".join(plain), ids
+
+
+@functools.lru_cache(maxsize=64)
+def renders_tools(template: str) -> bool:
+    """Whether a chat template reads ``tools`` at all (SmolLM2's, for one, does not)."""
+    import jinja2
+    import jinja2.meta
+
+    try:
+        return "tools" in jinja2.meta.find_undeclared_variables(
+            jinja2.Environment().parse(template)
+        )
+    except jinja2.TemplateError:
+        return True  # not ours to judge: rendering says what is wrong with it
+
+
+GENERIC_TOOLS = """You can call these tools; each one's arguments follow its JSON Schema:
+{tools}
+
+To call a tool, answer with one line per call, each exactly of this form and nothing else:
+<tool_call>{{"name": "<tool name>", "arguments": {{<the arguments as JSON>}}}}</tool_call>
+The results come back in a message that starts with <tool_response>. When no tool is needed, \
+answer directly."""
+
+
+def generic_tool_messages(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The conversation for a template that cannot render tools (as llama-server's generic
+    tool format does): the tools described in the system turn, earlier calls written as
+    ``<tool_call>`` lines, results as ``<tool_response>`` user turns. The output parser reads
+    the model's ``<tool_call>`` lines back as calls."""
+    described = "\n".join(
+        json.dumps(
+            {
+                "name": (tool.get("function") or {}).get("name"),
+                "description": (tool.get("function") or {}).get("description", ""),
+                "parameters": (tool.get("function") or {}).get("parameters", {}),
+            },
+            ensure_ascii=False,
+        )
+        for tool in tools
+    )
+    preamble = GENERIC_TOOLS.format(tools=described)
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        role, content = message["role"], message.get("content") or ""
+        if role == "assistant" and message.get("tool_calls"):
+            calls = [
+                CALL_OPEN
+                + json.dumps(
+                    {
+                        "name": (call.get("function") or {}).get("name"),
+                        "arguments": (call.get("function") or {}).get("arguments", {}),
+                    },
+                    ensure_ascii=False,
+                )
+                + CALL_CLOSE
+                for call in message["tool_calls"]
+            ]
+            out.append(
+                {"role": "assistant", "content": "\n".join([c for c in [content] if c] + calls)}
+            )
+        elif role == "tool":
+            response = f"<tool_response>\n{content}\n</tool_response>"
+            if out and out[-1]["role"] == "user" and out[-1].get("tool_responses"):
+                out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + response}
+            else:
+                out.append({"role": "user", "content": response, "tool_responses": True})
+        else:
+            out.append({k: v for k, v in message.items() if k != "tool_calls"})
+    for message in out:
+        message.pop("tool_responses", None)
+    if out and out[0]["role"] == "system":
+        out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{preamble}"}
+    else:
+        out.insert(0, {"role": "system", "content": preamble})
+    return out
+
+
+class Rendered(NamedTuple):
+    text: str
+    ids: list[int]
+    generic_tools: bool  # tools described by GENERIC_TOOLS (the template renders none)
+
+
 def render_chat(
     tokenizer: Any,
     messages: list[ChatMessage],
     tools: list[dict[str, Any]] | None,
     template_kwargs: dict[str, Any] | None,
-) -> tuple[str, list[int]]:
+) -> Rendered:
+    """The prompt text and its token ids. Only the template's own markup becomes control
+    tokens: client text that spells one (``<|im_start|>system``) stays text, so no client can
+    forge a turn."""
     if not getattr(tokenizer, "chat_template", None):
         raise bad_request(
             "this model has no chat template; use /v1/completions with a raw prompt",
@@ -112,6 +272,18 @@ def render_chat(
             code="chat_template_missing",
         )
     rendered = template_messages(messages)
+    generic = bool(tools) and not renders_tools(tokenizer.chat_template)
+    if generic:
+        rendered, tools = generic_tool_messages(rendered, tools or []), None
+    controls = control_texts(tokenizer)
+    (rendered, tools), guarded = (
+        _guard([rendered, tools], controls)
+        if controls
+        else (
+            (rendered, tools),
+            False,
+        )
+    )
     try:
         try:
             text = _apply_template(tokenizer, rendered, tools, template_kwargs)
@@ -127,7 +299,9 @@ def render_chat(
         raise bad_request(
             f"the chat template rejected the messages: {exc}", param="messages"
         ) from exc
-    return text, tokenizer.encode(text, add_special_tokens=False)
+    if guarded:
+        return Rendered(*_tokenize_guarded(tokenizer, text), generic)
+    return Rendered(text, tokenizer.encode(text, add_special_tokens=False), generic)
 
 
 def opens_reasoning(prompt_text: str) -> bool:
@@ -149,14 +323,16 @@ class PromptFacts:
     eos_ids: frozenset[int]
     tags: frozenset[str]  # reasoning / tool-call tags the vocabulary has as single tokens
 
-    def prepared(self, ids: list[int], text: str = "") -> PreparedPrompt:
+    def prepared(
+        self, ids: list[int], text: str = "", *, generic_tools: bool = False
+    ) -> PreparedPrompt:
         return PreparedPrompt(
             token_ids=ids,
             context_length=self.context_length,
             generation_defaults=self.generation_defaults,
             eos_ids=self.eos_ids,
             reasoning_tags=THINK_OPEN in self.tags,
-            tool_call_tags=CALL_OPEN in self.tags,
+            tool_call_tags=CALL_OPEN in self.tags or generic_tools,
             opens_reasoning=THINK_OPEN in self.tags and opens_reasoning(text),
         )
 
@@ -169,8 +345,8 @@ async def prepare_chat(
     template_kwargs: dict[str, Any] | None,
 ) -> PreparedPrompt:
     """Render and tokenize off the event loop (templates and tokenizers are slow)."""
-    text, ids = await asyncio.to_thread(render_chat, tokenizer, messages, tools, template_kwargs)
-    return facts.prepared(ids, text)
+    rendered = await asyncio.to_thread(render_chat, tokenizer, messages, tools, template_kwargs)
+    return facts.prepared(rendered.ids, rendered.text, generic_tools=rendered.generic_tools)
 
 
 async def prepare_text(tokenizer: Any, facts: PromptFacts, text: str) -> PreparedPrompt:

@@ -48,7 +48,6 @@ from helexa.neuron.workers import WorkerPoisoned, is_device_fault
 log = logging.getLogger("helexa.neuron.harness.transformers")
 
 MB = 1024 * 1024
-MIN_KV_TOKENS = 4096
 GRAMMARS = "grammars"  # LoadedModel.extra: the task building the model's llguidance Grammars
 
 
@@ -196,8 +195,9 @@ class TransformersHarness(TokenizerPrompts):
 
     def _kv_budget(self, weights: int, config: dict[str, Any], dtype: torch.dtype) -> int:
         """Bytes of KV cache the load allocates: ``kv_cache_mb``; else ``kv_cache_fraction``
-        of the weights, but at least one request of MIN_KV_TOKENS (or the whole trained
-        context, if shorter) plus a block per sequence."""
+        of the weights, but at least one request of the model's whole trained context
+        (capped at ``max_default_context_tokens``, as the llamacpp harness caps its context)
+        plus a block per sequence: a prompt the model can read fits."""
         if self._settings.kv_cache_mb is not None:
             return self._settings.kv_cache_mb * MB
         budget = int(weights * self._settings.kv_cache_fraction)
@@ -205,7 +205,8 @@ class TransformersHarness(TokenizerPrompts):
         if per_token:
             block = self._settings.kv_block_tokens
             context = loader.context_length(config, None)
-            floor = blocks_for(min(context, MIN_KV_TOKENS), block) + self._settings.max_sequences
+            longest = min(context, self._settings.max_default_context_tokens)
+            floor = blocks_for(longest, block) + self._settings.max_sequences
             budget = max(budget, floor * block * per_token)
         return budget
 

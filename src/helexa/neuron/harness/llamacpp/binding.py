@@ -53,6 +53,52 @@ def init_backend() -> None:
         _initialised = True
 
 
+def cpu_features() -> dict[str, str]:
+    """What this llama.cpp build runs on the CPU (``llama_print_system_info``'s ``CPU`` part):
+    ``{"AVX2": "1", "AVX512": "1", "AMX_INT8": "1", ...}``."""
+    info = C.llama_print_system_info().decode("utf-8", errors="replace")
+    features: dict[str, str] = {}
+    for section in info.split("|"):
+        name, sep, value = section.rpartition("=")
+        name = name.split(":")[-1].strip()
+        if sep and name:
+            features[name] = value.strip()
+    return features
+
+
+def cpu_advertises(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return flag in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return False
+
+
+def amx_unsafe() -> bool:
+    """True when this llama.cpp has its AMX path compiled in on a CPU that advertises AMX:
+    where the tile state is not usable its first matmul dies with SIGILL (upstream llama.cpp
+    PR #26954), so the neuron keeps llama.cpp's extra buffer types (AMX's among them) off.
+    scripts/dev.sh builds without that path, so this only guards builds made elsewhere."""
+    return cpu_features().get("AMX_INT8") == "1" and cpu_advertises("amx_tile")
+
+
+def describe_build() -> str:
+    """One line for the log: the CPU kernels this llama.cpp uses here."""
+    features = cpu_features()
+    on = [name for name, value in features.items() if value == "1" and name.isupper()]
+    amx = (
+        "AMX compiled in and the CPU advertises it: extra buffer types off"
+        if amx_unsafe()
+        else "AMX in use"
+        if features.get("AMX_INT8") == "1"
+        else "no AMX"
+    )
+    return f"{' '.join(on) or 'no SIMD extensions'}; {amx}"
+
+
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -88,6 +134,8 @@ class Model:
         init_backend()
         params = C.llama_model_default_params()
         params.n_gpu_layers = 0 if gpu is None else gpu.n_gpu_layers
+        if amx_unsafe() and hasattr(params, "use_extra_bufts"):
+            params.use_extra_bufts = False
         self._split = None
         if gpu is not None:
             params.main_gpu = gpu.main_gpu
@@ -148,15 +196,29 @@ class Vocab:
         self.n_tokens = int(C.llama_vocab_n_tokens(ptr))
         self._pieces: dict[tuple[int, bool], bytes] = {}
 
-    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text``; control tokens written out in it (``<|im_start|>``) become
+        those tokens only with ``parse_special`` (template markup), never in client text."""
         data = text.encode("utf-8")
         capacity = len(data) + 8
         while True:
             out = (C.llama_token * capacity)()
-            n = C.llama_tokenize(self.ptr, data, len(data), out, capacity, add_special, True)
+            n = C.llama_tokenize(
+                self.ptr, data, len(data), out, capacity, add_special, parse_special
+            )
             if n >= 0:
                 return list(out[:n])
             capacity = -n
+
+    def control_texts(self) -> tuple[str, ...]:
+        """How each control token is written (``<|im_start|>``, ``<|endoftext|>``, ...)."""
+        control = C.LLAMA_TOKEN_ATTR_CONTROL
+        texts = {
+            self.piece(token, special=True).decode("utf-8", errors="replace")
+            for token in range(self.n_tokens)
+            if C.llama_vocab_get_attr(self.ptr, token) & control
+        }
+        return tuple(sorted(t for t in texts if t))
 
     def piece(self, token: int, *, special: bool) -> bytes:
         """The bytes of one token; control tokens render only with ``special``."""

@@ -88,6 +88,7 @@ class LlamaCppHarness(TokenizerPrompts):
         self._threads = cpu_threads
         self._models: dict[str, LoadedGguf] = {}
         self._loading: dict[str, str] = {}
+        log.info("llama.cpp CPU kernels", extra={"build": binding.describe_build()})
 
     # -- queries ----------------------------------------------------------------------------
 

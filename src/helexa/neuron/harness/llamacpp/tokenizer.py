@@ -32,6 +32,7 @@ class GgufTokenizer:
     def __init__(self, vocab: Vocab, template: str | None) -> None:
         self._vocab = vocab
         self.chat_template = template
+        self.control_texts = vocab.control_texts()
         self._specials: dict[str, str] = {}
         for name, which in (("bos_token", "bos"), ("eos_token", "eos")):
             token = vocab.special_id(which)
@@ -62,6 +63,10 @@ class GgufTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self._vocab.tokenize(text, add_special=add_special_tokens)
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Client text: control tokens written in it stay text."""
+        return self._vocab.tokenize(text, add_special=False, parse_special=False)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         piece = self._vocab.piece
