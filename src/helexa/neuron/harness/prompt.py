@@ -243,6 +243,8 @@ def generic_tool_messages(
             out.append({k: v for k, v in message.items() if k != "tool_calls"})
     for message in out:
         message.pop("tool_responses", None)
+    if not tools:
+        return out
     if out and out[0]["role"] == "system":
         out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{preamble}"}
     else:
@@ -272,8 +274,13 @@ def render_chat(
             code="chat_template_missing",
         )
     rendered = template_messages(messages)
-    generic = bool(tools) and not renders_tools(tokenizer.chat_template)
+    # A template that cannot render tools gets them described in a generic prompt; calls and
+    # results already in the conversation are written as text for it even without tools.
+    generic = not renders_tools(tokenizer.chat_template) and (
+        bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in rendered)
+    )
     if generic:
+        generic = bool(tools)  # the model is told to call tools: its calls are parsed
         rendered, tools = generic_tool_messages(rendered, tools or []), None
     controls = control_texts(tokenizer)
     (rendered, tools), guarded = (
