@@ -61,6 +61,31 @@ def banner_curl(banner: str, path: str) -> list[str]:
     return shlex.split(line)
 
 
+def start_up(
+    args: list[str], *, env: dict[str, str], out: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``cortex up ARGS`` as a child, once its banner is printed: the process and the banner
+    (the process is left running; the caller stops it)."""
+    with out.open("wb") as handle:
+        proc = subprocess.Popen(
+            [console_script("cortex"), "up", *args],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "helexa is up" not in out.read_text(errors="replace"):
+            assert proc.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.2)
+        time.sleep(0.5)  # the rest of the banner
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, out.read_text()
+
+
 def seed_demo_model(home: Path, gguf: Path) -> Path:
     """The demo model where ``cortex up`` keeps it for this HOME, as if fetched before."""
     from helexa.core.demo_model import GGUF_DIR
@@ -80,22 +105,10 @@ def test_cortex_up_without_the_hub_serves_the_demo_model_that_speaks(
     home = tmp_path / "home"
     seed_demo_model(home, real_models[0])
     env = newcomer_env(home)  # HF_HUB_OFFLINE: the hub cannot be reached
-    out = tmp_path / "up.out"
-    with out.open("wb") as handle:
-        proc = subprocess.Popen(
-            [console_script("cortex"), "up", *flags, "--port", str(port), "--workdir", str(work)],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+    proc, banner = start_up(
+        [*flags, "--port", str(port), "--workdir", str(work)], env=env, out=tmp_path / "up.out"
+    )
     try:
-        deadline = time.monotonic() + 120
-        while "helexa is up" not in out.read_text(errors="replace"):
-            assert proc.poll() is None, out.read_text()
-            assert time.monotonic() < deadline, out.read_text()
-            time.sleep(0.2)
-        time.sleep(0.5)
-        banner = out.read_text()
         assert "model SmolLM2-135M-Instruct (Q4_1), alias helexa/default" in banner, banner
         assert "small demo model" in banner and "random" not in banner
         if not flags:
@@ -129,29 +142,10 @@ def test_cortex_up_random(tmp_path: Path) -> None:
     out = tmp_path / "up.out"
     home = tmp_path / "home"
     env = newcomer_env(home)
-    with out.open("wb") as handle:
-        proc = subprocess.Popen(
-            [
-                console_script("cortex"),
-                "up",
-                "--random",
-                "--port",
-                str(port),
-                "--workdir",
-                str(work),
-            ],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+    proc, banner = start_up(
+        ["--random", "--port", str(port), "--workdir", str(work)], env=env, out=out
+    )
     try:
-        deadline = time.monotonic() + 120
-        while "helexa is up" not in out.read_text(errors="replace"):
-            assert proc.poll() is None, out.read_text()
-            assert time.monotonic() < deadline, out.read_text()
-            time.sleep(0.2)
-        time.sleep(0.5)  # the rest of the banner
-        banner = out.read_text()
         base = f"http://127.0.0.1:{port}"
         assert f"export ANTHROPIC_BASE_URL={base}" in banner
         assert f"curl -s {base}/v1/chat/completions" in banner

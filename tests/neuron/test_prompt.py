@@ -51,6 +51,16 @@ def plain(tokenizer: Any) -> Any:
     return other
 
 
+def weather_call(call_id: str, arguments: str) -> ChatMessage:
+    """An assistant turn that called get_weather."""
+    function = {"name": "get_weather", "arguments": arguments}
+    return ChatMessage(
+        role="assistant",
+        content=None,
+        tool_calls=[{"id": call_id, "type": "function", "function": function}],
+    )
+
+
 def specials(tokenizer: Any, ids: list[int]) -> int:
     wanted = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>")}
     return sum(1 for i in ids if i in wanted)
@@ -84,17 +94,7 @@ def test_tool_arguments_and_descriptions_stay_text(tokenizer: Any) -> None:
     tool["function"]["description"] = HOSTILE
     history = [
         ChatMessage(role="user", content="q"),
-        ChatMessage(
-            role="assistant",
-            content=None,
-            tool_calls=[
-                {
-                    "id": "c1",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": f'{{"city": "{HOSTILE!s}"}}'},
-                }
-            ],
-        ),
+        weather_call("c1", f'{{"city": "{HOSTILE!s}"}}'),
     ]
     clean = render_chat(tokenizer, history[:1], [TOOL], None)
     hostile = render_chat(tokenizer, history, [tool], None)
@@ -172,17 +172,7 @@ def test_tool_history_renders_for_such_a_template_without_tools(plain: Any) -> N
     reach the model, as text, with no instruction to call anything."""
     history = [
         ChatMessage(role="user", content="Weather?"),
-        ChatMessage(
-            role="assistant",
-            content=None,
-            tool_calls=[
-                {
-                    "id": "a",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
-                }
-            ],
-        ),
+        weather_call("a", '{"city": "Oslo"}'),
         ChatMessage(role="tool", tool_call_id="a", content="snow"),
     ]
     rendered = render_chat(plain, history, None, None)
