@@ -8,6 +8,7 @@ import contextlib
 import functools
 import json
 import re
+import secrets
 import weakref
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -102,11 +103,26 @@ def _apply_template(
     )
 
 
-# Client text that spells a control token is wrapped in these (private-use code points, never
-# in a template's own markup) for rendering, so the rendered prompt shows where it lies.
-_OPEN, _CLOSE = "\ue000", "\ue001"
-_WRAPPED = re.compile(f"{_OPEN}(.*?){_CLOSE}", re.DOTALL)
 _control_cache: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class _Marks:
+    """What client text that spells a control token is wrapped in while the template renders,
+    so the rendered prompt shows where it lies: private-use code points around a random
+    nonce, new for each prompt, so no client text can close or open a mark of its own."""
+
+    open: str
+    close: str
+
+    @classmethod
+    def new(cls) -> _Marks:
+        nonce = secrets.token_hex(8)
+        return cls(f"\ue000{nonce}\ue000", f"\ue001{nonce}\ue001")
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile(f"{re.escape(self.open)}(.*?){re.escape(self.close)}", re.DOTALL)
 
 
 def control_texts(tokenizer: Any) -> tuple[str, ...]:
@@ -131,45 +147,51 @@ def encode_plain(tokenizer: Any, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
 
 
-def _guard(value: Any, controls: tuple[str, ...]) -> tuple[Any, bool]:
-    """``value`` with every string that spells a control token wrapped; whether any was."""
+@functools.lru_cache(maxsize=16)
+def _spelling_any(controls: tuple[str, ...]) -> re.Pattern[str]:
+    """One scan finds any of a vocabulary's control tokens (some have hundreds)."""
+    return re.compile("|".join(re.escape(c) for c in sorted(controls, key=len, reverse=True)))
+
+
+def _guard(value: Any, controls: tuple[str, ...], marks: _Marks) -> tuple[Any, bool]:
+    """``value`` with every string (keys too) that spells a control token wrapped in
+    ``marks``; whether any was."""
     if isinstance(value, str):
-        if any(c in value for c in controls):
-            return f"{_OPEN}{value}{_CLOSE}", True
+        if _spelling_any(controls).search(value):
+            return f"{marks.open}{value}{marks.close}", True
         return value, False
     if isinstance(value, dict):
-        pairs = [(k, _guard(v, controls)) for k, v in value.items()]
-        return {k: v for k, (v, _) in pairs}, any(hit for _, (_, hit) in pairs)
+        pairs = [(_guard(k, controls, marks), _guard(v, controls, marks)) for k, v in value.items()]
+        guarded = {k: v for (k, _), (v, _) in pairs}
+        return guarded, any(a or b for (_, a), (_, b) in pairs)
     if isinstance(value, list):
-        items = [_guard(v, controls) for v in value]
+        items = [_guard(v, controls, marks) for v in value]
         return [v for v, _ in items], any(hit for _, hit in items)
     return value, False
 
 
-def _tokenize_guarded(tokenizer: Any, text: str) -> tuple[str, list[int]]:
+def _tokenize_guarded(tokenizer: Any, text: str, marks: _Marks) -> tuple[str, list[int]]:
     """A prompt rendered from wrapped client text: the template's markup tokenized with its
-    control tokens, the client's text as plain text."""
-    if text.count(_OPEN) != text.count(_CLOSE):
+    control tokens, the client's text as plain text. A template that cut a mark apart (or
+    dropped one end of it) leaves client text unmarked: refused, never guessed at."""
+    pieces = marks.pattern.split(text)  # markup, client, markup, client, ..., markup
+    markup = pieces[0::2]
+    if any("\ue000" in m or "\ue001" in m for m in markup):
         raise bad_request(
-            "the chat template split a message that contains control-token text "
+            "the chat template cut apart a message that contains control-token text "
             "(such as <|im_start|>); it cannot be rendered safely",
             param="messages",
             code="control_tokens_in_text",
         )
     ids: list[int] = []
-    plain: list[str] = []
-    cursor = 0
-    for match in _WRAPPED.finditer(text):
-        markup = text[cursor : match.start()]
-        if markup:
-            ids += tokenizer.encode(markup, add_special_tokens=False)
-        ids += encode_plain(tokenizer, match.group(1))
-        plain += [markup, match.group(1)]
-        cursor = match.end()
-    if text[cursor:]:
-        ids += tokenizer.encode(text[cursor:], add_special_tokens=False)
-    plain.append(text[cursor:])
-    return "".join(plain), ids
+    for index, piece in enumerate(pieces):
+        if not piece:
+            continue
+        if index % 2:
+            ids += encode_plain(tokenizer, piece)
+        else:
+            ids += tokenizer.encode(piece, add_special_tokens=False)
+    return "".join(pieces), ids
 
 
 @functools.lru_cache(maxsize=64)
@@ -282,15 +304,10 @@ def render_chat(
     if generic:
         generic = bool(tools)  # the model is told to call tools: its calls are parsed
         rendered, tools = generic_tool_messages(rendered, tools or []), None
-    controls = control_texts(tokenizer)
-    (rendered, tools), guarded = (
-        _guard([rendered, tools], controls)
-        if controls
-        else (
-            (rendered, tools),
-            False,
-        )
-    )
+    controls, marks = control_texts(tokenizer), _Marks.new()
+    guarded = False
+    if controls:
+        (rendered, tools), guarded = _guard([rendered, tools], controls, marks)
     try:
         try:
             text = _apply_template(tokenizer, rendered, tools, template_kwargs)
@@ -307,7 +324,7 @@ def render_chat(
             f"the chat template rejected the messages: {exc}", param="messages"
         ) from exc
     if guarded:
-        return Rendered(*_tokenize_guarded(tokenizer, text), generic)
+        return Rendered(*_tokenize_guarded(tokenizer, text, marks), generic)
     return Rendered(text, tokenizer.encode(text, add_special_tokens=False), generic)
 
 
