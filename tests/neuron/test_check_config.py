@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helexa.core.tiny_model import TINY_REPO_ID
+from helexa.core.tiny_model import GGUF_Q8_0_FILENAME, TINY_REPO_ID
 from tests.conftest import GGUF_REPO_ID, LOCAL_MODEL
 from tests.support.procs import console_script
 
@@ -31,14 +31,20 @@ def test_check_config_finds_weights_offline(
     tmp_path: Path, hf_cache: Path, model_dir: Path
 ) -> None:
     before = sorted(p.name for p in hf_cache.iterdir())
+    # A folder holding only a GGUF (no config.json): llamacpp's, without harness =.
+    gguf = next(hf_cache.glob(f"models--helexa--tiny-qwen3-gguf/snapshots/*/{GGUF_Q8_0_FILENAME}"))
+    (tmp_path / "models" / "plain-gguf").mkdir(parents=True)
+    (tmp_path / "models" / "plain-gguf" / "m.gguf").write_bytes(gguf.read_bytes())
     config = tmp_path / "neuron.toml"
     config.write_text(
-        f'host = "127.0.0.1"\nmodel_dirs = ["{model_dir}", "{tmp_path / "nowhere"}"]\n'
+        f'host = "127.0.0.1"\nmodel_dirs = ["{model_dir}", "{tmp_path / "nowhere"}", '
+        f'"{tmp_path / "models"}"]\n'
         f'[harness.transformers]\nhf_cache = "{hf_cache}"\n'
         f'[[default_models]]\nmodel_id = "{TINY_REPO_ID}"\n'
         f'[[default_models]]\nmodel_id = "{LOCAL_MODEL}"\n'
         f'[[default_models]]\nmodel_id = "{GGUF_REPO_ID}"\nquant = "Q8_0"\n'
         '[[default_models]]\nmodel_id = "org/absent"\n'
+        '[[default_models]]\nmodel_id = "plain-gguf"\n'
     )
     result = neuron("check-config", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -50,6 +56,8 @@ def test_check_config_finds_weights_offline(
     assert f"default model {LOCAL_MODEL} on transformers: {model_dir / LOCAL_MODEL}" in out
     assert f"default model {GGUF_REPO_ID} (Q8_0) on llamacpp: {hf_cache}" in out
     assert "Q8_0.gguf" in out
+    gguf_path = tmp_path / "models" / "plain-gguf" / "m.gguf"
+    assert f"default model plain-gguf on llamacpp: {gguf_path}" in out
     assert f"warning: model_dirs: {tmp_path / 'nowhere'} does not exist" in out
     assert "warning: default model org/absent: not on this host yet" in out
     assert "ok (2 warnings)" in out

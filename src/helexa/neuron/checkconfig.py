@@ -53,6 +53,7 @@ def find_weights(settings: NeuronSettings, model_id: str, quant: str | None, har
 def check(settings: NeuronSettings, echo: Callable[[str], None] = print) -> Report:
     from helexa.neuron import config
     from helexa.neuron.harness.registry import KNOWN, LIBRARY, available
+    from helexa.neuron.model_files import harness_for_files
 
     report = Report()
     echo(f"  listen: {settings.host}:{settings.port}")
@@ -85,16 +86,17 @@ def check(settings: NeuronSettings, echo: Callable[[str], None] = print) -> Repo
         echo("  default_models: none (models load when cortex asks)")
     for spec in settings.default_models:
         label = f"default model {spec.model_id}" + (f" ({spec.quant})" if spec.quant else "")
-        if spec.harness not in usable:
-            report.warnings.append(f"{label}: its harness {spec.harness} is not available here")
+        harness = harness_for_files(spec.model_id, spec.harness, settings.model_dirs)
+        if harness not in usable:
+            report.warnings.append(f"{label}: its harness {harness} is not available here")
             continue
         try:
-            where = find_weights(settings, spec.model_id, spec.quant, spec.harness)
+            where = find_weights(settings, spec.model_id, spec.quant, harness)
         except LookupError as exc:
             report.warnings.append(
                 f"{label}: not on this host yet; the neuron downloads it at start when it can "
                 f"reach the Hugging Face hub (not with HF_HUB_OFFLINE=1). {exc}"
             )
             continue
-        echo(f"  {label} on {spec.harness}: {where}")
+        echo(f"  {label} on {harness}: {where}")
     return report

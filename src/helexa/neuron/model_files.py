@@ -123,6 +123,15 @@ def gguf_only_folder(model_id: str, model_dirs: list[Path]) -> bool:
     return any(p.suffix.lower() == ".gguf" for p in folder.rglob("*") if p.is_file())
 
 
+def harness_for_files(model_id: str, harness: str, model_dirs: list[Path]) -> str:
+    """The harness that can run ``model_id``: a local GGUF (a file, or a folder of GGUF files
+    without config.json) goes to llamacpp where ``harness`` says transformers, which could
+    not load it (the default a spec gets from its name alone); anything else as given."""
+    if harness == "transformers" and gguf_only_folder(model_id, model_dirs):
+        return "llamacpp"
+    return harness
+
+
 def canonical_model_id(model_id: str, model_dirs: list[Path]) -> str:
     """One spelling per local model: ``./x``, ``x/.``, ``x//`` and ``/abs/models/x`` all name
     the folder ``x`` under a ``model_dirs`` entry, and all become ``x`` (its path relative to

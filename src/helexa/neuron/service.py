@@ -15,7 +15,7 @@ from helexa.neuron.devices import CPU, DevicePool
 from helexa.neuron.discovery import MB, Hardware, total_memory_bytes
 from helexa.neuron.harness.base import Harness
 from helexa.neuron.harness.registry import build_harnesses
-from helexa.neuron.model_files import canonical_model_id, gguf_only_folder
+from helexa.neuron.model_files import canonical_model_id, harness_for_files
 from helexa.neuron.workers import WorkerPoisoned
 
 log = logging.getLogger("helexa.neuron")
@@ -105,13 +105,10 @@ class Neuron:
         model_id = self.model_id(spec.model_id)
         if model_id != spec.model_id:
             update["model_id"] = model_id
-        if (
-            spec.harness == "transformers"
-            and "llamacpp" in self.harnesses
-            and not any(h.has(model_id) for h in self.harnesses.values())
-            and gguf_only_folder(model_id, self.settings.model_dirs)
-        ):
-            update["harness"] = "llamacpp"
+        if not any(h.has(model_id) for h in self.harnesses.values()):
+            harness = harness_for_files(model_id, spec.harness, self.settings.model_dirs)
+            if harness != spec.harness and harness in self.harnesses:
+                update["harness"] = harness
         return spec.model_copy(update=update) if update else spec
 
     async def size(self, spec: ModelSpec) -> ModelSize:
