@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
-import re
-import secrets
-import weakref
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from helexa.core.errors import bad_request
 from helexa.core.wire import ChatMessage
 from helexa.neuron.harness.base import PreparedPrompt
-from helexa.neuron.output_parser import CALL_CLOSE, CALL_OPEN, THINK_OPEN
+from helexa.neuron.harness.control_tokens import Marks, control_texts, guard, tokenize_guarded
+from helexa.neuron.harness.generic_tools import generic_tool_messages, renders_tools
+from helexa.neuron.output_parser import CALL_OPEN, THINK_OPEN
 
 
 def _text_of(content: str | list[dict[str, Any]] | None, index: int) -> str:
@@ -103,177 +101,6 @@ def _apply_template(
     )
 
 
-_control_cache: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = weakref.WeakKeyDictionary()
-
-
-@dataclass(frozen=True)
-class _Marks:
-    """What client text that spells a control token is wrapped in while the template renders,
-    so the rendered prompt shows where it lies: private-use code points around a random
-    nonce, new for each prompt, so no client text can close or open a mark of its own."""
-
-    open: str
-    close: str
-
-    @classmethod
-    def new(cls) -> _Marks:
-        nonce = secrets.token_hex(8)
-        return cls(f"\ue000{nonce}\ue000", f"\ue001{nonce}\ue001")
-
-    @property
-    def pattern(self) -> re.Pattern[str]:
-        return re.compile(f"{re.escape(self.open)}(.*?){re.escape(self.close)}", re.DOTALL)
-
-
-def control_texts(tokenizer: Any) -> tuple[str, ...]:
-    """How the tokenizer's control tokens are written (``<|im_start|>``, ``<|endoftext|>``):
-    a GGUF vocabulary lists them itself; for transformers, its special added tokens."""
-    own = getattr(tokenizer, "control_texts", None)
-    if own is not None:
-        return tuple(own)
-    cached = _control_cache.get(tokenizer)
-    if cached is None:
-        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-        cached = tuple(sorted({t.content for t in decoder.values() if t.special and t.content}))
-        _control_cache[tokenizer] = cached
-    return cached
-
-
-def encode_plain(tokenizer: Any, text: str) -> list[int]:
-    """``text`` as plain text: a control token written in it is not that token."""
-    own = getattr(tokenizer, "encode_plain", None)
-    if own is not None:
-        return own(text)
-    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
-
-
-@functools.lru_cache(maxsize=16)
-def _spelling_any(controls: tuple[str, ...]) -> re.Pattern[str]:
-    """One scan finds any of a vocabulary's control tokens (some have hundreds)."""
-    return re.compile("|".join(re.escape(c) for c in sorted(controls, key=len, reverse=True)))
-
-
-def _guard(value: Any, controls: tuple[str, ...], marks: _Marks) -> tuple[Any, bool]:
-    """``value`` with every string (keys too) that spells a control token wrapped in
-    ``marks``; whether any was."""
-    if isinstance(value, str):
-        if _spelling_any(controls).search(value):
-            return f"{marks.open}{value}{marks.close}", True
-        return value, False
-    if isinstance(value, dict):
-        pairs = [(_guard(k, controls, marks), _guard(v, controls, marks)) for k, v in value.items()]
-        guarded = {k: v for (k, _), (v, _) in pairs}
-        return guarded, any(a or b for (_, a), (_, b) in pairs)
-    if isinstance(value, list):
-        items = [_guard(v, controls, marks) for v in value]
-        return [v for v, _ in items], any(hit for _, hit in items)
-    return value, False
-
-
-def _tokenize_guarded(tokenizer: Any, text: str, marks: _Marks) -> tuple[str, list[int]]:
-    """A prompt rendered from wrapped client text: the template's markup tokenized with its
-    control tokens, the client's text as plain text. A template that cut a mark apart (or
-    dropped one end of it) leaves client text unmarked: refused, never guessed at."""
-    pieces = marks.pattern.split(text)  # markup, client, markup, client, ..., markup
-    markup = pieces[0::2]
-    if any("\ue000" in m or "\ue001" in m for m in markup):
-        raise bad_request(
-            "the chat template cut apart a message that contains control-token text "
-            "(such as <|im_start|>); it cannot be rendered safely",
-            param="messages",
-            code="control_tokens_in_text",
-        )
-    ids: list[int] = []
-    for index, piece in enumerate(pieces):
-        if not piece:
-            continue
-        if index % 2:
-            ids += encode_plain(tokenizer, piece)
-        else:
-            ids += tokenizer.encode(piece, add_special_tokens=False)
-    return "".join(pieces), ids
-
-
-@functools.lru_cache(maxsize=64)
-def renders_tools(template: str) -> bool:
-    """Whether a chat template reads ``tools`` at all (SmolLM2's, for one, does not)."""
-    import jinja2
-    import jinja2.meta
-
-    try:
-        return "tools" in jinja2.meta.find_undeclared_variables(
-            jinja2.Environment().parse(template)
-        )
-    except jinja2.TemplateError:
-        return True  # not ours to judge: rendering says what is wrong with it
-
-
-GENERIC_TOOLS = """You can call these tools; each one's arguments follow its JSON Schema:
-{tools}
-
-To call a tool, answer with one line per call, each exactly of this form and nothing else:
-<tool_call>{{"name": "<tool name>", "arguments": {{<the arguments as JSON>}}}}</tool_call>
-The results come back in a message that starts with <tool_response>. When no tool is needed, \
-answer directly."""
-
-
-def generic_tool_messages(
-    messages: list[dict[str, Any]], tools: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """The conversation for a template that cannot render tools (as llama-server's generic
-    tool format does): the tools described in the system turn, earlier calls written as
-    ``<tool_call>`` lines, results as ``<tool_response>`` user turns. The output parser reads
-    the model's ``<tool_call>`` lines back as calls."""
-    described = "\n".join(
-        json.dumps(
-            {
-                "name": (tool.get("function") or {}).get("name"),
-                "description": (tool.get("function") or {}).get("description", ""),
-                "parameters": (tool.get("function") or {}).get("parameters", {}),
-            },
-            ensure_ascii=False,
-        )
-        for tool in tools
-    )
-    preamble = GENERIC_TOOLS.format(tools=described)
-    out: list[dict[str, Any]] = []
-    for message in messages:
-        role, content = message["role"], message.get("content") or ""
-        if role == "assistant" and message.get("tool_calls"):
-            calls = [
-                CALL_OPEN
-                + json.dumps(
-                    {
-                        "name": (call.get("function") or {}).get("name"),
-                        "arguments": (call.get("function") or {}).get("arguments", {}),
-                    },
-                    ensure_ascii=False,
-                )
-                + CALL_CLOSE
-                for call in message["tool_calls"]
-            ]
-            out.append(
-                {"role": "assistant", "content": "\n".join([c for c in [content] if c] + calls)}
-            )
-        elif role == "tool":
-            response = f"<tool_response>\n{content}\n</tool_response>"
-            if out and out[-1]["role"] == "user" and out[-1].get("tool_responses"):
-                out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + response}
-            else:
-                out.append({"role": "user", "content": response, "tool_responses": True})
-        else:
-            out.append({k: v for k, v in message.items() if k != "tool_calls"})
-    for message in out:
-        message.pop("tool_responses", None)
-    if not tools:
-        return out
-    if out and out[0]["role"] == "system":
-        out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{preamble}"}
-    else:
-        out.insert(0, {"role": "system", "content": preamble})
-    return out
-
-
 class Rendered(NamedTuple):
     text: str
     ids: list[int]
@@ -304,10 +131,10 @@ def render_chat(
     if generic:
         generic = bool(tools)  # the model is told to call tools: its calls are parsed
         rendered, tools = generic_tool_messages(rendered, tools or []), None
-    controls, marks = control_texts(tokenizer), _Marks.new()
+    controls, marks = control_texts(tokenizer), Marks.new()
     guarded = False
     if controls:
-        (rendered, tools), guarded = _guard([rendered, tools], controls, marks)
+        (rendered, tools), guarded = guard([rendered, tools], controls, marks)
     try:
         try:
             text = _apply_template(tokenizer, rendered, tools, template_kwargs)
@@ -324,7 +151,7 @@ def render_chat(
             f"the chat template rejected the messages: {exc}", param="messages"
         ) from exc
     if guarded:
-        return Rendered(*_tokenize_guarded(tokenizer, text, marks), generic)
+        return Rendered(*tokenize_guarded(tokenizer, text, marks), generic)
     return Rendered(text, tokenizer.encode(text, add_special_tokens=False), generic)
 
 
