@@ -233,6 +233,34 @@ def test_next_turn_evaluates_only_the_new_tokens(neuron_url: str) -> None:
     assert after["cached_tokens"] <= after["capacity_tokens"]
 
 
+def test_an_idle_conversation_waits_in_host_memory_and_comes_back(neuron_url: str) -> None:
+    """While another request runs, an idle conversation's cells go to host memory (in one
+    unified cache they would slow every decode); its next turn restores them instead of
+    evaluating the prompt again."""
+    first = [
+        {"role": "system", "content": "You are a tide-table bot. " * 30},
+        {"role": "user", "content": "High tide in Brest?"},
+    ]
+    answer = greedy(neuron_url, messages=first, max_tokens=8)
+    greedy(neuron_url, messages=[{"role": "user", "content": "Another topic"}], max_tokens=4)
+    parked = health_of(neuron_url)["prefix_cache"]
+    assert parked["parked_tokens"] >= answer.usage.prompt_tokens, parked
+    assert parked["parked_bytes"] > 0
+    second = [
+        *first,
+        {"role": "assistant", "content": answer.choices[0].message.content},
+        {"role": "user", "content": "And low tide?"},
+    ]
+    reply = greedy(neuron_url, messages=second, max_tokens=4)
+    after = health_of(neuron_url)["prefix_cache"]
+    reused = after["prompt_tokens_reused"] - parked["prompt_tokens_reused"]
+    evaluated = after["prompt_tokens_evaluated"] - parked["prompt_tokens_evaluated"]
+    assert reused >= answer.usage.prompt_tokens
+    assert evaluated == reply.usage.prompt_tokens - reused
+    assert after["hits"] == parked["hits"] + 1
+    assert after["parked_tokens"] < parked["parked_tokens"]  # it left host memory
+
+
 def test_structured_output_with_a_grammar(neuron_url: str, cortex_url: str) -> None:
     schema = {
         "type": "object",

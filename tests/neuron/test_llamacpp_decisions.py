@@ -15,11 +15,14 @@ from helexa.neuron.harness.llamacpp.plan import (
 )
 from helexa.neuron.harness.slots import (
     Chunk,
+    ParkedView,
     SlotView,
     choose_slot,
     common_prefix,
     make_room,
+    parked_to_drop,
     plan_step,
+    to_park,
 )
 from helexa.neuron.model_files import select_gguf
 
@@ -41,6 +44,37 @@ def test_next_turn_reuses_its_own_slot() -> None:
     slots = [slot(0, [9, 9], used=5), slot(1, first_turn, used=1), slot(2, [], used=0)]
     choice = choose_slot([*first_turn, 6, 7], slots)
     assert choice is not None and (choice.slot, choice.reuse, choice.copy_from) == (1, 5, None)
+
+
+def test_a_parked_conversation_is_restored_when_it_goes_on() -> None:
+    first_turn = [1, 2, 3, 4, 5]
+    slots = [slot(0, [1, 2], used=5), slot(1, [], used=0), slot(2, [7], busy=True)]
+    parked = [ParkedView(key=9, cached=first_turn, last_used=3), ParkedView(8, [1, 2, 3], 4)]
+    choice = choose_slot([*first_turn, 6], slots, parked)
+    # The parked cache holds more than any slot: it goes into the slot that loses least.
+    assert choice is not None and (choice.slot, choice.reuse, choice.restore) == (1, 5, 9)
+    # A slot that holds as much wins: no restore.
+    slots[0] = slot(0, first_turn, used=5)
+    choice = choose_slot([*first_turn, 6], slots, parked)
+    assert choice is not None and (choice.slot, choice.restore) == (0, None)
+    # Nothing in common: an empty slot, nothing restored.
+    choice = choose_slot([40, 41], slots, parked)
+    assert choice is not None and choice.restore is None and choice.reuse == 0
+
+
+def test_idle_caches_are_parked_only_while_something_runs() -> None:
+    idle = [slot(0, [1, 2], used=1), slot(1, [], used=2), slot(2, [3], used=3)]
+    assert to_park(idle) == []  # nothing runs: nothing slows down
+    running = [*idle, slot(3, [4, 5], busy=True)]
+    assert to_park(running) == [0, 2]  # empty slots have nothing to park
+
+
+def test_parked_caches_beyond_the_budget_go_least_recently_used_first() -> None:
+    parked = [(1, 400, 5), (2, 300, 1), (3, 300, 9)]  # (key, bytes, last used)
+    assert parked_to_drop(parked, 1000) == []
+    assert parked_to_drop(parked, 700) == [2]
+    assert parked_to_drop(parked, 300) == [2, 1]
+    assert parked_to_drop(parked, 0) == [2, 1, 3]
 
 
 def test_the_last_prompt_token_is_always_evaluated() -> None:

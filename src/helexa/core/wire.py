@@ -228,6 +228,10 @@ class PrefixCacheInfo(Wire):
     prompt_tokens_evaluated: int
     running_tokens: int = 0  # of cached_tokens, those of sequences still generating
     free_tokens: int | None = None  # positions no sequence holds (None: not known)
+    # idle conversations' caches kept in host memory while others run (llamacpp), not counted
+    # in cached_tokens; brought back when their conversation goes on
+    parked_tokens: int = 0
+    parked_bytes: int = 0
 
 
 class BatchInfo(Wire):

@@ -44,6 +44,9 @@ class LlamaCppHarnessSettings(BaseModel):
     context_tokens: int | None = Field(default=None, ge=256)
     max_default_context_tokens: int = Field(default=40960, ge=256)
     slots: int = Field(default=8, ge=1, le=64)  # sequences decoded together or kept cached
+    # Host memory for idle conversations' KV while others run (their cells would slow every
+    # decode: one unified cache); brought back when the conversation goes on. 0: off.
+    host_cache_mb: int = Field(default=2048, ge=0)
     batch_tokens: int = Field(default=512, ge=32)  # tokens per decode step (chunked prefill)
     n_gpu_layers: int = -1  # layers offloaded to the GPU(s) of a GPU placement; -1: all
     flash_attn: bool | None = None  # None: llama.cpp decides

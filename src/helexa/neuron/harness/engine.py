@@ -25,7 +25,16 @@ from helexa.core.errors import bad_request, internal, unavailable
 from helexa.core.wire import BatchInfo, PrefixCacheInfo
 from helexa.neuron.detokenize import IncrementalDetokenizer, StopMatcher, flush_held
 from helexa.neuron.harness.base import Finish, FinishReason, ModelGone
-from helexa.neuron.harness.slots import SlotChoice, SlotView, choose_slot, make_room, plan_step
+from helexa.neuron.harness.slots import (
+    ParkedView,
+    SlotChoice,
+    SlotView,
+    choose_slot,
+    make_room,
+    parked_to_drop,
+    plan_step,
+    to_park,
+)
 from helexa.neuron.sampling import SamplingParams
 from helexa.neuron.workers import DeviceWorker, NanLogitsFlood, WorkerPoisoned, is_device_fault
 
@@ -132,7 +141,27 @@ class Backend(Protocol):
         """KV positions not held by any slot; None where the cache cannot tell."""
         ...
 
+    def park(self, slot: int) -> tuple[object, int] | None:
+        """A host-memory copy of the slot's cache and its size in bytes, where idle caches
+        slow running sequences and are better kept off the device; else None (the slot's
+        cache is left as it is)."""
+        ...
+
+    def unpark(self, slot: int, state: object) -> bool:
+        """Put a parked cache into the (empty) slot; False when there is no room for it."""
+        ...
+
     def close(self) -> None: ...
+
+
+@dataclass
+class Parked:
+    """A slot's cache kept in host memory while other sequences run."""
+
+    tokens: list[int]
+    state: object
+    size: int  # bytes
+    last_used: int
 
 
 @dataclass
@@ -166,9 +195,13 @@ class Engine:
         is_loaded: Callable[[], bool],
         wait_timeout_s: float | None = None,
         prefix_reuse: bool = True,
+        park_budget_bytes: int = 0,
     ) -> None:
         self._backend = backend
         self._prefix_reuse = prefix_reuse
+        self._park_budget = park_budget_bytes if prefix_reuse else 0
+        self._parked: dict[int, Parked] = {}
+        self._park_keys = itertools.count(1)
         self._worker = worker
         self._is_loaded = is_loaded
         self._slots = [Slot(i) for i in range(slots)]
@@ -230,6 +263,7 @@ class Engine:
     def prefix_cache_info(self, capacity_tokens: int) -> PrefixCacheInfo:
         # Read off the worker thread: figures may be a step apart, never torn objects.
         slots = list(self._slots)
+        parked = list(self._parked.values())
         stats = self.stats
         return PrefixCacheInfo(
             capacity_tokens=capacity_tokens,
@@ -240,6 +274,8 @@ class Engine:
             prompt_tokens_evaluated=stats.evaluated,
             running_tokens=sum(len(s.cached) for s in slots if s.owner is not None),
             free_tokens=self._backend.free_tokens(),
+            parked_tokens=sum(len(p.tokens) for p in parked),
+            parked_bytes=sum(p.size for p in parked),
         )
 
     def batch_info(self) -> BatchInfo:
@@ -292,6 +328,7 @@ class Engine:
                 self._backend.clear()
                 for slot in self._slots:
                     slot.cached.clear()
+                self._parked.clear()  # saved from a cache now in doubt
             raise
 
     def _go_idle(self) -> bool:
@@ -337,19 +374,32 @@ class Engine:
             )
 
     def _admit(self) -> None:
+        admitted = False
         while self._waiting and not self._full:
             generation = self._waiting[0]
-            choice = choose_slot(generation.history, [s.view() for s in self._slots])
+            parked = [ParkedView(k, p.tokens, p.last_used) for k, p in self._parked.items()]
+            choice = choose_slot(generation.history, [s.view() for s in self._slots], parked)
             if choice is None:
-                return
+                break
             if not self._prefix_reuse:
                 choice = SlotChoice(slot=choice.slot, reuse=0)
             self._waiting.popleft()
             first = generation.state is None  # not a resumed preemption
             if first and not self._start(generation):
                 continue  # that request failed alone; the slot stays free
+            admitted = True
             slot = self._slots[choice.slot]
-            if choice.copy_from is not None:
+            if choice.restore is not None:
+                entry = self._parked.pop(choice.restore)
+                self._backend.forget(slot.index)
+                slot.cached = []
+                if self._backend.unpark(slot.index, entry.state):
+                    slot.cached = entry.tokens
+                    self._backend.forget(slot.index, choice.reuse)
+                    del slot.cached[choice.reuse :]
+                else:  # no room for it now: the prompt is evaluated in full
+                    choice = SlotChoice(slot=choice.slot, reuse=0)
+            elif choice.copy_from is not None:
                 self._backend.forget(slot.index)
                 self._backend.share(choice.copy_from, slot.index, choice.reuse)
                 slot.cached = list(generation.history[: choice.reuse])
@@ -367,6 +417,26 @@ class Engine:
             generation.admitted = next(self._tick)
             slot.owner = generation
             slot.last_used = generation.admitted
+        if admitted and self._park_budget:
+            self._park_idle()
+
+    def _park_idle(self) -> None:
+        """Idle caches to host memory before the admitted prompts take cells (so they land
+        low in the cache and the running sequences attend over their own cells only)."""
+        for index in to_park([s.view() for s in self._slots]):
+            slot = self._slots[index]
+            saved = self._backend.park(index)
+            if saved is None:
+                continue
+            state, size = saved
+            if size > self._park_budget:
+                continue  # too big to keep: it stays in the cache
+            self._parked[next(self._park_keys)] = Parked(slot.cached, state, size, slot.last_used)
+            self._backend.forget(index)
+            slot.cached = []
+        entries = [(k, p.size, p.last_used) for k, p in self._parked.items()]
+        for key in parked_to_drop(entries, self._park_budget):
+            del self._parked[key]
 
     def _start(self, generation: Generation) -> bool:
         """Set the request's sampling state up; False (and the request failed) if that
@@ -582,6 +652,7 @@ class Engine:
             self._waiting.extend(self._inbox)
             self._inbox = []
         self._fail_all(exc)
+        self._parked.clear()
         self._backend.close()
 
 

@@ -5,7 +5,10 @@ of the transformers engine's paged cache). A slot keeps the tokens whose
 KV it holds after its request ends, so the next request that starts with them — the next turn
 of a conversation, a shared system prompt — evaluates only the rest (prefix reuse). The KV
 cache is bounded; when a step finds no room, retained caches go first (least recently used),
-then the youngest running sequence is preempted and later recomputed.
+then the youngest running sequence is preempted and later recomputed. Where idle caches slow
+the running sequences (llama.cpp's unified KV: every decode attends over all cells in use),
+they are parked in host memory while others run, and brought back for the request that
+continues them.
 """
 
 from __future__ import annotations
@@ -26,10 +29,20 @@ class SlotView:
 
 
 @dataclass(frozen=True)
+class ParkedView:
+    """A cache parked in host memory, off the KV cache."""
+
+    key: int
+    cached: Sequence[int]
+    last_used: int
+
+
+@dataclass(frozen=True)
 class SlotChoice:
     slot: int
     reuse: int  # leading tokens of the prompt already in the cache: not evaluated again
     copy_from: int | None = None  # another slot whose first ``reuse`` cells are shared first
+    restore: int | None = None  # a parked cache put into the slot first
 
 
 @dataclass(frozen=True)
@@ -48,26 +61,35 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return index
 
 
-def choose_slot(tokens: Sequence[int], slots: Sequence[SlotView]) -> SlotChoice | None:
+def choose_slot(
+    tokens: Sequence[int], slots: Sequence[SlotView], parked: Sequence[ParkedView] = ()
+) -> SlotChoice | None:
     """The free slot for a request whose context is ``tokens``, and how much it reuses.
 
     A free slot whose whole cache starts the prompt (the next turn of its conversation) is
     reused in place. Otherwise the free slot that loses least takes it (an empty one, else
     the least recently used), and the longest prefix any slot holds, running or not, is
     shared into it (cells are shared, not copied) — so a second conversation with the same
-    system prompt does not wipe the first one's cache. At least the last token is always
-    evaluated: its logits give the next token. None when every slot is busy.
+    system prompt does not wipe the first one's cache. A parked cache that holds more of the
+    prompt than any slot is restored into that slot instead. At least the last token is
+    always evaluated: its logits give the next token. None when every slot is busy.
     """
     free = [s for s in slots if not s.busy]
     if not free:
         return None
     limit = max(len(tokens) - 1, 0)
     shared = {s.index: min(common_prefix(s.cached, tokens), limit) for s in slots}
+    target = min(free, key=lambda s: (len(s.cached) > 0, s.last_used))
+    from_parked = {p.key: min(common_prefix(p.cached, tokens), limit) for p in parked}
+    best_parked = max(parked, key=lambda p: (from_parked[p.key], p.last_used), default=None)
+    if best_parked is not None and from_parked[best_parked.key] > max(shared.values(), default=0):
+        return SlotChoice(
+            slot=target.index, reuse=from_parked[best_parked.key], restore=best_parked.key
+        )
     continued = [s for s in free if shared[s.index] and shared[s.index] in (len(s.cached), limit)]
     if continued:
         best = max(continued, key=lambda s: (shared[s.index], s.last_used))
         return SlotChoice(slot=best.index, reuse=shared[best.index])
-    target = min(free, key=lambda s: (len(s.cached) > 0, s.last_used))
     donor = max(
         (s for s in slots if s.index != target.index),
         key=lambda s: shared[s.index],
@@ -93,6 +115,27 @@ def plan_step(
         chunks.append(Chunk(key, take))
         left -= take
     return chunks
+
+
+def to_park(slots: Sequence[SlotView]) -> list[int]:
+    """Idle slots whose caches go to host memory: all of them while any sequence runs
+    (their cells would slow it), none while nothing does."""
+    if not any(s.busy for s in slots):
+        return []
+    return [s.index for s in slots if not s.busy and s.cached]
+
+
+def parked_to_drop(parked: Sequence[tuple[int, int, int]], budget: int) -> list[int]:
+    """Keys of parked caches ``(key, bytes, last_used)`` to let go, least recently used first,
+    until the rest fit in ``budget`` bytes."""
+    total = sum(size for _key, size, _used in parked)
+    drop = []
+    for key, size, _used in sorted(parked, key=lambda p: p[2]):
+        if total <= budget:
+            break
+        drop.append(key)
+        total -= size
+    return drop
 
 
 @dataclass(frozen=True)

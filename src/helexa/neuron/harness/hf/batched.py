@@ -79,6 +79,14 @@ class TorchBackend:
         self._device = device
         self._logits: torch.Tensor | None = None
 
+    # Paged attention reads only a sequence's own blocks: an idle cache costs the running
+    # sequences nothing, so it stays where it is (no parking in host memory).
+    def park(self, slot: int) -> tuple[object, int] | None:
+        return None
+
+    def unpark(self, slot: int, state: object) -> bool:
+        return False
+
     def forget(self, slot: int, start: int = 0) -> None:
         raise NotImplementedError
 

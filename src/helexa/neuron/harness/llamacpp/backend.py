@@ -38,6 +38,15 @@ class LlamaBackend:
     def clear(self) -> None:
         self._rt.ctx.clear()
 
+    def park(self, slot: int) -> tuple[object, int] | None:
+        # With one unified KV cache every decode attends over all cells in use, so an idle
+        # conversation's cells slow the running ones: they wait in host memory instead.
+        state = self._rt.ctx.save_sequence(slot)
+        return None if state is None else (state, len(state))
+
+    def unpark(self, slot: int, state: object) -> bool:
+        return self._rt.ctx.restore_sequence(slot, state)  # type: ignore[arg-type]
+
     def start(self, generation: Generation) -> None:
         generation.state = Sampler(
             generation.params,

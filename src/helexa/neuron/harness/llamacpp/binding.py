@@ -314,6 +314,21 @@ class Context:
     def clear(self) -> None:
         C.llama_memory_clear(self.memory, True)
 
+    def save_sequence(self, seq: int) -> ctypes.Array[ctypes.c_uint8] | None:
+        """A copy of a sequence's KV cells in host memory (``restore_sequence`` puts it back);
+        None when llama.cpp wrote nothing."""
+        size = int(C.llama_state_seq_get_size(self.ptr, seq))
+        if size <= 0:
+            return None
+        buf = (ctypes.c_uint8 * size)()
+        written = int(C.llama_state_seq_get_data(self.ptr, buf, size, seq))
+        return buf if written == size else None
+
+    def restore_sequence(self, seq: int, state: ctypes.Array[ctypes.c_uint8]) -> bool:
+        """Give the (empty) sequence ``seq`` the cells saved by ``save_sequence``; False when
+        the cache has no room for them (nothing changed)."""
+        return int(C.llama_state_seq_set_data(self.ptr, state, len(state), seq)) > 0
+
     def free(self) -> None:
         if self.ptr:
             C.llama_free(self.ptr)

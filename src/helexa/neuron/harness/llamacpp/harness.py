@@ -235,6 +235,7 @@ class LlamaCppHarness(TokenizerPrompts):
                 batch_tokens=self._settings.batch_tokens,
                 is_loaded=lambda: runtime.loaded,
                 wait_timeout_s=self._wait_timeout_s,
+                park_budget_bytes=self._settings.host_cache_mb * MB,
             )
             gen_config = await asyncio.to_thread(read_json, files.root / "generation_config.json")
             eos = await asyncio.to_thread(_eos_ids, runtime.model.vocab, gen_config)
