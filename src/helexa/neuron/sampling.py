@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from helexa.core.errors import ApiError, bad_request
 from helexa.core.wire import ChatCompletionRequest, ResponseFormat, SamplingFields
+
+if TYPE_CHECKING:  # torch only where logits are tensors: a llamacpp-only neuron never loads it
+    import torch
 
 FALLBACK_TEMPERATURE = 1.0
 FALLBACK_TOP_P = 1.0
@@ -162,6 +163,8 @@ def apply_penalties(
 ) -> torch.Tensor:
     """Repetition over prompt + output (multiplicative, HF semantics), then presence and
     frequency over the output (additive, OpenAI semantics)."""
+    import torch
+
     if not params.penalises:
         return logits
     if params.repetition_penalty != 1.0:
@@ -185,6 +188,8 @@ def apply_penalties(
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p truncation (masked to -inf)."""
+    import torch
+
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[..., -1:]
@@ -213,6 +218,8 @@ def next_token(
 ) -> int:
     """Choose the next token id from a 1-D logits vector; ``allowed`` (a bool vector, from
     constrained decoding) rules out every other token before any sampling decision."""
+    import torch
+
     logits = apply_penalties(logits.float(), params, generated_counts, prompt_ids)
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
