@@ -204,10 +204,9 @@ class Stream:
         return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else float("nan")
 
 
-def stream_chat(
-    client: httpx.Client, base: str, model: str, messages: list[dict[str, str]], max_tokens: int
-) -> Stream:
-    body = {
+def greedy_stream_body(model: str, messages: list[dict[str, str]], max_tokens: int) -> dict:
+    """A greedy streamed chat completion that reports its usage at the end."""
+    return {
         "model": model,
         "messages": messages,
         "max_tokens": max_tokens,
@@ -215,6 +214,12 @@ def stream_chat(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+
+
+def stream_chat(
+    client: httpx.Client, base: str, model: str, messages: list[dict[str, str]], max_tokens: int
+) -> Stream:
+    body = greedy_stream_body(model, messages, max_tokens)
     out = Stream(sent=time.perf_counter())
     text: list[str] = []
     usage: dict[str, int] | None = None

@@ -41,22 +41,15 @@ PY
 }
 want_llama_cpp() {
   if llama_cpp_usable; then return; fi
-  local args=${CMAKE_ARGS:-}
-  if [ -z "$args" ]; then
-    if command -v nvcc >/dev/null 2>&1 \
-        && { [ -e /proc/driver/nvidia/version ] || nvidia-smi -L >/dev/null 2>&1; }; then
-      args="-DGGML_CUDA=on"
-      echo "building llama-cpp-python with CUDA (nvcc and a GPU found); this takes a while…" >&2
-    else
-      args=$(scripts/llama-cpp-cmake-args)
-      echo "building llama-cpp-python: $(scripts/llama-cpp-cmake-args --why)." \
-        "It compiles llama.cpp: several minutes on a small machine, cached afterwards…" >&2
-    fi
-  fi
+  local args=${CMAKE_ARGS:-$(scripts/llama-cpp-cmake-args)}
+  local why="CMAKE_ARGS=$args"
+  [ -n "${CMAKE_ARGS:-}" ] || why=$(scripts/llama-cpp-cmake-args --why)
   local key
   key=$(printf '%s\n%s\n' "$LLAMA_CPP_REQ" "$args" | sha256sum | cut -c1-16)
   local wheels="${XDG_CACHE_HOME:-$HOME/.cache}/helexa/wheels/llama-cpp-python-$key"
   if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    echo "building llama-cpp-python: $why. It compiles llama.cpp: several minutes on a" \
+      "small machine, cached in $wheels…" >&2
     mkdir -p "$wheels.tmp"
     CMAKE_ARGS="$args" "$py" -m pip wheel --disable-pip-version-check --no-deps \
       --no-cache-dir --progress-bar on -w "$wheels.tmp" "$LLAMA_CPP_REQ"
