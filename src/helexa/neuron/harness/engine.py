@@ -200,7 +200,8 @@ class Engine:
         self._backend = backend
         self._prefix_reuse = prefix_reuse
         self._park_budget = park_budget_bytes if prefix_reuse else 0
-        self._parked: dict[int, Parked] = {}
+        self._parked: dict[int, Parked] = {}  # the worker's; the loop reads _parked_now
+        self._parked_now: tuple[Parked, ...] = ()
         self._park_keys = itertools.count(1)
         self._worker = worker
         self._is_loaded = is_loaded
@@ -263,7 +264,7 @@ class Engine:
     def prefix_cache_info(self, capacity_tokens: int) -> PrefixCacheInfo:
         # Read off the worker thread: figures may be a step apart, never torn objects.
         slots = list(self._slots)
-        parked = list(self._parked.values())
+        parked = self._parked_now
         stats = self.stats
         return PrefixCacheInfo(
             capacity_tokens=capacity_tokens,
@@ -329,6 +330,7 @@ class Engine:
                 for slot in self._slots:
                     slot.cached.clear()
                 self._parked.clear()  # saved from a cache now in doubt
+                self._parked_now = ()
             raise
 
     def _go_idle(self) -> bool:
@@ -391,6 +393,7 @@ class Engine:
             slot = self._slots[choice.slot]
             if choice.restore is not None:
                 entry = self._parked.pop(choice.restore)
+                self._parked_now = tuple(self._parked.values())
                 self._backend.forget(slot.index)
                 slot.cached = []
                 if self._backend.unpark(slot.index, entry.state):
@@ -437,6 +440,7 @@ class Engine:
         entries = [(k, p.size, p.last_used) for k, p in self._parked.items()]
         for key in parked_to_drop(entries, self._park_budget):
             del self._parked[key]
+        self._parked_now = tuple(self._parked.values())  # one swap: the loop reads it whole
 
     def _start(self, generation: Generation) -> bool:
         """Set the request's sampling state up; False (and the request failed) if that
@@ -653,6 +657,7 @@ class Engine:
             self._inbox = []
         self._fail_all(exc)
         self._parked.clear()
+        self._parked_now = ()
         self._backend.close()
 
 
