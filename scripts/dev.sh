@@ -28,12 +28,16 @@ fi
 # hand back a build made for another CPU or without CUDA). Where nvcc and an NVIDIA GPU (its
 # driver) are both present the build gets CUDA (GGML_CUDA); on x86 CPUs that advertise AMX
 # it leaves llama.cpp's AMX path out (scripts/llama-cpp-cmake-args says why). CMAKE_ARGS set
-# by the caller wins. An installed build with AMX compiled in on such a CPU is replaced.
+# by the caller wins (and is taken as it is). Without it, an installed build with AMX compiled
+# in on such a CPU is replaced (the neuron would run it with llama.cpp's extra buffer types
+# off, its repacked kernels with them).
 LLAMA_CPP_REQ=${LLAMA_CPP_REQ:-llama-cpp-python>=0.3.16}
 llama_cpp_usable() {
-  "$py" - <<'PY' >/dev/null 2>&1
+  "$py" - "${CMAKE_ARGS:-}" <<'PY' >/dev/null 2>&1
 import sys
 import llama_cpp
+if sys.argv[1]:  # built as the caller asked
+    sys.exit(0)
 info = llama_cpp.llama_print_system_info().decode()
 cpu = open("/proc/cpuinfo").read() if sys.platform == "linux" else ""
 sys.exit(1 if "AMX_INT8 = 1" in info and " amx_tile" in cpu else 0)
@@ -41,9 +45,14 @@ PY
 }
 want_llama_cpp() {
   if llama_cpp_usable; then return; fi
-  local args=${CMAKE_ARGS:-$(scripts/llama-cpp-cmake-args)}
-  local why="CMAKE_ARGS=$args"
-  [ -n "${CMAKE_ARGS:-}" ] || why=$(scripts/llama-cpp-cmake-args --why)
+  local args why
+  if [ -n "${CMAKE_ARGS:-}" ]; then
+    args=$CMAKE_ARGS
+    why="CMAKE_ARGS=$args"
+  else
+    args=$(scripts/llama-cpp-cmake-args)
+    why=$(scripts/llama-cpp-cmake-args --why)
+  fi
   local key
   key=$(printf '%s\n%s\n' "$LLAMA_CPP_REQ" "$args" | sha256sum | cut -c1-16)
   local wheels="${XDG_CACHE_HOME:-$HOME/.cache}/helexa/wheels/llama-cpp-python-$key"

@@ -187,6 +187,8 @@ def test_local_gguf_lookup(models: Path) -> None:
     for outside in ("../tiny-direct.Q8_0", "/etc/passwd", "gguf", "", "x\x00.gguf"):
         assert resolve_local_gguf(outside, dirs) is None, outside
     assert resolve_local_gguf(DIRECT_GGUF, []) is None
+    assert resolve_local_gguf("a" * 300, dirs) is None  # too long a name: not a model
+    assert not gguf_only_folder("a" * 300, dirs)
     assert gguf_only_folder("gguf", dirs) and gguf_only_folder("tiny-direct.Q8_0", dirs)
     assert not gguf_only_folder(LOCAL_MODEL, dirs) and not gguf_only_folder("absent", dirs)
 

@@ -20,7 +20,7 @@ from helexa.neuron.harness.slots import (
     choose_slot,
     common_prefix,
     make_room,
-    parked_to_drop,
+    plan_parking,
     plan_step,
     to_park,
 )
@@ -69,12 +69,16 @@ def test_idle_caches_are_parked_only_while_something_runs() -> None:
     assert to_park(running) == [0, 2]  # empty slots have nothing to park
 
 
-def test_parked_caches_beyond_the_budget_go_least_recently_used_first() -> None:
-    parked = [(1, 400, 5), (2, 300, 1), (3, 300, 9)]  # (key, bytes, last used)
-    assert parked_to_drop(parked, 1000) == []
-    assert parked_to_drop(parked, 700) == [2]
-    assert parked_to_drop(parked, 300) == [2, 1]
-    assert parked_to_drop(parked, 0) == [2, 1, 3]
+def test_host_memory_keeps_the_most_recently_used_caches() -> None:
+    parked = [(1, 400, 5), (2, 300, 1)]  # (key, bytes, last used)
+    idle = [(0, 300, 9), (3, 500, 2)]  # (slot, bytes, last used)
+    assert plan_parking(idle, parked, 10_000) == ([0, 3], [])
+    # 900 bytes: slot 0 (used at 9) and key 1 (5) fit; slot 3 (2) stays in the KV and
+    # key 2 (1) goes; with 1000, key 2 still fits beside them.
+    assert plan_parking(idle, parked, 900) == ([0], [2])
+    assert plan_parking(idle, parked, 1000) == ([0], [])
+    assert plan_parking(idle, parked, 0) == ([], [1, 2])
+    assert plan_parking([(0, 2000, 9)], [], 1000) == ([], [])  # too big: left in the cache
 
 
 def test_the_last_prompt_token_is_always_evaluated() -> None:

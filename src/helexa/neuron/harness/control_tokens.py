@@ -5,9 +5,11 @@ the client's text as plain text."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import re
 import secrets
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -50,12 +52,31 @@ def control_texts(tokenizer: Any) -> tuple[str, ...]:
     return cached
 
 
+_plain_copies: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_plain_lock = threading.Lock()
+
+
+def _plain_copy(tokenizer: Any) -> Any:
+    """A copy of a transformers tokenizer that always splits special tokens. Asking the
+    tokenizer itself (``split_special_tokens=True``) flips a flag on its shared backend that
+    every other thread's encode reads: a concurrent request could parse client text as
+    control tokens, or split the template's markup."""
+    with _plain_lock:
+        plain = _plain_copies.get(tokenizer)
+        if plain is None:
+            plain = copy.deepcopy(tokenizer)
+            plain.split_special_tokens = True
+            plain.backend_tokenizer.encode_special_tokens = True
+            _plain_copies[tokenizer] = plain
+    return plain
+
+
 def encode_plain(tokenizer: Any, text: str) -> list[int]:
     """``text`` as plain text: a control token written in it is not that token."""
     own = getattr(tokenizer, "encode_plain", None)
     if own is not None:
         return own(text)
-    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    return _plain_copy(tokenizer).encode(text, add_special_tokens=False)
 
 
 @functools.lru_cache(maxsize=16)

@@ -31,7 +31,7 @@ from helexa.neuron.harness.slots import (
     SlotView,
     choose_slot,
     make_room,
-    parked_to_drop,
+    plan_parking,
     plan_step,
     to_park,
 )
@@ -141,10 +141,15 @@ class Backend(Protocol):
         """KV positions not held by any slot; None where the cache cannot tell."""
         ...
 
-    def park(self, slot: int) -> tuple[object, int] | None:
-        """A host-memory copy of the slot's cache and its size in bytes, where idle caches
-        slow running sequences and are better kept off the device; else None (the slot's
-        cache is left as it is)."""
+    def park_size(self, slot: int) -> int | None:
+        """Bytes a host-memory copy of the slot's cache takes, where idle caches slow the
+        running sequences and are better kept off the device; None where they do not (the
+        engine then parks nothing)."""
+        ...
+
+    def park(self, slot: int) -> object | None:
+        """The host-memory copy of the slot's cache (``park_size`` bytes); None if it could
+        not be made (the cache is left as it is)."""
         ...
 
     def unpark(self, slot: int, state: object) -> bool:
@@ -392,15 +397,16 @@ class Engine:
             admitted = True
             slot = self._slots[choice.slot]
             if choice.restore is not None:
-                entry = self._parked.pop(choice.restore)
-                self._parked_now = tuple(self._parked.values())
                 self._backend.forget(slot.index)
                 slot.cached = []
+                entry = self._parked[choice.restore]
                 if self._backend.unpark(slot.index, entry.state):
+                    del self._parked[choice.restore]
+                    self._parked_now = tuple(self._parked.values())
                     slot.cached = entry.tokens
                     self._backend.forget(slot.index, choice.reuse)
                     del slot.cached[choice.reuse :]
-                else:  # no room for it now: the prompt is evaluated in full
+                else:  # no room for it now: evaluated in full, the parked copy kept
                     choice = SlotChoice(slot=choice.slot, reuse=0)
             elif choice.copy_from is not None:
                 self._backend.forget(slot.index)
@@ -425,21 +431,30 @@ class Engine:
 
     def _park_idle(self) -> None:
         """Idle caches to host memory before the admitted prompts take cells (so they land
-        low in the cache and the running sequences attend over their own cells only)."""
+        low in the cache and the running sequences attend over their own cells only), the
+        most recently used first within the budget."""
+        idle = []
         for index in to_park([s.view() for s in self._slots]):
+            size = self._backend.park_size(index)
+            if size is not None:
+                idle.append((index, size, self._slots[index].last_used))
+        if not idle:
+            return
+        entries = [(k, p.size, p.last_used) for k, p in self._parked.items()]
+        park, drop = plan_parking(idle, entries, self._park_budget)
+        for key in drop:
+            del self._parked[key]
+        sizes = {index: size for index, size, _used in idle}
+        for index in park:
             slot = self._slots[index]
-            saved = self._backend.park(index)
-            if saved is None:
-                continue
-            state, size = saved
-            if size > self._park_budget:
-                continue  # too big to keep: it stays in the cache
-            self._parked[next(self._park_keys)] = Parked(slot.cached, state, size, slot.last_used)
+            state = self._backend.park(index)
+            if state is None:
+                continue  # it stays in the cache
+            self._parked[next(self._park_keys)] = Parked(
+                slot.cached, state, sizes[index], slot.last_used
+            )
             self._backend.forget(index)
             slot.cached = []
-        entries = [(k, p.size, p.last_used) for k, p in self._parked.items()]
-        for key in parked_to_drop(entries, self._park_budget):
-            del self._parked[key]
         self._parked_now = tuple(self._parked.values())  # one swap: the loop reads it whole
 
     def _start(self, generation: Generation) -> bool:

@@ -134,7 +134,10 @@ def render_chat(
     controls, marks = control_texts(tokenizer), Marks.new()
     guarded = False
     if controls:
-        (rendered, tools), guarded = guard([rendered, tools], controls, marks)
+        # chat_template_kwargs too: a template may print a string one (reasoning_effort).
+        (rendered, tools, template_kwargs), guarded = guard(
+            [rendered, tools, template_kwargs], controls, marks
+        )
     try:
         try:
             text = _apply_template(tokenizer, rendered, tools, template_kwargs)

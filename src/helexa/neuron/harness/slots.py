@@ -125,17 +125,26 @@ def to_park(slots: Sequence[SlotView]) -> list[int]:
     return [s.index for s in slots if not s.busy and s.cached]
 
 
-def parked_to_drop(parked: Sequence[tuple[int, int, int]], budget: int) -> list[int]:
-    """Keys of parked caches ``(key, bytes, last_used)`` to let go, least recently used first,
-    until the rest fit in ``budget`` bytes."""
-    total = sum(size for _key, size, _used in parked)
-    drop = []
-    for key, size, _used in sorted(parked, key=lambda p: p[2]):
-        if total <= budget:
-            break
-        drop.append(key)
-        total -= size
-    return drop
+def plan_parking(
+    idle: Sequence[tuple[int, int, int]], parked: Sequence[tuple[int, int, int]], budget: int
+) -> tuple[list[int], list[int]]:
+    """Which idle slots ``(slot, bytes, last_used)`` to park and which parked caches
+    ``(key, bytes, last_used)`` to let go so that host memory holds at most ``budget`` bytes:
+    the most recently used first, whichever side they are on. A slot that does not fit stays
+    in the KV cache as it is (nothing is copied for it)."""
+    items = [(used, size, True, slot) for slot, size, used in idle]
+    items += [(used, size, False, key) for key, size, used in parked]
+    left = budget
+    park: list[int] = []
+    drop: list[int] = []
+    for _used, size, is_slot, ident in sorted(items, key=lambda item: -item[0]):
+        if size <= left:
+            left -= size
+            if is_slot:
+                park.append(ident)
+        elif not is_slot:
+            drop.append(ident)
+    return park, drop
 
 
 @dataclass(frozen=True)

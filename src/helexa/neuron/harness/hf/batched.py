@@ -81,7 +81,10 @@ class TorchBackend:
 
     # Paged attention reads only a sequence's own blocks: an idle cache costs the running
     # sequences nothing, so it stays where it is (no parking in host memory).
-    def park(self, slot: int) -> tuple[object, int] | None:
+    def park_size(self, slot: int) -> int | None:
+        return None
+
+    def park(self, slot: int) -> object | None:
         return None
 
     def unpark(self, slot: int, state: object) -> bool:

@@ -38,11 +38,13 @@ class LlamaBackend:
     def clear(self) -> None:
         self._rt.ctx.clear()
 
-    def park(self, slot: int) -> tuple[object, int] | None:
-        # With one unified KV cache every decode attends over all cells in use, so an idle
-        # conversation's cells slow the running ones: they wait in host memory instead.
-        state = self._rt.ctx.save_sequence(slot)
-        return None if state is None else (state, len(state))
+    # With one unified KV cache every decode attends over all cells in use, so an idle
+    # conversation's cells slow the running ones: they wait in host memory instead.
+    def park_size(self, slot: int) -> int | None:
+        return self._rt.ctx.sequence_state_size(slot)
+
+    def park(self, slot: int) -> object | None:
+        return self._rt.ctx.save_sequence(slot)
 
     def unpark(self, slot: int, state: object) -> bool:
         return self._rt.ctx.restore_sequence(slot, state)  # type: ignore[arg-type]

@@ -314,10 +314,14 @@ class Context:
     def clear(self) -> None:
         C.llama_memory_clear(self.memory, True)
 
+    def sequence_state_size(self, seq: int) -> int:
+        """Bytes ``save_sequence`` would take (nothing is copied)."""
+        return int(C.llama_state_seq_get_size(self.ptr, seq))
+
     def save_sequence(self, seq: int) -> ctypes.Array[ctypes.c_uint8] | None:
         """A copy of a sequence's KV cells in host memory (``restore_sequence`` puts it back);
         None when llama.cpp wrote nothing."""
-        size = int(C.llama_state_seq_get_size(self.ptr, seq))
+        size = self.sequence_state_size(seq)
         if size <= 0:
             return None
         buf = (ctypes.c_uint8 * size)()
