@@ -188,6 +188,13 @@ def test_local_gguf_lookup(models: Path) -> None:
         assert resolve_local_gguf(outside, dirs) is None, outside
     assert resolve_local_gguf(DIRECT_GGUF, []) is None
     assert resolve_local_gguf("a" * 300, dirs) is None  # too long a name: not a model
+    (models / f"{LOCAL_MODEL}.gguf").write_bytes(b"GGUF")  # beside the folder of that name
+    try:
+        assert resolve_local_gguf(LOCAL_MODEL, dirs) is None  # the folder comes first
+        assert not gguf_only_folder(LOCAL_MODEL, dirs)
+        assert resolve_local_gguf(f"{LOCAL_MODEL}.gguf", dirs) is not None
+    finally:
+        (models / f"{LOCAL_MODEL}.gguf").unlink()
     assert not gguf_only_folder("a" * 300, dirs)
     assert gguf_only_folder("gguf", dirs) and gguf_only_folder("tiny-direct.Q8_0", dirs)
     assert not gguf_only_folder(LOCAL_MODEL, dirs) and not gguf_only_folder("absent", dirs)

@@ -93,13 +93,21 @@ def resolve_local_dir(model_id: str, model_dirs: list[Path]) -> Path | None:
 
 def resolve_local_gguf(model_id: str, model_dirs: list[Path]) -> tuple[Path, str] | None:
     """``(folder, file name)`` when ``model_id`` names a GGUF file under one of
-    ``model_dirs``: ``x.gguf``, or ``x`` for ``x.gguf`` (a file laid straight into a
-    model_dirs entry, named with or without its suffix), ``folder/x.gguf``, or its absolute
-    path. Never a file outside those directories."""
+    ``model_dirs``: ``x.gguf``, or ``x`` for ``x.gguf`` where no folder ``x`` exists (a file
+    laid straight into a model_dirs entry, named with or without its suffix),
+    ``folder/x.gguf``, or its absolute path. Never a file outside those directories."""
     raw = model_id.replace("\\", "/")
     if not raw.strip("/") or "\x00" in raw:
         return None
-    name = raw if raw.lower().endswith(".gguf") else raw + ".gguf"
+    if raw.lower().endswith(".gguf"):
+        name = raw
+    else:
+        try:
+            if resolve_local_dir(model_id, model_dirs) is not None:
+                return None  # a folder of that name comes first
+        except (ApiError, OSError, ValueError):
+            return None
+        name = raw + ".gguf"
     for base in model_dirs:
         try:  # a name too long, a folder the neuron may not enter: not this model
             base_real = base.expanduser().resolve()

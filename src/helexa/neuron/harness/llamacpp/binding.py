@@ -211,8 +211,9 @@ class Vocab:
             capacity = -n
 
     def control_texts(self) -> tuple[str, ...]:
-        """How each control token is written (``<|im_start|>``, ``<|endoftext|>``, ...)."""
-        control = C.LLAMA_TOKEN_ATTR_CONTROL
+        """How each control token is written (``<|im_start|>``, ``<|endoftext|>``, ...), and
+        the unknown token's (``<unk>``): markup tokenization parses both."""
+        control = C.LLAMA_TOKEN_ATTR_CONTROL | C.LLAMA_TOKEN_ATTR_UNKNOWN
         texts = {
             self.piece(token, special=True).decode("utf-8", errors="replace")
             for token in range(self.n_tokens)
