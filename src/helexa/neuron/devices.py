@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -131,7 +132,9 @@ def _select_cuda(index: int):  # type: ignore[no-untyped-def]
 
 def _cpu_setup(threads: int | None):  # type: ignore[no-untyped-def]
     def start() -> None:
-        if threads:
+        # torch's thread count matters only where torch runs models: a llamacpp-only neuron
+        # never imports it (the transformers harness imports it before the workers start).
+        if threads and "torch" in sys.modules:
             import torch
 
             torch.set_num_threads(threads)
