@@ -261,6 +261,29 @@ def test_an_idle_conversation_waits_in_host_memory_and_comes_back(neuron_url: st
     assert after["parked_tokens"] < parked["parked_tokens"]  # it left host memory
 
 
+def test_a_shared_opening_does_not_take_a_parked_conversation_away(neuron_url: str) -> None:
+    """A new conversation that shares only a system prompt with a parked one reuses those
+    tokens from it, and the parked conversation stays for its own next turn."""
+    system = {"role": "system", "content": "You are a harbour-master bot. " * 30}
+    first = [system, {"role": "user", "content": "Ships in port?"}]
+    answer = greedy(neuron_url, messages=first, max_tokens=6)
+    greedy(neuron_url, messages=[{"role": "user", "content": "Unrelated"}], max_tokens=2)
+    before = health_of(neuron_url)["prefix_cache"]
+    greedy(neuron_url, messages=[system, {"role": "user", "content": "Tides?"}], max_tokens=2)
+    middle = health_of(neuron_url)["prefix_cache"]
+    assert middle["hits"] == before["hits"] + 1  # the system prompt came from the parked copy
+    second = [
+        *first,
+        {"role": "assistant", "content": answer.choices[0].message.content},
+        {"role": "user", "content": "And tomorrow?"},
+    ]
+    reply = greedy(neuron_url, messages=second, max_tokens=2)
+    after = health_of(neuron_url)["prefix_cache"]
+    assert after["prompt_tokens_reused"] - middle["prompt_tokens_reused"] >= (
+        answer.usage.prompt_tokens
+    ), (middle, after, reply.usage)
+
+
 def test_structured_output_with_a_grammar(neuron_url: str, cortex_url: str) -> None:
     schema = {
         "type": "object",

@@ -401,9 +401,12 @@ class Engine:
                 slot.cached = []
                 entry = self._parked[choice.restore]
                 if self._backend.unpark(slot.index, entry.state):
-                    del self._parked[choice.restore]
-                    self._parked_now = tuple(self._parked.values())
-                    slot.cached = entry.tokens
+                    if choice.reuse >= len(entry.tokens) - 1:  # its conversation goes on
+                        del self._parked[choice.restore]
+                        self._parked_now = tuple(self._parked.values())
+                    # else only a shared opening (a system prompt) is taken: the parked copy
+                    # stays for the conversation it belongs to
+                    slot.cached = list(entry.tokens)
                     self._backend.forget(slot.index, choice.reuse)
                     del slot.cached[choice.reuse :]
                 else:  # no room for it now: evaluated in full, the parked copy kept
