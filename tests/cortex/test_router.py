@@ -232,6 +232,69 @@ def test_busy_counts_cortexs_requests_and_others_the_neuron_reports() -> None:
     assert state.busy("m/a") == 0 and state.busy() == 0
 
 
+def test_a_request_begun_while_health_is_asked_is_cortexs_own_not_anothers() -> None:
+    """The neuron counted a request cortex began after asking: it is cortex's own, so once
+    it ends the model is idle (not held busy by a phantom other client until the next
+    poll, which made a cold load answer insufficient_capacity)."""
+    state = NeuronState("n", "http://n:1", pool=None)  # type: ignore[arg-type]
+    state.models["m/a"] = status("m/a")
+    began = state.poll_began()
+    state.asking_health()
+    state.begin_request("m/a")  # reaches the neuron before it answers /health
+    state.apply_poll([status("m/a")], health([1000], {"m/a": (1, 0)}), began)
+    assert state.busy("m/a") == 1 and not state.has_others()
+    state.end_request("m/a")
+    assert state.busy("m/a") == 0
+    state.begin_request("m/a")  # after the answer: no window open, nothing recorded
+    state.end_request("m/a")
+    state.asking_health()
+    state.apply_poll([status("m/a")], health([1000], {"m/a": (1, 0)}), state.poll_began())
+    assert state.busy("m/a") == 1 and state.has_others()  # this one is someone else's
+
+
+def test_a_cold_load_asks_again_before_a_503_when_others_held_the_victim() -> None:
+    """The only victim looked busy with another client's request as of the last poll; a
+    fresh poll shows it idle, so it is evicted rather than the client getting a 503."""
+    neurons = Neurons({"n": [2000]}, [gpu_model("m/old", 1500), gpu_model("m/new", 1500)])
+    state = neurons.state("n")
+    state.models["m/old"] = status("m/old")
+    state.asking_health()
+    state.apply_poll([status("m/old")], health([500], {"m/old": (1, 0)}), state.poll_began())
+    polled: list[str] = []
+
+    async def poll_one(polled_state: NeuronState) -> None:
+        polled.append(polled_state.name)
+        polled_state.asking_health()
+        polled_state.apply_poll(
+            [status("m/old")], health([500], {"m/old": (0, 0)}), polled_state.poll_began()
+        )
+
+    neurons.fleet.poll_one = poll_one  # type: ignore[method-assign]
+    assert asyncio.run(neurons.router.route("m/new")).name == "n"
+    assert polled == ["n"]
+    assert [p for _n, p, b in neurons.posts] == ["/models/unload", "/models/load"]
+
+
+def test_a_victim_still_busy_after_the_fresh_poll_is_a_503() -> None:
+    neurons = Neurons({"n": [2000]}, [gpu_model("m/old", 1500), gpu_model("m/new", 1500)])
+    state = neurons.state("n")
+    state.models["m/old"] = status("m/old")
+    busy = health([500], {"m/old": (1, 0)})
+    state.asking_health()
+    state.apply_poll([status("m/old")], busy, state.poll_began())
+    polled: list[str] = []
+
+    async def poll_one(polled_state: NeuronState) -> None:
+        polled.append(polled_state.name)
+        polled_state.asking_health()
+        polled_state.apply_poll([status("m/old")], busy, polled_state.poll_began())
+
+    neurons.fleet.poll_one = poll_one  # type: ignore[method-assign]
+    with pytest.raises(ApiError) as info:
+        asyncio.run(neurons.router.route("m/new"))
+    assert info.value.code == "insufficient_capacity" and polled == ["n"]  # asked once
+
+
 def test_a_poisoned_model_can_be_evicted_a_loading_one_cannot() -> None:
     neurons = Neurons({"n": [24000]}, [gpu_model("m/p"), gpu_model("m/l")])
     state = neurons.state("n")

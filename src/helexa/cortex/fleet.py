@@ -65,7 +65,9 @@ class NeuronState:
         self._seq = 0  # numbers cortex's own changes
         self._changed: dict[str, int] = {}  # model -> number of cortex's last change to it
         self._polled_seq = 0  # the number current when the applied snapshot was taken
-        self._polling_in_flight: dict[str, int] = {}  # cortex's own, as a poll began
+        # cortex's own requests that overlapped the /health call under way (None: no call):
+        # the neuron's counts may include any of them.
+        self._polling_in_flight: dict[str, int] | None = None
         self._others: dict[str, int] = {}  # others' requests the neuron last reported
 
     # -- reading ------------------------------------------------------------------------------
@@ -126,6 +128,8 @@ class NeuronState:
 
     def begin_request(self, model_id: str) -> None:
         self._in_flight[model_id] = self._in_flight.get(model_id, 0) + 1
+        if self._polling_in_flight is not None:
+            self._polling_in_flight[model_id] = self._polling_in_flight.get(model_id, 0) + 1
         self._last_used[model_id] = time.monotonic()
 
     def end_request(self, model_id: str) -> None:
@@ -182,19 +186,26 @@ class NeuronState:
         return self._seq
 
     def asking_health(self) -> None:
-        """cortex's own requests as the neuron counts the ones in its /health answer."""
+        """The neuron is about to count requests for its /health answer: from now until
+        the answer, every request of cortex's own may be among them (one that begins during
+        the call must not read as another client's until the next poll)."""
         self._polling_in_flight = {m: n for m, n in self._in_flight.items() if n}
+
+    def has_others(self) -> bool:
+        """The last poll counted requests that were not cortex's own."""
+        return bool(self._others)
 
     def apply_poll(self, models: list[ModelStatus], health: Health, began: int) -> None:
         self.health = health
         self.draining = health.draining
         # The neuron's counts include cortex's own requests of the moment: the rest are
         # other clients'.
+        ours = self._polling_in_flight or {}
+        self._polling_in_flight = None
         self._others = {
             model_id: others
             for model_id, info in health.models.items()
-            if (others := info.in_flight + info.queued - self._polling_in_flight.get(model_id, 0))
-            > 0
+            if (others := info.in_flight + info.queued - ours.get(model_id, 0)) > 0
         }
         snapshot = {m.id: m for m in models if m.id not in self.unloading}
         for model_id, seq in self._changed.items():
@@ -228,6 +239,7 @@ class NeuronState:
         self.responsive = False
 
     def poll_failed(self, exc: BaseException, unhealthy_after: int) -> None:
+        self._polling_in_flight = None
         self.failures += 1
         if self.down_since is None:
             self.down_since = time.time()

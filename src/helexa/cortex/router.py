@@ -196,6 +196,7 @@ class Router:
 
     async def _cold_load(self, profile: ModelProfile, exclude: frozenset[str]) -> NeuronState:
         need = await self._need(profile, exclude)
+        rechecked = False
         while True:
             # Planning and booking (the victims taken off routing, the memory reserved in
             # the neuron's ledger) happen under one lock with no network call inside, so
@@ -207,14 +208,27 @@ class Router:
                 ready = self.replica(profile.id, exclude)
                 if ready is not None:
                     return ready
-                placement = self._plan(profile, exclude, need)
-                state = self.fleet.neurons[placement.neuron]
-                neuron_lock = self._neuron_locks[state.name]
-                if await _try_acquire(neuron_lock):
-                    for victim in placement.evict:
-                        state.begin_unload(victim)
-                    state.reserve(profile.id, placement.pool, need)
-                    break
+                try:
+                    placement = self._plan(profile, exclude, need)
+                except ApiError as exc:
+                    # Others' requests are counted as of the last poll: one that has ended
+                    # since may still seem to hold a victim. Ask again once before a 503.
+                    stale = [s for s in self.fleet.neurons.values() if s.has_others()]
+                    if exc.code != "insufficient_capacity" or rechecked or not stale:
+                        raise
+                    placement = None
+                else:
+                    state = self.fleet.neurons[placement.neuron]
+                    neuron_lock = self._neuron_locks[state.name]
+                    if await _try_acquire(neuron_lock):
+                        for victim in placement.evict:
+                            state.begin_unload(victim)
+                        state.reserve(profile.id, placement.pool, need)
+                        break
+            if placement is None:
+                rechecked = True
+                await asyncio.gather(*(self.fleet.poll_one(s) for s in stale))
+                continue
             # That neuron is busy (a load, a defrag): wait for it without holding up
             # planning for the others, then plan again on fresh numbers.
             async with neuron_lock:
