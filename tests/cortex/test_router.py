@@ -431,3 +431,20 @@ def test_a_down_neuron_says_since_when_and_why() -> None:
     assert state.why_unroutable() is None and state.down_since is None
     state.saw_draining()
     assert state.why_unroutable() == "neuron n1 is shutting down"
+
+
+def test_a_draining_neuron_gets_no_new_request_even_as_the_only_replica() -> None:
+    """Its /health says draining: the model is cold-loaded elsewhere rather than sent there
+    (it would refuse it), no cold load is placed on it, and a model only it has (not in the
+    catalogue) is a transient 503 naming the drain, not a 404."""
+    neurons = Neurons({"a": [24000], "b": [24000]}, [gpu_model("m/a")])
+    neurons.state("a").models["m/a"] = status("m/a")
+    neurons.state("a").models["m/x"] = status("m/x")
+    neurons.state("a").saw_draining()
+    assert neurons.router.replica("m/a") is None
+    state = asyncio.run(neurons.router.route("m/a"))
+    assert state.name == "b" and [n for n, _b in neurons.loads()] == ["b"]
+    assert not view_of(neurons.state("a"), neurons.catalogue).healthy
+    with pytest.raises(ApiError) as info:
+        asyncio.run(neurons.router.route("m/x"))
+    assert info.value.status == 503 and "shutting down: a" in info.value.message

@@ -1,4 +1,4 @@
-"""Running a Starlette app under uvicorn with a drain hook and a clean exit status, behind
+"""Running a Starlette app under uvicorn with a drain phase and a clean exit status, behind
 an HTTP protocol that bounds what a client may hold: header and body read timeouts, a
 header size limit, and a connection cap that sheds the slowest clients first."""
 
@@ -8,7 +8,7 @@ import asyncio
 import dataclasses
 import logging
 import resource
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -366,7 +366,14 @@ def uvicorn_config(
 
 class DrainingServer(uvicorn.Server):
     """uvicorn, plus: ``on_drain`` when SIGTERM/SIGINT arrives, ``on_bound`` after bind,
-    and exit status 0 after a graceful stop (uvicorn would re-raise the signal)."""
+    an optional ``drain`` phase, and exit status 0 after a graceful stop (uvicorn would
+    re-raise the signal).
+
+    ``drain`` runs after the signal and *before* uvicorn's shutdown, while the listener is
+    still open: the app keeps answering (a neuron's /health says ``draining``, so cortex
+    can tell a drain from a death) while it refuses new work and lets what runs finish.
+    uvicorn's own shutdown (closing the listener, ``timeout_graceful_shutdown`` for the
+    connections left) starts when it returns, or at once on a second SIGINT."""
 
     def __init__(
         self,
@@ -374,10 +381,12 @@ class DrainingServer(uvicorn.Server):
         *,
         on_drain: Callable[[], None],
         on_bound: Callable[[], None] | None = None,
+        drain: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         super().__init__(config)
         self._on_drain = on_drain
         self._on_bound = on_bound
+        self._drain = drain
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets: Any = None) -> None:
@@ -385,6 +394,22 @@ class DrainingServer(uvicorn.Server):
         await super().startup(sockets)
         if self.started and self._on_bound is not None:
             self._on_bound()
+
+    async def main_loop(self) -> None:
+        await super().main_loop()
+        if self._drain is None or self.force_exit:
+            return
+        task = asyncio.ensure_future(self._drain())
+        while not task.done() and not self.force_exit:
+            await asyncio.wait({task}, timeout=0.1)
+        if not task.done():  # a second SIGINT: stop waiting
+            task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # the shutdown goes on whatever the drain did
+            log.error("drain failed", extra={"error": repr(exc)}, exc_info=exc)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         first = not self.should_exit

@@ -258,6 +258,7 @@ class Health(Wire):
     activation: Activation
     models: dict[str, ModelLoadInfo]
     draining: bool = False  # shutting down: finishing what it has, admitting nothing new
+    status: Literal["ok", "draining"] = "ok"  # the same, for people and load balancers
 
 
 # --- inference requests -----------------------------------------------------------------------

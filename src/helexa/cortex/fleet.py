@@ -249,11 +249,20 @@ class NeuronState:
             self.healthy = False
             self.rediscover = True
             self.models.clear()  # nothing there can be served; the poller refills it
-            # Requests waiting on it fail over now rather than at their own timeouts.
-            self.pool.abort(f"neuron {self.name} stopped answering health checks")
-            log.warning(
+            # Requests waiting on it fail over now rather than at their own timeouts. A
+            # neuron seen draining closes its port only once its streams have ended: this
+            # is its exit, not a crash, and there is nothing left to cut.
+            why = "shut down" if self.draining else "stopped answering health checks"
+            self.pool.abort(f"neuron {self.name} {why}")
+            log.log(
+                logging.INFO if self.draining else logging.WARNING,
                 "neuron unhealthy",
-                extra={"neuron": self.name, "failures": self.failures, "error": str(exc)},
+                extra={
+                    "neuron": self.name,
+                    "failures": self.failures,
+                    "error": str(exc),
+                    "drained": self.draining or None,
+                },
             )
         elif self.failures == 1 and self.healthy:
             log.warning(
@@ -327,7 +336,7 @@ def view_of(
     cpu_free = state.health.cpu.memory_free_mb if state.health else 0
     return NeuronView(
         name=state.name,
-        healthy=state.healthy and state.responsive,
+        healthy=state.healthy and state.responsive and not state.draining,
         devices=devices,
         cpu_free_mb=cpu_free - unaccounted.get(CPU_POOL, 0),
         pending_mb=state.pending_mb(),

@@ -111,13 +111,14 @@ class Router:
     ) -> NeuronState | None:
         """The healthy neuron with the model loaded: the conversation's own while it is
         healthy, else the one with the least in-flight work. A neuron that missed its last
-        health check (or is draining) gets new requests only when no other one has it."""
+        health check gets new requests only when no other one has it; a draining one gets
+        none (it would refuse them: better a cold load elsewhere)."""
         candidates = [
             s
             for s in self.fleet.neurons.values()
-            if s.healthy and s.name not in exclude and s.loaded(model_id)
+            if s.healthy and not s.draining and s.name not in exclude and s.loaded(model_id)
         ]
-        states = [s for s in candidates if s.responsive and not s.draining] or candidates
+        states = [s for s in candidates if s.responsive] or candidates
         key = (model_id, affinity) if affinity else None
         preferred = self.affinity.get(key) if key else None
         name = choose_replica([(s.name, s.busy()) for s in states], preferred)
@@ -141,6 +142,7 @@ class Router:
                 s
                 for s in self.fleet.neurons.values()
                 if s.healthy
+                and not s.draining
                 and s.name not in exclude
                 and model_id in s.models
                 and s.models[model_id].status == "loading"
@@ -152,9 +154,13 @@ class Router:
             return loading
         profile = self.catalogue.profile(model_id)
         if profile is None:
-            if exclude:  # a retry: the model exists, only its neuron just failed
+            draining = [
+                s.name for s in self.fleet.neurons.values() if s.draining and s.loaded(model_id)
+            ]
+            if exclude or draining:  # the model exists, only its neurons failed or drain
+                why = f" (shutting down: {', '.join(draining)})" if draining else ""
                 raise self._unavailable(
-                    f"no other neuron serves {model_id!r}", "upstream_unavailable"
+                    f"no other neuron serves {model_id!r}{why}", "upstream_unavailable"
                 )
             raise self._unknown(model_id)
         # A neuron where the model is poisoned must not be chosen to load it again.

@@ -87,11 +87,14 @@ def serve(
             build_app(neuron),
             settings.host,
             settings.port,
-            drain_timeout_s=settings.drain_timeout_s + DRAIN_GRACE_S,  # the neuron cuts first
+            # The drain itself (neuron.drained) runs before uvicorn's shutdown, with the
+            # listener open; uvicorn then only waits for the connections left.
+            drain_timeout_s=DRAIN_GRACE_S,
             limits=settings.limits,
         ),
         on_drain=neuron.begin_drain,
         on_bound=neuron.start_prewarm,
+        drain=neuron.drained,
     )
     server.run()
     if not server.started:

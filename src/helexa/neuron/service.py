@@ -20,8 +20,9 @@ from helexa.neuron.workers import WorkerPoisoned
 
 log = logging.getLogger("helexa.neuron")
 
-# uvicorn's graceful-shutdown limit is drain_timeout_s plus this: the neuron's own cut
-# (cut_in_flight, with proper error bodies) comes first, uvicorn's task cancel is the backstop.
+# After the drain deadline's cut (cut_in_flight, with proper error bodies), how long the cut
+# generations get to send them; uvicorn's shutdown then allows as long again for the
+# connections left before it cancels them (the backstop).
 DRAIN_GRACE_S = 5.0
 
 
@@ -53,6 +54,7 @@ class Neuron:
         self._loads: dict[str, asyncio.Future[ModelStatus]] = {}
         self._admission: dict[str, Admission] = {}
         self.draining = False
+        self._drain_began = 0.0
         self._drain_cut: asyncio.TimerHandle | None = None
         self._prewarm: asyncio.Future[None] | None = None
         self._load_specs: dict[str, ModelSpec] = {}
@@ -200,6 +202,7 @@ class Neuron:
         if self.draining:
             return
         self.draining = True
+        self._drain_began = time.monotonic()
         for gate in self._admission.values():
             gate.close()
         try:
@@ -211,6 +214,21 @@ class Neuron:
         log.info(
             "drain started", extra={"in_flight": sum(g.in_flight for g in self._admission.values())}
         )
+
+    def generating(self) -> int:
+        """Generations holding a slot (a stream counts until its last byte is sent)."""
+        return sum(gate.in_flight for gate in self._admission.values())
+
+    async def drained(self) -> None:
+        """The drain phase, run while the listener stays open (``DrainingServer``): /health
+        keeps answering ``draining`` so cortex leaves the streams here alone (a closed port
+        would read as a dead neuron and cut them), new work gets 503 ``shutting_down``.
+        Returns once nothing is generating, or ``DRAIN_GRACE_S`` after the deadline's cut."""
+        self.begin_drain()
+        limit = self._drain_began + self.settings.drain_timeout_s + DRAIN_GRACE_S
+        while self.generating() and time.monotonic() < limit:
+            await asyncio.sleep(0.05)
+        log.info("drained", extra={"generating": self.generating()})
 
     def cut_in_flight(self) -> None:
         """The drain deadline: every generation still running ends now with 503
@@ -267,4 +285,5 @@ class Neuron:
             activation=self.activation.snapshot(),
             models=models,
             draining=self.draining,
+            status="draining" if self.draining else "ok",
         )

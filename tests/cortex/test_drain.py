@@ -1,0 +1,174 @@
+"""Shutting down under load, through cortex: a neuron's SIGTERM (its streams finish, cortex
+routes around it), cortex's own SIGTERM (streams finish, or end with an error event at its
+deadline), and streams that queue on a busy neuron (waiting is not silence). Real cortex
+and neuron processes with tiny models."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.cortex.conftest import Fleet, _start_neurons, cpu_models
+from tests.support.fleet import start_cortex
+
+MODEL = "helexa/tiny-a"
+MSGS = [{"role": "user", "content": "Tell me about the weather in the city."}]
+
+
+def requests_logged(log: str, path: str = "/v1/chat/completions") -> list[str]:
+    return [line for line in log.splitlines() if "msg=request" in line and f"path={path}" in line]
+
+
+@dataclass
+class Consumer:
+    """One streamed request read in a thread: its SSE lines, and an event once a few
+    frames have arrived (the generation is running)."""
+
+    url: str
+    body: dict
+    lines: list[str] = field(default_factory=list)
+    status: int | None = None
+    broken: list[Exception] = field(default_factory=list)
+    started: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def start(self) -> Consumer:
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            with httpx.stream("POST", self.url, json=self.body, timeout=60) as response:
+                self.status = response.status_code
+                for line in response.iter_lines():
+                    self.lines.append(line)
+                    if sum(x.startswith("data: ") for x in self.lines) == 4:
+                        self.started.set()
+        except httpx.HTTPError as exc:  # a body cut off mid-transfer
+            self.broken.append(exc)
+        finally:
+            self.started.set()
+
+    def join(self, timeout: float = 60) -> None:
+        assert self.thread is not None
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the stream never ended"
+
+    def data(self) -> list[str]:
+        return [x.removeprefix("data: ") for x in self.lines if x.startswith("data: ")]
+
+    def events(self) -> list[str]:
+        return [x.removeprefix("event: ") for x in self.lines if x.startswith("event: ")]
+
+
+def chat_stream(base: str, max_tokens: int = 1000) -> Consumer:
+    body = {
+        "model": MODEL,
+        "messages": MSGS,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    return Consumer(f"{base}/v1/chat/completions", body)
+
+
+def messages_stream(base: str, max_tokens: int = 1000) -> Consumer:
+    body = {
+        "model": MODEL,
+        "messages": MSGS,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    return Consumer(f"{base}/v1/messages", body)
+
+
+def wait_for(what: str, check, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"never {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def two(tmp_path: Path, fleet_cache: Path) -> Iterator[Fleet]:
+    """n1 serves the model (four generations at once); n2 could load it; a cortex that
+    polls every 0.3 s in front of both."""
+    # KV room for four long streams at once (none preempted and recomputed).
+    budget = (
+        "keepalive_s = 0.5\ndrain_timeout_s = 60\n[cpu]\nmemory_mb = 200\n"
+        "[harness.transformers]\nkv_cache_mb = 24\n"
+    )
+    neurons = _start_neurons(
+        tmp_path,
+        fleet_cache,
+        {
+            "n1": budget
+            + f'[admission]\nmax_concurrent = 4\n[[default_models]]\nmodel_id = "{MODEL}"\n',
+            "n2": budget,
+        },
+    )
+    cortex, base, metrics = start_cortex(
+        tmp_path, {n: u for n, (_d, u) in neurons.items()}, cpu_models(MODEL)
+    )
+    yield Fleet(cortex, base, metrics, neurons)
+    cortex.stop()
+    for daemon, _ in neurons.values():
+        daemon.stop()
+
+
+def test_a_neuron_draining_behind_cortex_finishes_its_streams(two: Fleet) -> None:
+    """SIGTERM on the neuron serving four streams through cortex: the neuron keeps
+    answering /health (draining) while they finish, so cortex leaves them alone and every
+    one ends properly ([DONE], message_stop); a new request meanwhile goes to the other
+    neuron, never to the draining one."""
+    n1, n1_url = two.neurons["n1"]
+    streams = [chat_stream(two.base) for _ in range(3)] + [messages_stream(two.base)]
+    for stream in streams:
+        stream.start()
+    for stream in streams:
+        assert stream.started.wait(60)
+    assert all(s.status == 200 for s in streams), [s.lines[:3] for s in streams]
+
+    n1.signal(signal.SIGTERM)
+    wait_for("draining", lambda: httpx.get(f"{n1_url}/health").json()["draining"])
+    health = httpx.get(f"{n1_url}/health").json()
+    assert health["status"] == "draining"
+    time.sleep(1.0)  # a few of cortex's poll rounds: it has seen the drain
+    assert all(s.thread and s.thread.is_alive() for s in streams), "streams ended early"
+    on_n1 = len(requests_logged(n1.log()))
+    answer = httpx.post(
+        f"{two.base}/v1/chat/completions",
+        json={"model": MODEL, "messages": MSGS, "max_tokens": 4},
+        timeout=60,
+    )
+    assert answer.status_code in (200, 503), answer.text
+    assert len(requests_logged(n1.log())) == on_n1, "a new request reached the draining neuron"
+    if answer.status_code == 200:
+        assert requests_logged(two.cortex.log())[-1].count("node=n2") == 1
+
+    for stream in streams:
+        stream.join()
+    assert n1.proc is not None and n1.proc.wait(60) == 0
+    for stream in streams[:3]:
+        assert not stream.broken, stream.broken
+        frames = stream.data()
+        assert frames[-1] == "[DONE]", frames[-3:]
+        final = json.loads(frames[-2])
+        assert final["choices"][0]["finish_reason"] in {"stop", "length"}
+    anthropic_stream = streams[3]
+    assert not anthropic_stream.broken, anthropic_stream.broken
+    assert anthropic_stream.events()[-1] == "message_stop", anthropic_stream.events()[-3:]
+    assert "error" not in anthropic_stream.events()
+    log = two.cortex.log()
+    assert "stream broke" not in log
+    assert "stopped answering health checks" not in log
