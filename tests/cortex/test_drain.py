@@ -5,6 +5,7 @@ and neuron processes with tiny models."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import threading
@@ -172,3 +173,54 @@ def test_a_neuron_draining_behind_cortex_finishes_its_streams(two: Fleet) -> Non
     log = two.cortex.log()
     assert "stream broke" not in log
     assert "stopped answering health checks" not in log
+
+
+def test_streams_waiting_for_a_slot_are_not_silence(tmp_path: Path, fleet_cache: Path) -> None:
+    """One generation at a time on the neuron, sixteen streams at once through a cortex
+    whose idle timeout (1 s) is far shorter than the queue wait: the queued streams get
+    their headers and keep-alives at once, so every one completes; none is a 503
+    upstream_timeout while the neuron's queue has room."""
+    neurons = _start_neurons(
+        tmp_path,
+        fleet_cache,
+        {
+            "q1": "keepalive_s = 0.2\n[cpu]\nmemory_mb = 200\n"
+            "[admission]\nmax_concurrent = 1\nmax_queue = 32\nqueue_timeout_s = 120\n"
+            f'[[default_models]]\nmodel_id = "{MODEL}"\n'
+        },
+    )
+    cortex, base, _metrics = start_cortex(
+        tmp_path,
+        {n: u for n, (_d, u) in neurons.items()},
+        cpu_models(MODEL),
+        extra="[proxy]\nidle_timeout_s = 1.0\n",
+    )
+    try:
+        outcomes: list[tuple[int, str]] = []
+
+        async def one(client: httpx.AsyncClient) -> None:
+            body = {
+                "model": MODEL,
+                "messages": MSGS,
+                "max_tokens": 80,
+                "temperature": 0,
+                "stream": True,
+            }
+            async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
+                text = (await r.aread()).decode()
+            outcomes.append((r.status_code, text.rstrip().rsplit("\n", 1)[-1]))
+
+        async def burst() -> None:
+            async with httpx.AsyncClient(timeout=120) as client:
+                await asyncio.gather(*(one(client) for _ in range(16)))
+
+        started = time.monotonic()
+        asyncio.run(burst())
+        elapsed = time.monotonic() - started
+        assert outcomes == [(200, "data: [DONE]")] * 16, outcomes
+        assert elapsed > 2.0, "the queue never waited past the idle timeout: shows nothing"
+        assert "upstream_timeout" not in cortex.log()
+    finally:
+        cortex.stop()
+        for daemon, _ in neurons.values():
+            daemon.stop()

@@ -5,6 +5,7 @@ cues make a fault happen on one of them exactly when a test wants it)."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import sys
 import time
@@ -184,5 +185,38 @@ def test_running_out_of_file_descriptors_does_not_blame_the_neuron(
         assert "neuron unhealthy" not in log and "neuron unresponsive" not in log
         assert httpx.get(f"{base}/health").json()["nodes"] == {"healthy": 1, "total": 1}
         assert chat(base, "after the burst").status_code == 200
+    finally:
+        cortex.stop()
+
+
+def test_an_upstream_timeout_is_counted_against_its_node(tmp_path: Path, pair: Pair) -> None:
+    """A neuron that accepts a stream and sends nothing, not even headers, for longer than
+    proxy.idle_timeout_s: a 503 upstream_timeout whose access-log line and error count
+    name that neuron (not node="")."""
+    neuron_url = next(
+        line.split("endpoint = ")[1].strip('"')
+        for line in (pair.cortex.log_path.parent / "cortex.toml").read_text().splitlines()
+        if line.startswith("endpoint") and "s1" not in line
+    )
+    cortex, base, metrics = start_cortex(
+        tmp_path, {"only": neuron_url}, MODELS_TOML, extra="[proxy]\nidle_timeout_s = 1.0\n"
+    )
+    try:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "SLOW:3"}],
+            "stream": True,
+        }
+        answer = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=30)
+        assert answer.status_code == 503
+        assert answer.json()["error"]["code"] == "upstream_timeout"
+        line = [x for x in cortex.log().splitlines() if "msg=request" in x and "status=503" in x]
+        assert line and "node=only" in line[-1] and "error=upstream_timeout" in line[-1]
+        text = httpx.get(f"{metrics}/metrics").text
+        assert re.search(
+            r'cortex_request_errors_total\{model="scripted/qwen",node="only",'
+            r'reason="upstream_timeout"\} 1\.0',
+            text,
+        ), text
     finally:
         cortex.stop()

@@ -68,15 +68,26 @@ model_id = "{TINY_REPO_ID}"
         for thread in threads:
             thread.start()
         assert all(event.wait(30) for event in started)
+        queued_stream: dict[str, object] = {}
+
+        def stream_in_queue() -> None:  # its headers come at once: waiting is not silence
+            with httpx.stream(
+                "POST", f"{base}/v1/chat/completions", json=STREAM, timeout=60
+            ) as response:
+                queued_stream["status"] = response.status_code
+                queued_stream["body"] = response.read().decode()
+
         waiter = threading.Thread(target=wait_in_queue)
         waiter.start()
+        queued_streamer = threading.Thread(target=stream_in_queue)
+        queued_streamer.start()
         deadline = time.monotonic() + 10
-        while httpx.get(f"{base}/health").json()["models"][TINY_REPO_ID]["queued"] < 1:
-            assert time.monotonic() < deadline, "third request never queued"
+        while httpx.get(f"{base}/health").json()["models"][TINY_REPO_ID]["queued"] < 2:
+            assert time.monotonic() < deadline, "third and fourth requests never queued"
             time.sleep(0.02)
 
         daemon.signal(signal.SIGTERM)
-        for thread in (*threads, waiter):
+        for thread in (*threads, waiter, queued_streamer):
             thread.join(60)
         assert daemon.proc is not None
         assert daemon.proc.wait(60) == 0
@@ -89,6 +100,12 @@ model_id = "{TINY_REPO_ID}"
         assert rejected.status_code == 503
         assert rejected.json()["error"]["code"] == "shutting_down"
         assert rejected.headers["retry-after"]
+        # The queued stream had its headers: the drain's 503 is its one error event, and
+        # its body ends properly (no chunk, no [DONE]).
+        assert queued_stream["status"] == 200
+        events = [e for e in str(queued_stream["body"]).split("\n\n") if e.startswith("data: ")]
+        assert len(events) == 1, events
+        assert json.loads(events[0].removeprefix("data: "))["error"]["code"] == "shutting_down"
         log = daemon.log()
         assert "drain started" in log
         assert f"msg=unloaded model_id={TINY_REPO_ID}" in log

@@ -162,6 +162,43 @@ def test_admission_queue_timeout_and_drain() -> None:
     asyncio.run(scenario())
 
 
+def test_a_queued_place_polls_leaves_and_passes_on_a_slot_it_never_took() -> None:
+    """``join`` decides at once (a slot, a place, or 503); ``wait`` with a poll interval
+    says "still queued" without losing the place, so a stream can send keep-alives; a
+    request that leaves gives its place up, and a slot that reached it passes on."""
+
+    async def scenario() -> None:
+        gate = Admission(max_concurrent=1, max_queue=2, timeout_s=0.3, retry_after_s=1)
+        assert gate.join() is None  # the slot, at once
+        place = gate.join()
+        assert place is not None and gate.queued == 1
+        assert await gate.wait(place, 0.01) is False  # still queued: a keep-alive
+        assert gate.queued == 1
+        gate.release()  # the slot goes to the place
+        assert await gate.wait(place, 0.01) is True
+        assert await gate.wait(place, 0.01) is True  # asked again: still the caller's
+        gate.leave(place)  # admitted: the holder releases, leave changes nothing
+        assert gate.in_flight == 1
+        left = gate.join()
+        assert left is not None
+        gate.release()  # handed to ``left``, whose request is gone before it looks
+        gate.leave(left)  # so the slot passes on: nothing is held
+        assert (gate.in_flight, gate.queued) == (0, 0)
+        gate.leave(left)  # twice: still nothing released twice
+        assert gate.in_flight == 0
+        assert gate.join() is None
+        late = gate.join()
+        assert late is not None
+        assert await gate.wait(late, 0.2) is False
+        with pytest.raises(ApiError) as timed_out:  # the timeout counts from joining
+            await gate.wait(late, 0.2)
+        assert timed_out.value.code == "queue_timeout" and gate.queued == 0
+        gate.release()
+        assert gate.in_flight == 0
+
+    asyncio.run(scenario())
+
+
 # --- activation -------------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,16 +49,21 @@ class Dispatcher:
         *,
         stream: bool,
         affinity: str | None = None,
+        tried: Callable[[str], None] | None = None,
     ) -> Call:
         """Route and send; a neuron that fails before its first byte (unreachable, seen
         dead by the poller, or draining) is reported and the request retried once
-        elsewhere. Raises ApiError (counted by the access layer)."""
+        elsewhere. ``tried`` hears each neuron the request is sent to, so an error (a
+        timeout waiting for the answer's head) is logged and counted against its node.
+        Raises ApiError (counted by the access layer)."""
         started = time.monotonic()
         failed: set[str] = set()  # neurons that broke: routed around on the retry
         attempts = 0
         while True:
             state = await self.router.route(model_id, frozenset(failed), affinity)
             attempts += 1
+            if tried is not None:
+                tried(state.name)
             state.begin_request(model_id)
             try:
                 upstream = await state.pool.request(

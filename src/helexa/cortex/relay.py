@@ -170,6 +170,10 @@ class Endpoint:
             self.router.require_known(model_id)
             record.model_id = model_id
             request = protocol.translate(body, model_id, scope)
+
+            def tried(node: str) -> None:
+                record.node = node
+
             call = await unless_disconnected(
                 self.dispatcher.open(
                     model_id,
@@ -177,6 +181,7 @@ class Endpoint:
                     orjson.dumps(request.body),
                     stream=request.stream,
                     affinity=request.affinity,
+                    tried=tried,
                 ),
                 receive,
             )

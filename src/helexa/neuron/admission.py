@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from dataclasses import dataclass
 from typing import Protocol
 
 from helexa.core.errors import ApiError, unavailable
@@ -12,6 +13,18 @@ from helexa.core.errors import ApiError, unavailable
 
 class Abortable(Protocol):
     def abort(self, exc: BaseException) -> None: ...
+
+
+QUEUED, ADMITTED, GONE = range(3)
+
+
+@dataclass
+class Place:
+    """A request's place in a model's queue (``Admission.join``)."""
+
+    waiter: asyncio.Future[None]
+    deadline: float  # loop time: the queue timeout counts from joining
+    state: int = QUEUED
 
 
 class Admission:
@@ -62,37 +75,79 @@ class Admission:
             generation.abort(self._shutting_down(why))
         return len(held)
 
-    async def acquire(self) -> None:
-        """Take a slot, waiting in the bounded queue; 503 when full, timed out or draining.
-
-        The caller owns the slot until it calls ``release()`` exactly once.
-        """
+    def join(self) -> Place | None:
+        """A slot now (None: the caller owns it until it calls ``release()`` once), or a
+        place in the bounded queue to ``wait`` on; 503 at once when draining or full. The
+        decision is synchronous, so a stream knows before its headers whether it queues."""
         if self._closed:
             raise self._shutting_down()
         if self.in_flight < self.max_concurrent and not self._waiters:
             self.in_flight += 1
-            return
+            return None
         if len(self._waiters) >= self.max_queue:
             raise unavailable(
                 "the model's request queue is full",
                 code="queue_full",
                 retry_after=self.retry_after_s,
             )
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
+        return Place(waiter, loop.time() + self.timeout_s)
+
+    async def wait(self, place: Place, poll_s: float | None = None) -> bool:
+        """Wait for ``place``'s slot: True once it is the caller's (``release()`` it once);
+        False after ``poll_s`` with the request still queued (a stream sends a keep-alive
+        and waits on); 503 when the queue timeout passes or the neuron drains."""
+        if place.state != QUEUED:
+            return place.state == ADMITTED
+        loop = asyncio.get_running_loop()
+        remaining = place.deadline - loop.time()
+        step = remaining if poll_s is None else min(poll_s, remaining)
         try:  # asyncio.timeout: wait_for may swallow a racing cancellation on 3.11
-            async with asyncio.timeout(self.timeout_s):
-                await asyncio.shield(waiter)
+            async with asyncio.timeout(max(step, 0.0)):
+                await asyncio.shield(place.waiter)
         except TimeoutError:
-            self._abandon(waiter)
+            if loop.time() < place.deadline:
+                return False
+            self.leave(place)
             raise unavailable(
                 f"waited {self.timeout_s:g}s for a free slot on this model",
                 code="queue_timeout",
                 retry_after=self.retry_after_s,
             ) from None
         except asyncio.CancelledError:
-            self._abandon(waiter)
+            self.leave(place)
             raise
+        except ApiError:  # turned away by the drain (close)
+            place.state = GONE
+            raise
+        place.state = ADMITTED
+        return True
+
+    def leave(self, place: Place) -> None:
+        """The request behind ``place`` is gone: out of the queue (a slot that reached it
+        just now passes on). Nothing to do once admitted (the holder releases) or gone."""
+        if place.state != QUEUED:
+            return
+        place.state = GONE
+        waiter = place.waiter
+        if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+            self.release()  # a slot arrived just as we gave up: pass it on
+            return
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
+        if not waiter.done():
+            waiter.cancel()
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting in the bounded queue; 503 when full, timed out or draining.
+
+        The caller owns the slot until it calls ``release()`` exactly once.
+        """
+        place = self.join()
+        if place is not None:
+            await self.wait(place)
 
     def release(self) -> None:
         while self._waiters:
@@ -101,12 +156,3 @@ class Admission:
                 waiter.set_result(None)  # the slot passes straight to the next waiter
                 return
         self.in_flight -= 1
-
-    def _abandon(self, waiter: asyncio.Future[None]) -> None:
-        if waiter.done() and waiter.exception() is None:
-            self.release()  # a slot arrived just as we gave up: pass it on
-            return
-        with contextlib.suppress(ValueError):
-            self._waiters.remove(waiter)
-        if not waiter.done():
-            waiter.cancel()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from starlette.responses import Response
 from starlette.types import Receive
@@ -20,7 +20,7 @@ from helexa.core.http import (
     unless_disconnected,
 )
 from helexa.core.wire import ChatCompletionRequest, CompletionRequest
-from helexa.neuron.admission import Admission
+from helexa.neuron.admission import Admission, Place
 from helexa.neuron.harness.base import Harness, ModelGone, PreparedPrompt, TokenStream
 from helexa.neuron.openai_format import (
     ChunkFactory,
@@ -81,38 +81,53 @@ async def respond(
     )
     if params.response_format is not None:  # a bad schema is a 400 before anything starts
         await harness.prepare_format(body.model, params.response_format)
-    try:
-        await unless_disconnected(gate.acquire(), receive)
-    except ClientGone:
-        log.info("client left while queued", extra={"model": body.model})
-        return Response(status_code=499)
-    try:
-        stream = harness.generate(body.model, prompt, params)
-    except Exception as exc:
-        gate.release()
-        raise generation_error(exc) from exc
-    gate.hold(stream)  # the drain deadline may end it (503 / an error event: shutting_down)
+    place = gate.join()  # 503 now when draining or the queue is full
+
+    def start() -> TokenStream:
+        """Generate on the slot just taken (released again if the start fails)."""
+        try:
+            stream = harness.generate(body.model, prompt, params)
+        except Exception as exc:
+            gate.release()
+            raise generation_error(exc) from exc
+        gate.hold(stream)  # the drain deadline may end it (503 / an error event)
+        return stream
+
     parser = parser_for(body, prompt)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def close() -> None:
-            stream.cancel()
-            gate.drop(stream)
-            gate.release()
-
-        return EventStreamResponse(
-            stream_body(
+        def events(stream: TokenStream) -> AsyncIterator[bytes]:
+            return stream_body(
                 stream,
                 ChunkFactory(body.model, chat=chat),
                 parser,
                 include_usage,
                 keepalive_s,
                 prompt_tokens=len(prompt.token_ids),
-            ),
-            on_close=close,
-            on_disconnect=stream.cancel,
-        )
+            )
+
+        if place is not None:  # headers and keep-alives now: waiting is not silence
+            queued = QueuedStream(gate, place, start, events, keepalive_s, body.model)
+            return EventStreamResponse(
+                queued.body(), on_close=queued.close, on_disconnect=queued.cancel
+            )
+        stream = start()
+
+        def close() -> None:
+            stream.cancel()
+            gate.drop(stream)
+            gate.release()
+
+        return EventStreamResponse(events(stream), on_close=close, on_disconnect=stream.cancel)
+
+    if place is not None:
+        try:
+            await unless_disconnected(gate.wait(place), receive)
+        except ClientGone:
+            log.info("client left while queued", extra={"model": body.model})
+            return Response(status_code=499)
+    stream = start()
 
     async def collect() -> list[str]:
         pieces: list[str] = []
@@ -139,6 +154,55 @@ async def respond(
             chat_completion(body.model, message, stream.finish, tool_calls=parser.saw_tool_calls)
         )
     return JSONResponse(text_completion(body.model, text, stream.finish))
+
+
+class QueuedStream:
+    """A stream that had to queue for a slot: its headers go out at once and an SSE
+    keep-alive every ``keepalive_s`` while it waits (as while a prompt prefills), so a
+    gateway's idle timeout sees a live stream, not a silent neuron. A wait that ends in a
+    503 (queue timeout, drain) ends the stream with that error event, before any chunk."""
+
+    def __init__(
+        self,
+        gate: Admission,
+        place: Place,
+        start: Callable[[], TokenStream],
+        events: Callable[[TokenStream], AsyncIterator[bytes]],
+        keepalive_s: float,
+        model: str,
+    ) -> None:
+        self.gate = gate
+        self.place = place
+        self.start = start
+        self.events = events
+        self.keepalive_s = keepalive_s
+        self.model = model
+        self.stream: TokenStream | None = None
+
+    async def body(self) -> AsyncIterator[bytes]:
+        try:
+            while not await self.gate.wait(self.place, self.keepalive_s):
+                yield SSE_KEEPALIVE
+            self.stream = self.start()
+        except ApiError as error:
+            log.info("queued stream refused", extra={"model": self.model, "code": error.code})
+            yield sse_data(error.openai_body())
+            return
+        async for chunk in self.events(self.stream):
+            yield chunk
+
+    def cancel(self) -> None:
+        if self.stream is not None:
+            self.stream.cancel()
+
+    def close(self) -> None:
+        """The response is over (or never started): free the slot, or the queue place."""
+        if self.stream is None:
+            self.gate.leave(self.place)  # still queued; a no-op once admitted or turned away
+            return
+        self.stream.cancel()
+        self.gate.drop(self.stream)
+        self.gate.release()
 
 
 async def stream_body(
