@@ -224,3 +224,60 @@ def test_streams_waiting_for_a_slot_are_not_silence(tmp_path: Path, fleet_cache:
         cortex.stop()
         for daemon, _ in neurons.values():
             daemon.stop()
+
+
+def test_a_stream_the_neurons_drain_deadline_cuts_is_logged_and_counted_as_broken(
+    tmp_path: Path, fleet_cache: Path
+) -> None:
+    """A neuron whose drain deadline (1 s) is shorter than its streams: each ends with the
+    neuron's shutting_down error event in its client's protocol and a clean end of body;
+    cortex's access log says the request broke (outcome, error code, node) and the error
+    count has it with its model and node, although the status was 200."""
+    neurons = _start_neurons(
+        tmp_path,
+        fleet_cache,
+        {
+            "d1": "keepalive_s = 0.5\ndrain_timeout_s = 1\n[cpu]\nmemory_mb = 200\n"
+            "[harness.transformers]\nkv_cache_mb = 24\n"
+            f'[[default_models]]\nmodel_id = "{MODEL}"\n'
+        },
+    )
+    cortex, base, metrics = start_cortex(
+        tmp_path, {n: u for n, (_d, u) in neurons.items()}, cpu_models(MODEL)
+    )
+    try:
+        streams = [chat_stream(base, 1900), messages_stream(base, 1900)]
+        for stream in streams:
+            stream.start()
+        for stream in streams:
+            assert stream.started.wait(60)
+        neurons["d1"][0].signal(signal.SIGTERM)
+        for stream in streams:
+            stream.join()
+        openai_stream, anthropic_stream = streams
+        assert not openai_stream.broken and not anthropic_stream.broken
+        assert "[DONE]" not in openai_stream.data()
+        assert json.loads(openai_stream.data()[-1])["error"]["code"] == "shutting_down"
+        assert anthropic_stream.events()[-1] == "error"
+        assert json.loads(anthropic_stream.data()[-1])["error"]["type"] == "overloaded_error"
+
+        def broken() -> list[str]:
+            return [
+                line
+                for line in requests_logged(cortex.log())
+                + requests_logged(cortex.log(), "/v1/messages")
+                if "outcome=broken" in line
+            ]
+
+        wait_for("two broken-stream lines", lambda: len(broken()) == 2)
+        for line in broken():
+            assert "status=200" in line and "error=shutting_down" in line and "node=d1" in line
+        text = httpx.get(f"{metrics}/metrics").text
+        assert (
+            f'cortex_request_errors_total{{model="{MODEL}",node="d1",reason="shutting_down"}} 2.0'
+            in text
+        ), text
+    finally:
+        cortex.stop()
+        for daemon, _ in neurons.values():
+            daemon.stop()

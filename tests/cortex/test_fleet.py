@@ -42,6 +42,15 @@ def metric(fleet: Fleet, name: str, **labels: str) -> float:
     return total
 
 
+def broken_lines(log: str, model: str) -> list[str]:
+    """Access-log lines of streams that began (200) and broke."""
+    return [
+        line
+        for line in log.splitlines()
+        if "msg=request" in line and f"model={model} " in line and "outcome=broken" in line
+    ]
+
+
 def test_catalogue_topology_and_aliases(fleet: Fleet) -> None:
     listing = httpx.get(f"{fleet.base}/v1/models").json()
     assert listing["object"] == "list"
@@ -295,6 +304,16 @@ def test_neuron_killed_mid_stream(fleet: Fleet) -> None:
     assert events[-1] != "[DONE]"
     error = json.loads(events[-1])["error"]
     assert error["code"] in {"upstream_broken", "upstream_timeout"} and "n2" in error["message"]
+    # The broken stream (a 200 that ended in an error) is logged and counted as one.
+    deadline = time.monotonic() + 10
+    while not (broken := broken_lines(fleet.cortex.log(), "helexa/tiny-k")):
+        assert time.monotonic() < deadline, "no access-log line says the stream broke"
+        time.sleep(0.05)
+    assert "node=n2" in broken[-1] and f"error={error['code']}" in broken[-1], broken[-1]
+    counted = metric(
+        fleet, "cortex_request_errors_total", model="helexa/tiny-k", node="n2", reason=error["code"]
+    )
+    assert counted == 1
     # Failover: the model is cold-loaded on a surviving neuron.
     answer = client(fleet).chat.completions.create(
         model="helexa/tiny-k", messages=MSGS, max_tokens=3

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 import pytest
 
-from helexa.cortex.protocols import StreamTap
+from helexa.cortex.access import outcome
+from helexa.cortex.protocols import PassthroughCodec, StreamTap
+from helexa.cortex.relay import neuron_error
 from helexa.cortex.upstream import ConnectFailed, Pool, UpstreamError, UpstreamTimeout
 from tests.support.procs import free_port
 
@@ -116,3 +119,46 @@ def test_stream_tap_strips_unrequested_usage_and_rejoins_split_events() -> None:
     assert tap.usage == {"prompt_tokens": 3, "completion_tokens": 2}
     keeper = StreamTap(keep_usage=True)
     assert keeper.feed(final + usage) == final + usage
+
+
+def test_how_a_relayed_stream_ended_is_known_for_the_log_and_metrics() -> None:
+    """The codec says why a stream did not finish: the neuron's own error event (its
+    code), a body that ended with neither [DONE] nor an error (then the client gets an
+    error event: never a silent end), or cortex's own failure; ``outcome`` words it."""
+    role = b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n'
+    whole = PassthroughCodec(keep_usage=False)
+    whole.feed(role + b'data: {"choices":[{"delta":{"content":"data: [DONE]"}}]}\n\n')
+    assert not whole.tap.done  # the text of a content string is not the end
+    whole.feed(b"data: [DONE]\n\n")
+    assert whole.end() == b"" and whole.error is None
+
+    cut = PassthroughCodec(keep_usage=False)
+    cut.feed(role)
+    out, _done = cut.feed(
+        b'data: {"error":{"message":"drain","type":"service_unavailable",'
+        b'"code":"shutting_down","param":null}}\n\n'
+    )
+    assert out.startswith(b'data: {"error"')  # passed through as it is
+    assert cut.end() == b"" and cut.error == "shutting_down"
+
+    silent = PassthroughCodec(keep_usage=False)
+    silent.feed(role)
+    tail = silent.end()
+    assert silent.error == "upstream_broken"
+    assert orjson.loads(tail.removeprefix(b"data: "))["error"]["code"] == "upstream_broken"
+
+    failed = PassthroughCodec(keep_usage=False)
+    failed.fail(503, "cortex is shutting down", "shutting_down")
+    assert failed.error == "shutting_down"
+
+    assert neuron_error({"message": "m", "type": "service_unavailable", "code": "x"}) == (
+        503,
+        "m",
+        "x",
+    )
+    assert neuron_error(None) == (500, "generation failed", "upstream_error")
+    assert outcome(200, None) == "ok"
+    assert outcome(200, "upstream_broken") == "broken"
+    assert outcome(200, "client_disconnected") == "client_left"
+    assert outcome(503, "upstream_timeout") == "error"
+    assert outcome(499, "client_disconnected") == "error"

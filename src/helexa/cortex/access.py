@@ -4,7 +4,7 @@ The proxy routes go straight to their endpoints (no middleware or router walk on
 path); everything else (other routes, 404/405, lifespan) goes through Starlette. Both are
 wrapped here: the handler fills in a ``RequestRecord`` (model, node, usage, error code) and
 this layer adds status and duration, logs, and counts every 4xx/5xx once in
-``cortex_request_errors_total``.
+``cortex_request_errors_total`` — and every 200 whose stream broke (``outcome``).
 """
 
 from __future__ import annotations
@@ -39,6 +39,18 @@ class RequestRecord:
     status: int = 0
     key: str | None = None  # the name of the API key (never the key) that was sent
     models: frozenset[str] | None = None  # that key's model allowlist; None: every model
+
+
+def outcome(status: int, error: str | None) -> str:
+    """How a request ended, for the access log: ``ok``; ``error`` (a 4xx/5xx answer);
+    ``broken`` (a 200 whose stream ended in an error event: the neuron died or stalled, a
+    drain cut it); ``client_left`` (the client hung up after its answer began). Every one
+    but ``ok`` is counted in ``cortex_request_errors_total``."""
+    if status >= 400:
+        return "error"
+    if error is None:
+        return "ok"
+    return "client_left" if error == "client_disconnected" else "broken"
 
 
 def record_of(scope: Scope) -> RequestRecord:
@@ -109,7 +121,8 @@ class AccessLog:
 
     def _finish(self, scope: Scope, record: RequestRecord, seconds: float) -> None:
         status = record.status or 499  # nothing was sent: the client left first
-        if status >= 400:
+        result = outcome(status, record.error)
+        if result != "ok":
             reason = record.error or f"status_{status}"
             self.metrics.error(self.model_label(record.model_id), record.node or "", reason)
         if record.key is not None:
@@ -122,6 +135,7 @@ class AccessLog:
                 "path": scope["path"],
                 "model": record.model,
                 "status": status,
+                "outcome": result,
                 "secs": round(seconds, 4),
                 "node": record.node,
                 "key": record.key,

@@ -158,8 +158,8 @@ class Dispatcher:
         state.end_request(model_id)
 
     def client_left(self, call: Call) -> None:
-        """Drop the upstream connection at once: the neuron stops generating."""
-        self.metrics.error(call.model_id, call.node, "client_disconnected")
+        """Drop the upstream connection at once: the neuron stops generating (the access
+        layer counts the request: its record says the client left)."""
         call.upstream.close()
 
     def close(self, call: Call, usage: dict[str, Any] | None, first_token_at: float | None) -> None:

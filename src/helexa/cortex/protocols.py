@@ -16,11 +16,21 @@ from helexa.core import anthropic, responses
 from helexa.core.errors import ApiError, bad_request
 from helexa.core.http import validate
 from helexa.core.wire import check_model_name
-from helexa.cortex.relay import EventBuffer, EventCodec, NeuronRequest, header
+from helexa.cortex.relay import (
+    UNFINISHED,
+    UNFINISHED_MESSAGE,
+    EventBuffer,
+    EventCodec,
+    NeuronRequest,
+    header,
+    neuron_error,
+)
 
 FIRST_TOKEN = re.compile(rb'"(?:content|text|reasoning_content)":"[^"]|"tool_calls":\[')
 USAGE_ONLY = re.compile(rb'"choices":\[\]')
 SESSION_HEADER = b"x-claude-code-session-id"
+ERROR_EVENT = b'data: {"error"'  # how a neuron ends a stream that failed
+SSE_DONE = b"data: [DONE]\n\n"
 
 
 def _model_field(body: dict[str, Any]) -> str:
@@ -48,6 +58,8 @@ class StreamTap:
         self.keep_usage = keep_usage
         self.first_token_at: float | None = None
         self.usage: dict[str, Any] | None = None
+        self.done = False  # [DONE] went by
+        self.error: str | None = None  # the code of an error event that went by
         self._events = EventBuffer()
 
     def feed(self, chunk: bytes) -> bytes:
@@ -56,7 +68,19 @@ class StreamTap:
             self.first_token_at = time.monotonic()
         if b'"usage"' in chunk:
             chunk = self._take_usage(chunk)
+        if ERROR_EVENT in chunk:
+            self._take_error(chunk)
+        # The last whole event (the same text inside a content string does not count).
+        if chunk == SSE_DONE or chunk.endswith(b"\n\n" + SSE_DONE):
+            self.done = True
         return chunk
+
+    def _take_error(self, chunk: bytes) -> None:
+        for event in chunk.split(b"\n\n"):
+            if event.startswith(ERROR_EVENT):
+                with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                    self.error = neuron_error(orjson.loads(event[6:]).get("error"))[2]
+                self.error = self.error or "upstream_error"
 
     def flush(self) -> bytes:
         return self._events.flush()
@@ -82,6 +106,11 @@ class StreamTap:
 class PassthroughCodec:
     def __init__(self, keep_usage: bool) -> None:
         self.tap = StreamTap(keep_usage)
+        self._error: str | None = None
+
+    @property
+    def error(self) -> str | None:
+        return self._error or self.tap.error
 
     @property
     def usage(self) -> dict[str, Any] | None:
@@ -101,11 +130,16 @@ class PassthroughCodec:
         return None  # the neuron sends its own keep-alives; silence past the timeout is death
 
     def end(self) -> bytes:
-        return self.tap.flush()
+        tail = self.tap.flush()
+        if self.tap.done or self.tap.error:
+            return tail
+        return tail + self.fail(502, UNFINISHED_MESSAGE, UNFINISHED)  # never a silent end
 
     def fail(self, status: int, message: str, code: str) -> bytes:
         self.tap.flush()  # a half-received event cannot be completed: drop it
-        error = ApiError(status, message, type="server_error", code=code)
+        self._error = code
+        kind = "service_unavailable" if status == 503 else "server_error"
+        error = ApiError(status, message, type=kind, code=code)
         return b"data: " + orjson.dumps(error.openai_body()) + b"\n\n"
 
 

@@ -90,6 +90,9 @@ class StreamCodec(Protocol):
 
     usage: dict[str, Any] | None
     first_token_at: float | None
+    # Why the stream did not finish (an error event's code: the neuron's, or the one the
+    # codec wrote); None while it is whole. The access log and error count read it.
+    error: str | None
 
     def opening(self) -> bytes: ...
 
@@ -195,24 +198,28 @@ class Endpoint:
         record.node = call.node
         usage: dict[str, Any] | None = None
         first: float | None = None
+
+        def client_left() -> None:
+            record.error = "client_disconnected"
+            self.dispatcher.client_left(call)
+
         try:
             if call.upstream.status != 200:
                 await unless_disconnected(self._relay_error(call, send, record), receive)
             elif request.stream:
                 codec = protocol.codec(request, requested)
                 await until_done_or_disconnect(
-                    lambda: self._relay_stream(call, codec, send),
-                    receive,
-                    lambda: self.dispatcher.client_left(call),
+                    lambda: self._relay_stream(call, codec, send), receive, client_left
                 )
                 usage, first = codec.usage, codec.first_token_at
+                # A 200 whose stream broke is an error all the same: logged and counted.
+                record.error = record.error or codec.error
             else:
                 usage = await unless_disconnected(
                     self._relay_whole(call, request, requested, send, record), receive
                 )
         except ClientGone:
             record.error = "client_disconnected"
-            self.metrics.error(call.model_id, call.node, "client_disconnected")
         finally:
             record.usage = usage
             self.dispatcher.close(call, usage, first)
@@ -287,7 +294,6 @@ class Endpoint:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
         except UpstreamError as exc:
             reason = "upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_broken"
-            self.metrics.error(call.model_id, call.node, reason)
             log.warning(
                 "stream broke", extra={"model": call.model_id, "node": call.node, "error": str(exc)}
             )
@@ -296,6 +302,23 @@ class Endpoint:
 
 
 # --- codecs ----------------------------------------------------------------------------------
+
+UNFINISHED = "upstream_broken"  # the neuron ended the body with neither [DONE] nor an error
+UNFINISHED_MESSAGE = "the neuron ended the stream before finishing it"
+
+
+def neuron_error(error: Any) -> tuple[int, str, str]:
+    """(status, message, code) of the error event a neuron ended its stream with: 503 for
+    a transient one (draining, queue timeout), else 500."""
+    error = error if isinstance(error, dict) else {}
+    message = error.get("message")
+    code = error.get("code")
+    status = 503 if error.get("type") == "service_unavailable" else 500
+    return (
+        status,
+        message if isinstance(message, str) else "generation failed",
+        code if isinstance(code, str) and code else "upstream_error",
+    )
 
 
 class Translator(Protocol):
@@ -343,6 +366,7 @@ class EventCodec:
         self._keepalive = keepalive
         self._events = EventBuffer()
         self.first_token_at: float | None = None
+        self.error: str | None = None
 
     @property
     def usage(self) -> dict[str, Any] | None:
@@ -371,21 +395,22 @@ class EventCodec:
             try:
                 parsed = orjson.loads(data)
             except orjson.JSONDecodeError:
+                self.error = "upstream_malformed"
                 out += self.translator.error(502, "neuron sent a malformed stream event")
                 return render_events(out), True
             if "error" in parsed:
-                message = (parsed["error"] or {}).get("message", "generation failed")
-                return render_events(out + self.translator.error(500, message)), True
+                status, message, self.error = neuron_error(parsed["error"])
+                return render_events(out + self.translator.error(status, message)), True
             if self.first_token_at is None and _has_output(parsed):
                 self.first_token_at = time.monotonic()
             out += self.translator.feed(parsed)
         return (render_events(out) if out else pings), False
 
     def end(self) -> bytes:
-        return render_events(
-            self.translator.error(502, "the neuron ended the stream before finishing it")
-        )
+        self.error = UNFINISHED
+        return render_events(self.translator.error(502, UNFINISHED_MESSAGE))
 
     def fail(self, status: int, message: str, code: str) -> bytes:
         self._events.flush()  # a half-received event cannot be completed: drop it
+        self.error = code
         return render_events(self.translator.error(status, message))
