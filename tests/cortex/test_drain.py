@@ -17,6 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from helexa.core.errors import ApiError
+from helexa.cortex.drain import Drain
+from helexa.cortex.relay import stream_failure
+from helexa.cortex.upstream import GatewayShutdown, UpstreamError, UpstreamTimeout
 from tests.cortex.conftest import Fleet, _start_neurons, cpu_models
 from tests.support.fleet import start_cortex
 
@@ -98,6 +102,47 @@ def wait_for(what: str, check, timeout: float = 30) -> None:  # type: ignore[no-
     while not check():
         assert time.monotonic() < deadline, f"never {what}"
         time.sleep(0.05)
+
+
+# --- decisions, in process ------------------------------------------------------------------
+
+
+def test_cortexs_drain_deadline_turns_a_request_still_routing_into_a_503() -> None:
+    """At the deadline a request still being routed (a cold load, a neuron's answer not
+    begun) ends as a 503 shutting_down, in its route's envelope (not uvicorn's plain-text
+    500 at its own deadline); another cancellation (the client left) passes through."""
+
+    async def scenario() -> None:
+        drain = Drain(0.05)
+        waiting = asyncio.ensure_future(drain.routing(asyncio.sleep(30)))
+        left = asyncio.ensure_future(Drain(60).routing(asyncio.sleep(30)))
+        await asyncio.sleep(0)
+        drain.begin()
+        with pytest.raises(ApiError) as info:
+            await waiting
+        assert info.value.status == 503 and info.value.code == "shutting_down"
+        assert "drain deadline (0.05s)" in info.value.message
+        with pytest.raises(ApiError):  # after the cut nothing new starts
+            await drain.routing(asyncio.sleep(0))
+        left.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await left
+
+    asyncio.run(scenario())
+
+
+def test_the_error_event_that_ends_a_broken_stream_says_whose_fault() -> None:
+    assert stream_failure(GatewayShutdown("cortex is shutting down"), "n1") == (
+        503,
+        "shutting_down",
+        "cortex is shutting down",
+    )
+    assert stream_failure(UpstreamTimeout("silent"), "n1")[:2] == (502, "upstream_timeout")
+    status, code, message = stream_failure(UpstreamError("EOF"), "n1")
+    assert (status, code) == (502, "upstream_broken") and "neuron n1" in message
+
+
+# --- real processes ---------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -277,6 +322,79 @@ def test_a_stream_the_neurons_drain_deadline_cuts_is_logged_and_counted_as_broke
             f'cortex_request_errors_total{{model="{MODEL}",node="d1",reason="shutting_down"}} 2.0'
             in text
         ), text
+    finally:
+        cortex.stop()
+        for daemon, _ in neurons.values():
+            daemon.stop()
+
+
+def test_cortex_sigterm_lets_streams_finish_and_ends_the_rest_with_an_error_event(
+    tmp_path: Path, fleet_cache: Path
+) -> None:
+    """cortex's own SIGTERM with a 3 s drain deadline: it stops accepting at once; a stream
+    that finishes in time ends as usual; every stream still running at the deadline — in
+    each protocol — ends with that protocol's error event and a clean end of body (never a
+    truncated chunked transfer); cortex exits 0."""
+    neurons = _start_neurons(
+        tmp_path,
+        fleet_cache,
+        {
+            "n": "keepalive_s = 0.5\n[cpu]\nmemory_mb = 200\n"
+            "[harness.transformers]\nkv_cache_mb = 24\n[admission]\nmax_concurrent = 5\n"
+            f'[[default_models]]\nmodel_id = "{MODEL}"\n'
+        },
+    )
+    cortex, base, _metrics = start_cortex(
+        tmp_path,
+        {n: u for n, (_d, u) in neurons.items()},
+        cpu_models(MODEL),
+        gateway="drain_timeout_s = 3",
+    )
+    try:
+        long = 1900  # far past the deadline
+        short = chat_stream(base, 60)  # well inside the deadline
+        chat = chat_stream(base, long)
+        messages = messages_stream(base, long)
+        completions = Consumer(
+            f"{base}/v1/completions",
+            {"model": MODEL, "prompt": "The weather", "max_tokens": long, "temperature": 0}
+            | {"stream": True},
+        )
+        responses = Consumer(
+            f"{base}/v1/responses",
+            {"model": MODEL, "input": MSGS[0]["content"], "max_output_tokens": long}
+            | {"temperature": 0, "stream": True},
+        )
+        streams = [chat, messages, completions, responses]
+        for stream in streams:
+            stream.start()
+        for stream in streams:
+            assert stream.started.wait(60)
+        assert short.start().started.wait(60)
+        cortex.signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(httpx.ConnectError):  # no longer accepting
+            httpx.get(f"{base}/health", timeout=2)
+        for stream in (short, *streams):
+            stream.join()
+        assert cortex.proc is not None and cortex.proc.wait(30) == 0
+
+        assert short.data()[-1] == "[DONE]"  # finished within the deadline
+        for stream in streams:
+            assert stream.status == 200 and not stream.broken, (stream.url, stream.broken)
+        for stream in (chat, completions):
+            assert "[DONE]" not in stream.data()
+            error = json.loads(stream.data()[-1])["error"]
+            assert error["code"] == "shutting_down" and "drain deadline (3s)" in error["message"]
+        assert messages.events()[-1] == "error"
+        assert json.loads(messages.data()[-1])["error"]["type"] == "overloaded_error"
+        assert responses.events()[-1] == "response.failed"
+        assert "drain deadline" in json.loads(responses.data()[-1])["response"]["error"]["message"]
+        log = cortex.log()
+        assert "drain deadline: requests cut" in log
+        assert "Cancel" not in log  # uvicorn's own backstop was not needed
+        broken = [x for x in log.splitlines() if "msg=request" in x and "outcome=broken" in x]
+        assert len(broken) == 4 and all("error=shutting_down" in x for x in broken), broken
     finally:
         cortex.stop()
         for daemon, _ in neurons.values():

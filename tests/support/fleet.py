@@ -17,8 +17,10 @@ def start_cortex(
     poll_interval_s: float = 0.3,
     poller: str = "timeout_s = 2\n",
     prefix: list[str] | None = None,
+    gateway: str = "",
 ) -> tuple[Daemon, str, str]:
-    """Returns the daemon, its API base URL and its metrics base URL."""
+    """Returns the daemon, its API base URL and its metrics base URL. ``extra``: top-level
+    cortex.toml lines and tables; ``gateway``: more lines of its ``[gateway]`` table."""
     workdir.mkdir(parents=True, exist_ok=True)
     port, metrics_port = free_port(), free_port()
     (workdir / f"{name}-models.toml").write_text(models_toml)
@@ -29,6 +31,7 @@ def start_cortex(
     config.write_text(
         f'models_config = "{name}-models.toml"\n{extra}\n'
         f'[gateway]\nlisten = "127.0.0.1:{port}"\nmetrics_listen = "127.0.0.1:{metrics_port}"\n'
+        f"{gateway}\n"
         f"[poller]\ninterval_s = {poll_interval_s}\n{poller}{entries}"
     )
     daemon = Daemon(

@@ -27,6 +27,7 @@ from helexa.cortex.access import AccessLog, record_of
 from helexa.cortex.auth import Guard, model_allowed, not_allowed, visible
 from helexa.cortex.config import CortexConfig
 from helexa.cortex.dispatch import Dispatcher
+from helexa.cortex.drain import Drain
 from helexa.cortex.fleet import Fleet, view_of
 from helexa.cortex.keys import KeyStore, keys_path
 from helexa.cortex.metrics import Metrics
@@ -36,7 +37,7 @@ from helexa.cortex.protocols import (
     OpenAIPassthrough,
     OpenAIResponses,
 )
-from helexa.cortex.relay import Endpoint
+from helexa.cortex.relay import ClientProtocol, Endpoint
 from helexa.cortex.router import Router
 
 log = logging.getLogger("helexa.cortex")
@@ -64,6 +65,7 @@ class Gateway:
             keys_path(config.settings.auth.keys_file, config.path), config.settings.auth.api_key
         )
         self.router = Router(config.settings, config.catalogue, self.fleet, self.metrics)
+        self.drain = Drain(config.settings.gateway.drain_timeout_s)  # cortex's own SIGTERM
 
     def model_entries(self) -> list[dict[str, Any]]:
         catalogue = self.config.catalogue
@@ -218,12 +220,15 @@ def build_app(gateway: Gateway) -> ASGIApp:
             await gateway.fleet.stop()
 
     dispatcher = Dispatcher(gateway.router, gateway.fleet, gateway.metrics)
+    protocols: dict[str, ClientProtocol] = {
+        "/v1/chat/completions": OpenAIPassthrough("/v1/chat/completions"),
+        "/v1/completions": OpenAIPassthrough("/v1/completions"),
+        "/v1/messages": AnthropicMessages(),
+        "/v1/messages/count_tokens": AnthropicCountTokens(),
+        "/v1/responses": OpenAIResponses(),
+    }
     hot: dict[str, ASGIApp] = {
-        "/v1/chat/completions": Endpoint(OpenAIPassthrough("/v1/chat/completions"), dispatcher),
-        "/v1/completions": Endpoint(OpenAIPassthrough("/v1/completions"), dispatcher),
-        "/v1/messages": Endpoint(AnthropicMessages(), dispatcher),
-        "/v1/messages/count_tokens": Endpoint(AnthropicCountTokens(), dispatcher),
-        "/v1/responses": Endpoint(OpenAIResponses(), dispatcher),
+        path: Endpoint(protocol, dispatcher, gateway.drain) for path, protocol in protocols.items()
     }
     routes = [
         *(Route(path, handler, methods=["POST"]) for path, handler in hot.items()),

@@ -78,6 +78,7 @@ def serve(config: ConfigOption = None) -> None:
 
     from helexa.core.serving import DrainingServer, uvicorn_config
     from helexa.cortex.app import Gateway, build_app
+    from helexa.cortex.drain import CUT_GRACE_S
 
     gateway = Gateway(loaded)
     host, port = split_listen(settings.gateway.listen)
@@ -103,12 +104,14 @@ def serve(config: ConfigOption = None) -> None:
             build_app(gateway),
             host,
             port,
-            drain_timeout_s=30,
+            # cortex's own cut (gateway.drain: error events) comes first; uvicorn's
+            # cancel, CUT_GRACE_S later, is the backstop.
+            drain_timeout_s=settings.gateway.drain_timeout_s + CUT_GRACE_S,
             limits=settings.limits,
             loop="uvloop",
             backlog=4096,
         ),
-        on_drain=lambda: None,
+        on_drain=gateway.drain.begin,
     )
     server.run()
     if not server.started:

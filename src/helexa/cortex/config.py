@@ -28,6 +28,9 @@ def split_listen(value: str) -> tuple[str, int]:
 class GatewaySettings(BaseModel):
     listen: str = "0.0.0.0:31313"
     metrics_listen: str = "0.0.0.0:31314"
+    # On SIGTERM: how long requests in flight may go on; what is left then ends with an
+    # error event (streams) or a 503 shutting_down. Keep it under the unit's stop timeout.
+    drain_timeout_s: float = Field(default=30.0, ge=0)
 
     @field_validator("listen", "metrics_listen")
     @classmethod

@@ -28,7 +28,8 @@ from helexa.core.http import (
 from helexa.cortex.access import RequestRecord, record_of
 from helexa.cortex.auth import require_model
 from helexa.cortex.dispatch import Call, Dispatcher
-from helexa.cortex.upstream import UpstreamError, UpstreamTimeout
+from helexa.cortex.drain import Drain
+from helexa.cortex.upstream import GatewayShutdown, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("helexa.cortex.proxy")
 
@@ -150,9 +151,10 @@ class EventBuffer:
 class Endpoint:
     """ASGI endpoint for one proxied route, speaking ``protocol`` to the client."""
 
-    def __init__(self, protocol: ClientProtocol, dispatcher: Dispatcher) -> None:
+    def __init__(self, protocol: ClientProtocol, dispatcher: Dispatcher, drain: Drain) -> None:
         self.protocol = protocol
         self.dispatcher = dispatcher
+        self.drain = drain  # cortex's SIGTERM: its deadline ends what is still in flight
         self.router = dispatcher.router
         self.metrics = dispatcher.metrics
         self.idle_timeout = dispatcher.idle_timeout
@@ -177,16 +179,18 @@ class Endpoint:
             def tried(node: str) -> None:
                 record.node = node
 
-            call = await unless_disconnected(
-                self.dispatcher.open(
-                    model_id,
-                    request.path,
-                    orjson.dumps(request.body),
-                    stream=request.stream,
-                    affinity=request.affinity,
-                    tried=tried,
-                ),
-                receive,
+            call = await self.drain.routing(
+                unless_disconnected(
+                    self.dispatcher.open(
+                        model_id,
+                        request.path,
+                        orjson.dumps(request.body),
+                        stream=request.stream,
+                        affinity=request.affinity,
+                        tried=tried,
+                    ),
+                    receive,
+                )
             )
         except ApiError as exc:
             record.error = exc.code or "error"
@@ -203,6 +207,7 @@ class Endpoint:
             record.error = "client_disconnected"
             self.dispatcher.client_left(call)
 
+        self.drain.relaying(call.upstream)
         try:
             if call.upstream.status != 200:
                 await unless_disconnected(self._relay_error(call, send, record), receive)
@@ -221,6 +226,7 @@ class Endpoint:
         except ClientGone:
             record.error = "client_disconnected"
         finally:
+            self.drain.relayed(call.upstream)
             record.usage = usage
             self.dispatcher.close(call, usage, first)
 
@@ -245,6 +251,11 @@ class Endpoint:
             raw = await call.upstream.read(self.idle_timeout)
             data = orjson.loads(raw)
             out = self.protocol.whole(data, raw, request, requested)
+        except GatewayShutdown:
+            error = self.drain.error()
+            record.error = error.code
+            await send_json(send, 503, self.protocol.error_body(error), error_headers(error))
+            return None
         except (UpstreamError, orjson.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
             record.error = "upstream_read"
             error = ApiError(
@@ -293,11 +304,12 @@ class Endpoint:
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
         except UpstreamError as exc:
-            reason = "upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_broken"
+            status, code, message = stream_failure(exc, call.node)
             log.warning(
-                "stream broke", extra={"model": call.model_id, "node": call.node, "error": str(exc)}
+                "stream broke",
+                extra={"model": call.model_id, "node": call.node, "code": code, "error": str(exc)},
             )
-            tail = codec.fail(502, f"neuron {call.node} failed mid-stream: {exc}", reason)
+            tail = codec.fail(status, message, code)
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
@@ -305,6 +317,15 @@ class Endpoint:
 
 UNFINISHED = "upstream_broken"  # the neuron ended the body with neither [DONE] nor an error
 UNFINISHED_MESSAGE = "the neuron ended the stream before finishing it"
+
+
+def stream_failure(exc: UpstreamError, node: str) -> tuple[int, str, str]:
+    """(status, code, message) of the error event that ends a relayed stream that broke:
+    cortex's own drain deadline (503, transient), or the neuron dying or going silent."""
+    if isinstance(exc, GatewayShutdown):
+        return 503, "shutting_down", str(exc)
+    code = "upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_broken"
+    return 502, code, f"neuron {node} failed mid-stream: {exc}"
 
 
 def neuron_error(error: Any) -> tuple[int, str, str]:

@@ -30,6 +30,10 @@ class NeuronLost(UpstreamError):
     """The poller saw the neuron stop answering: requests waiting on it are cut."""
 
 
+class GatewayShutdown(UpstreamError):
+    """cortex itself ended the request: its own drain deadline passed (cortex.drain)."""
+
+
 class LocalExhaustion(UpstreamError):
     """This process is out of file descriptors or sockets: not the neuron's fault."""
 
@@ -171,6 +175,12 @@ class Response:
                 raise conn.error
             await conn.wait(idle_timeout)
         return conn.take()
+
+    def abort(self, exc: UpstreamError) -> None:
+        """End this answer now: what was received is still read, then ``exc`` is raised
+        (the connection is closed, so the neuron stops generating)."""
+        if not self._conn.complete:
+            self._conn.abort(exc)
 
     def replay(self, data: bytes) -> None:
         """Hand ``data`` (already read) out again as the next chunk."""
