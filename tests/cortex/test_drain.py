@@ -221,10 +221,11 @@ def test_a_neuron_draining_behind_cortex_finishes_its_streams(two: Fleet) -> Non
 
 
 def test_streams_waiting_for_a_slot_are_not_silence(tmp_path: Path, fleet_cache: Path) -> None:
-    """One generation at a time on the neuron, sixteen streams at once through a cortex
-    whose idle timeout (1 s) is far shorter than the queue wait: the queued streams get
-    their headers and keep-alives at once, so every one completes; none is a 503
-    upstream_timeout while the neuron's queue has room."""
+    """One generation at a time on the neuron, twenty streams at once through a cortex
+    whose idle timeout (2 s) is far shorter than the queue wait: the queued streams get
+    their headers, opening chunk and keep-alives at once, so every one completes; none is
+    a 503 upstream_timeout while the neuron's queue has room; a queued Anthropic stream's
+    message_start still carries the real input token count."""
     neurons = _start_neurons(
         tmp_path,
         fleet_cache,
@@ -238,32 +239,40 @@ def test_streams_waiting_for_a_slot_are_not_silence(tmp_path: Path, fleet_cache:
         tmp_path,
         {n: u for n, (_d, u) in neurons.items()},
         cpu_models(MODEL),
-        extra="[proxy]\nidle_timeout_s = 1.0\n",
+        extra="[proxy]\nidle_timeout_s = 2.0\n",
     )
     try:
         outcomes: list[tuple[int, str]] = []
+        input_tokens: list[int] = []
 
-        async def one(client: httpx.AsyncClient) -> None:
+        async def one(client: httpx.AsyncClient, path: str) -> None:
             body = {
                 "model": MODEL,
                 "messages": MSGS,
-                "max_tokens": 80,
+                "max_tokens": 120,
                 "temperature": 0,
                 "stream": True,
             }
-            async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
+            async with client.stream("POST", f"{base}{path}", json=body) as r:
                 text = (await r.aread()).decode()
-            outcomes.append((r.status_code, text.rstrip().rsplit("\n", 1)[-1]))
+            last = text.rstrip().rsplit("\n", 1)[-1]
+            if path == "/v1/messages":  # message_start came first, with the real count
+                start = json.loads(text.split("data: ", 1)[1].split("\n", 1)[0])
+                input_tokens.append(start["message"]["usage"]["input_tokens"])
+                last = "data: [DONE]" if '"type":"message_stop"' in last else last
+            outcomes.append((r.status_code, last))
 
         async def burst() -> None:
+            paths = ["/v1/chat/completions"] * 16 + ["/v1/messages"] * 4
             async with httpx.AsyncClient(timeout=120) as client:
-                await asyncio.gather(*(one(client) for _ in range(16)))
+                await asyncio.gather(*(one(client, path) for path in paths))
 
         started = time.monotonic()
         asyncio.run(burst())
         elapsed = time.monotonic() - started
-        assert outcomes == [(200, "data: [DONE]")] * 16, outcomes
-        assert elapsed > 2.0, "the queue never waited past the idle timeout: shows nothing"
+        assert outcomes == [(200, "data: [DONE]")] * 20, outcomes
+        assert elapsed > 4.0, "the queue never waited past the idle timeout: shows nothing"
+        assert len(input_tokens) == 4 and min(input_tokens) > 5, input_tokens
         assert "upstream_timeout" not in cortex.log()
     finally:
         cortex.stop()

@@ -100,12 +100,14 @@ model_id = "{TINY_REPO_ID}"
         assert rejected.status_code == 503
         assert rejected.json()["error"]["code"] == "shutting_down"
         assert rejected.headers["retry-after"]
-        # The queued stream had its headers: the drain's 503 is its one error event, and
-        # its body ends properly (no chunk, no [DONE]).
+        # The queued stream had its headers and opening (role) chunk at once: the drain's
+        # 503 is its error event, and its body ends properly (no text, no [DONE]).
         assert queued_stream["status"] == 200
         events = [e for e in str(queued_stream["body"]).split("\n\n") if e.startswith("data: ")]
-        assert len(events) == 1, events
-        assert json.loads(events[0].removeprefix("data: "))["error"]["code"] == "shutting_down"
+        assert len(events) == 2, events
+        role = json.loads(events[0].removeprefix("data: "))["choices"][0]["delta"]
+        assert role == {"role": "assistant", "content": ""}
+        assert json.loads(events[1].removeprefix("data: "))["error"]["code"] == "shutting_down"
         log = daemon.log()
         assert "drain started" in log
         assert f"msg=unloaded model_id={TINY_REPO_ID}" in log

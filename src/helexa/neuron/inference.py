@@ -96,21 +96,21 @@ async def respond(
     parser = parser_for(body, prompt)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = ChunkFactory(body.model, chat=chat)
+        # The opening (role) chunk, with the prompt's usage when asked, goes first, before
+        # any wait: a translator's opening (Anthropic message_start) has the real count.
+        usage = len(prompt.token_ids) if include_usage else None
+        opening = sse_data(chunks.role(usage)) if chat else b""  # legacy: no role chunk
 
-        def events(stream: TokenStream) -> AsyncIterator[bytes]:
-            return stream_body(
-                stream,
-                ChunkFactory(body.model, chat=chat),
-                parser,
-                include_usage,
-                keepalive_s,
-                prompt_tokens=len(prompt.token_ids),
-            )
+        def events(stream: TokenStream, first: bytes = b"") -> AsyncIterator[bytes]:
+            return stream_body(stream, chunks, parser, include_usage, keepalive_s, first)
 
         if place is not None:  # headers and keep-alives now: waiting is not silence
             queued = QueuedStream(gate, place, start, events, keepalive_s, body.model)
             return EventStreamResponse(
-                queued.body(), on_close=queued.close, on_disconnect=queued.cancel
+                queued.body(opening),
+                on_close=queued.close,
+                on_disconnect=queued.cancel,
             )
         stream = start()
 
@@ -119,7 +119,11 @@ async def respond(
             gate.drop(stream)
             gate.release()
 
-        return EventStreamResponse(events(stream), on_close=close, on_disconnect=stream.cancel)
+        return EventStreamResponse(
+            events(stream, opening),
+            on_close=close,
+            on_disconnect=stream.cancel,
+        )
 
     if place is not None:
         try:
@@ -179,7 +183,9 @@ class QueuedStream:
         self.model = model
         self.stream: TokenStream | None = None
 
-    async def body(self) -> AsyncIterator[bytes]:
+    async def body(self, opening: bytes) -> AsyncIterator[bytes]:
+        if opening:
+            yield opening
         try:
             while not await self.gate.wait(self.place, self.keepalive_s):
                 yield SSE_KEEPALIVE
@@ -211,12 +217,12 @@ async def stream_body(
     parser: OutputParser,
     include_usage: bool,
     keepalive_s: float,
-    *,
-    prompt_tokens: int,
+    opening: bytes = b"",
 ) -> AsyncIterator[bytes]:
+    """``opening`` (the role chunk, unless already sent), the stream's chunks, its end."""
     started = time.monotonic()
-    if chunks.chat:
-        yield sse_data(chunks.role(prompt_tokens if include_usage else None))
+    if opening:
+        yield opening
     try:
         while stream.finish is None:
             pieces = await stream.next_batch(keepalive_s)
