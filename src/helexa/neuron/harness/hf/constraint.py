@@ -105,6 +105,7 @@ class Grammars:
         self,
         fmt: OutputFormat,
         *,
+        matcher: object = None,
         device: torch.device,
         prompt_ids: list[int],
         reasoning_tags: bool,
@@ -120,9 +121,11 @@ class Grammars:
             and not self.prompt_closes_reasoning(prompt_ids)
         ):
             state = "open"  # the model may begin with <think> or go straight to the JSON
-        # Normally a cache hit (prepare ran moments ago); a miss recompiles a schema that
-        # already compiled once, which is quick.
-        return JsonConstraint(self, self.compile(fmt), device, state)
+        # ``matcher``: what prepare_format compiled off the loop; without it (a caller that
+        # skipped it) the cache, else a compile here.
+        if not isinstance(matcher, llguidance.LLMatcher):
+            matcher = self.compile(fmt)
+        return JsonConstraint(self, matcher, device, state)
 
 
 class JsonConstraint:

@@ -32,11 +32,16 @@ _log_callback: object = None
 _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # GGML_LOG_LEVEL_WARN / _ERROR
 
 
+LOG_LINE_CHARS = 2000
+
+
 def _forward_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     # Info and debug chatter (every tensor it loads) would drown the neuron's log.
     python_level = _LOG_LEVELS.get(level)
     if python_level is not None and text:
         message = text.decode("utf-8", errors="replace").strip()
+        if len(message) > LOG_LINE_CHARS:  # a refused grammar is echoed whole: keep its head
+            message = f"{message[:LOG_LINE_CHARS]}… ({len(message)} characters)"
         if message:
             log.log(python_level, "llama.cpp: %s", message)
 
@@ -392,7 +397,7 @@ class Sampler:
         *,
         vocab: Vocab,
         context_length: int,
-        grammar: str | None,
+        grammar: Grammar | None,
         prompt: list[int],
     ) -> None:
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
@@ -416,11 +421,7 @@ class Sampler:
                 )
             )
         if grammar is not None:
-            stage = C.llama_sampler_init_grammar(vocab.ptr, grammar.encode(), b"root")
-            if not stage:
-                C.llama_sampler_free(chain)
-                raise ValueError("llama.cpp rejected the grammar")
-            add(stage)
+            add(grammar.fresh())
         if params.greedy:
             add(C.llama_sampler_init_greedy())
         else:
@@ -460,7 +461,8 @@ def json_grammar(fmt: OutputFormat, reasoning: str) -> str:
     converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
     schema = json.loads(fmt.schema or ANY_OBJECT)
     schema = converter.resolve_refs(schema, "request")
-    converter.visit(schema, "json-doc")
+    # A primitive schema ({"type": "null"}) comes back as the shared rule's own name.
+    doc = converter.visit(schema, "json-doc")
     rules = (
         converter.format_grammar()
         .replace('space ::= " "?', 'space ::= ""')
@@ -468,17 +470,29 @@ def json_grammar(fmt: OutputFormat, reasoning: str) -> str:
         .replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
     )
     if reasoning == "open":
-        root = "root ::= think-body json-doc"
+        root = f"root ::= think-body {doc}"
     elif reasoning == "optional":
-        root = 'root ::= ( "<think>" think-body )? json-doc'
+        root = f'root ::= ( "<think>" think-body )? {doc}'
     else:
-        return f"root ::= json-doc\n{rules}"
+        return f"root ::= {doc}\n{rules}"
     return f"{root}\n{_THINK_RULES}\n{rules}"
 
 
-def check_grammar(vocab: Vocab, grammar: str) -> None:
-    """Parse ``grammar`` once (raises ValueError when llama.cpp refuses it)."""
-    stage = C.llama_sampler_init_grammar(vocab.ptr, grammar.encode(), b"root")
-    if not stage:
-        raise ValueError("llama.cpp could not parse the grammar built from the schema")
-    C.llama_sampler_free(stage)
+class Grammar:
+    """A GBNF grammar parsed once, off the device worker, into a sampler stage that each
+    request clones: a clone copies the parsed rules, so a worker never parses (a large
+    grammar takes tens of milliseconds to parse, which would stall every model's step)."""
+
+    def __init__(self, vocab: Vocab, text: str) -> None:
+        self.ptr = C.llama_sampler_init_grammar(vocab.ptr, text.encode(), b"root")
+        if not self.ptr:
+            raise ValueError("llama.cpp could not parse the grammar built from the schema")
+
+    def fresh(self) -> ctypes.c_void_p:
+        """A new grammar stage at the start of the document (owned by the caller's chain)."""
+        return C.llama_sampler_clone(self.ptr)
+
+    def __del__(self) -> None:  # the last holder may be a cache or a finished request
+        if getattr(self, "ptr", None):
+            C.llama_sampler_free(self.ptr)
+            self.ptr = None

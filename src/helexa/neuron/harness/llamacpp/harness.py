@@ -46,6 +46,7 @@ log = logging.getLogger("helexa.neuron.harness.llamacpp")
 
 MB = 1024 * 1024
 GRAMMAR_CACHE = 32
+COMPILE_THREADS = 2
 
 
 @dataclass
@@ -60,7 +61,7 @@ class LoadedGguf:
     generation_defaults: dict[str, Any]
     eos_ids: frozenset[int]
     tags: frozenset[str]
-    grammars: dict[tuple[OutputFormat, str], str] = field(default_factory=dict)
+    grammars: dict[tuple[OutputFormat, str], binding.Grammar] = field(default_factory=dict)
 
     @property
     def device_key(self) -> str:
@@ -88,6 +89,9 @@ class LlamaCppHarness(TokenizerPrompts):
         self._threads = cpu_threads
         self._models: dict[str, LoadedGguf] = {}
         self._loading: dict[str, str] = {}
+        # Schemas compile in threads, a few at a time: a burst of new schemas must not
+        # take every executor thread (or core) from the loads and requests beside them.
+        self._compiles = asyncio.Semaphore(COMPILE_THREADS)
         log.info("llama.cpp CPU kernels", extra={"build": binding.describe_build()})
 
     # -- queries ----------------------------------------------------------------------------
@@ -351,18 +355,24 @@ class LlamaCppHarness(TokenizerPrompts):
         )
         return loaded.tokenizer, facts
 
-    async def prepare_format(self, model_id: str, fmt: OutputFormat) -> None:
+    async def prepare_format(
+        self, model_id: str, fmt: OutputFormat, prompt: PreparedPrompt
+    ) -> binding.Grammar:
         loaded = self.get(model_id)
-        await asyncio.to_thread(self._grammar, loaded, fmt, "none")
+        reasoning = self._reasoning_mode(loaded, prompt)
+        async with self._compiles:
+            return await asyncio.to_thread(self._grammar, loaded, fmt, reasoning)
 
-    def _grammar(self, loaded: LoadedGguf, fmt: OutputFormat, reasoning: str) -> str:
-        """The GBNF for ``fmt`` (cached per model); a 400 when the schema cannot be one."""
+    def _grammar(self, loaded: LoadedGguf, fmt: OutputFormat, reasoning: str) -> binding.Grammar:
+        """``fmt`` parsed for this model (cached per model); a 400 when the schema cannot be
+        one. Runs in a compile thread (``prepare_format``)."""
         key = (fmt, reasoning)
         grammar = loaded.grammars.get(key)
         if grammar is None:
             try:
-                grammar = binding.json_grammar(fmt, reasoning)
-                binding.check_grammar(loaded.runtime.model.vocab, grammar)
+                grammar = binding.Grammar(
+                    loaded.runtime.model.vocab, binding.json_grammar(fmt, reasoning)
+                )
             except Exception as exc:
                 raise bad_request(
                     f"response_format: the JSON schema cannot be enforced: {exc}",
@@ -391,9 +401,11 @@ class LlamaCppHarness(TokenizerPrompts):
             raise WorkerPoisoned(f"{worker.name} worker is poisoned: {worker.poisoned}")
         grammar = None
         if params.response_format is not None:
-            grammar = self._grammar(
-                loaded, params.response_format, self._reasoning_mode(loaded, prompt)
-            )
+            grammar = params.prepared_format
+            if not isinstance(grammar, binding.Grammar):  # a caller that skipped prepare_format
+                grammar = self._grammar(
+                    loaded, params.response_format, self._reasoning_mode(loaded, prompt)
+                )
         stream = TokenStream(asyncio.get_running_loop())
         generation = Generation(
             prompt_ids=prompt.token_ids,
