@@ -134,7 +134,9 @@ def random_schema(rng: random.Random, depth: int = 0) -> Any:
     if kind == "const":
         return {"const": rng.choice(["x", 3, {"a": [1, 2]}, "y" * 5000])}
     if kind == "pattern":
-        pattern = rng.choice(["^[a-z]+$", r"^\d{3}$", "^(ab){999}$", "^(a{500}){500}$", "(", "^.*$"])
+        pattern = rng.choice(
+            ["^[a-z]+$", r"^\d{3}$", "^(ab){999}$", "^(a{500}){500}$", "(", "^.*$"]
+        )
         return {"type": "string", "pattern": pattern}
     if kind == "bad":
         return rng.choice(

@@ -33,6 +33,7 @@ _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # GGML_LOG_LEVEL_WARN / _E
 
 
 LOG_LINE_CHARS = 2000
+_recent = threading.local()  # this thread's last llama.cpp error: why a call failed
 
 
 def _forward_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
@@ -44,6 +45,8 @@ def _forward_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
             message = f"{message[:LOG_LINE_CHARS]}… ({len(message)} characters)"
         if message:
             log.log(python_level, "llama.cpp: %s", message)
+            if python_level >= logging.ERROR:
+                _recent.error = message
 
 
 def init_backend() -> None:
@@ -151,9 +154,11 @@ class Model:
                 params.tensor_split = self._split
             else:
                 params.split_mode = C.LLAMA_SPLIT_MODE_NONE
+        _recent.error = ""
         self.ptr = C.llama_model_load_from_file(str(path).encode(), params)
         if not self.ptr:
-            raise ValueError(f"llama.cpp could not load {path.name} (see the log for why)")
+            why = getattr(_recent, "error", "") or "see the neuron's log for why"
+            raise ValueError(f"llama.cpp could not load {path.name}: {why}")
         self.vocab = Vocab(C.llama_model_get_vocab(self.ptr))
 
     def meta(self, key: str) -> str | None:

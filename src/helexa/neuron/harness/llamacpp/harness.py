@@ -40,6 +40,7 @@ from helexa.neuron.model_files import (
 )
 from helexa.neuron.output_parser import CALL_OPEN, THINK_CLOSE, THINK_OPEN
 from helexa.neuron.sampling import OutputFormat, SamplingParams
+from helexa.neuron.weights_check import GGUF_READ_ERRORS, check_gguf, unreadable_gguf
 from helexa.neuron.workers import WorkerPoisoned
 
 log = logging.getLogger("helexa.neuron.harness.llamacpp")
@@ -440,7 +441,12 @@ def _gguf_sizes(path: Path, settings: LlamaCppHarnessSettings) -> GgufSizes:
             param="model_id",
         )
     parts = _split_parts(path) or [path]
-    reader = GGUFReader(path)
+    for part in parts:
+        check_gguf(part)
+    try:
+        reader = GGUFReader(path)
+    except GGUF_READ_ERRORS as exc:
+        raise unreadable_gguf(path, exc) from None
     fields = {name: reader.fields[name] for name in reader.fields}
 
     def value(key: str) -> Any:
