@@ -55,7 +55,10 @@ def validation_error(exc: ValidationError) -> ApiError:
     # A union field fails once per member ("stop.str", "stop.list[str]"): name the field.
     locs = [tuple(e["loc"]) for e in exc.errors()]
     param = _loc(_common_prefix(locs) or locs[0]) or None
-    detail = "; ".join(f"{_loc(e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
+    detail = "; ".join(
+        f"{_loc(e['loc']) or 'body'}: {e['msg'].removeprefix('Value error, ')}"
+        for e in exc.errors()[:5]
+    )
     return bad_request(f"invalid request: {detail}", param=param)
 
 
