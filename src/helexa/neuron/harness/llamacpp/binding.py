@@ -426,7 +426,7 @@ class Sampler:
                 )
             )
         if grammar is not None:
-            add(grammar.fresh())
+            add(grammar.take())
         if params.greedy:
             add(C.llama_sampler_init_greedy())
         else:
@@ -484,20 +484,24 @@ def json_grammar(fmt: OutputFormat, reasoning: str) -> str:
 
 
 class Grammar:
-    """A GBNF grammar parsed once, off the device worker, into a sampler stage that each
-    request clones: a clone copies the parsed rules, so a worker never parses (a large
-    grammar takes tens of milliseconds to parse, which would stall every model's step)."""
+    """A GBNF grammar parsed into a sampler stage for one request, off the device worker (a
+    large grammar takes tens of milliseconds to parse, which would stall every model's
+    step). Not cloned from a shared copy: llama.cpp's clone re-links every stack element by
+    searching the rules, which for a 1 000-way enum costs more than parsing afresh."""
 
     def __init__(self, vocab: Vocab, text: str) -> None:
         self.ptr = C.llama_sampler_init_grammar(vocab.ptr, text.encode(), b"root")
         if not self.ptr:
             raise ValueError("llama.cpp could not parse the grammar built from the schema")
 
-    def fresh(self) -> ctypes.c_void_p:
-        """A new grammar stage at the start of the document (owned by the caller's chain)."""
-        return C.llama_sampler_clone(self.ptr)
+    def take(self) -> ctypes.c_void_p:
+        """The stage, now owned by the caller's chain (once)."""
+        ptr, self.ptr = self.ptr, None
+        if not ptr:
+            raise ValueError("this grammar is already in use")
+        return ptr
 
-    def __del__(self) -> None:  # the last holder may be a cache or a finished request
+    def __del__(self) -> None:  # never taken: the request ended before it started
         if getattr(self, "ptr", None):
             C.llama_sampler_free(self.ptr)
             self.ptr = None

@@ -62,7 +62,7 @@ class LoadedGguf:
     generation_defaults: dict[str, Any]
     eos_ids: frozenset[int]
     tags: frozenset[str]
-    grammars: dict[tuple[OutputFormat, str], binding.Grammar] = field(default_factory=dict)
+    grammars: dict[tuple[OutputFormat, str], str] = field(default_factory=dict)  # GBNF
 
     @property
     def device_key(self) -> str:
@@ -365,24 +365,23 @@ class LlamaCppHarness(TokenizerPrompts):
             return await asyncio.to_thread(self._grammar, loaded, fmt, reasoning)
 
     def _grammar(self, loaded: LoadedGguf, fmt: OutputFormat, reasoning: str) -> binding.Grammar:
-        """``fmt`` parsed for this model (cached per model); a 400 when the schema cannot be
-        one. Runs in a compile thread (``prepare_format``)."""
+        """``fmt`` parsed for one request (the GBNF text is cached per model); a 400 when the
+        schema cannot be one. Runs in a compile thread (``prepare_format``)."""
         key = (fmt, reasoning)
-        grammar = loaded.grammars.get(key)
-        if grammar is None:
-            try:
-                grammar = binding.Grammar(
-                    loaded.runtime.model.vocab, binding.json_grammar(fmt, reasoning)
-                )
-            except Exception as exc:
-                raise bad_request(
-                    f"response_format: the JSON schema cannot be enforced: {exc}",
-                    param="response_format",
-                    code="invalid_schema",
-                ) from exc
+        text = loaded.grammars.get(key)
+        try:
+            gbnf = text or binding.json_grammar(fmt, reasoning)
+            grammar = binding.Grammar(loaded.runtime.model.vocab, gbnf)
+        except Exception as exc:
+            raise bad_request(
+                f"response_format: the JSON schema cannot be enforced: {exc}",
+                param="response_format",
+                code="invalid_schema",
+            ) from exc
+        if text is None:
             if len(loaded.grammars) >= GRAMMAR_CACHE:
                 loaded.grammars.pop(next(iter(loaded.grammars)))
-            loaded.grammars[key] = grammar
+            loaded.grammars[key] = gbnf
         return grammar
 
     def _reasoning_mode(self, loaded: LoadedGguf, prompt: PreparedPrompt) -> str:
