@@ -15,7 +15,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from helexa.core import anthropic
-from helexa.core.browser import BrowserGuard
+from helexa.core.browser import BrowserGuard, host_names
 from helexa.core.errors import not_found
 from helexa.core.http import (
     JSONResponse,
@@ -56,8 +56,11 @@ class Gateway:
         self.config = config
         self.started = int(time.time())
         self.metrics = Metrics(key_names=config.settings.gateway.metrics_key_names)
+        metrics_host, _port = split_listen(config.settings.gateway.metrics_listen)
         self.metrics_port = MetricsPort(
-            self.metrics.registry, timeout_s=config.settings.limits.header_timeout_s
+            self.metrics.registry,
+            timeout_s=config.settings.limits.header_timeout_s,
+            hosts=host_names(metrics_host, config.settings.http.allowed_hosts),
         )
         self.fleet = Fleet(
             config.settings.neurons,

@@ -15,15 +15,30 @@ import socket
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from helexa.core.browser import host_allowed
+
 MAX_HEAD = 16 * 1024  # a scrape's request line and headers are far smaller
 PATHS = frozenset({"/metrics", "/"})
 
 
-def response_for(head: bytes, registry: CollectorRegistry) -> tuple[int, bytes, bytes]:
-    """(status, content type, body) for a request whose line and headers are ``head``."""
+def _host_header(head: bytes) -> str | None:
+    for raw in head.split(b"\r\n")[1:]:
+        name, _, value = raw.partition(b":")
+        if name.strip().lower() == b"host":
+            return value.strip().decode("latin-1")
+    return None
+
+
+def response_for(
+    head: bytes, registry: CollectorRegistry, hosts: frozenset[str] | None = None
+) -> tuple[int, bytes, bytes]:
+    """(status, content type, body) for a request whose line and headers are ``head``;
+    ``hosts``: the names this port answers to (DNS rebinding must not read it either)."""
     line = head.split(b"\r\n", 1)[0].split()
     if len(line) != 3 or not line[2].startswith(b"HTTP/"):
         return 400, b"text/plain", b"malformed request\n"
+    if hosts is not None and not host_allowed(_host_header(head), hosts):
+        return 421, b"text/plain", b"unknown host name: add it to [http] allowed_hosts\n"
     method, target = line[0], line[1].split(b"?", 1)[0].decode("latin-1")
     if method not in (b"GET", b"HEAD"):
         return 405, b"text/plain", b"only GET and HEAD\n"
@@ -32,7 +47,13 @@ def response_for(head: bytes, registry: CollectorRegistry) -> tuple[int, bytes, 
     return 200, CONTENT_TYPE_LATEST.encode(), generate_latest(registry)
 
 
-REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed"}
+REASONS = {
+    200: b"OK",
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    421: b"Misdirected Request",
+}
 
 
 def render(status: int, content_type: bytes, body: bytes, *, head_only: bool = False) -> bytes:
@@ -47,9 +68,15 @@ def render(status: int, content_type: bytes, body: bytes, *, head_only: bool = F
 
 class MetricsPort:
     def __init__(
-        self, registry: CollectorRegistry, *, timeout_s: float = 10.0, max_connections: int = 64
+        self,
+        registry: CollectorRegistry,
+        *,
+        timeout_s: float = 10.0,
+        max_connections: int = 64,
+        hosts: frozenset[str] | None = None,
     ) -> None:
         self.registry = registry
+        self.hosts = hosts
         self.timeout_s = timeout_s
         self.max_connections = max_connections
         # Connections still sending their request, oldest first: the ones shed at the cap.
@@ -87,7 +114,7 @@ class MetricsPort:
                 head = await reader.readuntil(b"\r\n\r\n")
                 self.waiting.pop(writer, None)
                 # Off the event loop: a large registry takes a while to render.
-                answer = await asyncio.to_thread(response_for, head, self.registry)
+                answer = await asyncio.to_thread(response_for, head, self.registry, self.hosts)
                 writer.write(render(*answer, head_only=head.startswith(b"HEAD ")))
                 await writer.drain()
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
