@@ -16,6 +16,7 @@ import httpx
 import openai
 import orjson
 import pytest
+from prometheus_client import generate_latest
 
 from helexa.core.auth import ApiKey, KeyRing, hash_key
 from helexa.core.settings import ConfigError
@@ -30,6 +31,7 @@ from helexa.cortex.auth import (
     visible,
 )
 from helexa.cortex.keys import KeyStore, add_key, keys_path, read_keys, render_keys, revoke_key
+from helexa.cortex.metrics import Metrics
 from tests.cortex.conftest import Fleet
 from tests.support.fleet import start_cortex
 from tests.support.procs import Daemon, console_script
@@ -80,9 +82,14 @@ def test_admin_routes() -> None:
         assert verdict.denial is None and verdict.key == ADMIN_KEY_NAME
         assert decide(path, None, RING, "adm").denial.status == 401  # type: ignore[union-attr]
         assert decide(path, "nope", None, "adm").denial.status == 401  # type: ignore[union-attr]
-    # /admin/fleet (read-only: cortex status) takes any API key too; the lifecycle does not.
-    assert decide("/admin/fleet", "k-narrow", RING, "adm").key == "narrow"
+    # /admin/fleet (read-only: cortex status) takes an unrestricted API key too; the
+    # lifecycle does not. A key restricted to some models must not see every model and
+    # neuron there.
     assert decide("/admin/fleet", "k-full", RING, None).denial is None
+    assert decide("/admin/fleet", "k-full", RING, "adm").key == "full"
+    narrow = decide("/admin/fleet", "k-narrow", RING, "adm")
+    assert narrow.key == "narrow" and narrow.denial is not None
+    assert narrow.denial.status == 403 and narrow.denial.code == "admin_only"
     refused = decide(lifecycle, "k-full", RING, "adm").denial
     assert refused is not None and refused.status == 403 and refused.code == "admin_only"
     # Keys but no admin token: nobody may load or unload through cortex.
@@ -327,9 +334,39 @@ def test_model_allowlist_through_the_sdks(gated: Gated) -> None:
     with pytest.raises(anthropic.PermissionDeniedError) as denied:
         claude.messages.create(model="other/model", max_tokens=16, messages=CHAT["messages"])
     assert denied.value.response.json()["error"]["type"] == "permission_error"
-    one = httpx.get(f"{gated.base}/v1/models/other/model", headers={"x-api-key": key})
-    assert one.status_code == 403
     assert httpx.get(f"{gated.base}/v1/models/scripted/qwen", headers={"x-api-key": key}).is_success
+    assert httpx.get(
+        f"{gated.base}/v1/models/helexa/default", headers={"x-api-key": key}
+    ).is_success
+
+
+def test_a_model_outside_the_allowlist_does_not_exist_for_the_key(gated: Gated) -> None:
+    """As OpenAI answers: 404, the answer for a model that does not exist, in either
+    protocol's envelope — also for a listed name that a fallback maps to another model."""
+    narrow = {"x-api-key": gated.keys["narrow"]}
+    unknown = httpx.get(f"{gated.base}/v1/models/no/such-model", headers=narrow)
+    assert unknown.status_code == 404
+    hidden = httpx.get(f"{gated.base}/v1/models/other/model", headers=narrow)
+    assert hidden.status_code == 404
+    assert hidden.json()["error"] == {
+        **unknown.json()["error"],
+        "message": "model 'other/model' does not exist",
+    }
+    as_anthropic = httpx.get(
+        f"{gated.base}/v1/models/other/model",
+        headers={**narrow, "anthropic-version": "2023-06-01"},
+    )
+    assert as_anthropic.status_code == 404
+    assert as_anthropic.json()["error"]["type"] == "not_found_error"
+    # "claude-x" is listed, but the fallback takes it to scripted/qwen, which is not: a
+    # request for it is refused (require_model), and so is its model entry.
+    listed = {"x-api-key": gated.add("listed-name", "--models", "claude-x")}
+    eventually(lambda: httpx.get(f"{gated.base}/v1/models", headers=listed).status_code == 200)
+    chat = httpx.post(
+        f"{gated.base}/v1/chat/completions", json={**CHAT, "model": "claude-x"}, headers=listed
+    )
+    assert chat.status_code == 403
+    assert httpx.get(f"{gated.base}/v1/models/claude-x", headers=listed).status_code == 404
 
 
 def test_revoked_key_is_refused_without_restart(gated: Gated) -> None:
@@ -349,6 +386,8 @@ def test_admin_routes_are_guarded(gated: Gated) -> None:
     admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
     assert httpx.get(fleet, headers=admin).status_code == 200
     assert httpx.get(fleet, headers={"x-api-key": gated.keys["full"]}).status_code == 200
+    restricted = httpx.get(fleet, headers={"x-api-key": gated.keys["narrow"]})
+    assert restricted.status_code == 403 and "scripted" not in restricted.text
     load = f"{gated.base}/admin/models/load"
     body = {"model_id": "scripted/qwen"}
     assert httpx.post(load, json=body).status_code == 401
@@ -395,9 +434,48 @@ def test_key_names_on_the_access_log_and_metrics(gated: Gated) -> None:
     for secret in gated.keys.values():
         assert secret not in log
     assert "error=missing_credentials" in log
+    # Not on the metrics port, which anyone who can reach it reads: unless configured.
     text = httpx.get(f"{gated.metrics}/metrics").text
-    assert 'cortex_requests_by_key_total{key="full"}' in text
-    assert 'cortex_requests_by_key_total{key="narrow"}' in text
+    assert "cortex_requests_by_key" not in text and 'key="full"' not in text
+    assert "cortex_requests_total" in text
+
+
+def test_key_names_on_the_metrics_port_when_configured() -> None:
+    metrics = Metrics(key_names=True)
+    metrics.by_key("alice")
+    text = generate_latest(metrics.registry).decode()
+    assert 'cortex_requests_by_key_total{key="alice"} 1.0' in text
+    quiet = Metrics()
+    quiet.by_key("alice")
+    assert "alice" not in generate_latest(quiet.registry).decode()
+
+
+def test_repeated_credentials_are_refused(gated: Gated) -> None:
+    """Two different Authorization (or x-api-key) headers: which one counts is not for the
+    client to leave to a proxy or to the daemon's header parsing."""
+    full, narrow = gated.keys["full"], gated.keys["narrow"]
+    for name, one, other in (
+        ("authorization", f"Bearer {narrow}", f"Bearer {full}"),
+        ("x-api-key", narrow, full),
+    ):
+        headers = [(name, one), (name, other)]
+        refused = httpx.post(f"{gated.base}/v1/chat/completions", json=CHAT, headers=headers)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["code"] == "ambiguous_credentials"
+        assert httpx.get(f"{gated.base}/admin/fleet", headers=headers).status_code == 400
+        same = [(name, other), (name, other)]  # the same one twice is not ambiguous
+        assert httpx.post(f"{gated.base}/v1/chat/completions", json=CHAT, headers=same).is_success
+    # One of each (Claude Code signed in elsewhere sends both): either may be the key.
+    both = {"authorization": "Bearer elsewhere", "x-api-key": full}
+    assert httpx.post(f"{gated.base}/v1/chat/completions", json=CHAT, headers=both).is_success
+    messages = httpx.post(
+        f"{gated.base}/v1/messages",
+        json={**CHAT, "max_tokens": 5},
+        headers=[("x-api-key", full), ("x-api-key", narrow)],
+    )
+    assert messages.status_code == 400 and messages.json()["type"] == "error"
+    open_route = httpx.get(f"{gated.base}/health", headers=[("x-api-key", "a"), ("x-api-key", "b")])
+    assert open_route.status_code == 200
 
 
 def test_a_cortex_without_keys_is_open_and_says_so_once(scripted: Fleet) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import pytest
 
 from tests.cortex.conftest import Fleet
 from tests.support.fleet import start_cortex
+from tests.support.procs import Daemon
 
 MODEL = "scripted/qwen"
 USER = [{"role": "user", "content": "hi"}]
@@ -36,6 +38,8 @@ class Guarded:
     base: str
     host: str
     port: int
+    metrics: str
+    cortex: Daemon
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +51,12 @@ def guarded(scripted: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         f'[fallbacks]\n"claude-*" = "{MODEL}"\n'
     )
     neuron_url = scripted.neurons["scripted"][1]
-    cortex, base, _metrics = start_cortex(
+    cortex, base, metrics = start_cortex(
         work, {"scripted": neuron_url}, models, extra=LIMITS, name="limits"
     )
     parts = urlsplit(base)
     assert parts.hostname is not None and parts.port is not None
-    yield Guarded(base, parts.hostname, parts.port)
+    yield Guarded(base, parts.hostname, parts.port, metrics, cortex)
     cortex.stop()
 
 
@@ -171,7 +175,7 @@ def test_a_declared_length_over_the_limit_is_refused_before_the_body(guarded: Gu
     a clean close (a FIN, not a reset), though the client never sent the body."""
     sock = connect(guarded)
     sock.sendall(
-        b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"POST /v1/messages HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
         b"content-length: 50000000\r\n\r\n"
     )
     status, headers, body = parse(read_all(sock))
@@ -185,7 +189,8 @@ def test_an_oversized_body_sent_whole_still_gets_its_answer(guarded: Guarded) ->
     sock = connect(guarded)
     payload = b"q" * (3 * 1024 * 1024)
     sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        b"content-type: application/json\r\n"
         b"content-length: " + str(len(payload)).encode() + b"\r\n\r\n"
     )
     with contextlib.suppress(OSError):  # the server may stop reading after its answer
@@ -308,7 +313,7 @@ def test_wrong_method_speaks_the_routes_protocol(guarded: Guarded) -> None:
 
 def test_headers_sent_a_byte_at_a_time_are_cut_off(guarded: Guarded) -> None:
     sock = connect(guarded)
-    request = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-slow: " + b"a" * 200
+    request = b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: " + b"a" * 200
     started = time.monotonic()
     raw = b""
     sock.settimeout(0.2)
@@ -344,7 +349,7 @@ def test_a_body_that_stops_coming_is_408(
 ) -> None:
     sock = connect(guarded)
     sock.sendall(
-        f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
         "content-length: 1000\r\n\r\n".encode()
         + b'{"model": "scripted/qwen", '
     )
@@ -367,7 +372,7 @@ def test_oversized_headers_are_431(guarded: Guarded) -> None:
     assert anthropic_error(response, 431)["type"] == "request_too_large"
     sock = connect(guarded)  # headers that never end, sent as fast as they come
     with contextlib.suppress(OSError):
-        sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n" + b"x-pad: " + b"p" * 20000)
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n" + b"x-pad: " + b"p" * 20000)
     status, _headers, body = parse(read_all(sock))
     sock.close()
     assert status == 431 and body["error"]["code"] == "request_header_fields_too_large"
@@ -381,10 +386,11 @@ def test_half_sent_requests_cannot_starve_health(guarded: Guarded) -> None:
         for index in range(200):
             sock = connect(guarded)
             if index % 2:
-                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-a: ")
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nx-a: ")
             else:
                 sock.sendall(
-                    b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 500\r\n\r\n{"
+                    b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                    b"content-length: 500\r\n\r\n{"
                 )
             held.append(sock)
         for _ in range(5):
@@ -396,6 +402,58 @@ def test_half_sent_requests_cannot_starve_health(guarded: Guarded) -> None:
     # And the cortex serves normally afterwards.
     body = {"model": MODEL, "max_tokens": 5, "messages": USER}
     assert httpx.post(f"{guarded.base}/v1/messages/count_tokens", json=body).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "anthropic_shape"), [("/v1/chat/completions", False), ("/v1/messages", True)]
+)
+def test_a_bad_chunk_size_is_400(guarded: Guarded, path: str, anthropic_shape: bool) -> None:
+    """A chunked body whose chunk size is not hex: an answer, not a closed connection."""
+    sock = connect(guarded)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        'transfer-encoding: chunked\r\n\r\n5\r\n{"a":\r\nzz\r\n1}\r\n0\r\n\r\n'.encode()
+    )
+    status, headers, body = parse(read_all(sock))
+    sock.close()
+    assert status == 400 and headers["connection"] == "close"
+    if anthropic_shape:
+        assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    else:
+        assert body["error"]["code"] == "invalid_http"
+    assert httpx.get(f"{guarded.base}/health").status_code == 200
+
+
+def threads(daemon: Daemon) -> int:
+    assert daemon.proc is not None
+    return len(os.listdir(f"/proc/{daemon.proc.pid}/task"))
+
+
+def test_idle_metrics_connections_cost_no_thread_and_time_out(guarded: Guarded) -> None:
+    """prometheus-client's server held a thread per connection, forever (400 idle
+    connections: 406 threads). Now: no thread each, closed after header_timeout_s (1 s)."""
+    parts = urlsplit(guarded.metrics)
+    assert parts.hostname is not None and parts.port is not None
+    before = threads(guarded.cortex)
+    held = [socket.create_connection((parts.hostname, parts.port), timeout=10) for _ in range(200)]
+    try:
+        time.sleep(0.3)
+        assert threads(guarded.cortex) < before + 10
+        scraped = httpx.get(f"{guarded.metrics}/metrics", timeout=5)
+        assert scraped.status_code == 200 and "cortex_neuron_up" in scraped.text
+        assert scraped.headers["content-type"].startswith("text/plain")
+        started = time.monotonic()
+        # Past the cap (64 at once) or idle for the timeout: closed, never answered.
+        for sock in held[:20]:
+            assert read_all(sock) == b""
+        assert time.monotonic() - started < 8
+    finally:
+        for sock in held:
+            sock.close()
+    head = httpx.head(f"{guarded.metrics}/metrics", timeout=5)
+    assert head.status_code == 200 and head.content == b""
+    assert httpx.get(f"{guarded.metrics}/nope", timeout=5).status_code == 404
+    assert httpx.post(f"{guarded.metrics}/metrics", timeout=5).status_code == 405
 
 
 def test_an_error_leaves_a_clean_connection(guarded: Guarded) -> None:

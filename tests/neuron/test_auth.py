@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helexa.core.settings import load_settings
+from helexa.core.settings import ConfigError, load_settings
 from helexa.core.tiny_model import TINY_REPO_ID
 from helexa.neuron.config import NeuronSettings, unguarded_listen
 from tests.support.fleet import start_cortex
@@ -40,6 +40,13 @@ def test_which_configurations_may_start(monkeypatch: pytest.MonkeyPatch) -> None
         assert problem is not None and "token" in problem and "NEURON_TOKEN" in problem
         assert unguarded_listen(settings(host=host, token="t")) is None
     assert unguarded_listen(settings(host="0.0.0.0", token="")) is not None  # empty: none
+    # Whitespace alone is no token either, and says so rather than passing for one.
+    for blank in (" ", "  \t ", "\n"):
+        with pytest.raises(ConfigError, match=r"token.*whitespace"):
+            settings(host="0.0.0.0", token=blank)
+        with pytest.raises(ConfigError, match="whitespace"):
+            settings(admin_token=blank)
+    assert settings(token=" t0k \n").token == "t0k"  # compared as a header's value is
     # The old name still works, as the token.
     assert settings(admin_token="old").token == "old"
     assert settings(admin_token="old", token="new").token == "new"
@@ -70,6 +77,15 @@ def test_refuses_to_start_beyond_loopback_without_a_token(tmp_path: Path) -> Non
     assert done.returncode == 2, done.stderr
     assert "refusing to start" in done.stderr and "token" in done.stderr
     assert "neuron_token" in done.stderr  # names what cortex needs too
+    blank = subprocess.run(
+        [console_script("neuron"), "--config", str(config), "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "NEURON_TOKEN": "   "},
+    )
+    assert blank.returncode == 2, blank.stderr
+    assert "token" in blank.stderr and "whitespace" in blank.stderr
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +123,16 @@ def test_every_route_but_health_wants_the_token(tokened: tuple[str, str, Daemon,
         load = httpx.post(f"{url}/models/load", json={"model_id": TINY_REPO_ID}, headers=wrong)
         assert load.status_code == 401
     assert [m["id"] for m in httpx.get(f"{url}/models", headers=good).json()] == [TINY_REPO_ID]
+    # The token and another in a second header: refused, whichever comes first.
+    for pair in ((f"Bearer {TOKEN}", "Bearer nope"), ("Bearer nope", f"Bearer {TOKEN}")):
+        twice = [("authorization", pair[0]), ("authorization", pair[1])]
+        refused = httpx.get(f"{url}/models", headers=twice)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["code"] == "ambiguous_credentials"
+    keys = [("x-api-key", TOKEN), ("x-api-key", "nope")]
+    assert httpx.get(f"{url}/models", headers=keys).status_code == 400
+    same = [("authorization", f"Bearer {TOKEN}")] * 2
+    assert httpx.get(f"{url}/models", headers=same).status_code == 200
     answer = httpx.post(f"{url}/v1/chat/completions", json=CHAT, headers=good, timeout=60)
     assert answer.status_code == 200 and answer.json()["choices"][0]["message"]
     assert TOKEN not in neuron.log()

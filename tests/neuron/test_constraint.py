@@ -300,3 +300,26 @@ def test_output_format_refuses(body: dict[str, Any]) -> None:
     with pytest.raises(ApiError) as caught:
         output_format(ResponseFormat(**body))
     assert caught.value.status == 400 and caught.value.param == "response_format"
+
+
+def test_a_schema_beyond_llguidances_limits_mid_generation_is_a_400(tokenizer: Any) -> None:
+    """llguidance meets its parser limits while generating (its "Too many items"): the
+    schema is the client's, so a 400 schema_too_complex, never a 500 generation failure."""
+    import llguidance
+
+    tight = Grammars(
+        tokenizer,
+        vocab_size=512,
+        eos_ids=EOS,
+        limits=llguidance.LLParserLimits(step_max_items=3, verbose_errors=False),
+    )
+    fmt = schema_format({"type": "array", "items": {"type": "integer"}})
+    constraint = tight.start(
+        fmt, device=CPU, prompt_ids=[1], reasoning_tags=False, opens_reasoning=False
+    )
+    with pytest.raises(ApiError) as info:
+        for token in tokenizer.encode("[1,2,3,4,5,6]", add_special_tokens=False):
+            constraint.allowed(512)
+            constraint.advance(token)
+    assert info.value.status == 400 and info.value.code == "schema_too_complex"
+    assert "Too many items" in info.value.message and "<state>" not in info.value.message

@@ -54,7 +54,7 @@ def test_mid_stream_failures(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -
             await neuron.load(ModelSpec(model_id=LOCAL_MODEL))
             transport = httpx.ASGITransport(app=build_app(neuron))
             async with httpx.AsyncClient(
-                transport=transport, base_url="http://neuron", headers=ADMIN
+                transport=transport, base_url="http://localhost", headers=ADMIN
             ) as client:
                 # Every route but /health wants the token (tests/neuron/test_auth.py: more).
                 wrong = {"authorization": "Bearer nope"}

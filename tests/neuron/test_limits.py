@@ -221,7 +221,8 @@ def raw_exchange(base: str, request: bytes) -> tuple[int, dict]:
 def test_a_declared_body_over_32_mib_is_413(base: str) -> None:
     status, body = raw_exchange(
         base,
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        b"content-type: application/json\r\n"
         b"content-length: 40000000\r\n\r\n",
     )
     assert status == 413 and body["error"]["code"] == "request_too_large"
@@ -230,9 +231,22 @@ def test_a_declared_body_over_32_mib_is_413(base: str) -> None:
 
 def test_oversized_headers_are_431(base: str) -> None:
     status, body = raw_exchange(
-        base, b"GET /health HTTP/1.1\r\nhost: x\r\nx-pad: " + b"p" * (70 * 1024) + b"\r\n\r\n"
+        base,
+        b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\nx-pad: " + b"p" * (70 * 1024) + b"\r\n\r\n",
     )
     assert status == 431 and body["error"]["code"] == "request_header_fields_too_large"
+
+
+def test_a_bad_chunk_size_is_400(base: str) -> None:
+    """A chunked body whose chunk size is not hex: an answer, not a closed connection."""
+    status, body = raw_exchange(
+        base,
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        b"content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+        b'5\r\n{"a":\r\nzz\r\n1}\r\n0\r\n\r\n',
+    )
+    assert status == 400 and body["error"]["code"] == "invalid_http"
+    assert httpx.get(f"{base}/health").status_code == 200
 
 
 def test_malformed_http_is_an_envelope(base: str) -> None:

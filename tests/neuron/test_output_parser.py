@@ -118,7 +118,9 @@ def test_real_decode_path_emits_reasoning_and_tool_calls(
                 "messages": [{"role": "user", "content": "weather in Paris?"}],
             }
             transport = httpx.ASGITransport(app=build_app(neuron))
-            async with httpx.AsyncClient(transport=transport, base_url="http://n") as client:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://localhost"
+            ) as client:
                 whole = (await client.post("/v1/chat/completions", json=body)).json()
                 raw = (
                     await client.post("/v1/chat/completions", json={**body, "stream": True})

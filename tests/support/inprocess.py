@@ -31,7 +31,7 @@ def run_neuron(settings: dict[str, Any], model_id: str | None, scenario: Scenari
                 await neuron.load(ModelSpec(model_id=model_id))
             transport = httpx.ASGITransport(app=build_app(neuron))
             async with httpx.AsyncClient(
-                transport=transport, base_url="http://neuron", timeout=60
+                transport=transport, base_url="http://localhost", timeout=60
             ) as client:
                 await scenario(neuron, client)
         finally:

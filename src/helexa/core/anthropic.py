@@ -8,7 +8,7 @@ import uuid
 from typing import Any, Literal
 
 import orjson
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from helexa.core.errors import ApiError, bad_request, scrub_paths
 from helexa.core.wire import MAX_MESSAGES, MAX_STOP, MAX_TOOLS, ClientModelName, Wire
@@ -28,7 +28,7 @@ class MessagesRequest(Wire):
     messages: list[AnthropicMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     system: str | list[dict[str, Any]] | None = None
     stop_sequences: list[str] | None = Field(default=None, max_length=MAX_STOP)
-    stream: bool = False
+    stream: StrictBool = False  # "true" or 1 would stream where the caller reads JSON
     temperature: float | None = Field(default=None, ge=0, le=1)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
@@ -63,6 +63,8 @@ ERROR_TYPES = {
     405: "invalid_request_error",
     408: "invalid_request_error",
     413: "request_too_large",
+    415: "invalid_request_error",
+    421: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     431: "request_too_large",

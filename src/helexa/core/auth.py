@@ -25,17 +25,41 @@ KEY_PREFIX = "hx-"
 Headers = Iterable[tuple[bytes, bytes]]
 
 
+class AmbiguousCredentials(ValueError):
+    """A request repeating ``Authorization`` or ``x-api-key`` with different values: which
+    one a proxy or a daemon honours is not for the client to pick, so it is refused."""
+
+    def __init__(self, header: str) -> None:
+        super().__init__(header)
+        self.denial = Denial(
+            400,
+            "ambiguous_credentials",
+            f"the request carries more than one {header} header; send one",
+        )
+
+
 def credentials(headers: Headers) -> tuple[str, ...]:
     """The secrets a request carries: its Bearer token, then its ``x-api-key`` (a client
-    may send both — Claude Code signed in elsewhere sends a Bearer of its own)."""
-    bearer_token = api_key = None
+    may send both — Claude Code signed in elsewhere sends a Bearer of its own). One header
+    repeated with different values raises ``AmbiguousCredentials``."""
+    authorization: set[bytes] = set()
+    api_keys: set[bytes] = set()
     for name, value in headers:
         if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").strip().partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                bearer_token = token.strip()
-        elif name == b"x-api-key" and value.strip():
-            api_key = value.decode("latin-1").strip()
+            authorization.add(value.strip())
+        elif name == b"x-api-key":
+            api_keys.add(value.strip())
+    if len(authorization) > 1:
+        raise AmbiguousCredentials("Authorization")
+    if len(api_keys) > 1:
+        raise AmbiguousCredentials("x-api-key")
+    bearer_token = api_key = None
+    for value in authorization:
+        scheme, _, token = value.decode("latin-1").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            bearer_token = token.strip()
+    for value in api_keys:
+        api_key = value.decode("latin-1") or None
     return tuple(s for s in (bearer_token, api_key) if s is not None)
 
 
@@ -66,6 +90,21 @@ def hash_key(key: str) -> str:
 
 def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def clean_secret(value: str | None) -> str | None:
+    """A configured token or key as requests will be compared with it: without surrounding
+    whitespace (a header's value loses it too); empty is unset (None). Whitespace alone is
+    a ValueError: it would pass for a secret while guarding nothing."""
+    if value is None or value == "":
+        return None
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError(
+            "is only whitespace: set a real secret "
+            "(python3 -c 'import secrets; print(secrets.token_urlsafe(32))') or leave it unset"
+        )
+    return stripped
 
 
 def is_loopback(host: str) -> bool:
@@ -121,12 +160,14 @@ class KeyRing:
 
 @dataclass(frozen=True)
 class Denial:
-    status: int  # 401 (no or a wrong secret) or 403 (a right secret, not for this)
+    status: int  # 401 (no or a wrong secret), 403 (a right secret, not for this), 400
     code: str
     message: str
 
     def error(self) -> ApiError:
-        kind = "authentication_error" if self.status == 401 else "permission_error"
+        kind = {401: "authentication_error", 403: "permission_error"}.get(
+            self.status, "invalid_request_error"
+        )
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
         return ApiError(self.status, self.message, type=kind, code=self.code, headers=headers)
 
@@ -143,7 +184,10 @@ def check_token(headers: Headers, token: str | None, what: str = "a token") -> D
     """None when ``token`` is unset or the request carries it; else why not."""
     if token is None:
         return None
-    supplied = credentials(headers)
+    try:
+        supplied = credentials(headers)
+    except AmbiguousCredentials as exc:
+        return exc.denial
     if not supplied:
         return missing(what)
     if not same_secret(supplied, token):

@@ -55,7 +55,10 @@ def validation_error(exc: ValidationError) -> ApiError:
     # A union field fails once per member ("stop.str", "stop.list[str]"): name the field.
     locs = [tuple(e["loc"]) for e in exc.errors()]
     param = _loc(_common_prefix(locs) or locs[0]) or None
-    detail = "; ".join(f"{_loc(e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
+    detail = "; ".join(
+        f"{_loc(e['loc']) or 'body'}: {e['msg'].removeprefix('Value error, ')}"
+        for e in exc.errors()[:5]
+    )
     return bad_request(f"invalid request: {detail}", param=param)
 
 
@@ -135,11 +138,40 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
+def content_type_ok(value: str | None) -> bool:
+    """Whether a body of this ``Content-Type`` may be read as JSON: ``application/json``
+    (any parameters) or an ``application/*+json`` type. None (no header: raw HTTP clients)
+    is taken as JSON — a browser request without one carries an ``Origin`` or a foreign
+    ``Host`` and is refused by ``core.browser``; what a page can send without a preflight
+    (text/plain, forms) is refused here."""
+    if value is None:
+        return True
+    media = value.split(";", 1)[0].strip().lower()
+    kind, _, subtype = media.partition("/")
+    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def require_json(scope: Scope) -> None:
+    """415 unless the request declares a JSON body (or declares nothing)."""
+    types = [v.decode("latin-1") for k, v in scope["headers"] if k == b"content-type"]
+    if all(content_type_ok(t) for t in types) and len(types) <= 1:
+        return
+    got = ", ".join(repr(t) for t in types)
+    raise ApiError(
+        415,
+        f"the request body must be JSON: send 'Content-Type: application/json' (got {got})",
+        code="unsupported_media_type",
+        headers=dict(CLOSE),  # the body is not read
+    )
+
+
 async def receive_body(scope: Scope, receive: Receive) -> bytes:
     """The whole request body, never holding more than the limit: a declared length over it
-    is refused before anything is read, and the bytes are counted as they arrive. 413 when
-    too large, 408 when the client stops sending for ``body_timeout_s``; ``ClientGone``
-    when it leaves. The one body reader of both daemons."""
+    is refused before anything is read, and the bytes are counted as they arrive. 415 when
+    it is not declared JSON, 413 when too large, 408 when the client stops sending for
+    ``body_timeout_s``; ``ClientGone`` when it leaves. The one body reader of both daemons
+    (every body either takes is JSON)."""
+    require_json(scope)
     limits: RequestLimits = scope.get(LIMITS_KEY) or DEFAULT_LIMITS
     limit = limits.max_body_bytes
     declared = _content_length(scope)

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from helexa.core.anthropic import Event, render
 from helexa.core.errors import bad_request
@@ -45,7 +45,7 @@ class ResponsesRequest(Wire):
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    stream: bool = False
+    stream: StrictBool = False  # "true" or 1 would stream where the caller reads JSON
     reasoning: dict[str, Any] | None = None
     text: dict[str, Any] | None = None
     user: str | None = None

@@ -291,11 +291,17 @@ class GuardedProtocol(HttpToolsProtocol):
     def reject(self, status: int, message: str, code: str | None = None) -> None:
         """Answer ``status`` in the envelope of the requested route and end the connection."""
         self._disarm()
-        if self.cycle is not None and not self.cycle.response_complete:
-            # A request pipelined behind an answer still being written: no room for ours.
-            self._enter(LINGERING)
-            self.transport.close()
-            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if self.phase != BODY or cycle.response_started or self.pipeline:
+                # A request pipelined behind an answer still being written: no room for ours.
+                self._enter(LINGERING)
+                self.transport.close()
+                return
+            # Its own body is broken (a bad chunk): the app sees the client leave and
+            # anything it still sends is dropped; the client gets this answer.
+            cycle.disconnected = True
+            cycle.message_event.set()
         path = getattr(self, "url", b"").split(b"?", 1)[0].decode("latin-1")
         default = {408: "request_timeout", 431: "request_header_fields_too_large"}
         error = ApiError(
@@ -326,6 +332,8 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._too_large:
             limit = self.limits.max_header_bytes // 1024
             self.reject(431, f"the request line and headers are larger than {limit} KiB")
+        elif self.phase == BODY:
+            self.reject(400, "malformed HTTP request body (bad chunked encoding?)", "invalid_http")
         else:
             self.reject(400, "malformed HTTP request", "invalid_http")
 

@@ -10,6 +10,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -283,7 +285,7 @@ class SamplingFields(Wire):
     """Sampling knobs shared by chat and legacy completions (OpenAI names plus common extras)."""
 
     model: ModelName
-    stream: bool = False
+    stream: StrictBool = False  # "true" or 1 would stream where the caller reads JSON
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
@@ -333,6 +335,30 @@ class ChatCompletionRequest(SamplingFields):
     # cortex sets it for Anthropic clients, which size max_tokens for Claude (Claude Code
     # asks for 32k-64k), not for the model that serves them.
     fit_max_tokens: bool = False
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_of_the_tools_given(cls, choice: Any, info: ValidationInfo) -> Any:
+        """A choice that cannot be met is the client's mistake, as on OpenAI: never ignored."""
+        if choice is None:
+            return None
+        tools = info.data.get("tools") or []
+        if isinstance(choice, str):
+            if choice not in ("none", "auto", "required"):
+                raise ValueError("must be 'none', 'auto', 'required' or a named function")
+            if choice == "required" and not tools:
+                raise ValueError("'required' needs tools")
+            return choice
+        function = choice.get("function") if choice.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str):
+            raise ValueError('must be {"type": "function", "function": {"name": ...}}')
+        names = {
+            t.get("function", {}).get("name") for t in tools if isinstance(t.get("function"), dict)
+        }
+        if name not in names:
+            raise ValueError(f"names the function {name!r}, which is not among the tools")
+        return choice
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from helexa.core.browser import BrowserGuard, answer
 from helexa.core.errors import ApiError
+from helexa.cortex.auth import envelope
 from helexa.cortex.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -70,7 +72,9 @@ class AccessLog:
         metrics: Metrics,
         model_label: Callable[[str | None], str],
         guard: Guard | None = None,
+        browser: BrowserGuard | None = None,
     ) -> None:
+        self.browser = browser  # what web pages may ask (core.browser): checked first
         self.guard = guard  # who may call (cortex.auth): checked before any route runs
         self.app = app
         self.hot = hot
@@ -91,9 +95,16 @@ class AccessLog:
             await send(message)
 
         try:
-            if self.guard is not None and not await self.guard.admit(scope, record, tracking_send):
+            serve: Send | None = tracking_send
+            if self.browser is not None:
+                screen = self.browser.screen(scope)
+                record.error = screen.error.code if screen.error is not None else None
+                serve = await answer(screen, scope, tracking_send, envelope)
+            if serve is None:
                 return
-            await (handler or self.app)(scope, receive, tracking_send)
+            if self.guard is not None and not await self.guard.admit(scope, record, serve):
+                return
+            await (handler or self.app)(scope, receive, serve)
         except Exception as exc:  # a bug, not an API error: still an envelope, if we can
             log.error(
                 "unhandled error", extra={"path": scope["path"], "error": repr(exc)}, exc_info=exc

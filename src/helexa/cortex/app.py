@@ -15,6 +15,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from helexa.core import anthropic
+from helexa.core.browser import BrowserGuard, host_names
 from helexa.core.errors import not_found
 from helexa.core.http import (
     JSONResponse,
@@ -24,13 +25,14 @@ from helexa.core.http import (
 from helexa.core.placement import feasible
 from helexa.core.wire import ModelName, Wire
 from helexa.cortex.access import AccessLog, record_of
-from helexa.cortex.auth import Guard, model_allowed, not_allowed, visible
-from helexa.cortex.config import CortexConfig
+from helexa.cortex.auth import Guard, may_use, visible
+from helexa.cortex.config import CortexConfig, split_listen
 from helexa.cortex.dispatch import Dispatcher
 from helexa.cortex.drain import Drain
 from helexa.cortex.fleet import Fleet, view_of
 from helexa.cortex.keys import KeyStore, keys_path
 from helexa.cortex.metrics import Metrics
+from helexa.cortex.metrics_port import MetricsPort
 from helexa.cortex.protocols import (
     AnthropicCountTokens,
     AnthropicMessages,
@@ -54,7 +56,13 @@ class Gateway:
     def __init__(self, config: CortexConfig) -> None:
         self.config = config
         self.started = int(time.time())
-        self.metrics = Metrics()
+        self.metrics = Metrics(key_names=config.settings.gateway.metrics_key_names)
+        metrics_host, _port = split_listen(config.settings.gateway.metrics_listen)
+        self.metrics_port = MetricsPort(
+            self.metrics.registry,
+            timeout_s=config.settings.limits.header_timeout_s,
+            hosts=host_names(metrics_host, config.settings.http.allowed_hosts),
+        )
         self.fleet = Fleet(
             config.settings.neurons,
             config.settings.poller,
@@ -179,13 +187,12 @@ def build_app(gateway: Gateway) -> ASGIApp:
         entry = gateway.model_entry(name)
         anthropic_shape = wants_anthropic(request)
         keys_models = record_of(request.scope).models  # the API key's allowlist
-        allowed = model_allowed(keys_models, name, gateway.router.resolve(name))
+        model_id = gateway.router.resolve(name)
+        # Outside the key's allowlist (judged as a request for it would be): as if it did
+        # not exist, as OpenAI answers for models a key cannot access.
+        allowed = may_use(keys_models, model_id, gateway.router.granting(name, model_id))
         if entry is None or not allowed:
-            error = (
-                not_allowed(name)
-                if not allowed
-                else not_found(f"model {name!r} does not exist", code="model_not_found")
-            )
+            error = not_found(f"model {name!r} does not exist", code="model_not_found")
             body = anthropic.api_error_body(error) if anthropic_shape else error.openai_body()
             return JSONResponse(body, status_code=error.status)
         if anthropic_shape:
@@ -213,9 +220,11 @@ def build_app(gateway: Gateway) -> ASGIApp:
         await gateway.fleet.poll_all()  # a first picture before serving
         gateway.metrics.refresh(gateway.fleet)
         gateway.fleet.start()
+        await gateway.metrics_port.start()  # bound by ``cortex serve`` before this
         try:
             yield
         finally:
+            await gateway.metrics_port.close()
             await gateway.router.stop()
             await gateway.fleet.stop()
 
@@ -257,10 +266,12 @@ def build_app(gateway: Gateway) -> ASGIApp:
             "(set [auth] keys_file and run `cortex keys add`)",
             extra={"admin": "guarded" if settings.admin_token else "open"},
         )
+    listen_host, _port = split_listen(settings.gateway.listen)
     return AccessLog(
         openai_app(routes, lifespan),
         hot,
         gateway.metrics,
         model_label,
         None if guard.off else guard,  # nothing configured: nothing to check per request
+        BrowserGuard(listen_host, settings.http),
     )

@@ -5,9 +5,12 @@
   needs a key — an empty keys file refuses everything, it never opens the gateway.
 - ``/admin/models/*`` (lifecycle) needs ``admin_token``; with API keys but no admin token
   they are refused. ``/admin/fleet`` (read-only: ``cortex status``) takes the admin token
-  or any API key. With neither configured, /admin/* is open like the rest.
+  or an API key without a model allowlist (it names every model and neuron). With neither
+  configured, /admin/* is open like the rest.
 - A key's model allowlist: a request whose model (as sent, or as resolved) is not in it
-  is a 403; ``/v1/models`` lists only what it may use.
+  is a 403; ``/v1/models`` lists only what it may use, and ``/v1/models/{name}`` of any
+  other is a 404, as for a model that does not exist.
+- A request repeating ``Authorization`` or ``x-api-key`` with different values is a 400.
 
 The decision is ``decide`` (pure); ``Guard.admit`` applies it at the access layer, before
 any route runs, and answers in the envelope of the protocol the client speaks.
@@ -24,6 +27,7 @@ from starlette.types import Scope, Send
 
 from helexa.core import anthropic
 from helexa.core.auth import (
+    AmbiguousCredentials,
     Denial,
     Headers,
     KeyRing,
@@ -84,8 +88,15 @@ def _decide_admin(
         return Verdict(key=ADMIN_KEY_NAME)
     key = keys.find(secret) if keys is not None else None
     read_only = path in READ_ONLY_ADMIN
-    if key is not None and read_only:
-        return Verdict(key=key.name, models=key.models)
+    if key is not None and read_only and key.models is None:
+        return Verdict(key=key.name)
+    if key is not None and read_only:  # the fleet view names every model and neuron
+        return Verdict(
+            key=key.name,
+            denial=Denial(
+                403, "admin_only", f"an API key restricted to certain models cannot read {path}"
+            ),
+        )
     if key is not None:
         unset = "" if admin_token else " (admin_token is not set in cortex.toml: none can)"
         return Verdict(
@@ -118,6 +129,11 @@ def error_body(error: ApiError, anthropic_shape: bool) -> bytes:
     return orjson.dumps(error.openai_body())
 
 
+def envelope(scope: Scope, error: ApiError) -> bytes:
+    """``error`` in the envelope of the protocol the request speaks."""
+    return error_body(error, anthropic_envelope(scope["path"], scope["headers"]))
+
+
 # --- model allowlists ------------------------------------------------------------------------
 
 
@@ -142,9 +158,14 @@ def require_model(
     """The 403 for a model outside the key's allowlist: the model the name resolved to
     must be allowed, or a name in ``grants`` that led to it (the alias sent, or the
     fallback pattern that matched). A listed name a fallback took elsewhere grants nothing."""
-    if models is None or model_id in models or any(g in models for g in grants):
-        return
-    raise not_allowed(requested)
+    if not may_use(models, model_id, grants):
+        raise not_allowed(requested)
+
+
+def may_use(models: frozenset[str] | None, model_id: str, grants: Iterable[str] = ()) -> bool:
+    """Whether a key with the allowlist ``models`` may use ``model_id``, reached through
+    the names in ``grants`` (``require_model``)."""
+    return models is None or model_id in models or any(g in models for g in grants)
 
 
 def visible(entries: Iterable[dict[str, Any]], models: frozenset[str] | None) -> list[Any]:
@@ -174,11 +195,16 @@ class Guard:
         if self.off:
             return True
         path = scope["path"]
-        verdict = decide(path, credentials(scope["headers"]), self.keys.ring(), self.admin_token)
+        try:
+            secrets = credentials(scope["headers"])
+        except AmbiguousCredentials as exc:
+            verdict = ALLOWED if path in OPEN_PATHS else Verdict(denial=exc.denial)
+        else:
+            verdict = decide(path, secrets, self.keys.ring(), self.admin_token)
         record.key, record.models = verdict.key, verdict.models
         if verdict.denial is None:
             return True
         error = verdict.denial.error()
         record.error = error.code
-        await send_error(send, error, error_body(error, anthropic_envelope(path, scope["headers"])))
+        await send_error(send, error, envelope(scope, error))
         return False

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import ValidationError
@@ -75,6 +76,14 @@ def probe(entry: NeuronEntry, token: str | None, timeout: float = 3.0) -> Probe:
                         entry.endpoint,
                         error=f"GET /{route} answered {response.status_code}: the neuron wants "
                         "a token and cortex's does not match",
+                    )
+                if response.status_code == 421:
+                    host = urlsplit(entry.endpoint).hostname
+                    return Probe(
+                        entry.name,
+                        entry.endpoint,
+                        error=f"GET /{route} answered 421: the neuron does not answer to the "
+                        f"name {host!r}; add it to [http] allowed_hosts in its neuron.toml",
                     )
                 response.raise_for_status()
                 answers[route] = response.json()

@@ -93,7 +93,7 @@ def serve(config: ConfigOption = None) -> None:
         },
     )
     try:
-        gateway.metrics.serve(metrics_host, metrics_port)
+        gateway.metrics_port.bind(metrics_host, metrics_port)
     except OSError as exc:
         typer.echo(
             f"cortex: cannot serve metrics on {settings.gateway.metrics_listen}: {exc}", err=True

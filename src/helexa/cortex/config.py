@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from helexa.core.auth import clean_secret
+from helexa.core.browser import HttpSettings
 from helexa.core.catalogue import Catalogue, load_catalogue
 from helexa.core.serving import LimitsSettings
 from helexa.core.settings import ConfigError, load_settings, require_unique
@@ -31,6 +33,8 @@ class GatewaySettings(BaseModel):
     # On SIGTERM: how long requests in flight may go on; what is left then ends with an
     # error event (streams) or a 503 shutting_down. Keep it under the unit's stop timeout.
     drain_timeout_s: float = Field(default=30.0, ge=0)
+    # cortex_requests_by_key_total{key}: API key names on the metrics port, which has no auth.
+    metrics_key_names: bool = False
 
     @field_validator("listen", "metrics_listen")
     @classmethod
@@ -57,6 +61,11 @@ class NeuronEntry(BaseModel):
             raise ValueError(f"expected http://host:port, got {value!r}")
         return value.rstrip("/")
 
+    @field_validator("token")
+    @classmethod
+    def _secret(cls, value: str | None) -> str | None:
+        return clean_secret(value)
+
 
 class PollerSettings(BaseModel):
     interval_s: float = Field(default=2.0, gt=0)
@@ -80,6 +89,11 @@ class AuthSettings(BaseModel):
     # One literal key besides the file's (containers: CORTEX_AUTH__API_KEY); logged as ":env".
     api_key: str | None = None
 
+    @field_validator("api_key")
+    @classmethod
+    def _secret(cls, value: str | None) -> str | None:
+        return clean_secret(value)
+
 
 class CortexSettings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -92,6 +106,7 @@ class CortexSettings(BaseSettings):
     poller: PollerSettings = Field(default_factory=PollerSettings)
     proxy: ProxySettings = Field(default_factory=ProxySettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     neurons: list[NeuronEntry] = Field(default_factory=list)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     admin_token: str | None = None  # required by /admin/* (Bearer)
@@ -99,6 +114,11 @@ class CortexSettings(BaseSettings):
     # unset: admin_token, as configs before the split had it.
     neuron_token: str | None = None
     log_level: str = "info"
+
+    @field_validator("admin_token", "neuron_token")
+    @classmethod
+    def _secret(cls, value: str | None) -> str | None:
+        return clean_secret(value)
 
     @field_validator("neurons")
     @classmethod

@@ -1,11 +1,11 @@
-"""Prometheus metrics (§2.9), served on their own port by prometheus-client's server."""
+"""Prometheus metrics (§2.9), served on their own port (``cortex.metrics_port``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from helexa.cortex.fleet import Fleet
 
@@ -37,7 +37,7 @@ class Series:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, key_names: bool = False) -> None:
         self.registry = CollectorRegistry()
         self._series: dict[tuple[str, str], Series] = {}
         r = self.registry
@@ -91,9 +91,12 @@ class Metrics:
             field: Gauge(f"cortex_prefix_cache_{field}", help_text, labels, registry=r)
             for field, help_text in PREFIX_CACHE_FIELDS.items()
         }
-        # Per API key name (operator-chosen, so a bounded set; never the key itself).
-        self.requests_by_key = Counter(
-            "cortex_requests_by_key", "Requests by API key name", ("key",), registry=r
+        # Per API key name (operator-chosen, so a bounded set; never the key itself), only
+        # when asked for: the metrics port has no auth, and the names say who uses the fleet.
+        self.requests_by_key = (
+            Counter("cortex_requests_by_key", "Requests by API key name", ("key",), registry=r)
+            if key_names
+            else None
         )
         self._by_key: dict[str, Any] = {}
         self.batch_peak = Gauge(
@@ -119,6 +122,8 @@ class Metrics:
         return found
 
     def by_key(self, key: str) -> None:
+        if self.requests_by_key is None:
+            return
         counter = self._by_key.get(key)
         if counter is None:
             counter = self._by_key[key] = self.requests_by_key.labels(key)
@@ -145,6 +150,3 @@ class Metrics:
                         gauge.labels(model_id, state.name).set(cache[field])
                 if info.batch is not None:
                     self.batch_peak.labels(model_id, state.name).set(info.batch.peak_sequences)
-
-    def serve(self, host: str, port: int) -> None:
-        start_http_server(port, addr=host, registry=self.registry)

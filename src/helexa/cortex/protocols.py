@@ -165,6 +165,8 @@ class OpenAIPassthrough(OpenAIErrors):
 
     def translate(self, body: dict[str, Any], model_id: str, scope: Scope) -> NeuronRequest:
         body["model"] = model_id
+        if not isinstance(body.get("stream", False), bool):  # "true" or 1: never guess
+            raise bad_request("stream must be true or false", param="stream")
         stream = body.get("stream") is True
         keep_usage = False
         if stream:  # cortex always wants usage for its metrics

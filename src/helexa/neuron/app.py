@@ -12,6 +12,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from helexa.core.auth import TokenGuard
+from helexa.core.browser import BrowserGuard, BrowserMiddleware
 from helexa.core.errors import ApiError, not_found
 from helexa.core.http import (
     JSONResponse,
@@ -158,5 +159,8 @@ def build_app(neuron: Neuron) -> Starlette:
     app = openai_app(routes, lifespan)
     if settings.token:  # every route but /health (core.auth); inside the access log
         app.add_middleware(TokenGuard, token=settings.token)
+    # Host and Origin (core.browser): outside the token check, so that CORS preflights
+    # (which carry no credentials) of configured origins are answered.
+    app.add_middleware(BrowserMiddleware, guard=BrowserGuard(settings.host, settings.http))
     app.add_middleware(AccessLog)  # one line per request (helexa.neuron.access)
     return app

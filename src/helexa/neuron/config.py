@@ -7,7 +7,8 @@ from pathlib import Path
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from helexa.core.auth import is_loopback
+from helexa.core.auth import clean_secret, is_loopback
+from helexa.core.browser import HttpSettings
 from helexa.core.serving import LimitsSettings
 from helexa.core.wire import ModelSpec
 
@@ -87,6 +88,7 @@ class NeuronSettings(BaseSettings):
     cpu: CpuSettings = Field(default_factory=CpuSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     # Required (Authorization: Bearer) by every route but /health; a neuron listening beyond
     # loopback without one refuses to start. cortex.toml's neuron_token must match.
     token: str | None = None
@@ -94,6 +96,11 @@ class NeuronSettings(BaseSettings):
     keepalive_s: float = Field(default=5.0, gt=0)  # SSE comment cadence while prefilling
     drain_timeout_s: float = Field(default=90.0, ge=0)  # in-flight grace on SIGTERM (< 120 s)
     log_level: str = "info"
+
+    @field_validator("token", "admin_token")
+    @classmethod
+    def _secret(cls, value: str | None) -> str | None:
+        return clean_secret(value)
 
     @model_validator(mode="after")
     def _renamed_token(self) -> NeuronSettings:

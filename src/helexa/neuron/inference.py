@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -80,7 +81,8 @@ async def respond(
         prompt_tokens=len(prompt.token_ids),
     )
     if params.response_format is not None:  # a bad schema is a 400 before anything starts
-        await harness.prepare_format(body.model, params.response_format)
+        prepared = await harness.prepare_format(body.model, params.response_format, prompt)
+        params = dataclasses.replace(params, prepared_format=prepared)
     place = gate.join()  # 503 now when draining or the queue is full
 
     def start() -> TokenStream:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from helexa.core.errors import ApiError, bad_request
 from helexa.core.wire import ChatCompletionRequest, ResponseFormat, SamplingFields
+from helexa.neuron.schema_limits import check_schema
 
 if TYPE_CHECKING:  # torch only where logits are tensors: a llamacpp-only neuron never loads it
     import torch
@@ -56,11 +57,9 @@ def output_format(response_format: ResponseFormat | None) -> OutputFormat | None
             "response_format.json_schema.schema must be a JSON Schema object",
             param="response_format",
         )
-    return OutputFormat(
-        "json_schema",
-        schema=json.dumps(schema, separators=(",", ":"), ensure_ascii=False),
-        strict=spec.get("strict") is True,
-    )
+    text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+    check_schema(text)  # before any engine builds a grammar from it
+    return OutputFormat("json_schema", schema=text, strict=spec.get("strict") is True)
 
 
 @dataclass(frozen=True)
@@ -77,6 +76,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     eos_ids: frozenset[int] = field(default_factory=frozenset)
     response_format: OutputFormat | None = None  # constrained decoding; None: free text
+    # What the harness's prepare_format built for response_format (opaque out of harness/).
+    prepared_format: object | None = field(default=None, compare=False, repr=False)
 
     @property
     def greedy(self) -> bool:

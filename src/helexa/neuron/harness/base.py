@@ -80,10 +80,14 @@ class Harness(Protocol):
 
     async def prepare_text(self, model_id: str, text: str) -> PreparedPrompt: ...
 
-    async def prepare_format(self, model_id: str, fmt: OutputFormat) -> None:
-        """Get ``fmt`` (``SamplingParams.response_format``) ready to constrain ``generate``
-        on this model; a 400 naming ``response_format`` if it cannot be honoured. Awaited
-        before the response starts, so a bad schema never surfaces mid-stream."""
+    async def prepare_format(
+        self, model_id: str, fmt: OutputFormat, prompt: PreparedPrompt
+    ) -> object:
+        """Build what constrains ``generate`` to ``fmt`` (``SamplingParams.response_format``)
+        for this model and prompt, off the event loop and off the device worker; the caller
+        passes it back as ``SamplingParams.prepared_format``. A 400 naming
+        ``response_format`` if it cannot be honoured. Awaited before the response starts, so
+        a bad schema never surfaces mid-stream."""
         ...
 
     def generate(

@@ -38,6 +38,23 @@ class ConstraintError(RuntimeError):
     """The matcher refused a token the mask allowed: a bug, never a client error."""
 
 
+# llguidance's words when a schema outgrows its parser or lexer limits mid-generation
+# ("Too many items (limit 50000…)", "too many expressions constructed", "… too big (limit …)").
+_LIMIT_WORDS = ("limit", "too many", "too big")
+
+
+def matcher_failure(error: str) -> Exception:
+    """A matcher in error mid-generation: a schema beyond llguidance's limits is the client's
+    (400 ``schema_too_complex``, as at compile time); anything else is ours."""
+    if any(word in error.lower() for word in _LIMIT_WORDS):
+        return bad_request(
+            f"response_format schema is too complex to enforce: {error}",
+            param="response_format",
+            code="schema_too_complex",
+        )
+    return ConstraintError(error)
+
+
 def _single_token(tokenizer: Any, text: str) -> int | None:
     ids = tokenizer.encode(text, add_special_tokens=False)
     return ids[0] if len(ids) == 1 else None
@@ -46,7 +63,14 @@ def _single_token(tokenizer: Any, text: str) -> int | None:
 class Grammars:
     """One model's llguidance tokenizer and its compiled grammars (thread-safe)."""
 
-    def __init__(self, tokenizer: Any, *, vocab_size: int, eos_ids: frozenset[int]) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        vocab_size: int,
+        eos_ids: frozenset[int],
+        limits: llguidance.LLParserLimits | None = None,
+    ) -> None:
         # The mask must cover every logit: the model's vocabulary is often padded past the
         # tokenizer's; padding ids are never allowed.
         n_vocab = max(len(tokenizer), vocab_size)
@@ -56,6 +80,8 @@ class Grammars:
         )
         self.think_open = _single_token(tokenizer, THINK_OPEN)
         self.think_close = _single_token(tokenizer, THINK_CLOSE)
+        # Terse errors: the verbose ones carry the parser state (and the schema) into logs.
+        self.limits = limits or llguidance.LLParserLimits(verbose_errors=False)
         self._compiled: OrderedDict[OutputFormat, llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -83,7 +109,7 @@ class Grammars:
         except ValueError as exc:
             raise bad_request(f"invalid JSON schema: {exc}", param="response_format") from None
         # Compiling never raises: a bad or unsatisfiable schema leaves the matcher in error.
-        template = llguidance.LLMatcher(self.ll, grammar, log_level=0)
+        template = llguidance.LLMatcher(self.ll, grammar, log_level=0, limits=self.limits)
         if template.is_error():
             raise bad_request(
                 f"response_format schema cannot be used: {template.get_error()}",
@@ -105,6 +131,7 @@ class Grammars:
         self,
         fmt: OutputFormat,
         *,
+        matcher: object = None,
         device: torch.device,
         prompt_ids: list[int],
         reasoning_tags: bool,
@@ -120,9 +147,11 @@ class Grammars:
             and not self.prompt_closes_reasoning(prompt_ids)
         ):
             state = "open"  # the model may begin with <think> or go straight to the JSON
-        # Normally a cache hit (prepare ran moments ago); a miss recompiles a schema that
-        # already compiled once, which is quick.
-        return JsonConstraint(self, self.compile(fmt), device, state)
+        # ``matcher``: what prepare_format compiled off the loop; without it (a caller that
+        # skipped it) the cache, else a compile here.
+        if not isinstance(matcher, llguidance.LLMatcher):
+            matcher = self.compile(fmt)
+        return JsonConstraint(self, matcher, device, state)
 
 
 class JsonConstraint:
@@ -169,6 +198,8 @@ class JsonConstraint:
             return self._no_eos
         words = self._words
         self._matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
+        if self._matcher.is_error():
+            raise matcher_failure(self._matcher.get_error())
         if self._shifts is None:
             self._shifts = torch.arange(32, dtype=torch.int32, device=self._device)
         # Unpack on the logits' device: 4 bytes per 32 ids cross the bus, not one per id.
@@ -194,4 +225,4 @@ class JsonConstraint:
             return
         self.state = "json"
         if not self._matcher.consume_token(token):
-            raise ConstraintError(f"grammar rejected token {token}: {self._matcher.get_error()}")
+            raise matcher_failure(f"grammar rejected token {token}: {self._matcher.get_error()}")

@@ -48,6 +48,7 @@ from helexa.neuron.workers import WorkerPoisoned, is_device_fault
 log = logging.getLogger("helexa.neuron.harness.transformers")
 
 MB = 1024 * 1024
+COMPILE_THREADS = 2  # schemas compiled at once (threads), the rest wait their turn
 GRAMMARS = "grammars"  # LoadedModel.extra: the task building the model's llguidance Grammars
 
 
@@ -95,6 +96,7 @@ class TransformersHarness(TokenizerPrompts):
         self._wait_timeout_s = wait_timeout_s
         self._models: dict[str, LoadedModel] = {}
         self._loading: dict[str, str] = {}  # model_id -> device key, while a load is running
+        self._compiles = asyncio.Semaphore(COMPILE_THREADS)
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -390,13 +392,15 @@ class TransformersHarness(TokenizerPrompts):
                 code="response_format_unsupported",
             ) from exc
 
-    async def prepare_format(self, model_id: str, fmt: OutputFormat) -> None:
+    async def prepare_format(
+        self, model_id: str, fmt: OutputFormat, prompt: PreparedPrompt
+    ) -> object:
         grammars = await self._grammars(self.get(model_id))
-        if not grammars.cached(fmt):
-            await asyncio.to_thread(grammars.compile, fmt)  # raises the 400 of a bad schema
+        async with self._compiles:  # a few at a time, so a burst cannot take every thread
+            return await asyncio.to_thread(grammars.compile, fmt)  # a bad schema: its 400
 
     def _constraint(
-        self, loaded: LoadedModel, prompt: PreparedPrompt, fmt: OutputFormat
+        self, loaded: LoadedModel, prompt: PreparedPrompt, fmt: OutputFormat, prepared: object
     ) -> JsonConstraint:
         task: asyncio.Future[Grammars] | None = loaded.extra.get(GRAMMARS)
         if task is None or not task.done() or task.cancelled() or task.exception() is not None:
@@ -404,6 +408,7 @@ class TransformersHarness(TokenizerPrompts):
             raise ModelGone("the model was reloaded while the request waited")
         return task.result().start(
             fmt,
+            matcher=prepared,
             device=loaded.device,
             prompt_ids=prompt.token_ids,
             reasoning_tags=prompt.reasoning_tags,
@@ -420,7 +425,7 @@ class TransformersHarness(TokenizerPrompts):
         constraint = (
             None
             if params.response_format is None
-            else self._constraint(loaded, prompt, params.response_format)
+            else self._constraint(loaded, prompt, params.response_format, params.prepared_format)
         )
         assert loaded.engine is not None
         stream = TokenStream(asyncio.get_running_loop())

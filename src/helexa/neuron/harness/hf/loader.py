@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +9,12 @@ import torch
 
 from helexa.core.errors import ApiError, bad_request, not_found
 from helexa.neuron.model_files import ModelFiles, as_ids
+from helexa.neuron.weights_check import (
+    GGUF_READ_ERRORS,
+    check_gguf,
+    check_safetensors,
+    unreadable_gguf,
+)
 
 SAFETENSORS_DTYPE_BYTES = {
     "F64": 8,
@@ -59,9 +63,7 @@ def pick_dtype(setting: str, *, cuda: bool, bf16_supported: bool) -> torch.dtype
 
 
 def _safetensors_elements(path: Path) -> int:
-    with path.open("rb") as handle:
-        (header_len,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(header_len))
+    header = check_safetensors(path)
     total = 0
     for name, meta in header.items():
         if name == "__metadata__":
@@ -76,7 +78,11 @@ def _safetensors_elements(path: Path) -> int:
 def _gguf_elements(path: Path) -> int:
     from gguf import GGUFReader
 
-    return sum(int(t.n_elements) for t in GGUFReader(path).tensors)
+    check_gguf(path)
+    try:
+        return sum(int(t.n_elements) for t in GGUFReader(path).tensors)
+    except GGUF_READ_ERRORS as exc:
+        raise unreadable_gguf(path, exc) from None
 
 
 def estimate_bytes(files: ModelFiles, dtype: torch.dtype) -> int:

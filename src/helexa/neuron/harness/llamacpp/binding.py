@@ -32,13 +32,21 @@ _log_callback: object = None
 _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # GGML_LOG_LEVEL_WARN / _ERROR
 
 
+LOG_LINE_CHARS = 2000
+_recent = threading.local()  # this thread's last llama.cpp error: why a call failed
+
+
 def _forward_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     # Info and debug chatter (every tensor it loads) would drown the neuron's log.
     python_level = _LOG_LEVELS.get(level)
     if python_level is not None and text:
         message = text.decode("utf-8", errors="replace").strip()
+        if len(message) > LOG_LINE_CHARS:  # a refused grammar is echoed whole: keep its head
+            message = f"{message[:LOG_LINE_CHARS]}… ({len(message)} characters)"
         if message:
             log.log(python_level, "llama.cpp: %s", message)
+            if python_level >= logging.ERROR:
+                _recent.error = message
 
 
 def init_backend() -> None:
@@ -146,9 +154,11 @@ class Model:
                 params.tensor_split = self._split
             else:
                 params.split_mode = C.LLAMA_SPLIT_MODE_NONE
+        _recent.error = ""
         self.ptr = C.llama_model_load_from_file(str(path).encode(), params)
         if not self.ptr:
-            raise ValueError(f"llama.cpp could not load {path.name} (see the log for why)")
+            why = getattr(_recent, "error", "") or "see the neuron's log for why"
+            raise ValueError(f"llama.cpp could not load {path.name}: {why}")
         self.vocab = Vocab(C.llama_model_get_vocab(self.ptr))
 
     def meta(self, key: str) -> str | None:
@@ -392,7 +402,7 @@ class Sampler:
         *,
         vocab: Vocab,
         context_length: int,
-        grammar: str | None,
+        grammar: Grammar | None,
         prompt: list[int],
     ) -> None:
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
@@ -416,11 +426,7 @@ class Sampler:
                 )
             )
         if grammar is not None:
-            stage = C.llama_sampler_init_grammar(vocab.ptr, grammar.encode(), b"root")
-            if not stage:
-                C.llama_sampler_free(chain)
-                raise ValueError("llama.cpp rejected the grammar")
-            add(stage)
+            add(grammar.take())
         if params.greedy:
             add(C.llama_sampler_init_greedy())
         else:
@@ -460,7 +466,8 @@ def json_grammar(fmt: OutputFormat, reasoning: str) -> str:
     converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
     schema = json.loads(fmt.schema or ANY_OBJECT)
     schema = converter.resolve_refs(schema, "request")
-    converter.visit(schema, "json-doc")
+    # A primitive schema ({"type": "null"}) comes back as the shared rule's own name.
+    doc = converter.visit(schema, "json-doc")
     rules = (
         converter.format_grammar()
         .replace('space ::= " "?', 'space ::= ""')
@@ -468,17 +475,33 @@ def json_grammar(fmt: OutputFormat, reasoning: str) -> str:
         .replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
     )
     if reasoning == "open":
-        root = "root ::= think-body json-doc"
+        root = f"root ::= think-body {doc}"
     elif reasoning == "optional":
-        root = 'root ::= ( "<think>" think-body )? json-doc'
+        root = f'root ::= ( "<think>" think-body )? {doc}'
     else:
-        return f"root ::= json-doc\n{rules}"
+        return f"root ::= {doc}\n{rules}"
     return f"{root}\n{_THINK_RULES}\n{rules}"
 
 
-def check_grammar(vocab: Vocab, grammar: str) -> None:
-    """Parse ``grammar`` once (raises ValueError when llama.cpp refuses it)."""
-    stage = C.llama_sampler_init_grammar(vocab.ptr, grammar.encode(), b"root")
-    if not stage:
-        raise ValueError("llama.cpp could not parse the grammar built from the schema")
-    C.llama_sampler_free(stage)
+class Grammar:
+    """A GBNF grammar parsed into a sampler stage for one request, off the device worker (a
+    large grammar takes tens of milliseconds to parse, which would stall every model's
+    step). Not cloned from a shared copy: llama.cpp's clone re-links every stack element by
+    searching the rules, which for a 1 000-way enum costs more than parsing afresh."""
+
+    def __init__(self, vocab: Vocab, text: str) -> None:
+        self.ptr = C.llama_sampler_init_grammar(vocab.ptr, text.encode(), b"root")
+        if not self.ptr:
+            raise ValueError("llama.cpp could not parse the grammar built from the schema")
+
+    def take(self) -> ctypes.c_void_p:
+        """The stage, now owned by the caller's chain (once)."""
+        ptr, self.ptr = self.ptr, None
+        if not ptr:
+            raise ValueError("this grammar is already in use")
+        return ptr
+
+    def __del__(self) -> None:  # never taken: the request ended before it started
+        if getattr(self, "ptr", None):
+            C.llama_sampler_free(self.ptr)
+            self.ptr = None

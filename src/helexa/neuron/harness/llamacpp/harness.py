@@ -40,12 +40,14 @@ from helexa.neuron.model_files import (
 )
 from helexa.neuron.output_parser import CALL_OPEN, THINK_CLOSE, THINK_OPEN
 from helexa.neuron.sampling import OutputFormat, SamplingParams
+from helexa.neuron.weights_check import GGUF_READ_ERRORS, check_gguf, unreadable_gguf
 from helexa.neuron.workers import WorkerPoisoned
 
 log = logging.getLogger("helexa.neuron.harness.llamacpp")
 
 MB = 1024 * 1024
 GRAMMAR_CACHE = 32
+COMPILE_THREADS = 2
 
 
 @dataclass
@@ -60,7 +62,7 @@ class LoadedGguf:
     generation_defaults: dict[str, Any]
     eos_ids: frozenset[int]
     tags: frozenset[str]
-    grammars: dict[tuple[OutputFormat, str], str] = field(default_factory=dict)
+    grammars: dict[tuple[OutputFormat, str], str] = field(default_factory=dict)  # GBNF
 
     @property
     def device_key(self) -> str:
@@ -88,6 +90,9 @@ class LlamaCppHarness(TokenizerPrompts):
         self._threads = cpu_threads
         self._models: dict[str, LoadedGguf] = {}
         self._loading: dict[str, str] = {}
+        # Schemas compile in threads, a few at a time: a burst of new schemas must not
+        # take every executor thread (or core) from the loads and requests beside them.
+        self._compiles = asyncio.Semaphore(COMPILE_THREADS)
         log.info("llama.cpp CPU kernels", extra={"build": binding.describe_build()})
 
     # -- queries ----------------------------------------------------------------------------
@@ -351,27 +356,32 @@ class LlamaCppHarness(TokenizerPrompts):
         )
         return loaded.tokenizer, facts
 
-    async def prepare_format(self, model_id: str, fmt: OutputFormat) -> None:
+    async def prepare_format(
+        self, model_id: str, fmt: OutputFormat, prompt: PreparedPrompt
+    ) -> binding.Grammar:
         loaded = self.get(model_id)
-        await asyncio.to_thread(self._grammar, loaded, fmt, "none")
+        reasoning = self._reasoning_mode(loaded, prompt)
+        async with self._compiles:
+            return await asyncio.to_thread(self._grammar, loaded, fmt, reasoning)
 
-    def _grammar(self, loaded: LoadedGguf, fmt: OutputFormat, reasoning: str) -> str:
-        """The GBNF for ``fmt`` (cached per model); a 400 when the schema cannot be one."""
+    def _grammar(self, loaded: LoadedGguf, fmt: OutputFormat, reasoning: str) -> binding.Grammar:
+        """``fmt`` parsed for one request (the GBNF text is cached per model); a 400 when the
+        schema cannot be one. Runs in a compile thread (``prepare_format``)."""
         key = (fmt, reasoning)
-        grammar = loaded.grammars.get(key)
-        if grammar is None:
-            try:
-                grammar = binding.json_grammar(fmt, reasoning)
-                binding.check_grammar(loaded.runtime.model.vocab, grammar)
-            except Exception as exc:
-                raise bad_request(
-                    f"response_format: the JSON schema cannot be enforced: {exc}",
-                    param="response_format",
-                    code="invalid_schema",
-                ) from exc
+        text = loaded.grammars.get(key)
+        try:
+            gbnf = text or binding.json_grammar(fmt, reasoning)
+            grammar = binding.Grammar(loaded.runtime.model.vocab, gbnf)
+        except Exception as exc:
+            raise bad_request(
+                f"response_format: the JSON schema cannot be enforced: {exc}",
+                param="response_format",
+                code="invalid_schema",
+            ) from exc
+        if text is None:
             if len(loaded.grammars) >= GRAMMAR_CACHE:
                 loaded.grammars.pop(next(iter(loaded.grammars)))
-            loaded.grammars[key] = grammar
+            loaded.grammars[key] = gbnf
         return grammar
 
     def _reasoning_mode(self, loaded: LoadedGguf, prompt: PreparedPrompt) -> str:
@@ -391,9 +401,11 @@ class LlamaCppHarness(TokenizerPrompts):
             raise WorkerPoisoned(f"{worker.name} worker is poisoned: {worker.poisoned}")
         grammar = None
         if params.response_format is not None:
-            grammar = self._grammar(
-                loaded, params.response_format, self._reasoning_mode(loaded, prompt)
-            )
+            grammar = params.prepared_format
+            if not isinstance(grammar, binding.Grammar):  # a caller that skipped prepare_format
+                grammar = self._grammar(
+                    loaded, params.response_format, self._reasoning_mode(loaded, prompt)
+                )
         stream = TokenStream(asyncio.get_running_loop())
         generation = Generation(
             prompt_ids=prompt.token_ids,
@@ -428,7 +440,12 @@ def _gguf_sizes(path: Path, settings: LlamaCppHarnessSettings) -> GgufSizes:
             param="model_id",
         )
     parts = _split_parts(path) or [path]
-    reader = GGUFReader(path)
+    for part in parts:
+        check_gguf(part)
+    try:
+        reader = GGUFReader(path)
+    except GGUF_READ_ERRORS as exc:
+        raise unreadable_gguf(path, exc) from None
     fields = {name: reader.fields[name] for name in reader.fields}
 
     def value(key: str) -> Any:
