@@ -11,10 +11,10 @@ import pytest
 from helexa.core.errors import ApiError
 from helexa.core.wire import ResponseFormat
 from helexa.neuron.sampling import output_format
-from helexa.neuron.schema_limits import SchemaLimits, check_schema
+from helexa.neuron.schema_limits import DEFAULT_LIMITS, SchemaLimits, check_schema
 
 
-def refused(schema: Any, limits: SchemaLimits = SchemaLimits()) -> str:
+def refused(schema: Any, limits: SchemaLimits = DEFAULT_LIMITS) -> str:
     with pytest.raises(ApiError) as info:
         check_schema(json.dumps(schema), limits)
     assert info.value.status == 400 and info.value.code == "schema_too_complex"
