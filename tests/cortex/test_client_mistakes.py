@@ -4,6 +4,8 @@ meet (OpenAI chat, Anthropic messages)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -11,8 +13,24 @@ import httpx
 import openai
 import pytest
 
-from tests.cortex.conftest import Fleet
+from tests.cortex.conftest import Fleet, _start_neurons, cpu_models
 from tests.cortex.test_fleet import MSGS, client
+from tests.support.fleet import start_cortex
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, fleet_cache: Path) -> Iterator[Fleet]:
+    """Its own small fleet: the shared one's tests count on what they loaded themselves."""
+    work = tmp_path_factory.mktemp("mistakes")
+    neurons = _start_neurons(work, fleet_cache, {"m1": "[cpu]\nmemory_mb = 200\n"})
+    cortex, base, metrics = start_cortex(
+        work, {n: u for n, (_d, u) in neurons.items()}, cpu_models("helexa/tiny-a")
+    )
+    yield Fleet(cortex, base, metrics, neurons)
+    cortex.stop()
+    for daemon, _url in neurons.values():
+        daemon.stop()
+
 
 TOOL = {
     "type": "function",

@@ -231,7 +231,7 @@ def test_streams_waiting_for_a_slot_are_not_silence(tmp_path: Path, fleet_cache:
         fleet_cache,
         {
             "q1": "keepalive_s = 0.2\n[cpu]\nmemory_mb = 200\n"
-            "[admission]\nmax_concurrent = 1\nmax_queue = 32\nqueue_timeout_s = 120\n"
+            "[admission]\nmax_concurrent = 1\nmax_queue = 32\nqueue_timeout_s = 300\n"
             f'[[default_models]]\nmodel_id = "{MODEL}"\n'
         },
     )
@@ -249,7 +249,7 @@ def test_streams_waiting_for_a_slot_are_not_silence(tmp_path: Path, fleet_cache:
             body = {
                 "model": MODEL,
                 "messages": MSGS,
-                "max_tokens": 120,
+                "max_tokens": 48,
                 "temperature": 0,
                 "stream": True,
             }
@@ -264,7 +264,7 @@ def test_streams_waiting_for_a_slot_are_not_silence(tmp_path: Path, fleet_cache:
 
         async def burst() -> None:
             paths = ["/v1/chat/completions"] * 16 + ["/v1/messages"] * 4
-            async with httpx.AsyncClient(timeout=120) as client:
+            async with httpx.AsyncClient(timeout=300) as client:
                 await asyncio.gather(*(one(client, path) for path in paths))
 
         started = time.monotonic()

@@ -90,3 +90,32 @@ def test_checks_pass_the_good_files(broken: tuple[str, Path]) -> None:
     assert any(name != "__metadata__" for name in header)
     snapshot = next((models.parent / "hub").rglob(GGUF_F16_FILENAME))
     check_gguf(snapshot)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"dtype": "F32", "data_offsets": [0, 4]},  # no shape
+        {"dtype": "F32", "shape": ["a"], "data_offsets": [0, 4]},
+        {"dtype": "F32", "shape": [1], "data_offsets": [0, -4]},
+        {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]},
+        [1, 2],
+    ],
+)
+def test_malformed_safetensors_entries_are_named(tmp_path: Path, entry: object) -> None:
+    import json
+    import struct
+
+    from helexa.core.errors import ApiError
+
+    header = json.dumps({"w": entry}).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    with pytest.raises(ApiError) as info:
+        check_safetensors(path)
+    assert info.value.status == 422 and "a malformed entry for 'w'" in info.value.message
+    nested = b"[" * 100_000 + b"]" * 100_000
+    path.write_bytes(struct.pack("<Q", len(nested)) + nested)
+    with pytest.raises(ApiError) as info:
+        check_safetensors(path)
+    assert "unreadable header" in info.value.message

@@ -28,7 +28,9 @@ def test_the_reported_attacks_are_refused_naming_the_limit() -> None:
     long_string = {"type": "string", "maxLength": 100_000}  # overflowed llama.cpp's stack
     assert "maxLength 100000" in refused(long_string)
     many_values = {"enum": [f"v{i}" for i in range(10_000)]}
-    assert "10000 enum/const values (limit 1000) at schema.enum" in refused(many_values)
+    message = refused(many_values)
+    assert "10000 alternatives (enum/const values, anyOf/oneOf branches)" in message
+    assert "(limit 1000) at schema.enum" in message
 
 
 def test_counts_add_up_and_nest_through_every_keyword() -> None:
@@ -53,9 +55,25 @@ def test_names_are_never_read_as_keywords() -> None:
 def test_pattern_quantifiers_are_counts_and_nested_ones_multiply() -> None:
     assert "pattern quantifier {5000}" in refused({"type": "string", "pattern": "^a{5000}$"})
     message = refused({"type": "string", "pattern": "^((ab){200}c){200}$"})
-    assert "pattern quantifiers multiplying to 40000" in message
+    assert "a pattern that expands to 80202 repetitions" in message
+    # Every spelling llama.cpp's converter reads as a count (these crashed or bloated it).
+    for spelled in ("{,100000}", "{ 30000000}", "{0, 5000}", "{2000,}"):
+        assert spelled in refused({"type": "string", "pattern": f"^a{spelled}$"}), spelled
+    assert "{5000}" in refused({"type": "string", "pattern": "\\\\{5000}"})  # \\ then {5000}
+    # In sequence they add up: an ordinary email pattern is fine.
+    email = r"^[a-z0-9._%+-]{1,64}@[a-z0-9.-]{1,255}\.[a-z]{2,63}$"
+    check_schema(json.dumps({"type": "string", "pattern": email}))
     check_schema(json.dumps({"type": "string", "pattern": r"^\d{3}-\d{4}$"}))
-    check_schema(json.dumps({"type": "string", "pattern": r"^\{literal\}$"}))
+    check_schema(json.dumps({"type": "string", "pattern": r"^\{literal\}[{]{2}$"}))
+
+
+def test_branches_count_as_alternatives_and_optional_properties_are_bounded() -> None:
+    branches = {"anyOf": [{"type": "string", "pattern": f"^w{i}$"} for i in range(1001)]}
+    assert "1001 alternatives" in refused(branches)
+    optional = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(201)}}
+    assert "201 optional properties in one object (limit 200)" in refused(optional)
+    required = {**optional, "required": [f"p{i}" for i in range(201)]}
+    check_schema(json.dumps(required))
 
 
 def test_depth_properties_and_size() -> None:

@@ -81,7 +81,10 @@ async def respond(
         prompt_tokens=len(prompt.token_ids),
     )
     if params.response_format is not None:  # a bad schema is a 400 before anything starts
-        prepared = await harness.prepare_format(body.model, params.response_format, prompt)
+        try:
+            prepared = await harness.prepare_format(body.model, params.response_format, prompt)
+        except Exception as exc:  # a bad schema is already its 400; a reload is a 503
+            raise generation_error(exc) from exc
         params = dataclasses.replace(params, prepared_format=prepared)
     place = gate.join()  # 503 now when draining or the queue is full
 

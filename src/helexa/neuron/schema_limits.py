@@ -41,8 +41,64 @@ _NAMED_SCHEMAS = (
     "definitions",
     "dependentSchemas",
 )
-# A regex quantifier {n}, {n,} or {n,m} (its counts are repetitions too).
-_QUANTIFIER = re.compile(r"(?<!\\)\{(\d+)(?:,(\d*))?\}")
+# A regex quantifier as llama.cpp's converter reads it: {n}, {n,}, {,m}, {n,m}, spaces allowed.
+_QUANTIFIER = re.compile(r"\{\s*(\d*)\s*(?:(,)\s*(\d*)\s*)?\}")
+_HUGE = 10**12  # counts beyond any limit: kept small so the arithmetic stays cheap
+
+
+def pattern_expansion(pattern: str) -> tuple[tuple[int, str], int]:
+    """((the largest quantifier count, its text), the pattern's size once every quantifier
+    is written out). Quantifiers in sequence add up and nested ones multiply, as the GBNF
+    converter expands them: ``\\d{3}-\\d{4}`` is 8, ``((ab){100}c){100}`` 20 100."""
+    groups = [[0, 0]]  # per open group: [size so far, size of its last atom]
+    largest = (0, "")
+    i = 0
+    while i < len(pattern):
+        char = pattern[i]
+        atom = 1
+        if char == "\\":
+            i += 2
+        elif char == "[":  # a class is one atom, whatever braces it holds
+            j = i + 1
+            j += pattern.startswith("^", j)
+            j += pattern.startswith("]", j)
+            while j < len(pattern) and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            i = j + 1
+        elif char == "(":
+            groups.append([0, 0])
+            i += 1
+            continue
+        elif char == ")" and len(groups) > 1:
+            atom = max(groups.pop()[0], 1)
+            i += 1
+        elif char == "|":  # alternatives: their sizes add up (an upper bound)
+            groups[-1][1] = 0
+            i += 1
+            continue
+        elif (
+            char == "{"
+            and (match := _QUANTIFIER.match(pattern, i))
+            and (match.group(1) or match.group(3))
+        ):
+            low = int(match.group(1) or 0)
+            high = match.group(3)
+            bound = min(int(high) if high else low, _HUGE)
+            largest = max(largest, (bound, match.group(0)))
+            top = groups[-1]
+            top[0] = min(top[0] + top[1] * (max(bound, 1) - 1), _HUGE)
+            top[1] = min(top[1] * max(bound, 1), _HUGE)
+            i = match.end()
+            continue
+        else:
+            i += 1
+        top = groups[-1]
+        top[0] = min(top[0] + atom, _HUGE)
+        top[1] = atom
+    while len(groups) > 1:  # unbalanced: fold what is open into its parent
+        size = groups.pop()[0]
+        groups[-1][0] = min(groups[-1][0] + size, _HUGE)
+    return largest, groups[0][0]
 
 
 @dataclass(frozen=True)
@@ -51,7 +107,12 @@ class SchemaLimits:
     depth: int = 32  # nested schema objects
     count: int = 1_000  # any one repetition count (maxItems, maxLength, {n} in a pattern, …)
     total_count: int = 20_000  # all repetition counts together
-    enum_values: int = 1_000  # enum / const values in the whole schema
+    # enum / const values and anyOf / oneOf branches in the whole schema: every decoding step
+    # tests the vocabulary against each live alternative (≈0.4 s a step at 1 000 on a CPU)
+    enum_values: int = 1_000
+    # properties an object may leave out: the GBNF converter's rules for them grow with the
+    # square of their number (980 took 1.5 s of Python)
+    optional_properties: int = 200
     enum_bytes: int = 64 * 1024  # those values as JSON text
     properties: int = 5_000  # property names in the whole schema
     pattern_bytes: int = 4 * 1024  # one regex pattern
@@ -97,24 +158,23 @@ class _Walk:
             raise _too_big(
                 f"a pattern of {len(pattern.encode())} bytes", self.limits.pattern_bytes, where
             )
-        # Nested quantifiers multiply: (a{100}){100} is 10 000 repetitions.
-        product = 1
-        for match in _QUANTIFIER.finditer(pattern):
-            low, high = match.group(1), match.group(2)
-            bound = int(high) if high else int(low)
-            self.count(bound, f"pattern quantifier {match.group(0)}", where)
-            product *= max(bound, 1)
-            if product > self.limits.total_count:
-                raise _too_big(
-                    f"pattern quantifiers multiplying to {product}",
-                    self.limits.total_count,
-                    where,
-                )
+        (bound, quantifier), size = pattern_expansion(pattern)
+        if bound > self.limits.count:
+            raise _too_big(f"pattern quantifier {quantifier}", self.limits.count, where)
+        if size > self.limits.total_count:
+            raise _too_big(
+                f"a pattern that expands to {size} repetitions", self.limits.total_count, where
+            )
+        self.count(max(size - len(pattern), 0), "pattern", where)
 
     def values(self, values: list[Any], where: str, text_bytes: int) -> None:
         self.enum_values += len(values)
         if self.enum_values > self.limits.enum_values:
-            raise _too_big(f"{self.enum_values} enum/const values", self.limits.enum_values, where)
+            raise _too_big(
+                f"{self.enum_values} alternatives (enum/const values, anyOf/oneOf branches)",
+                self.limits.enum_values,
+                where,
+            )
         self.enum_bytes += text_bytes
         if self.enum_bytes > self.limits.enum_bytes:
             raise _too_big(
@@ -140,11 +200,24 @@ class _Walk:
                 self.values(value, at, _json_size(value))
             elif keyword == "const":
                 self.values([value], at, _json_size(value))
+            elif keyword in ("anyOf", "oneOf") and isinstance(value, list):
+                self.values([None] * len(value), at, 0)
+                self.node(value, at, depth + 1)
             elif keyword in _NAMED_SCHEMAS and isinstance(value, dict):
                 if keyword in ("properties", "patternProperties"):
                     self.properties += len(value)
                     if self.properties > self.limits.properties:
                         raise _too_big(f"{self.properties} properties", self.limits.properties, at)
+                if keyword == "properties":
+                    required = node.get("required")
+                    required = set(required) if isinstance(required, list) else set()
+                    optional = sum(1 for name in value if name not in required)
+                    if optional > self.limits.optional_properties:
+                        raise _too_big(
+                            f"{optional} optional properties in one object",
+                            self.limits.optional_properties,
+                            at,
+                        )
                 if keyword == "patternProperties":
                     for pattern in value:
                         self.pattern(pattern, at)

@@ -39,26 +39,40 @@ def check_safetensors(path: Path) -> dict[str, Any]:
             )
         try:
             header = json.loads(handle.read(header_len))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise invalid_weights(path, "not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
         raise invalid_weights(path, "not a safetensors file (unreadable header)")
-    try:
-        end = max(
-            (
-                int(meta["data_offsets"][1])
-                for name, meta in header.items()
-                if name != "__metadata__"
-            ),
-            default=0,
-        )
-    except (KeyError, IndexError, TypeError, ValueError):
-        raise invalid_weights(path, "not a safetensors file (malformed tensor entries)") from None
+    tensors = [(n, m) for n, m in header.items() if n != "__metadata__"]
+    bad = next((n for n, m in tensors if not _tensor_entry(m)), None)
+    if bad is not None:
+        raise invalid_weights(path, f"not a safetensors file (a malformed entry for {bad!r})")
+    end = max((m["data_offsets"][1] for _n, m in tensors), default=0)
     if 8 + header_len + end > size:
         raise invalid_weights(
             path, f"it is truncated ({size} bytes; its header describes {8 + header_len + end})"
         )
     return header
+
+
+def _counts(value: Any, length: int | None = None) -> bool:
+    return (
+        isinstance(value, list)
+        and (length is None or len(value) == length)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    )
+
+
+def _tensor_entry(meta: Any) -> bool:
+    """``{"dtype": str, "shape": [n, ...], "data_offsets": [begin, end]}``, all counts whole
+    and non-negative, the offsets in order."""
+    return (
+        isinstance(meta, dict)
+        and isinstance(meta.get("dtype"), str)
+        and _counts(meta.get("shape"))
+        and _counts(meta.get("data_offsets"), 2)
+        and meta["data_offsets"][0] <= meta["data_offsets"][1]
+    )
 
 
 def check_gguf(path: Path) -> None:

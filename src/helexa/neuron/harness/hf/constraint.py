@@ -17,7 +17,7 @@ import llguidance
 import llguidance.hf
 import torch
 
-from helexa.core.errors import bad_request
+from helexa.core.errors import ApiError, bad_request
 from helexa.neuron.output_parser import THINK_CLOSE, THINK_OPEN
 from helexa.neuron.sampling import OutputFormat
 
@@ -111,9 +111,13 @@ class Grammars:
         # Compiling never raises: a bad or unsatisfiable schema leaves the matcher in error.
         template = llguidance.LLMatcher(self.ll, grammar, log_level=0, limits=self.limits)
         if template.is_error():
+            failure = matcher_failure(template.get_error())
+            if isinstance(failure, ApiError):  # beyond llguidance's limits
+                raise failure
             raise bad_request(
                 f"response_format schema cannot be used: {template.get_error()}",
                 param="response_format",
+                code="invalid_schema",
             )
         with self._lock:
             self._compiled[fmt] = template

@@ -23,6 +23,7 @@ from helexa.core.wire import (
 from helexa.neuron.config import TransformersHarnessSettings
 from helexa.neuron.devices import CPU, DevicePool, cuda_key, model_too_large
 from helexa.neuron.harness.base import ModelGone, PreparedPrompt, TokenStream
+from helexa.neuron.harness.compile_gate import CompileGate
 from helexa.neuron.harness.engine import Engine, Generation
 from helexa.neuron.harness.hf import loader
 from helexa.neuron.harness.hf.batched import (
@@ -48,7 +49,6 @@ from helexa.neuron.workers import WorkerPoisoned, is_device_fault
 log = logging.getLogger("helexa.neuron.harness.transformers")
 
 MB = 1024 * 1024
-COMPILE_THREADS = 2  # schemas compiled at once (threads), the rest wait their turn
 GRAMMARS = "grammars"  # LoadedModel.extra: the task building the model's llguidance Grammars
 
 
@@ -96,7 +96,7 @@ class TransformersHarness(TokenizerPrompts):
         self._wait_timeout_s = wait_timeout_s
         self._models: dict[str, LoadedModel] = {}
         self._loading: dict[str, str] = {}  # model_id -> device key, while a load is running
-        self._compiles = asyncio.Semaphore(COMPILE_THREADS)
+        self._compiles = CompileGate()
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -396,8 +396,7 @@ class TransformersHarness(TokenizerPrompts):
         self, model_id: str, fmt: OutputFormat, prompt: PreparedPrompt
     ) -> object:
         grammars = await self._grammars(self.get(model_id))
-        async with self._compiles:  # a few at a time, so a burst cannot take every thread
-            return await asyncio.to_thread(grammars.compile, fmt)  # a bad schema: its 400
+        return await self._compiles.run(grammars.compile, fmt)  # a bad schema: its 400
 
     def _constraint(
         self, loaded: LoadedModel, prompt: PreparedPrompt, fmt: OutputFormat, prepared: object

@@ -45,8 +45,8 @@ def _forward_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
             message = f"{message[:LOG_LINE_CHARS]}… ({len(message)} characters)"
         if message:
             log.log(python_level, "llama.cpp: %s", message)
-            if python_level >= logging.ERROR:
-                _recent.error = message
+            if python_level >= logging.ERROR:  # the cause comes first, "failed to load" last
+                _recent.errors = [*getattr(_recent, "errors", [])[-3:], message]
 
 
 def init_backend() -> None:
@@ -154,10 +154,10 @@ class Model:
                 params.tensor_split = self._split
             else:
                 params.split_mode = C.LLAMA_SPLIT_MODE_NONE
-        _recent.error = ""
+        _recent.errors = []
         self.ptr = C.llama_model_load_from_file(str(path).encode(), params)
         if not self.ptr:
-            why = getattr(_recent, "error", "") or "see the neuron's log for why"
+            why = "; ".join(_recent.errors) or "see the neuron's log for why"
             raise ValueError(f"llama.cpp could not load {path.name}: {why}")
         self.vocab = Vocab(C.llama_model_get_vocab(self.ptr))
 
@@ -490,6 +490,7 @@ class Grammar:
     searching the rules, which for a 1 000-way enum costs more than parsing afresh."""
 
     def __init__(self, vocab: Vocab, text: str) -> None:
+        self.vocab = vocab  # whose token ids it speaks: only that model may use it
         self.ptr = C.llama_sampler_init_grammar(vocab.ptr, text.encode(), b"root")
         if not self.ptr:
             raise ValueError("llama.cpp could not parse the grammar built from the schema")

@@ -8,6 +8,7 @@ by the model's sequences. Concurrent requests decode together in one batch per s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from helexa.core.wire import (
 from helexa.neuron.config import LlamaCppHarnessSettings
 from helexa.neuron.devices import CPU, DevicePool, model_too_large
 from helexa.neuron.harness.base import ModelGone, PreparedPrompt, TokenStream
+from helexa.neuron.harness.compile_gate import CompileGate
 from helexa.neuron.harness.engine import Engine, Generation
 from helexa.neuron.harness.llamacpp import binding, plan
 from helexa.neuron.harness.llamacpp.backend import LlamaBackend, Runtime
@@ -47,7 +49,6 @@ log = logging.getLogger("helexa.neuron.harness.llamacpp")
 
 MB = 1024 * 1024
 GRAMMAR_CACHE = 32
-COMPILE_THREADS = 2
 
 
 @dataclass
@@ -63,6 +64,7 @@ class LoadedGguf:
     eos_ids: frozenset[int]
     tags: frozenset[str]
     grammars: dict[tuple[OutputFormat, str], str] = field(default_factory=dict)  # GBNF
+    compiling: int = 0  # grammar parses under way: they read the vocabulary unload frees
 
     @property
     def device_key(self) -> str:
@@ -92,7 +94,7 @@ class LlamaCppHarness(TokenizerPrompts):
         self._loading: dict[str, str] = {}
         # Schemas compile in threads, a few at a time: a burst of new schemas must not
         # take every executor thread (or core) from the loads and requests beside them.
-        self._compiles = asyncio.Semaphore(COMPILE_THREADS)
+        self._compiles = CompileGate()
         log.info("llama.cpp CPU kernels", extra={"build": binding.describe_build()})
 
     # -- queries ----------------------------------------------------------------------------
@@ -319,6 +321,8 @@ class LlamaCppHarness(TokenizerPrompts):
         loaded.runtime.loaded = False  # the engine's next step ends its requests
         del self._models[model_id]
         worker = self._pool.worker(loaded.device_key)
+        while loaded.compiling:  # a parse reading this vocabulary: bounded, let it end
+            await asyncio.sleep(0.01)
 
         def release() -> None:
             loaded.engine.close(ModelGone("the model was unloaded during generation"))
@@ -361,12 +365,17 @@ class LlamaCppHarness(TokenizerPrompts):
     ) -> binding.Grammar:
         loaded = self.get(model_id)
         reasoning = self._reasoning_mode(loaded, prompt)
-        async with self._compiles:
-            return await asyncio.to_thread(self._grammar, loaded, fmt, reasoning)
+        loaded.compiling += 1
+        try:
+            return await self._compiles.run(self._grammar, loaded, fmt, reasoning)
+        finally:
+            loaded.compiling -= 1
 
     def _grammar(self, loaded: LoadedGguf, fmt: OutputFormat, reasoning: str) -> binding.Grammar:
         """``fmt`` parsed for one request (the GBNF text is cached per model); a 400 when the
         schema cannot be one. Runs in a compile thread (``prepare_format``)."""
+        if not loaded.runtime.loaded:  # unloaded while this waited its turn
+            raise ModelGone("the model was unloaded while the request waited")
         key = (fmt, reasoning)
         text = loaded.grammars.get(key)
         try:
@@ -379,8 +388,9 @@ class LlamaCppHarness(TokenizerPrompts):
                 code="invalid_schema",
             ) from exc
         if text is None:
-            if len(loaded.grammars) >= GRAMMAR_CACHE:
-                loaded.grammars.pop(next(iter(loaded.grammars)))
+            while len(loaded.grammars) >= GRAMMAR_CACHE:  # two compile threads may both evict
+                with contextlib.suppress(KeyError, StopIteration, RuntimeError):
+                    loaded.grammars.pop(next(iter(loaded.grammars)))
             loaded.grammars[key] = gbnf
         return grammar
 
@@ -402,6 +412,12 @@ class LlamaCppHarness(TokenizerPrompts):
         grammar = None
         if params.response_format is not None:
             grammar = params.prepared_format
+            if (
+                isinstance(grammar, binding.Grammar)
+                and grammar.vocab is not loaded.runtime.model.vocab
+            ):
+                # Parsed for a copy of the model that has since been unloaded and reloaded.
+                raise ModelGone("the model was reloaded while the request waited")
             if not isinstance(grammar, binding.Grammar):  # a caller that skipped prepare_format
                 grammar = self._grammar(
                     loaded, params.response_format, self._reasoning_mode(loaded, prompt)
