@@ -448,3 +448,11 @@ def test_a_draining_neuron_gets_no_new_request_even_as_the_only_replica() -> Non
     with pytest.raises(ApiError) as info:
         asyncio.run(neurons.router.route("m/x"))
     assert info.value.status == 503 and "shutting down: a" in info.value.message
+
+
+def test_a_refused_poll_carries_the_neurons_own_words() -> None:
+    from helexa.cortex.fleet import _said
+
+    body = b'{"error": {"message": "add the name to [http] allowed_hosts", "code": "x"}}'
+    assert _said(body) == ": add the name to [http] allowed_hosts"
+    assert _said(b"<html>") == "" and _said(b'{"error": "flat"}') == ""

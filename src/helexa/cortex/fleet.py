@@ -273,6 +273,15 @@ class NeuronState:
             log.warning("neuron unreachable", extra={"neuron": self.name, "error": str(exc)})
 
 
+def _said(body: bytes) -> str:
+    """The neuron's own words for a refused poll (a 421 names the setting to change)."""
+    try:
+        message = orjson.loads(body)["error"]["message"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return ""
+    return f": {str(message)[:300]}" if message else ""
+
+
 def failure_reason(exc: BaseException) -> str:
     """A failed poll in a few words: the OS's reason for a refused or timed-out connection
     (found down the exception's causes), else the error's own text."""
@@ -376,7 +385,7 @@ class Fleet:
         finally:
             response.close()
         if response.status != 200:
-            raise UpstreamError(f"GET {path} answered {response.status}")
+            raise UpstreamError(f"GET {path} answered {response.status}{_said(body)}")
         return body
 
     async def poll_one(self, state: NeuronState) -> None:
