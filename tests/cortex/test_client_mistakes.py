@@ -49,6 +49,15 @@ def test_a_stream_flag_that_is_not_a_boolean_is_a_400(fleet: Fleet, path: str, s
     assert error["param"] == "stream" and "true or false" in error["message"]
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/messages"])
+def test_a_null_stream_flag_means_no_stream(fleet: Fleet, path: str) -> None:
+    body: dict[str, Any] = {"model": "helexa/tiny-a", "max_tokens": 2, "stream": None}
+    body.update({"prompt": "Hello"} if path == "/v1/completions" else {"messages": MSGS})
+    response = httpx.post(f"{fleet.base}{path}", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/json")
+
+
 def test_anthropic_stream_flag_that_is_not_a_boolean_is_a_400(fleet: Fleet) -> None:
     body = {"model": "helexa/tiny-a", "max_tokens": 2, "messages": MSGS, "stream": "yes"}
     response = httpx.post(f"{fleet.base}/v1/messages", json=body, timeout=60)

@@ -8,10 +8,10 @@ import uuid
 from typing import Any, Literal
 
 import orjson
-from pydantic import Field, StrictBool
+from pydantic import Field
 
 from helexa.core.errors import ApiError, bad_request, scrub_paths
-from helexa.core.wire import MAX_MESSAGES, MAX_STOP, MAX_TOOLS, ClientModelName, Wire
+from helexa.core.wire import MAX_MESSAGES, MAX_STOP, MAX_TOOLS, ClientModelName, StreamFlag, Wire
 
 # --- wire types -------------------------------------------------------------------------------
 
@@ -28,7 +28,7 @@ class MessagesRequest(Wire):
     messages: list[AnthropicMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     system: str | list[dict[str, Any]] | None = None
     stop_sequences: list[str] | None = Field(default=None, max_length=MAX_STOP)
-    stream: StrictBool = False  # "true" or 1 would stream where the caller reads JSON
+    stream: StreamFlag = False
     temperature: float | None = Field(default=None, ge=0, le=1)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)

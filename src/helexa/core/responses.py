@@ -10,11 +10,11 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StrictBool
+from pydantic import Field
 
 from helexa.core.anthropic import Event, render
 from helexa.core.errors import bad_request
-from helexa.core.wire import MAX_MESSAGES, MAX_TOOLS, ClientModelName, Wire
+from helexa.core.wire import MAX_MESSAGES, MAX_TOOLS, ClientModelName, StreamFlag, Wire
 
 __all__ = [
     "KEEPALIVE",
@@ -45,7 +45,7 @@ class ResponsesRequest(Wire):
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    stream: StrictBool = False  # "true" or 1 would stream where the caller reads JSON
+    stream: StreamFlag = False
     reasoning: dict[str, Any] | None = None
     text: dict[str, Any] | None = None
     user: str | None = None

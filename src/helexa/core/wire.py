@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -15,6 +16,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+# "stream": a JSON boolean, or null (false), as OpenAI takes it; "true" or 1 would stream
+# where the caller reads JSON, so they are refused rather than coerced.
+StreamFlag = Annotated[StrictBool, BeforeValidator(lambda value: False if value is None else value)]
 
 
 class Wire(BaseModel):
@@ -285,7 +290,7 @@ class SamplingFields(Wire):
     """Sampling knobs shared by chat and legacy completions (OpenAI names plus common extras)."""
 
     model: ModelName
-    stream: StrictBool = False  # "true" or 1 would stream where the caller reads JSON
+    stream: StreamFlag = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)

@@ -165,7 +165,7 @@ class OpenAIPassthrough(OpenAIErrors):
 
     def translate(self, body: dict[str, Any], model_id: str, scope: Scope) -> NeuronRequest:
         body["model"] = model_id
-        if not isinstance(body.get("stream", False), bool):  # "true" or 1: never guess
+        if body.get("stream") is not None and not isinstance(body["stream"], bool):  # never guess
             raise bad_request("stream must be true or false", param="stream")
         stream = body.get("stream") is True
         keep_usage = False
