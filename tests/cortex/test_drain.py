@@ -249,7 +249,7 @@ def test_streams_waiting_for_a_slot_are_not_silence(tmp_path: Path, fleet_cache:
             body = {
                 "model": MODEL,
                 "messages": MSGS,
-                "max_tokens": 48,
+                "max_tokens": 120,
                 "temperature": 0,
                 "stream": True,
             }
