@@ -167,8 +167,9 @@ class _Walk:
             )
         self.count(max(size - len(pattern), 0), "pattern", where)
 
-    def values(self, values: list[Any], where: str, text_bytes: int) -> None:
-        self.enum_values += len(values)
+    def alternatives(self, count: int, where: str, text_bytes: int = 0) -> None:
+        """``count`` more ways the document may go here; ``text_bytes`` of literal values."""
+        self.enum_values += count
         if self.enum_values > self.limits.enum_values:
             raise _too_big(
                 f"{self.enum_values} alternatives (enum/const values, anyOf/oneOf branches)",
@@ -197,11 +198,11 @@ class _Walk:
             elif keyword == "pattern":
                 self.pattern(value, at)
             elif keyword == "enum" and isinstance(value, list):
-                self.values(value, at, _json_size(value))
+                self.alternatives(len(value), at, _json_size(value))
             elif keyword == "const":
-                self.values([value], at, _json_size(value))
+                self.alternatives(1, at, _json_size(value))
             elif keyword in ("anyOf", "oneOf") and isinstance(value, list):
-                self.values([None] * len(value), at, 0)
+                self.alternatives(len(value), at)
                 self.node(value, at, depth + 1)
             elif keyword in _NAMED_SCHEMAS and isinstance(value, dict):
                 if keyword in ("properties", "patternProperties"):
