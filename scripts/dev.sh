@@ -2,6 +2,8 @@
 # Set up .venv (CPU torch pin first where no torch is installed) and run a task in it.
 #   scripts/dev.sh test   - install with test extras, ruff, then the whole test suite
 #   scripts/dev.sh setup  - install only
+#   scripts/dev.sh clients-latest - the Claude Code / Codex tests against their newest
+#                                   releases (CI runs them against scripts/clients.pin)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -80,20 +82,42 @@ want_rpmbuild() {
   fi
 }
 
-# The Claude Code CLI, from the npm registry into a project-local folder, for the test that
-# drives it against a real cortex; best effort (the test says why it skips without it).
-want_claude_code() {
-  local dir=.cache/claude-code
-  if [ -x "$dir/node_modules/.bin/claude" ]; then return; fi
+# The coding-agent CLIs (Claude Code, Codex) the end-to-end tests drive, from the npm
+# registry into a project-local folder: the versions scripts/clients.pin names, or with
+# "latest" the newest releases. Best effort: without npm the tests say why they skip.
+clients_pinned() { grep -v '^#' scripts/clients.pin | grep -v '^[[:space:]]*$'; }
+want_clients() {
+  local which=${1:-pinned} dir=.cache/clients/${1:-pinned} wanted
   if ! command -v npm >/dev/null 2>&1; then
-    echo "note: no npm; the Claude Code test will be skipped" >&2
+    echo "note: no npm; the Claude Code and Codex tests will be skipped" >&2
     return
   fi
+  if [ "$which" = latest ]; then
+    wanted=$(clients_pinned | sed -E 's/^(@?[^@]+)@.*/\1@latest/')
+  else
+    wanted=$(clients_pinned)
+    # Already there in the pinned versions: nothing to fetch.
+    if "$py" - "$dir" $wanted <<'PY'; then return; fi
+import json, sys
+from pathlib import Path
+root = Path(sys.argv[1]) / "node_modules"
+for spec in sys.argv[2:]:
+    name, _, version = spec.rpartition("@")
+    try:
+        if json.loads((root / name / "package.json").read_text())["version"] != version:
+            sys.exit(1)
+    except (OSError, ValueError, KeyError):
+        sys.exit(1)
+PY
+  fi
   mkdir -p "$dir"
-  npm install --prefix "$dir" --no-fund --no-audit --loglevel=error @anthropic-ai/claude-code \
+  # shellcheck disable=SC2086  # one word per package spec
+  npm install --prefix "$dir" --no-fund --no-audit --loglevel=error $wanted \
     >/dev/null 2>&1 \
-    || echo "note: could not install the Claude Code CLI; its test will be skipped" >&2
+    || echo "note: could not install $wanted; their tests will be skipped" >&2
 }
+
+CLIENT_TESTS="tests/cortex/test_claude_code.py tests/cortex/test_codex.py"
 
 task=${1:-test}
 case "$task" in
@@ -105,13 +129,29 @@ case "$task" in
     want_llama_cpp
     pip_q -e ".[neuron,test]"
     want_rpmbuild
-    want_claude_code
+    want_clients pinned
     "$VENV/bin/ruff" check src tests bench
     shift || true
     HF_HUB_OFFLINE=1 "$py" -m pytest "$@"
     ;;
+  clients-latest)
+    # The newest Claude Code and Codex against the same end-to-end tests as the pins.
+    want_llama_cpp
+    pip_q -e ".[neuron,test]"
+    want_clients latest
+    dir=.cache/clients/latest
+    for spec in $(clients_pinned); do
+      name=${spec%@*}
+      echo "$name: pinned ${spec##*@}, latest" \
+        "$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["version"])' \
+          "$dir/node_modules/$name/package.json" 2>/dev/null || echo "not installed")"
+    done
+    shift || true
+    # shellcheck disable=SC2086
+    HELEXA_CLIENTS="$PWD/$dir" HF_HUB_OFFLINE=1 "$py" -m pytest -rs $CLIENT_TESTS "$@"
+    ;;
   *)
-    echo "usage: scripts/dev.sh [setup|test] [pytest args]" >&2
+    echo "usage: scripts/dev.sh [setup|test|clients-latest] [pytest args]" >&2
     exit 2
     ;;
 esac

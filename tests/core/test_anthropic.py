@@ -380,3 +380,23 @@ def test_context_overflow_is_worded_as_anthropic_does() -> None:
         "type": "invalid_request_error",
         "message": "prompt is too long: 9000 tokens > 4096 maximum",
     }
+
+
+def test_server_tools_left_out_or_refused() -> None:
+    tools = [
+        {"name": "Read", "input_schema": {"type": "object"}},
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 8},
+        {"type": "custom", "name": "Write", "input_schema": {"type": "object"}},
+        {"type": "text_editor_20250728", "name": "str_replace_based_edit_tool"},
+    ]
+    kept = tr.tool_set(tools, "omit")
+    assert [t["function"]["name"] for t in kept.tools] == ["Read", "Write"]
+    assert kept.omitted == ("web_search_20250305", "text_editor_20250728")
+    body = tr.to_openai(request(tools=tools), "m", kept)
+    assert [t["function"]["name"] for t in body["tools"]] == ["Read", "Write"]
+    with pytest.raises(ApiError) as info:
+        tr.tool_set(tools, "reject")
+    assert info.value.param == "tools[1].type" and "'web_search'" in info.value.message
+    with pytest.raises(ApiError) as info:
+        tr.tool_set([{"type": "web_search_20250305"}], "omit")  # a name, always
+    assert info.value.param == "tools[0].name"

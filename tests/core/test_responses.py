@@ -17,6 +17,7 @@ from pydantic import TypeAdapter
 
 from helexa.core import responses as tr
 from helexa.core.errors import ApiError
+from helexa.core.tool_set import header_value
 
 STREAM_EVENT: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 
@@ -225,6 +226,142 @@ def test_tools_are_flat_function_tools() -> None:
             },
         },
     ]
+
+
+CODEX_TOOLS = [
+    {"type": "function", "name": "exec_command", "parameters": {"type": "object"}},
+    {
+        "type": "namespace",
+        "name": "multi_agent_v1",
+        "description": "Tools for spawning and managing sub-agents.",
+        "tools": [
+            {"type": "function", "name": "spawn_agent", "parameters": {"type": "object"}},
+            {"type": "function", "name": "exec_command", "description": "clashes"},
+            {"type": "custom", "name": "freeform"},
+        ],
+    },
+    {"type": "web_search", "external_web_access": False},
+    {"type": "image_generation"},
+]
+
+
+def test_namespace_tools_reach_the_model_as_functions() -> None:
+    tools = tr.tool_set(CODEX_TOOLS, "omit")
+    seen = [t["function"]["name"] for t in tools.tools]
+    # A namespaced tool keeps its own name unless another tool has it already.
+    assert seen == ["exec_command", "spawn_agent", "multi_agent_v1__exec_command"]
+    assert all(t["type"] == "function" for t in tools.tools)
+    assert tools.omitted == ("multi_agent_v1.freeform", "web_search", "image_generation")
+    assert tools.call_fields("spawn_agent") == {
+        "name": "spawn_agent",
+        "namespace": "multi_agent_v1",
+    }
+    assert tools.call_fields("multi_agent_v1__exec_command") == {
+        "name": "exec_command",
+        "namespace": "multi_agent_v1",
+    }
+    assert tools.call_fields("exec_command") == {"name": "exec_command"}
+    assert tools.call_fields("made_up") == {"name": "made_up"}
+    assert tools.visible("exec_command", "multi_agent_v1") == "multi_agent_v1__exec_command"
+    assert tools.visible("exec_command", None) == "exec_command"
+    assert tools.visible("spawn_agent", "elsewhere") == "spawn_agent"
+    body = tr.to_openai(
+        request(
+            tools=CODEX_TOOLS,
+            tool_choice={"type": "function", "name": "exec_command", "namespace": "multi_agent_v1"},
+            input=[
+                {"role": "user", "content": "go"},
+                {
+                    "type": "function_call",
+                    "call_id": "c1",
+                    "name": "exec_command",
+                    "namespace": "multi_agent_v1",
+                    "arguments": "{}",
+                },
+                {"type": "function_call_output", "call_id": "c1", "output": "done"},
+            ],
+        ),
+        "m",
+        tools,
+    )
+    assert body["tools"] == tools.tools
+    assert body["tool_choice"]["function"]["name"] == "multi_agent_v1__exec_command"
+    [replayed] = body["messages"][1]["tool_calls"]
+    assert replayed["function"]["name"] == "multi_agent_v1__exec_command"
+
+
+def test_hosted_tools_refused_by_name_when_asked() -> None:
+    with pytest.raises(ApiError) as info:
+        tr.tool_set(CODEX_TOOLS, "reject")
+    assert info.value.param == "tools[1].tools[2].type" and "'custom'" in info.value.message
+    with pytest.raises(ApiError) as info:
+        tr.tool_set([{"type": "web_search"}], "reject")
+    assert info.value.param == "tools[0].type" and "'web_search'" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("tools", "param"),
+    [
+        ([{"type": "namespace", "tools": []}], "tools[0].name"),
+        ([{"type": "namespace", "name": "n", "tools": "x"}], "tools[0].tools"),
+        (
+            [{"type": "namespace", "name": "n", "tools": [{"type": "function"}]}],
+            "tools[0].tools[0].name",
+        ),
+        (
+            [{"type": "namespace", "name": f"n{i}", "tools": [TOOLS[0]] * 300} for i in range(2)],
+            "tools",
+        ),
+    ],
+)
+def test_bad_namespaces(tools: list[dict[str, Any]], param: str) -> None:
+    with pytest.raises(ApiError) as info:
+        tr.tool_set(tools, "omit")
+    assert info.value.status == 400 and info.value.param == param
+
+
+def test_omitted_labels_are_safe_to_log_and_send() -> None:
+    weird = [{"type": "x\r\nSet-Cookie: a=b"}, {"type": "é" * 100}, {"type": None}, {}]
+    omitted = tr.tool_set(weird, "omit").omitted
+    assert omitted[0] == "x??Set-Cookie:?a?b"  # no CR, LF, space or "=" gets through
+    assert omitted[1] == "?" * 64 and omitted[2:] == ("unnamed", "unnamed")
+    assert header_value(omitted).decode("ascii").count(",") == 2  # "unnamed" once
+
+
+def test_namespaced_calls_come_back_with_their_namespace() -> None:
+    tools = tr.tool_set(CODEX_TOOLS, "omit")
+    message = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "c1",
+                "type": "function",
+                "function": {"name": "spawn_agent", "arguments": "{}"},
+            },
+            {
+                "id": "c2",
+                "type": "function",
+                "function": {"name": "exec_command", "arguments": "{}"},
+            },
+        ],
+    }
+    resp = {"choices": [{"message": message, "finish_reason": "tool_calls"}], "usage": {}}
+    out = tr.from_openai(resp, "m", request(tools=CODEX_TOOLS), tools)["output"]
+    assert [(o["name"], o.get("namespace")) for o in out] == [
+        ("spawn_agent", "multi_agent_v1"),
+        ("exec_command", None),
+    ]
+    translator = tr.StreamTranslator("m", request(tools=CODEX_TOOLS, stream=True), tools)
+    events: list[tr.Event] = []
+    for chunk in chunks(call_delta(0, "{}", "multi_agent_v1__exec_command", "c3")):
+        events += translator.feed(chunk)
+    events += translator.finish()
+    state, _ = accumulate(events)
+    assert state._completed_response is not None
+    [call] = state._completed_response.output
+    assert call.type == "function_call"
+    assert (call.name, call.namespace) == ("exec_command", "multi_agent_v1")
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
-"""The real Claude Code CLI (installed from the npm registry by scripts/dev.sh) against a
-real cortex: a scripted stand-in neuron answers with valid calls for the tools Claude Code
-actually sends, and a real neuron serves the `cortex up --tiny` demo model. Nothing is set
-on the client but ANTHROPIC_BASE_URL and an API key."""
+"""The real Claude Code CLI (the version scripts/clients.pin names, installed from the npm
+registry by scripts/dev.sh; HELEXA_CLIENTS for another install) against a real cortex: a
+scripted stand-in neuron answers with valid calls for the tools Claude Code actually
+sends, and a real neuron serves the `cortex up --tiny` demo model. Nothing is set on the
+client but ANTHROPIC_BASE_URL and an API key."""
 
 from __future__ import annotations
 
@@ -18,24 +19,16 @@ import pytest
 from helexa.core.tiny_model import DEMO_SHAPE, write_tiny_model_to_hf_cache
 from helexa.cortex.up import CONTEXT_TOKENS
 from tests.cortex.conftest import Fleet
+from tests.support.clients import client
 from tests.support.fleet import start_cortex
 from tests.support.procs import start_neuron
 
-REPO = Path(__file__).resolve().parents[2]
-CLAUDE = REPO / ".cache" / "claude-code" / "node_modules" / ".bin" / "claude"
 DEMO_REPO = "helexa/tiny-demo"
 
 
 @pytest.fixture(scope="session")
 def claude() -> Path:
-    if not CLAUDE.exists():
-        reason = (
-            f"the Claude Code CLI is not installed at {CLAUDE} "
-            "(scripts/dev.sh test installs it where npm exists)"
-        )
-        print(f"SKIP: {reason}")
-        pytest.skip(reason)
-    return CLAUDE
+    return client("claude")
 
 
 def run_claude(

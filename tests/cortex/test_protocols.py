@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from tests.cortex.conftest import Fleet
+from tests.support.fleet import start_cortex
 
 
 def claude(fleet: Fleet) -> anthropic.Anthropic:
@@ -130,16 +131,28 @@ def test_image_in_a_tool_result_is_refused_by_name_not_dropped(fleet: Fleet) -> 
         )
 
 
-def test_server_tools_are_refused_by_name(fleet: Fleet) -> None:
-    with pytest.raises(anthropic.BadRequestError, match="web_search_20250305") as info:
-        claude(fleet).messages.create(
-            model="helexa/tiny-a",
-            max_tokens=4,
-            messages=[{"role": "user", "content": "search"}],
-            tools=[{"type": "web_search_20250305", "name": "web_search", "max_uses": 8}],  # type: ignore[list-item]
-            tool_choice={"type": "tool", "name": "web_search"},
-        )
-    assert "'web_search'" in str(info.value)
+def test_server_tools_are_left_out_and_named(fleet: Fleet) -> None:
+    """Claude Code's WebSearch sends Anthropic's server tool: no model here can run it, so
+    the model answers without it and the client hears what was left out."""
+    raw = claude(fleet).messages.with_raw_response.create(
+        model="helexa/tiny-a",
+        max_tokens=4,
+        messages=[{"role": "user", "content": "search"}],
+        tools=[
+            {"type": "web_search_20250305", "name": "web_search", "max_uses": 8},  # type: ignore[list-item]
+            {"type": "bash_20250124", "name": "bash"},  # type: ignore[list-item]
+        ],
+    )
+    assert raw.headers["x-helexa-omitted-tools"] == "web_search_20250305, bash_20250124"
+    assert raw.parse().stop_reason in {"end_turn", "max_tokens"}
+    counted = claude(fleet).messages.with_raw_response.count_tokens(
+        model="helexa/tiny-a",
+        messages=[{"role": "user", "content": "search"}],
+        tools=[{"type": "web_search_20250305", "name": "web_search"}],  # type: ignore[list-item]
+    )
+    assert counted.headers["x-helexa-omitted-tools"] == "web_search_20250305"
+    lines = [line for line in fleet.cortex.log().splitlines() if "path=/v1/messages " in line]
+    assert "omitted_tools=web_search_20250305,bash_20250124" in lines[-1]
 
 
 # --- names: fallbacks, 404 first, model lookups ----------------------------------------------
@@ -242,12 +255,96 @@ def test_responses_refuses_what_it_cannot_do(scripted: Fleet) -> None:
         gpt(scripted).responses.create(
             model="helexa/default", input="hi", previous_response_id="resp_123"
         )
-    with pytest.raises(openai.BadRequestError, match="web_search"):
-        gpt(scripted).responses.create(
-            model="helexa/default",
+
+
+def test_responses_hosted_tools_left_out_and_namespaces_flattened(scripted: Fleet) -> None:
+    """Codex's shape: a namespace group of function tools and a hosted web_search. The
+    model sees function tools; its call comes back with the namespace the client gave."""
+    weather = {
+        "type": "function",
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    }
+    tools = [
+        {"type": "namespace", "name": "meteo", "description": "Weather.", "tools": [weather]},
+        {"type": "web_search", "external_web_access": False},
+        {"type": "code_interpreter", "container": {"type": "auto"}},
+    ]
+    raw = gpt(scripted).responses.with_raw_response.create(
+        model="helexa/default",
+        input="Weather in Paris?",
+        tools=tools,  # type: ignore[arg-type]
+    )
+    assert raw.headers["x-helexa-omitted-tools"] == "web_search, code_interpreter"
+    [call] = [item for item in raw.parse().output if item.type == "function_call"]
+    assert call.name == "get_weather" and call.namespace == "meteo"
+    sent = httpx.get(f"{scripted.neurons['scripted'][1]}/_received", timeout=5).json()[-1]
+    assert [t["function"]["name"] for t in sent["tools"]] == ["get_weather"]
+    # Streamed, the same; and the call replayed with its namespace reaches the model.
+    with gpt(scripted).responses.stream(
+        model="helexa/default",
+        input="Weather in Paris?",
+        tools=tools,  # type: ignore[arg-type]
+    ) as stream:
+        final = stream.get_final_response()
+    [call] = [item for item in final.output if item.type == "function_call"]
+    assert call.namespace == "meteo"
+    answer = gpt(scripted).responses.create(
+        model="helexa/default",
+        input=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "type": "function_call",
+                "call_id": call.call_id,
+                "name": "get_weather",
+                "namespace": "meteo",
+                "arguments": call.arguments,
+            },
+            {"type": "function_call_output", "call_id": call.call_id, "output": "21C"},
+        ],
+        tools=tools,  # type: ignore[arg-type]
+    )
+    assert answer.output_text == "It is 21C in Paris."
+
+
+def test_hosted_tools_reject_restores_the_400(
+    scripted: Fleet, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """``[compat] hosted_tools = "reject"``: a request naming a hosted tool is a 400 that
+    names it, on both protocols."""
+    url = scripted.neurons["scripted"][1]
+    models = '[[models]]\nid = "scripted/qwen"\nvram_mb = 1\nmin_devices = 0\n'
+    cortex, base, _metrics = start_cortex(
+        tmp_path_factory.mktemp("reject"),
+        {"scripted": url},
+        models,
+        extra='[compat]\nhosted_tools = "reject"\n',
+    )
+    try:
+        strict = Fleet(cortex, base, "", scripted.neurons)
+        with pytest.raises(openai.BadRequestError, match="web_search") as info:
+            gpt(strict).responses.create(
+                model="scripted/qwen",
+                input="hi",
+                tools=[{"type": "web_search"}],  # type: ignore[list-item]
+            )
+        assert info.value.body["param"] == "tools[0].type"  # type: ignore[index]
+        with pytest.raises(anthropic.BadRequestError, match="web_search_20250305"):
+            claude(strict).messages.create(
+                model="scripted/qwen",
+                max_tokens=4,
+                messages=[{"role": "user", "content": "search"}],
+                tools=[{"type": "web_search_20250305", "name": "web_search"}],  # type: ignore[list-item]
+            )
+        # Namespaces of function tools are not hosted tools: still served.
+        answer = gpt(strict).responses.create(
+            model="scripted/qwen",
             input="hi",
-            tools=[{"type": "web_search"}],  # type: ignore[list-item]
+            tools=[{"type": "namespace", "name": "n", "description": "", "tools": []}],  # type: ignore[list-item]
         )
+        assert answer.output_text == "No tools, plain answer."
+    finally:
+        cortex.stop()
 
 
 # --- operability -----------------------------------------------------------------------------

@@ -200,9 +200,50 @@ def acp_script(body: dict[str, Any]) -> list[dict[str, Any]] | None:
     ]
 
 
+CODEX_DIRECTIVE = re.compile(r"CODEX:(\w+)[ \t]*([^\n]*)")
+
+
+def codex_script(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The Codex CLI's tools (it always offers exec_command), on the cue in its prompt:
+
+        CODEX:exec COMMAND     exec_command {"cmd": COMMAND}
+        CODEX:ns TOOL JSON     a call to TOOL (one of a namespace group's tools) with JSON
+        anything else          a plain answer echoing the prompt
+
+    Once a tool's output is back the answer is "Codex saw: " and the first 300
+    characters of each output. None when the request is not Codex's."""
+    names = {t["function"]["name"] for t in body.get("tools") or []}
+    if "exec_command" not in names:
+        return None
+    recent = _since_assistant(body["messages"])
+    results = [m for m in recent if m["role"] == "tool"]
+    if results:
+        said = " | ".join(_text(m["content"])[:300] for m in results)
+        return [{"content": "Codex saw: "}, {"content": said}, {"finish_reason": "stop"}]
+    users = [m for m in body["messages"] if m["role"] == "user"]
+    prompt = _text(users[-1]["content"]) if users else ""
+    cue = CODEX_DIRECTIVE.search(prompt)
+    if cue is None:
+        return [{"content": "ok: "}, {"content": prompt[:100]}, {"finish_reason": "stop"}]
+    verb, rest = cue.group(1), cue.group(2).strip()
+    if verb == "exec":
+        call = ("exec_command", {"cmd": rest})
+    else:  # ns
+        tool, _, arguments = rest.partition(" ")
+        call = (tool, json.loads(arguments or "{}"))
+    return [
+        {"content": f"Running {call[0]}."},
+        _call(0, f"call_{verb}_{len(body['messages'])}", call[0], call[1]),
+        {"finish_reason": "tool_calls"},
+    ]
+
+
 def script_for(body: dict[str, Any]) -> list[dict[str, Any]]:
     """Deltas for one answer: a tool-call turn, or the answer after a tool result."""
     scripted = claude_code_script(body)
+    if scripted is not None:
+        return scripted
+    scripted = codex_script(body)
     if scripted is not None:
         return scripted
     scripted = acp_script(body)

@@ -11,6 +11,7 @@ import orjson
 from pydantic import Field
 
 from helexa.core.errors import ApiError, bad_request, scrub_paths
+from helexa.core.tool_set import HostedTools, ToolSet, leave_out
 from helexa.core.wire import MAX_MESSAGES, MAX_STOP, MAX_TOOLS, ClientModelName, StreamFlag, Wire
 
 # --- wire types -------------------------------------------------------------------------------
@@ -233,20 +234,7 @@ def _convert_message(index: int, message: AnthropicMessage) -> list[dict[str, An
     return results
 
 
-def _tool(tool: dict[str, Any], index: int) -> dict[str, Any]:
-    where = f"tools[{index}]"
-    if not isinstance(tool, dict) or not tool.get("name"):
-        raise bad_request(f"{where}: a tool needs a name", param=f"{where}.name")
-    kind = tool.get("type")
-    if kind not in (None, "custom"):
-        # Server tools (web_search_*, code_execution_*, …) run on Anthropic's side and
-        # Anthropic-defined client tools have no schema here: neither exists on this fleet.
-        raise bad_request(
-            f"{where}: tool {tool['name']!r} is of type {kind!r}, a server or Anthropic-defined "
-            "tool that this gateway does not provide; only custom tools with an input_schema "
-            "are supported",
-            param=f"{where}.type",
-        )
+def _tool(tool: dict[str, Any]) -> dict[str, Any]:
     return {
         "type": "function",
         "function": {
@@ -255,6 +243,30 @@ def _tool(tool: dict[str, Any], index: int) -> dict[str, Any]:
             "parameters": tool.get("input_schema") or {"type": "object", "properties": {}},
         },
     }
+
+
+def tool_set(tools: list[dict[str, Any]] | None, hosted: HostedTools = "reject") -> ToolSet:
+    """Custom tools as chat function tools. Server tools (web_search_*, code_execution_*,
+    …) run on Anthropic's side and Anthropic-defined client tools (bash_*, text_editor_*,
+    …) have no schema here: neither exists on this fleet, so they are left out
+    (``hosted="omit"``) or refused with a 400 naming them."""
+    chat: list[dict[str, Any]] = []
+    omitted: list[str] = []
+    for index, tool in enumerate(tools or []):
+        where = f"tools[{index}]"
+        if not isinstance(tool, dict) or not tool.get("name"):
+            raise bad_request(f"{where}: a tool needs a name", param=f"{where}.name")
+        kind = tool.get("type")
+        if kind in (None, "custom"):
+            chat.append(_tool(tool))
+            continue
+        why = (
+            f"tool {tool['name']!r} is of type {kind!r}, a server or Anthropic-defined tool "
+            "that this gateway does not provide; only custom tools with an input_schema are "
+            "supported"
+        )
+        omitted.append(leave_out(hosted, kind, f"{where}.type", why))
+    return ToolSet(chat, tuple(omitted))
 
 
 def _tool_choice(choice: dict[str, Any]) -> Any:
@@ -329,7 +341,12 @@ def response_format(output_config: dict[str, Any] | None) -> dict[str, Any] | No
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
 
 
-def to_openai(req: MessagesRequest, model_id: str) -> dict[str, Any]:
+def to_openai(
+    req: MessagesRequest, model_id: str, tools: ToolSet | None = None
+) -> dict[str, Any]:
+    """The chat request for ``req``; ``tools`` is its ``tool_set`` (by default a server
+    tool is refused)."""
+    tools = tool_set(req.tools) if tools is None else tools
     body: dict[str, Any] = {
         "model": model_id,
         "messages": _messages(req),
@@ -346,8 +363,8 @@ def to_openai(req: MessagesRequest, model_id: str) -> dict[str, Any]:
             body[key] = value
     if req.stop_sequences:
         body["stop"] = req.stop_sequences
-    if req.tools:
-        body["tools"] = [_tool(t, i) for i, t in enumerate(req.tools)]
+    if tools.tools:
+        body["tools"] = tools.tools
     if req.tool_choice:
         body["tool_choice"] = _tool_choice(req.tool_choice)
     fmt = response_format(req.output_config)
@@ -358,14 +375,17 @@ def to_openai(req: MessagesRequest, model_id: str) -> dict[str, Any]:
     return body
 
 
-def to_tokenize(req: CountTokensRequest, model_id: str) -> dict[str, Any]:
+def to_tokenize(
+    req: CountTokensRequest, model_id: str, tools: ToolSet | None = None
+) -> dict[str, Any]:
+    tools = tool_set(req.tools) if tools is None else tools
     body: dict[str, Any] = {
         "model": model_id,
         "messages": _messages(req),
         "chat_template_kwargs": {"enable_thinking": thinking_enabled(req.thinking)},
     }
-    if req.tools:
-        body["tools"] = [_tool(t, i) for i, t in enumerate(req.tools)]
+    if tools.tools:
+        body["tools"] = tools.tools
     return body
 
 

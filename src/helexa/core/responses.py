@@ -14,6 +14,7 @@ from pydantic import Field
 
 from helexa.core.anthropic import Event, render
 from helexa.core.errors import bad_request
+from helexa.core.tool_set import HostedTools, ToolSet, leave_out
 from helexa.core.wire import MAX_MESSAGES, MAX_TOOLS, ClientModelName, StreamFlag, Wire
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "Event",
     "ResponsesRequest",
     "StreamTranslator",
+    "ToolSet",
     "error_code",
     "from_openai",
     "reasoning_enabled",
@@ -28,6 +30,7 @@ __all__ = [
     "response_format",
     "response_id",
     "to_openai",
+    "tool_set",
 ]
 
 # --- wire types -------------------------------------------------------------------------------
@@ -151,16 +154,18 @@ class _AssistantTurn:
         return out
 
 
-def _call(item: dict[str, Any], where: str) -> dict[str, Any]:
+def _call(item: dict[str, Any], where: str, tools: ToolSet) -> dict[str, Any]:
     if not item.get("call_id") or not item.get("name"):
         raise bad_request(f"{where}: a function_call needs call_id and name", param=where)
+    namespace = item.get("namespace")
+    name = tools.visible(str(item["name"]), namespace if isinstance(namespace, str) else None)
     arguments = item.get("arguments", "")
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments, ensure_ascii=False)
     return {
         "id": item["call_id"],
         "type": "function",
-        "function": {"name": item["name"], "arguments": arguments},
+        "function": {"name": name, "arguments": arguments},
     }
 
 
@@ -176,7 +181,7 @@ def _call_output(item: dict[str, Any], where: str) -> dict[str, Any]:
     }
 
 
-def _input_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _input_messages(items: list[dict[str, Any]], tools: ToolSet) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     turn: _AssistantTurn | None = None
 
@@ -209,7 +214,7 @@ def _input_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
             turn.text = text if isinstance(text, str) else ""
         elif kind == "function_call":
             turn = turn or _AssistantTurn()
-            turn.calls.append(_call(item, where))
+            turn.calls.append(_call(item, where, tools))
         elif kind == "function_call_output":
             flush()
             out.append(_call_output(item, where))
@@ -234,7 +239,7 @@ def _input_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _messages(req: ResponsesRequest) -> list[dict[str, Any]]:
+def _messages(req: ResponsesRequest, tools: ToolSet) -> list[dict[str, Any]]:
     if req.input is None or req.input == [] or req.input == "":
         raise bad_request("input is required", param="input")
     out: list[dict[str, Any]] = []
@@ -243,21 +248,17 @@ def _messages(req: ResponsesRequest) -> list[dict[str, Any]]:
     if isinstance(req.input, str):
         out.append({"role": "user", "content": req.input})
     else:
-        out += _input_messages(req.input)
+        out += _input_messages(req.input, tools)
     return out
 
 
-def _tool(tool: dict[str, Any], index: int) -> dict[str, Any]:
-    where = f"tools[{index}]"
-    kind = tool.get("type")
-    if kind != "function":
-        # Built-in tools (web_search, file_search, computer_use, mcp, …) run on OpenAI's
-        # side; nothing on this fleet provides them.
-        raise bad_request(
-            f"{where}: tool type {kind!r} is not supported; cortex serves only function tools",
-            param=f"{where}.type",
-        )
-    if not tool.get("name"):
+# Tool types that OpenAI runs itself (or that only OpenAI's models know how to call):
+# nothing on this fleet provides them. Any type but function and namespace is one.
+FUNCTION_ONLY = "cortex serves only function tools (alone or in a namespace)"
+
+
+def _function(tool: dict[str, Any], where: str) -> dict[str, Any]:
+    if not tool.get("name") or not isinstance(tool["name"], str):
         hint = (
             " (Responses function tools are flat: no nested 'function')"
             if "function" in tool
@@ -271,14 +272,84 @@ def _tool(tool: dict[str, Any], index: int) -> dict[str, Any]:
     }
     if tool.get("strict") is not None:
         function["strict"] = tool["strict"]
-    return {"type": "function", "function": function}
+    return function
 
 
-def _tool_choice(choice: str | dict[str, Any]) -> Any:
+def _visible_name(space: str, name: str, taken: set[str]) -> str:
+    """A namespaced tool keeps its own name (the one the client's instructions use) unless
+    another tool has it; then ``namespace__name``."""
+    return name if name not in taken else f"{space}__{name}"
+
+
+def tool_set(tools: list[dict[str, Any]] | None, hosted: HostedTools = "reject") -> ToolSet:
+    """Function tools, and the function tools inside ``namespace`` groups, as chat tools;
+    every other tool left out (``hosted="omit"``) or refused with a 400 naming it."""
+    functions: list[tuple[str | None, dict[str, Any]]] = []
+    omitted: list[str] = []
+    for index, tool in enumerate(tools or []):
+        where = f"tools[{index}]"
+        kind = tool.get("type")
+        if kind == "function":
+            functions.append((None, _function(tool, where)))
+        elif kind == "namespace":
+            space = tool.get("name")
+            if not space or not isinstance(space, str):
+                raise bad_request(f"{where}: a namespace needs a name", param=f"{where}.name")
+            inner = tool.get("tools")
+            if not isinstance(inner, list):
+                raise bad_request(
+                    f"{where}: a namespace needs a list of tools", param=f"{where}.tools"
+                )
+            for position, member in enumerate(inner):
+                spot = f"{where}.tools[{position}]"
+                if not isinstance(member, dict) or member.get("type") != "function":
+                    kind = member.get("type") if isinstance(member, dict) else None
+                    omitted.append(
+                        leave_out(
+                            hosted,
+                            f"{space}.{member.get('name') if isinstance(member, dict) else ''}",
+                            f"{spot}.type",
+                            f"tool type {kind!r} is not supported; {FUNCTION_ONLY}",
+                        )
+                    )
+                    continue
+                functions.append((space, _function(member, spot)))
+        else:
+            # Built-in tools (web_search, file_search, computer_use, mcp, …) run on OpenAI's
+            # side; nothing on this fleet provides them.
+            omitted.append(
+                leave_out(
+                    hosted,
+                    kind,
+                    f"{where}.type",
+                    f"tool type {kind!r} is not supported; {FUNCTION_ONLY}",
+                )
+            )
+    if len(functions) > MAX_TOOLS:
+        raise bad_request(
+            f"too many tools: {len(functions)} function tools (namespaces included) > "
+            f"{MAX_TOOLS}",
+            param="tools",
+        )
+    taken = {function["name"] for space, function in functions if space is None}
+    origin: dict[str, tuple[str, str]] = {}
+    chat: list[dict[str, Any]] = []
+    for space, function in functions:
+        if space is not None:
+            bare = function["name"]
+            function = {**function, "name": _visible_name(space, bare, taken)}
+            taken.add(function["name"])
+            origin[function["name"]] = (space, bare)
+        chat.append({"type": "function", "function": function})
+    return ToolSet(chat, tuple(omitted), origin)
+
+
+def _tool_choice(choice: str | dict[str, Any], tools: ToolSet) -> Any:
     if choice in ("auto", "none", "required"):
         return choice
     if isinstance(choice, dict) and choice.get("type") == "function" and choice.get("name"):
-        return {"type": "function", "function": {"name": choice["name"]}}
+        name = tools.visible(str(choice["name"]), choice.get("namespace"))
+        return {"type": "function", "function": {"name": name}}
     raise bad_request(
         f"unsupported tool_choice {choice!r}: use auto, none, required or "
         "{'type': 'function', 'name': ...}",
@@ -337,11 +408,16 @@ def response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": schema}
 
 
-def to_openai(req: ResponsesRequest, model_id: str) -> dict[str, Any]:
+def to_openai(
+    req: ResponsesRequest, model_id: str, tools: ToolSet | None = None
+) -> dict[str, Any]:
+    """The chat request for ``req``; ``tools`` is its ``tool_set`` (by default every tool
+    but a function is refused)."""
     _refuse_state(req)
+    tools = tool_set(req.tools) if tools is None else tools
     body: dict[str, Any] = {
         "model": model_id,
-        "messages": _messages(req),
+        "messages": _messages(req, tools),
         "chat_template_kwargs": {"enable_thinking": reasoning_enabled(req.reasoning)},
     }
     if req.stream:
@@ -353,10 +429,10 @@ def to_openai(req: ResponsesRequest, model_id: str) -> dict[str, Any]:
         value = getattr(req, key)
         if value is not None:
             body[key] = value
-    if req.tools:
-        body["tools"] = [_tool(t, i) for i, t in enumerate(req.tools)]
+    if tools.tools:
+        body["tools"] = tools.tools
     if req.tool_choice is not None:
-        body["tool_choice"] = _tool_choice(req.tool_choice)
+        body["tool_choice"] = _tool_choice(req.tool_choice, tools)
     fmt = response_format(req.text)
     if fmt is not None:
         body["response_format"] = fmt
@@ -467,8 +543,12 @@ def _settle(item: dict[str, Any], text: str, status: str) -> dict[str, Any]:
 
 
 def from_openai(
-    resp: dict[str, Any], requested_model: str, request: ResponsesRequest | None = None
+    resp: dict[str, Any],
+    requested_model: str,
+    request: ResponsesRequest | None = None,
+    tools: ToolSet | None = None,
 ) -> dict[str, Any]:
+    tools = tools or ToolSet()
     choice = resp["choices"][0]
     message = choice.get("message") or {}
     output: list[dict[str, Any]] = []
@@ -479,7 +559,7 @@ def from_openai(
     for call in message.get("tool_calls") or []:
         function = call.get("function") or {}
         item = _item("function_call", call_id=call.get("id") or _id("call"))
-        item["name"] = function.get("name") or ""
+        item.update(tools.call_fields(function.get("name") or ""))
         output.append(_settle(item, function.get("arguments") or "", "completed"))
     status: Status = "incomplete" if choice.get("finish_reason") == "length" else "completed"
     if status == "incomplete" and output:
@@ -519,8 +599,14 @@ class StreamTranslator:
     ``sequence_number`` that rises by one from 0.
     """
 
-    def __init__(self, requested_model: str, request: ResponsesRequest | None = None) -> None:
+    def __init__(
+        self,
+        requested_model: str,
+        request: ResponsesRequest | None = None,
+        tools: ToolSet | None = None,
+    ) -> None:
         self.model = requested_model
+        self._tools = tools or ToolSet()
         self.id = response_id()
         self.created_at = int(time.time())
         self._echo = _echo(request, requested_model)
@@ -660,7 +746,8 @@ class StreamTranslator:
                 index = call.get("index", 0)
                 if self._kind() != "function_call" or index != self._tool_index:
                     item = _item("function_call", call_id=call.get("id") or _id("call"))
-                    item.update(name=function.get("name") or "", status="in_progress")
+                    item.update(self._tools.call_fields(function.get("name") or ""))
+                    item["status"] = "in_progress"
                     self._begin(out, item)
                     self._tool_index = index
                 if function.get("arguments"):

@@ -41,6 +41,7 @@ class RequestRecord:
     status: int = 0
     key: str | None = None  # the name of the API key (never the key) that was sent
     models: frozenset[str] | None = None  # that key's model allowlist; None: every model
+    omitted_tools: tuple[str, ...] = ()  # tools left out of what the model saw (tool_set)
 
 
 def outcome(status: int, error: str | None) -> str:
@@ -153,5 +154,6 @@ class AccessLog:
                 "prompt_tokens": usage.get("prompt_tokens"),
                 "completion_tokens": usage.get("completion_tokens"),
                 "error": record.error,
+                "omitted_tools": ",".join(record.omitted_tools) or None,
             },
         )

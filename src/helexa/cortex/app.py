@@ -229,12 +229,13 @@ def build_app(gateway: Gateway) -> ASGIApp:
             await gateway.fleet.stop()
 
     dispatcher = Dispatcher(gateway.router, gateway.fleet, gateway.metrics)
+    hosted = settings.compat.hosted_tools
     protocols: dict[str, ClientProtocol] = {
         "/v1/chat/completions": OpenAIPassthrough("/v1/chat/completions"),
         "/v1/completions": OpenAIPassthrough("/v1/completions"),
-        "/v1/messages": AnthropicMessages(),
-        "/v1/messages/count_tokens": AnthropicCountTokens(),
-        "/v1/responses": OpenAIResponses(),
+        "/v1/messages": AnthropicMessages(hosted),
+        "/v1/messages/count_tokens": AnthropicCountTokens(hosted),
+        "/v1/responses": OpenAIResponses(hosted),
     }
     hot: dict[str, ASGIApp] = {
         path: Endpoint(protocol, dispatcher, gateway.drain) for path, protocol in protocols.items()

@@ -15,6 +15,7 @@ from helexa.core.browser import HttpSettings
 from helexa.core.catalogue import Catalogue, load_catalogue
 from helexa.core.serving import LimitsSettings
 from helexa.core.settings import ConfigError, load_settings, require_unique
+from helexa.core.tool_set import HostedTools
 from helexa.cortex.keys import keys_path, read_keys
 
 DEFAULT_CONFIG_PATH = Path("/etc/cortex/cortex.toml")
@@ -95,6 +96,13 @@ class AuthSettings(BaseModel):
         return clean_secret(value)
 
 
+class CompatSettings(BaseModel):
+    # Tools no model here can call (OpenAI's web_search/file_search/…, Anthropic's server
+    # tools): "omit" leaves them out of what the model sees and names them in the
+    # x-helexa-omitted-tools header and the access log; "reject" answers 400 instead.
+    hosted_tools: HostedTools = "omit"
+
+
 class CortexSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CORTEX_", env_nested_delimiter="__", extra="forbid"
@@ -107,6 +115,7 @@ class CortexSettings(BaseSettings):
     proxy: ProxySettings = Field(default_factory=ProxySettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    compat: CompatSettings = Field(default_factory=CompatSettings)
     neurons: list[NeuronEntry] = Field(default_factory=list)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     admin_token: str | None = None  # required by /admin/* (Bearer)

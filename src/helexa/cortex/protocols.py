@@ -15,6 +15,7 @@ from starlette.types import Scope
 from helexa.core import anthropic, responses
 from helexa.core.errors import ApiError, bad_request
 from helexa.core.http import validate
+from helexa.core.tool_set import HostedTools
 from helexa.core.wire import check_model_name
 from helexa.cortex.relay import (
     UNFINISHED,
@@ -205,16 +206,21 @@ def _anthropic_affinity(scope: Scope, metadata: dict[str, Any] | None) -> str | 
 
 
 class AnthropicMessages(AnthropicErrors):
+    def __init__(self, hosted_tools: HostedTools = "omit") -> None:
+        self.hosted_tools = hosted_tools
+
     def model_of(self, body: dict[str, Any]) -> str:
         return _model_field(body)
 
     def translate(self, body: dict[str, Any], model_id: str, scope: Scope) -> NeuronRequest:
         request = validate(anthropic.MessagesRequest, body)
+        tools = anthropic.tool_set(request.tools, self.hosted_tools)
         return NeuronRequest(
             "/v1/chat/completions",
-            anthropic.to_openai(request, model_id),
+            anthropic.to_openai(request, model_id, tools),
             request.stream,
             _anthropic_affinity(scope, request.metadata),
+            omitted=tools.omitted,
         )
 
     def whole(
@@ -228,16 +234,21 @@ class AnthropicMessages(AnthropicErrors):
 
 
 class AnthropicCountTokens(AnthropicErrors):
+    def __init__(self, hosted_tools: HostedTools = "omit") -> None:
+        self.hosted_tools = hosted_tools
+
     def model_of(self, body: dict[str, Any]) -> str:
         return _model_field(body)
 
     def translate(self, body: dict[str, Any], model_id: str, scope: Scope) -> NeuronRequest:
         request = validate(anthropic.CountTokensRequest, body)
+        tools = anthropic.tool_set(request.tools, self.hosted_tools)
         return NeuronRequest(
             "/tokenize",
-            anthropic.to_tokenize(request, model_id),
+            anthropic.to_tokenize(request, model_id, tools),
             False,
             _anthropic_affinity(scope, None),
+            omitted=tools.omitted,
         )
 
     def whole(
@@ -253,24 +264,31 @@ class AnthropicCountTokens(AnthropicErrors):
 
 
 class OpenAIResponses(OpenAIErrors):
+    def __init__(self, hosted_tools: HostedTools = "omit") -> None:
+        self.hosted_tools = hosted_tools
+
     def model_of(self, body: dict[str, Any]) -> str:
         return _model_field(body)
 
     def translate(self, body: dict[str, Any], model_id: str, scope: Scope) -> NeuronRequest:
         request = validate(responses.ResponsesRequest, body)
+        tools = responses.tool_set(request.tools, self.hosted_tools)
         return NeuronRequest(
             "/v1/chat/completions",
-            responses.to_openai(request, model_id),
+            responses.to_openai(request, model_id, tools),
             bool(request.stream),
             _text_key(header(scope, SESSION_HEADER), request.prompt_cache_key, request.user),
-            context=request,
+            context=(request, tools),
+            omitted=tools.omitted,
         )
 
     def whole(
         self, data: dict[str, Any], raw: bytes, request: NeuronRequest, requested: str
     ) -> bytes:
-        return orjson.dumps(responses.from_openai(data, requested, request.context))
+        asked, tools = request.context
+        return orjson.dumps(responses.from_openai(data, requested, asked, tools))
 
     def codec(self, request: NeuronRequest, requested: str) -> EventCodec:
-        translator = responses.StreamTranslator(requested, request.context)
+        asked, tools = request.context
+        translator = responses.StreamTranslator(requested, asked, tools)
         return EventCodec(translator, opening=translator.start())

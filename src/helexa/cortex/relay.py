@@ -25,6 +25,7 @@ from helexa.core.http import (
     unless_disconnected,
     until_done_or_disconnect,
 )
+from helexa.core.tool_set import OMITTED_HEADER, header_value
 from helexa.cortex.access import RequestRecord, record_of
 from helexa.cortex.auth import require_model
 from helexa.cortex.dispatch import Call, Dispatcher
@@ -83,6 +84,11 @@ class NeuronRequest:
     stream: bool
     affinity: str | None = None  # conversation key: same replica while it is healthy
     context: Any = None  # the protocol's parsed request, for translating the answer
+    omitted: tuple[str, ...] = ()  # the client's tools no model here can call (left out)
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Headers every answer to this request carries (what the client should know)."""
+        return [(OMITTED_HEADER, header_value(self.omitted))] if self.omitted else []
 
 
 class StreamCodec(Protocol):
@@ -162,6 +168,7 @@ class Endpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         protocol = self.protocol
         record = record_of(scope)
+        request: NeuronRequest | None = None
         try:
             body = parse_json(await receive_body(scope, receive))  # limits: 413, 408
             requested = protocol.model_of(body)
@@ -175,6 +182,7 @@ class Endpoint:
             self.router.require_known(model_id)
             record.model_id = model_id
             request = protocol.translate(body, model_id, scope)
+            record.omitted_tools = request.omitted
 
             def tried(node: str) -> None:
                 record.node = node
@@ -194,7 +202,8 @@ class Endpoint:
             )
         except ApiError as exc:
             record.error = exc.code or "error"
-            await send_json(send, exc.status, protocol.error_body(exc), error_headers(exc))
+            headers = error_headers(exc) + (request.headers() if request else [])
+            await send_json(send, exc.status, protocol.error_body(exc), headers)
             return
         except ClientGone:
             record.error = "client_disconnected"
@@ -210,11 +219,13 @@ class Endpoint:
         self.drain.relaying(call.upstream)
         try:
             if call.upstream.status != 200:
-                await unless_disconnected(self._relay_error(call, send, record), receive)
+                await unless_disconnected(
+                    self._relay_error(call, request, send, record), receive
+                )
             elif request.stream:
                 codec = protocol.codec(request, requested)
                 await until_done_or_disconnect(
-                    lambda: self._relay_stream(call, codec, send), receive, client_left
+                    lambda: self._relay_stream(call, request, codec, send), receive, client_left
                 )
                 usage, first = codec.usage, codec.first_token_at
                 # A 200 whose stream broke is an error all the same: logged and counted.
@@ -230,7 +241,9 @@ class Endpoint:
             record.usage = usage
             self.dispatcher.close(call, usage, first)
 
-    async def _relay_error(self, call: Call, send: Send, record: RequestRecord) -> None:
+    async def _relay_error(
+        self, call: Call, request: NeuronRequest, send: Send, record: RequestRecord
+    ) -> None:
         status = call.upstream.status
         try:
             raw = await call.upstream.read(self.idle_timeout)
@@ -242,7 +255,8 @@ class Endpoint:
         passthrough = [
             (k.lower(), v) for k, v in call.upstream.headers if k.lower() == b"retry-after"
         ]
-        await send_json(send, status, self.protocol.upstream_error(status, raw), passthrough)
+        headers = passthrough + request.headers()
+        await send_json(send, status, self.protocol.upstream_error(status, raw), headers)
 
     async def _relay_whole(
         self, call: Call, request: NeuronRequest, requested: str, send: Send, record: RequestRecord
@@ -254,7 +268,8 @@ class Endpoint:
         except GatewayShutdown:
             error = self.drain.error()
             record.error = error.code
-            await send_json(send, 503, self.protocol.error_body(error), error_headers(error))
+            headers = error_headers(error) + request.headers()
+            await send_json(send, 503, self.protocol.error_body(error), headers)
             return None
         except (UpstreamError, orjson.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
             record.error = "upstream_read"
@@ -264,13 +279,16 @@ class Endpoint:
                 type="server_error",
                 code="upstream_failed",
             )
-            await send_json(send, 502, self.protocol.error_body(error))
+            await send_json(send, 502, self.protocol.error_body(error), request.headers())
             return None
-        await send_json(send, 200, out)
+        await send_json(send, 200, out, request.headers())
         return data.get("usage")
 
-    async def _relay_stream(self, call: Call, codec: StreamCodec, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+    async def _relay_stream(
+        self, call: Call, request: NeuronRequest, codec: StreamCodec, send: Send
+    ) -> None:
+        headers = SSE_HEADERS + request.headers()
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         opening = codec.opening()
         if opening:
             await send({"type": "http.response.body", "body": opening, "more_body": True})
