@@ -400,3 +400,50 @@ def test_server_tools_left_out_or_refused() -> None:
     with pytest.raises(ApiError) as info:
         tr.tool_set([{"type": "web_search_20250305"}], "omit")  # a name, always
     assert info.value.param == "tools[0].name"
+
+
+def test_deferred_tools_expand_where_a_tool_reference_names_them() -> None:
+    fetch = {"name": "WebFetch", "description": "Fetch.", "input_schema": {"type": "object"}}
+    tools = [
+        {"name": "ToolSearch", "input_schema": {"type": "object"}},
+        {**fetch, "defer_loading": True},
+        {"name": "DeferredToolPlaceholder", "input_schema": {}, "defer_loading": True},
+    ]
+    messages = [
+        {"role": "user", "content": "fetch it"},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "t", "name": "ToolSearch", "input": {}}],
+        },
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "t",
+                    "content": [
+                        {"type": "tool_reference", "tool_name": "WebFetch"},
+                        {"type": "tool_reference", "tool_name": "Nope"},
+                    ],
+                }
+            ],
+        },
+    ]
+    kept = tr.tool_set(tools, "omit")
+    assert [t["function"]["name"] for t in kept.tools] == ["ToolSearch"]
+    assert kept.omitted == () and set(kept.deferred) == {"WebFetch", "DeferredToolPlaceholder"}
+    body = tr.to_openai(request(tools=tools, messages=messages), "m", kept)
+    assert [t["function"]["name"] for t in body["tools"]] == ["ToolSearch"]
+    result = body["messages"][-1]
+    assert result["role"] == "tool"
+    expected = {"name": "WebFetch", "description": "Fetch.", "parameters": {"type": "object"}}
+    assert result["content"].startswith(
+        f"<functions>\n<function>{json.dumps(expected)}</function>\n</functions>"
+    )
+    assert "no deferred tool named 'Nope'" in result["content"]
+    counted = tr.to_tokenize(
+        tr.CountTokensRequest.model_validate({"model": "m", "tools": tools, "messages": messages}),
+        "m",
+        kept,
+    )
+    assert counted["messages"][-1] == result

@@ -101,6 +101,35 @@ def test_tool_round_trip_with_parallel_calls(
     assert {"call_w0", "call_w1"} <= set(answered)
 
 
+def test_tool_search_loads_and_calls_a_deferred_tool(
+    claude: Path, scripted: Fleet, tmp_path: Path
+) -> None:
+    """Claude Code sends most of its tools deferred (ToolSearch, defer_loading): the model
+    calls ToolSearch, Claude Code answers with a tool_reference, cortex expands it into the
+    tool's definition, and the model's call to the tool it loaded runs."""
+    args = ["TOOLSEARCH:select:CronList", "--output-format", "stream-json", "--verbose"]
+    done = run_claude(claude, scripted.base, tmp_path, *args)
+    assert done.returncode == 0, done.stderr + done.stdout
+    stream = events(done.stdout)
+    assert [b["name"] for _, b in blocks(stream, "tool_use")] == ["ToolSearch", "CronList"]
+    [result] = [e for e in stream if e.get("type") == "result"]
+    assert result["subtype"] == "success", result
+    assert result["result"] == "All done. Tools said: No scheduled jobs."
+    url = scripted.neurons["scripted"][1]
+    [after] = [
+        body
+        for body in httpx.get(f"{url}/_received", timeout=5).json()
+        if any(m.get("tool_call_id") == "call_ts0" for m in body["messages"])
+        and not any(m.get("tool_call_id") == "call_loaded0" for m in body["messages"])
+    ]
+    # The deferred tools stay out of the tool list (its prefix is unchanged)…
+    names = {t["function"]["name"] for t in after["tools"]}
+    assert "ToolSearch" in names and not {"CronList", "DeferredToolPlaceholder"} & names
+    # … and the definition stands where ToolSearch's result does.
+    [loaded] = [m for m in after["messages"] if m.get("tool_call_id") == "call_ts0"]
+    assert loaded["content"].startswith('<functions>\n<function>{"name": "CronList"')
+
+
 def test_context_command_counts_tokens(claude: Path, scripted: Fleet, tmp_path: Path) -> None:
     done = run_claude(claude, scripted.base, tmp_path, "/context")
     assert done.returncode == 0, done.stderr + done.stdout

@@ -27,6 +27,8 @@ WEATHER_ARGS = '{"city": "Paris", "unit": "celsius"}'
 
 
 PROOF = re.compile(r"PROOF:([^\s\"'\\\]]+)")
+TOOL_SEARCH = re.compile(r"TOOLSEARCH:([\w:,+-]+)")
+LOADED = re.compile(r'<functions>\n<function>\{"name": "(\w+)"')
 
 
 def _since_assistant(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -58,10 +60,21 @@ def claude_code_script(body: dict[str, Any]) -> list[dict[str, Any]] | None:
         return None
     recent = _since_assistant(body["messages"])
     results = [m for m in recent if m["role"] == "tool"]
+    loaded = LOADED.match(str(results[-1]["content"])) if results else None
+    if loaded:  # ToolSearch gave a deferred tool's definition: call it
+        return [
+            _call(0, "call_loaded0", loaded.group(1), {}),
+            {"finish_reason": "tool_calls"},
+        ]
     if results:
         reported = " | ".join(str(m["content"])[:80] for m in results)
         return [{"content": f"All done. Tools said: {reported}"}, {"finish_reason": "stop"}]
     prompt = json.dumps([m.get("content") for m in recent if m["role"] == "user"])
+    if search := TOOL_SEARCH.search(prompt):  # find a deferred tool, then call it
+        return [
+            _call(0, "call_ts0", "ToolSearch", {"query": search.group(1), "max_results": 1}),
+            {"finish_reason": "tool_calls"},
+        ]
     paths = PROOF.findall(prompt)
     if not paths:
         return [{"content": "Nothing to write."}, {"finish_reason": "stop"}]

@@ -140,7 +140,22 @@ def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def _tool_result_content(block: dict[str, Any], where: str) -> str | list[dict[str, Any]]:
+def _tool_reference(item: dict[str, Any], tools: ToolSet) -> str:
+    """A ``tool_reference`` (Claude Code's ToolSearch result) expanded where it stands, as
+    Anthropic expands it: the deferred tool's full definition in the ``<functions>`` form
+    ToolSearch's description promises. The tool list at the top of the prompt stays as it
+    was, so loading a tool never invalidates the conversation's cached prefix."""
+    name = item.get("tool_name")
+    function = tools.deferred.get(name) if isinstance(name, str) else None
+    if function is None:
+        return f"<functions></functions>\n(no deferred tool named {name!r} was sent)"
+    definition = json.dumps(function, ensure_ascii=False)
+    return f"<functions>\n<function>{definition}</function>\n</functions>"
+
+
+def _tool_result_content(
+    block: dict[str, Any], where: str, tools: ToolSet
+) -> str | list[dict[str, Any]]:
     """A tool result's text, or content parts when it carries images: those travel on to
     the model, which takes them or refuses them by name — never silently dropped."""
     content = block.get("content", "")
@@ -158,6 +173,8 @@ def _tool_result_content(block: dict[str, Any], where: str) -> str | list[dict[s
             parts.append({"type": "text", "text": str(item.get("text", ""))})
         elif kind == "image":
             parts.append(_image_part(item, f"{where}.tool_result[{index}]"))
+        elif kind == "tool_reference":
+            parts.append({"type": "text", "text": _tool_reference(item, tools)})
         else:
             raise bad_request(
                 f"{where}: unsupported block type {kind!r} inside a tool_result", param=where
@@ -167,7 +184,7 @@ def _tool_result_content(block: dict[str, Any], where: str) -> str | list[dict[s
     return ([{"type": "text", "text": prefix}] if prefix else []) + parts
 
 
-def _convert_message(index: int, message: AnthropicMessage) -> list[dict[str, Any]]:
+def _convert_message(index: int, message: AnthropicMessage, tools: ToolSet) -> list[dict[str, Any]]:
     where = f"messages[{index}].content"
     if message.role == "system":
         text = (
@@ -216,7 +233,7 @@ def _convert_message(index: int, message: AnthropicMessage) -> list[dict[str, An
                 {
                     "role": "tool",
                     "tool_call_id": block.get("tool_use_id"),
-                    "content": _tool_result_content(block, where),
+                    "content": _tool_result_content(block, where, tools),
                 }
             )
         elif kind == "text":
@@ -252,11 +269,17 @@ def tool_set(tools: list[dict[str, Any]] | None, hosted: HostedTools = "reject")
     (``hosted="omit"``) or refused with a 400 naming them."""
     chat: list[dict[str, Any]] = []
     omitted: list[str] = []
+    deferred: dict[str, dict[str, Any]] = {}
     for index, tool in enumerate(tools or []):
         where = f"tools[{index}]"
         if not isinstance(tool, dict) or not tool.get("name"):
             raise bad_request(f"{where}: a tool needs a name", param=f"{where}.name")
         kind = tool.get("type")
+        if kind in (None, "custom") and tool.get("defer_loading") is True:
+            # Claude Code's tool search: shown to the model only once a tool_reference
+            # in a ToolSearch result names it (expanded there: _tool_reference).
+            deferred[tool["name"]] = _tool(tool)["function"]
+            continue
         if kind in (None, "custom"):
             chat.append(_tool(tool))
             continue
@@ -266,7 +289,7 @@ def tool_set(tools: list[dict[str, Any]] | None, hosted: HostedTools = "reject")
             "supported"
         )
         omitted.append(leave_out(hosted, kind, f"{where}.type", why))
-    return ToolSet(chat, tuple(omitted))
+    return ToolSet(chat, tuple(omitted), deferred=deferred)
 
 
 def _tool_choice(choice: dict[str, Any]) -> Any:
@@ -282,14 +305,14 @@ def _tool_choice(choice: dict[str, Any]) -> Any:
     raise bad_request(f"unsupported tool_choice {choice!r}", param="tool_choice")
 
 
-def _messages(req: MessagesRequest | CountTokensRequest) -> list[dict[str, Any]]:
+def _messages(req: MessagesRequest | CountTokensRequest, tools: ToolSet) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if req.system:
         system = req.system if isinstance(req.system, str) else _system_text(req.system, "system")
         if system:
             out.append({"role": "system", "content": system})
     for index, message in enumerate(req.messages):
-        out.extend(_convert_message(index, message))
+        out.extend(_convert_message(index, message, tools))
     return out
 
 
@@ -341,15 +364,13 @@ def response_format(output_config: dict[str, Any] | None) -> dict[str, Any] | No
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
 
 
-def to_openai(
-    req: MessagesRequest, model_id: str, tools: ToolSet | None = None
-) -> dict[str, Any]:
+def to_openai(req: MessagesRequest, model_id: str, tools: ToolSet | None = None) -> dict[str, Any]:
     """The chat request for ``req``; ``tools`` is its ``tool_set`` (by default a server
     tool is refused)."""
     tools = tool_set(req.tools) if tools is None else tools
     body: dict[str, Any] = {
         "model": model_id,
-        "messages": _messages(req),
+        "messages": _messages(req, tools),
         "max_tokens": req.max_tokens,
         "fit_max_tokens": True,  # chosen for Claude, not for this model: clamp, no 400
         "chat_template_kwargs": {"enable_thinking": thinking_enabled(req.thinking)},
@@ -381,7 +402,7 @@ def to_tokenize(
     tools = tool_set(req.tools) if tools is None else tools
     body: dict[str, Any] = {
         "model": model_id,
-        "messages": _messages(req),
+        "messages": _messages(req, tools),
         "chat_template_kwargs": {"enable_thinking": thinking_enabled(req.thinking)},
     }
     if tools.tools:

@@ -327,8 +327,7 @@ def tool_set(tools: list[dict[str, Any]] | None, hosted: HostedTools = "reject")
             )
     if len(functions) > MAX_TOOLS:
         raise bad_request(
-            f"too many tools: {len(functions)} function tools (namespaces included) > "
-            f"{MAX_TOOLS}",
+            f"too many tools: {len(functions)} function tools (namespaces included) > {MAX_TOOLS}",
             param="tools",
         )
     taken = {function["name"] for space, function in functions if space is None}
@@ -408,9 +407,7 @@ def response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": schema}
 
 
-def to_openai(
-    req: ResponsesRequest, model_id: str, tools: ToolSet | None = None
-) -> dict[str, Any]:
+def to_openai(req: ResponsesRequest, model_id: str, tools: ToolSet | None = None) -> dict[str, Any]:
     """The chat request for ``req``; ``tools`` is its ``tool_set`` (by default every tool
     but a function is refused)."""
     _refuse_state(req)

@@ -47,12 +47,16 @@ def header_value(omitted: Iterable[str]) -> bytes:
 @dataclass(frozen=True)
 class ToolSet:
     """What a request's tools become for the model: chat function tools, the tools left
-    out (labels), and for tools from a ``namespace`` group, the name the model sees →
-    (namespace, name) as the client declared it, so a call is handed back under both."""
+    out (labels), for tools from a ``namespace`` group the name the model sees →
+    (namespace, name) as the client declared it (a call is handed back under both), and
+    the deferred tools."""
 
     tools: list[dict[str, Any]] = field(default_factory=list)
     omitted: tuple[str, ...] = ()
     origin: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Tools sent with defer_loading (Anthropic tool search): name → function definition,
+    # shown to the model where a tool_reference names them, not in the tool list.
+    deferred: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def visible(self, name: str, namespace: str | None) -> str:
         """The model's name for ``name`` in ``namespace`` (as a replayed call names it)."""
