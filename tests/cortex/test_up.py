@@ -150,6 +150,7 @@ def test_cortex_up_random(tmp_path: Path) -> None:
     try:
         base = f"http://127.0.0.1:{port}"
         assert f"export ANTHROPIC_BASE_URL={base}" in banner
+        assert f'base_url = "{base}/v1"   # Codex' in banner and "OPENAI_BASE_URL" not in banner
         assert f"curl -s {base}/v1/chat/completions" in banner
         # Both curls work as printed, and stay short: the tiny model writes random text.
         assert banner.count('"max_tokens": 32') == 2

@@ -219,9 +219,7 @@ class Endpoint:
         self.drain.relaying(call.upstream)
         try:
             if call.upstream.status != 200:
-                await unless_disconnected(
-                    self._relay_error(call, request, send, record), receive
-                )
+                await unless_disconnected(self._relay_error(call, request, send, record), receive)
             elif request.stream:
                 codec = protocol.codec(request, requested)
                 await until_done_or_disconnect(

@@ -519,7 +519,8 @@ class LocalFleet:
             f"-d '{messages}'\n\n"
             f"  export ANTHROPIC_BASE_URL={self.base}   # Claude Code: claude-* names "
             f"are served by {self.model}\n"
-            f"  export OPENAI_BASE_URL={self.base}/v1\n\n"
+            f'  base_url = "{self.base}/v1"   # Codex: its provider block, '
+            "docs/claude-code.md#codex; the OpenAI SDKs: base_url=\n\n"
             f"  {status}   # neurons, models, memory\n"
             f"  metrics: http://{metrics_host}:{self.metrics_port}/metrics\n\n"
             f"logs and configs: {self.work}    Ctrl-C stops everything.\n"
