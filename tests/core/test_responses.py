@@ -757,3 +757,24 @@ def test_stream_echoes_the_request() -> None:
     assert final.text is not None and final.text.format is not None
     assert final.text.format.type == "json_schema" and final.text.format.name == "response"
     assert final.tool_choice.type == "function"
+
+
+def test_visible_names_never_collide() -> None:
+    tools = [
+        {"type": "function", "name": "run"},
+        {"type": "function", "name": "a__run"},
+        {"type": "namespace", "name": "a", "tools": [{"type": "function", "name": "run"}]},
+        {"type": "namespace", "name": "b", "tools": [{"type": "function", "name": "run"}]},
+    ]
+    kept = tr.tool_set(tools)
+    seen = [t["function"]["name"] for t in kept.tools]
+    assert seen == ["run", "a__run", "a__run_2", "b__run"]
+    assert kept.call_fields("a__run") == {"name": "a__run"}  # the top-level one
+    assert kept.call_fields("a__run_2") == {"name": "run", "namespace": "a"}
+
+
+def test_many_omitted_tools_are_counted_past_a_few() -> None:
+    omitted = tr.tool_set([{"type": f"hosted_{i}"} for i in range(40)], "omit").omitted
+    assert len(omitted) == 40
+    value = header_value(omitted).decode()
+    assert value.startswith("hosted_0, hosted_1") and value.endswith(", +24 more")

@@ -277,8 +277,12 @@ def _function(tool: dict[str, Any], where: str) -> dict[str, Any]:
 
 def _visible_name(space: str, name: str, taken: set[str]) -> str:
     """A namespaced tool keeps its own name (the one the client's instructions use) unless
-    another tool has it; then ``namespace__name``."""
-    return name if name not in taken else f"{space}__{name}"
+    another tool has it; then ``namespace__name`` (numbered if even that is taken)."""
+    candidate, number = name, 1
+    while candidate in taken:
+        candidate = f"{space}__{name}" + (f"_{number}" if number > 1 else "")
+        number += 1
+    return candidate
 
 
 def tool_set(tools: list[dict[str, Any]] | None, hosted: HostedTools = "reject") -> ToolSet:

@@ -39,9 +39,18 @@ def leave_out(policy: HostedTools, name: object, where: str, why: str) -> str:
     return label(name)
 
 
+MAX_NAMED = 16  # a header (and a log line) names this many, then counts the rest
+
+
+def named(omitted: Iterable[str], separator: str = ", ") -> str:
+    """Each label once, in the order first seen; past MAX_NAMED, how many more."""
+    labels = list(dict.fromkeys(omitted))
+    more = len(labels) - MAX_NAMED
+    return separator.join(labels[:MAX_NAMED]) + (f"{separator}+{more} more" if more > 0 else "")
+
+
 def header_value(omitted: Iterable[str]) -> bytes:
-    """Each label once, in the order first seen."""
-    return ", ".join(dict.fromkeys(omitted)).encode("ascii")
+    return named(omitted).encode("ascii")
 
 
 @dataclass(frozen=True)

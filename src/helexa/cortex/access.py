@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from helexa.core.browser import BrowserGuard, answer
 from helexa.core.errors import ApiError
+from helexa.core.tool_set import named
 from helexa.cortex.auth import envelope
 from helexa.cortex.metrics import Metrics
 
@@ -154,6 +155,6 @@ class AccessLog:
                 "prompt_tokens": usage.get("prompt_tokens"),
                 "completion_tokens": usage.get("completion_tokens"),
                 "error": record.error,
-                "omitted_tools": ",".join(record.omitted_tools) or None,
+                "omitted_tools": named(record.omitted_tools, ",") or None,
             },
         )
