@@ -7,6 +7,7 @@ before."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -17,9 +18,13 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from starlette.types import Message
 
+from helexa.cortex.abandon import ClientWatch
+from helexa.cortex.upstream import Pool
 from tests.cortex.conftest import Fleet, _start_neurons, cpu_models
 from tests.support.fleet import start_cortex
+from tests.support.procs import free_port
 
 MODEL = "helexa/tiny-a"
 MSGS = [{"role": "user", "content": "Tell me about the weather in the city."}]
@@ -80,6 +85,61 @@ def abandoned_lines(fleet: Fleet, path: str, seen: int) -> tuple[dict[str, str],
     theirs = neuron_line()
     assert theirs is not None
     return ours, theirs
+
+
+# --- the watch, in process -------------------------------------------------------------------
+
+
+def watched(neuron: tuple[Pool, str] | None, answer_first: bool) -> tuple[bool, bool, list[str]]:
+    """A request's task under a ClientWatch whose client leaves: (cut by the watch, gone,
+    what reached the client)."""
+
+    async def scenario() -> tuple[bool, bool, list[str]]:
+        leave = asyncio.Event()
+        sent: list[str] = []
+
+        async def receive() -> Message:
+            await leave.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            sent.append(message["type"])
+
+        watch = ClientWatch(receive, send)
+        watch.neuron = neuron
+        cut = False
+        try:
+            if answer_first:
+                await watch.send({"type": "http.response.start", "status": 200, "headers": []})
+                await watch.send({"type": "http.response.body", "body": b"{}"})
+            leave.set()
+            await asyncio.sleep(0.2 if answer_first else 30)
+            await watch.send({"type": "http.response.body", "body": b"late"})
+        except asyncio.CancelledError:
+            cut = watch.left()
+            assert cut, "the watch's own cancellation"
+        finally:
+            watch.close()
+        return cut, watch.gone, sent
+
+    return asyncio.run(scenario())
+
+
+def test_a_client_leaving_before_its_request_reached_a_neuron_ends_it_at_once() -> None:
+    assert watched(None, answer_first=False) == (True, True, [])
+
+
+def test_a_neuron_that_cannot_be_asked_to_cancel_gets_the_request_cut() -> None:
+    nobody = Pool(f"http://127.0.0.1:{free_port()}")  # refuses connections
+    assert watched((nobody, "r1"), answer_first=False) == (True, True, [])
+
+
+def test_the_disconnect_that_follows_a_complete_answer_is_not_a_client_leaving() -> None:
+    sent = ["http.response.start", "http.response.body", "http.response.body"]
+    assert watched(None, answer_first=True) == (False, False, sent)
+
+
+# --- real processes ----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
