@@ -4,7 +4,8 @@ the model, dispatch to a neuron, relay the answer — whole, or streamed chunk b
 Client protocols (OpenAI passthrough, Anthropic Messages, OpenAI Responses, …) plug in as
 a ``ClientProtocol``: how to turn their request into a neuron request, how to word an
 error, how to translate a whole answer, and a ``StreamCodec`` for streamed ones. The relay
-loop, disconnect handling, keep-alives and accounting exist once, here."""
+loop, disconnect handling (with ``cortex.abandon``), keep-alives and accounting exist once,
+here."""
 
 from __future__ import annotations
 
