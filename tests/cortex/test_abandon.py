@@ -90,9 +90,12 @@ def abandoned_lines(fleet: Fleet, path: str, seen: int) -> tuple[dict[str, str],
 # --- the watch, in process -------------------------------------------------------------------
 
 
-def watched(neuron: tuple[Pool, str] | None, answer_first: bool) -> tuple[bool, bool, list[str]]:
+def watched(
+    neuron: tuple[Pool, str] | None, answer_first: str = ""
+) -> tuple[bool, bool, list[str]]:
     """A request's task under a ClientWatch whose client leaves: (cut by the watch, gone,
-    what reached the client)."""
+    what reached the client). ``answer_first``: "final" sends a whole answer before the
+    client leaves, "done" a stream's chunk that completes it, the body not yet ended."""
 
     async def scenario() -> tuple[bool, bool, list[str]]:
         leave = asyncio.Event()
@@ -111,7 +114,10 @@ def watched(neuron: tuple[Pool, str] | None, answer_first: bool) -> tuple[bool, 
         try:
             if answer_first:
                 await watch.send({"type": "http.response.start", "status": 200, "headers": []})
-                await watch.send({"type": "http.response.body", "body": b"{}"})
+                if answer_first == "done":
+                    watch.answered()
+                more = answer_first == "done"
+                await watch.send({"type": "http.response.body", "body": b"x", "more_body": more})
             leave.set()
             await asyncio.sleep(0.2 if answer_first else 30)
             await watch.send({"type": "http.response.body", "body": b"late"})
@@ -126,17 +132,18 @@ def watched(neuron: tuple[Pool, str] | None, answer_first: bool) -> tuple[bool, 
 
 
 def test_a_client_leaving_before_its_request_reached_a_neuron_ends_it_at_once() -> None:
-    assert watched(None, answer_first=False) == (True, True, [])
+    assert watched(None) == (True, True, [])
 
 
 def test_a_neuron_that_cannot_be_asked_to_cancel_gets_the_request_cut() -> None:
     nobody = Pool(f"http://127.0.0.1:{free_port()}")  # refuses connections
-    assert watched((nobody, "r1"), answer_first=False) == (True, True, [])
+    assert watched((nobody, "r1")) == (True, True, [])
 
 
 def test_the_disconnect_that_follows_a_complete_answer_is_not_a_client_leaving() -> None:
     sent = ["http.response.start", "http.response.body", "http.response.body"]
-    assert watched(None, answer_first=True) == (False, False, sent)
+    assert watched(None, answer_first="final") == (False, False, sent)
+    assert watched(None, answer_first="done") == (False, False, sent)  # past its [DONE]
 
 
 # --- real processes ----------------------------------------------------------------------------
@@ -198,6 +205,26 @@ def test_a_stream_abandoned_mid_generation_is_accounted_for(one: Fleet, path: st
     # The client is gone (the connection closed with the stream half read).
     completion = check_accounted(one, path, seen, before)
     assert 5 <= completion < LONG
+
+
+def test_a_client_that_hangs_up_at_done_did_not_abandon_its_stream(one: Fleet) -> None:
+    """SDKs stop reading at [DONE] and may close before the body's own end: that client
+    had its whole answer (ok, 200), however the race between the two goes."""
+    path = "/v1/chat/completions"
+
+    def lines() -> list[dict[str, str]]:
+        return [x for x in access_lines(one.cortex.log()) if x["path"] == path]
+
+    before = len(lines())
+    body = {"model": MODEL, "messages": MSGS, "max_tokens": 4, "stream": True}
+    for _ in range(5):
+        with httpx.stream("POST", one.base + path, json=body) as response:
+            for line in response.iter_lines():
+                if line == "data: [DONE]":
+                    break
+    wait_for("five lines", lambda: len(lines()) >= before + 5)
+    for line in lines()[before:]:
+        assert (line["status"], line["outcome"]) == ("200", "ok"), line
 
 
 def test_a_whole_answer_abandoned_mid_generation_is_accounted_for(one: Fleet) -> None:

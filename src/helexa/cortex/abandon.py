@@ -91,6 +91,11 @@ class ClientWatch:
             self._answered = True
         await self._send(message)
 
+    def answered(self) -> None:
+        """The client has had its whole answer, though the body has not ended yet (a stream
+        past its [DONE]): leaving now is not abandoning it."""
+        self._answered = True
+
     def left(self) -> bool:
         """In the request's task, on ``CancelledError``: whether this watch alone cut it
         (the client left); then the cancellation is taken back."""

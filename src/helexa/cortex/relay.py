@@ -93,6 +93,9 @@ class StreamCodec(Protocol):
     # Why the stream did not finish (an error event's code: the neuron's, or the one the
     # codec wrote); None while it is whole. The access log and error count read it.
     error: str | None
+    # The client has had its answer's end ([DONE], or the error event that ends it): a
+    # client that hangs up now (before the body's own end) did not abandon it.
+    complete: bool
 
     def opening(self) -> bytes: ...
 
@@ -243,7 +246,7 @@ class Endpoint:
             elif request.stream:
                 codec = protocol.codec(request, requested)
                 try:
-                    await self._relay_stream(call, codec, send)
+                    await self._relay_stream(call, codec, watch)
                 finally:  # cut short (the client left and the neuron did not end): so far
                     usage, first = codec.usage, codec.first_token_at
                 # A 200 whose stream broke is an error all the same: logged and counted.
@@ -294,7 +297,8 @@ class Endpoint:
         await send_json(send, 200, out)
         return data.get("usage")
 
-    async def _relay_stream(self, call: Call, codec: StreamCodec, send: Send) -> None:
+    async def _relay_stream(self, call: Call, codec: StreamCodec, watch: ClientWatch) -> None:
+        send = watch.send
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         opening = codec.opening()
         if opening:
@@ -323,6 +327,8 @@ class Endpoint:
                     tail = codec.end()
                     break
                 out, done = codec.feed(chunk)
+                if codec.complete:
+                    watch.answered()
                 if done:
                     tail = out
                     break
@@ -413,6 +419,7 @@ class EventCodec:
         self._events = EventBuffer()
         self.first_token_at: float | None = None
         self.error: str | None = None
+        self.complete = False
 
     @property
     def usage(self) -> dict[str, Any] | None:
@@ -437,6 +444,7 @@ class EventCodec:
                 continue
             data = event[6:]
             if data == b"[DONE]":
+                self.complete = True
                 return render_events(out + self.translator.finish()), True
             try:
                 parsed = orjson.loads(data)
@@ -446,6 +454,7 @@ class EventCodec:
                 return render_events(out), True
             if "error" in parsed:
                 status, message, self.error = neuron_error(parsed["error"])
+                self.complete = True
                 return render_events(out + self.translator.error(status, message)), True
             if self.first_token_at is None and _has_output(parsed):
                 self.first_token_at = time.monotonic()
