@@ -159,6 +159,6 @@ def test_how_a_relayed_stream_ended_is_known_for_the_log_and_metrics() -> None:
     assert neuron_error(None) == (500, "generation failed", "upstream_error")
     assert outcome(200, None) == "ok"
     assert outcome(200, "upstream_broken") == "broken"
-    assert outcome(200, "client_disconnected") == "client_left"
+    assert outcome(200, "client_disconnected") == "abandoned"
     assert outcome(503, "upstream_timeout") == "error"
-    assert outcome(499, "client_disconnected") == "error"
+    assert outcome(499, "client_disconnected") == "abandoned"

@@ -1,5 +1,7 @@
-"""The neuron's access log: one line per request (method, path, status, secs, model), the
-routes cortex polls at debug so a journal shows requests rather than the poller."""
+"""The neuron's access log: one line per request (method, path, status, outcome, secs,
+model, and the tokens of inference requests), the routes cortex polls at debug so a journal
+shows requests rather than the poller. Abandoned requests: tests/neuron/test_requests.py
+and tests/cortex/test_abandon.py."""
 
 from __future__ import annotations
 
@@ -63,5 +65,13 @@ def test_one_line_per_request(hf_cache: Path, caplog: pytest.LogCaptureFixture) 
         (logging.INFO, "POST", "/v1/chat/completions", 400, None),
         (logging.INFO, "GET", "/no/such/route", 404, None),
     ]
-    secs = [r.secs for r in caplog.records if r.name == "helexa.neuron.access"]  # type: ignore[attr-defined]
+    records = [r for r in caplog.records if r.name == "helexa.neuron.access"]
+    secs = [r.secs for r in records]  # type: ignore[attr-defined]
     assert all(isinstance(s, float) and s >= 0 for s in secs)
+    outcomes = [r.outcome for r in records]  # type: ignore[attr-defined]
+    assert outcomes == ["ok", "ok", "ok", "ok", "error", "error"]
+    # The inference lines count tokens, streamed or not (no request id: none was sent).
+    for chat in records[2:4]:
+        assert chat.prompt_tokens > 0 and 0 <= chat.completion_tokens <= 2  # type: ignore[attr-defined]
+        assert chat.request_id is None  # type: ignore[attr-defined]
+    assert records[4].prompt_tokens is None  # refused before any prompt was read

@@ -264,6 +264,14 @@ async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
+# The id cortex gives each request it sends a neuron: the neuron can then cancel it by id
+# (``POST /v1/requests/{id}/cancel``) and both access logs name it.
+REQUEST_ID_HEADER = "x-helexa-request-id"
+
+
+def cancel_path(request_id: str) -> str:
+    return f"/v1/requests/{request_id}/cancel"
+
 
 class ClientGone(Exception):
     """The client disconnected before its answer was ready."""

@@ -4,7 +4,8 @@ The proxy routes go straight to their endpoints (no middleware or router walk on
 path); everything else (other routes, 404/405, lifespan) goes through Starlette. Both are
 wrapped here: the handler fills in a ``RequestRecord`` (model, node, usage, error code) and
 this layer adds status and duration, logs, and counts every 4xx/5xx once in
-``cortex_request_errors_total`` — and every 200 whose stream broke (``outcome``).
+``cortex_request_errors_total`` — and every 200 whose stream broke, and every request its
+client abandoned (``outcome``).
 """
 
 from __future__ import annotations
@@ -39,22 +40,27 @@ class RequestRecord:
     node: str | None = None
     usage: dict[str, Any] | None = None
     error: str | None = None  # error code, when the answer is (or became) an error
+    request_id: str | None = None  # what the neuron knows the request by (cortex.abandon)
     status: int = 0
     key: str | None = None  # the name of the API key (never the key) that was sent
     models: frozenset[str] | None = None  # that key's model allowlist; None: every model
     omitted_tools: tuple[str, ...] = ()  # tools left out of what the model saw (tool_set)
 
 
+ABANDONED_STATUS = 499  # logged for an abandoned request, whatever its head said
+
+
 def outcome(status: int, error: str | None) -> str:
-    """How a request ended, for the access log: ``ok``; ``error`` (a 4xx/5xx answer);
-    ``broken`` (a 200 whose stream ended in an error event: the neuron died or stalled, a
-    drain cut it); ``client_left`` (the client hung up after its answer began). Every one
-    but ``ok`` is counted in ``cortex_request_errors_total``."""
+    """How a request ended, for the access log: ``ok``; ``abandoned`` (the client hung up
+    before its answer was complete, streamed or not: logged as 499 with the tokens the
+    neuron generated); ``error`` (a 4xx/5xx answer); ``broken`` (a 200 whose stream ended
+    in an error event: the neuron died or stalled, a drain cut it). Every one but ``ok`` is
+    counted in ``cortex_request_errors_total`` (an abandoned one as ``client_disconnected``)."""
+    if error == "client_disconnected":
+        return "abandoned"
     if status >= 400:
         return "error"
-    if error is None:
-        return "ok"
-    return "client_left" if error == "client_disconnected" else "broken"
+    return "ok" if error is None else "broken"
 
 
 def record_of(scope: Scope) -> RequestRecord:
@@ -133,8 +139,10 @@ class AccessLog:
             self._finish(scope, record, time.monotonic() - started)
 
     def _finish(self, scope: Scope, record: RequestRecord, seconds: float) -> None:
-        status = record.status or 499  # nothing was sent: the client left first
+        status = record.status or ABANDONED_STATUS  # nothing was sent: the client left first
         result = outcome(status, record.error)
+        if result == "abandoned":  # the same on both paths, although a stream said 200
+            status = ABANDONED_STATUS
         if result != "ok":
             reason = record.error or f"status_{status}"
             self.metrics.error(self.model_label(record.model_id), record.node or "", reason)
@@ -152,6 +160,7 @@ class AccessLog:
                 "secs": round(seconds, 4),
                 "node": record.node,
                 "key": record.key,
+                "request_id": record.request_id,
                 "prompt_tokens": usage.get("prompt_tokens"),
                 "completion_tokens": usage.get("completion_tokens"),
                 "error": record.error,

@@ -49,12 +49,14 @@ class Dispatcher:
         *,
         stream: bool,
         affinity: str | None = None,
-        tried: Callable[[str], None] | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        tried: Callable[[NeuronState], None] | None = None,
     ) -> Call:
         """Route and send; a neuron that fails before its first byte (unreachable, seen
         dead by the poller, or draining) is reported and the request retried once
         elsewhere. ``tried`` hears each neuron the request is sent to, so an error (a
-        timeout waiting for the answer's head) is logged and counted against its node.
+        timeout waiting for the answer's head) is logged and counted against its node, and
+        a client that leaves can have it cancelled there; it may raise to stop a retry.
         Raises ApiError (counted by the access layer)."""
         started = time.monotonic()
         failed: set[str] = set()  # neurons that broke: routed around on the retry
@@ -63,13 +65,14 @@ class Dispatcher:
             state = await self.router.route(model_id, frozenset(failed), affinity)
             attempts += 1
             if tried is not None:
-                tried(state.name)
+                tried(state)
             state.begin_request(model_id)
             try:
                 upstream = await state.pool.request(
                     "POST",
                     path,
                     payload,
+                    headers=headers,
                     connect_timeout=self.connect_timeout,
                     header_timeout=self.idle_timeout if stream else self.generation_timeout,
                 )
@@ -157,13 +160,9 @@ class Dispatcher:
     def _release(self, state: NeuronState, model_id: str) -> None:
         state.end_request(model_id)
 
-    def client_left(self, call: Call) -> None:
-        """Drop the upstream connection at once: the neuron stops generating (the access
-        layer counts the request: its record says the client left)."""
-        call.upstream.close()
-
     def close(self, call: Call, usage: dict[str, Any] | None, first_token_at: float | None) -> None:
-        """Hand the connection back and record the request's metrics."""
+        """Hand the connection back and record the request's metrics: the tokens of an
+        abandoned request too (what the neuron generated before it was cancelled)."""
         call.upstream.close()
         self._release(call.state, call.model_id)
         end = time.monotonic()

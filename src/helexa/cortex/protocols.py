@@ -118,6 +118,10 @@ class PassthroughCodec:
         return self.tap.usage
 
     @property
+    def complete(self) -> bool:
+        return self.tap.done or self.tap.error is not None
+
+    @property
     def first_token_at(self) -> float | None:
         return self.tap.first_token_at
 

@@ -4,10 +4,12 @@ the model, dispatch to a neuron, relay the answer — whole, or streamed chunk b
 Client protocols (OpenAI passthrough, Anthropic Messages, OpenAI Responses, …) plug in as
 a ``ClientProtocol``: how to turn their request into a neuron request, how to word an
 error, how to translate a whole answer, and a ``StreamCodec`` for streamed ones. The relay
-loop, disconnect handling, keep-alives and accounting exist once, here."""
+loop, disconnect handling (with ``cortex.abandon``), keep-alives and accounting exist once,
+here."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -18,18 +20,14 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from helexa.core.errors import ApiError
-from helexa.core.http import (
-    ClientGone,
-    parse_json,
-    receive_body,
-    unless_disconnected,
-    until_done_or_disconnect,
-)
+from helexa.core.http import REQUEST_ID_HEADER, ClientGone, parse_json, receive_body
 from helexa.core.tool_set import OMITTED_HEADER, header_value
+from helexa.cortex.abandon import CANCELLABLE, ClientWatch, new_request_id
 from helexa.cortex.access import RequestRecord, record_of
 from helexa.cortex.auth import require_model
 from helexa.cortex.dispatch import Call, Dispatcher
 from helexa.cortex.drain import Drain
+from helexa.cortex.fleet import NeuronState
 from helexa.cortex.upstream import GatewayShutdown, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("helexa.cortex.proxy")
@@ -41,6 +39,7 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 PING_INTERVAL_S = 10.0  # keep-alive cadence towards clients while a neuron is quiet
+REQUEST_ID = REQUEST_ID_HEADER.encode()
 
 
 async def send_json(
@@ -100,6 +99,9 @@ class StreamCodec(Protocol):
     # Why the stream did not finish (an error event's code: the neuron's, or the one the
     # codec wrote); None while it is whole. The access log and error count read it.
     error: str | None
+    # The client has had its answer's end ([DONE], or the error event that ends it): a
+    # client that hangs up now (before the body's own end) did not abandon it.
+    complete: bool
 
     def opening(self) -> bytes: ...
 
@@ -183,23 +185,6 @@ class Endpoint:
             record.model_id = model_id
             request = protocol.translate(body, model_id, scope)
             record.omitted_tools = request.omitted
-
-            def tried(node: str) -> None:
-                record.node = node
-
-            call = await self.drain.routing(
-                unless_disconnected(
-                    self.dispatcher.open(
-                        model_id,
-                        request.path,
-                        orjson.dumps(request.body),
-                        stream=request.stream,
-                        affinity=request.affinity,
-                        tried=tried,
-                    ),
-                    receive,
-                )
-            )
         except ApiError as exc:
             record.error = exc.code or "error"
             headers = error_headers(exc) + (request.headers() if request else [])
@@ -207,33 +192,77 @@ class Endpoint:
             return
         except ClientGone:
             record.error = "client_disconnected"
-            return  # left while its request was routed or answered: nobody to tell
+            return  # left while sending its request: nobody to tell
+        # From here a client that leaves is watched for (cortex.abandon): the request is
+        # ended at once while it has not reached a neuron, cancelled there once it has.
+        watch = ClientWatch(receive, send)
+        try:
+            await self._proxy(request, model_id, requested, record, watch)
+        except asyncio.CancelledError:
+            if not watch.left():
+                raise  # not the client's doing (shutdown): let it through
+        except ClientGone:
+            pass  # it left before a retry: no second neuron for nobody
+        finally:
+            watch.close()
+            if watch.gone:
+                record.error = "client_disconnected"
+
+    async def _proxy(
+        self,
+        request: NeuronRequest,
+        model_id: str,
+        requested: str,
+        record: RequestRecord,
+        watch: ClientWatch,
+    ) -> None:
+        """Route, send and relay, talking to the client through ``watch.send``."""
+        protocol = self.protocol
+        send = watch.send
+        request_id = record.request_id = new_request_id()
+        cancellable = request.path in CANCELLABLE
+
+        def tried(state: NeuronState) -> None:
+            if watch.gone:
+                raise ClientGone
+            record.node = state.name
+            if cancellable:
+                watch.neuron = (state.pool, request_id)
+
+        try:
+            call = await self.drain.routing(
+                self.dispatcher.open(
+                    model_id,
+                    request.path,
+                    orjson.dumps(request.body),
+                    stream=request.stream,
+                    affinity=request.affinity,
+                    headers=[(REQUEST_ID, request_id.encode())],
+                    tried=tried,
+                )
+            )
+        except ApiError as exc:
+            record.error = exc.code or "error"
+            headers = error_headers(exc) + request.headers()
+            await send_json(send, exc.status, protocol.error_body(exc), headers)
+            return
         record.node = call.node
         usage: dict[str, Any] | None = None
         first: float | None = None
-
-        def client_left() -> None:
-            record.error = "client_disconnected"
-            self.dispatcher.client_left(call)
-
         self.drain.relaying(call.upstream)
         try:
             if call.upstream.status != 200:
-                await unless_disconnected(self._relay_error(call, request, send, record), receive)
+                await self._relay_error(call, request, send, record)
             elif request.stream:
                 codec = protocol.codec(request, requested)
-                await until_done_or_disconnect(
-                    lambda: self._relay_stream(call, request, codec, send), receive, client_left
-                )
-                usage, first = codec.usage, codec.first_token_at
+                try:
+                    await self._relay_stream(call, request, codec, watch)
+                finally:  # cut short (the client left and the neuron did not end): so far
+                    usage, first = codec.usage, codec.first_token_at
                 # A 200 whose stream broke is an error all the same: logged and counted.
                 record.error = record.error or codec.error
             else:
-                usage = await unless_disconnected(
-                    self._relay_whole(call, request, requested, send, record), receive
-                )
-        except ClientGone:
-            record.error = "client_disconnected"
+                usage = await self._relay_whole(call, request, requested, send, record)
         finally:
             self.drain.relayed(call.upstream)
             record.usage = usage
@@ -283,8 +312,9 @@ class Endpoint:
         return data.get("usage")
 
     async def _relay_stream(
-        self, call: Call, request: NeuronRequest, codec: StreamCodec, send: Send
+        self, call: Call, request: NeuronRequest, codec: StreamCodec, watch: ClientWatch
     ) -> None:
+        send = watch.send
         headers = SSE_HEADERS + request.headers()
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         opening = codec.opening()
@@ -314,6 +344,8 @@ class Endpoint:
                     tail = codec.end()
                     break
                 out, done = codec.feed(chunk)
+                if codec.complete:
+                    watch.answered()
                 if done:
                     tail = out
                     break
@@ -404,6 +436,7 @@ class EventCodec:
         self._events = EventBuffer()
         self.first_token_at: float | None = None
         self.error: str | None = None
+        self.complete = False
 
     @property
     def usage(self) -> dict[str, Any] | None:
@@ -428,6 +461,7 @@ class EventCodec:
                 continue
             data = event[6:]
             if data == b"[DONE]":
+                self.complete = True
                 return render_events(out + self.translator.finish()), True
             try:
                 parsed = orjson.loads(data)
@@ -437,6 +471,7 @@ class EventCodec:
                 return render_events(out), True
             if "error" in parsed:
                 status, message, self.error = neuron_error(parsed["error"])
+                self.complete = True
                 return render_events(out + self.translator.error(status, message)), True
             if self.first_token_at is None and _has_output(parsed):
                 self.first_token_at = time.monotonic()

@@ -1,18 +1,27 @@
 """One access-log line per request on the neuron (logger ``helexa.neuron.access``):
 
-    msg=request method=POST path=/v1/chat/completions model=Qwen/Qwen3-8B status=200 secs=3.2
+    msg=request method=POST path=/v1/chat/completions model=Qwen/Qwen3-8B status=200
+    outcome=ok secs=3.2 request_id=9f… prompt_tokens=12 completion_tokens=200
 
-``secs`` runs to the last byte sent, so a stream counts whole. The routes cortex polls every
-few seconds (``GET /health``, ``/models``, ``/discovery``) log at debug when they succeed, so
-a journal shows requests, not the poller. ``model`` is the body's ``model`` (or ``model_id``
-for the lifecycle routes), read from the bytes the handler received: nothing is read twice
-from the client and nothing is parsed unless the request had a JSON body.
+``secs`` runs to the last byte sent, so a stream counts whole. ``outcome`` is ``ok``,
+``error`` (a 4xx/5xx, or a stream that ended in an error event) or ``abandoned``: the
+client left, or cortex cancelled the request because its own client left; that line says
+``status=499`` whatever the head said, on both paths, and its ``completion_tokens`` is what
+was generated before the generation stopped. The inference routes fill in the tokens and
+``request_id`` (the ``x-helexa-request-id`` cortex sent) through ``record_of``.
+
+The routes cortex polls every few seconds (``GET /health``, ``/models``, ``/discovery``) log
+at debug when they succeed, so a journal shows requests, not the poller. ``model`` is the
+body's ``model`` (or ``model_id`` for the lifecycle routes), read from the bytes the handler
+received: nothing is read twice from the client and nothing is parsed unless the request
+had a JSON body.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -24,6 +33,35 @@ log = logging.getLogger("helexa.neuron.access")
 QUIET = frozenset({"/health", "/models", "/discovery", "/v1/models"})
 # Bodies beyond this are not kept for the model name (the limits layer refuses far less).
 MAX_CAPTURE = 64 * 1024 * 1024
+
+
+SCOPE_KEY = "helexa.neuron.record"
+
+
+@dataclass
+class Accounting:
+    """What an inference handler tells the access log about its request."""
+
+    request_id: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None  # None: not known (the generation failed)
+    abandoned: bool = False  # the client left, or cortex cancelled it by request id
+    error: str | None = None  # the code of the error event a 200 stream ended with
+
+
+def record_of(scope: Scope) -> Accounting:
+    record = scope.get(SCOPE_KEY)
+    if record is None:  # a handler called without the middleware (unit tests)
+        record = scope[SCOPE_KEY] = Accounting()
+    return record
+
+
+def outcome(status: int, record: Accounting) -> str:
+    """``abandoned`` before anything else: a request the client gave up is neither the
+    neuron's success nor its failure."""
+    if record.abandoned:
+        return "abandoned"
+    return "error" if status >= 400 or record.error is not None else "ok"
 
 
 def model_of(body: bytes) -> str | None:
@@ -51,6 +89,7 @@ class AccessLog:
             await self.app(scope, receive, send)
             return
         started = time.monotonic()
+        record = scope[SCOPE_KEY] = Accounting()
         status = 0
         chunks: list[bytes] = []
         size = 0
@@ -83,7 +122,9 @@ class AccessLog:
             raise
         finally:
             seconds = time.monotonic() - started
-            final = status or 499  # nothing was sent: the client left first
+            # Nothing sent: the client left first. Abandoned: the same on both paths,
+            # although a stream's head said 200.
+            final = 499 if record.abandoned else status or 499
             path = scope["path"]
             level = logging.DEBUG if path in QUIET and final < 400 else logging.INFO
             if log.isEnabledFor(level):
@@ -95,6 +136,11 @@ class AccessLog:
                         "path": path,
                         "model": model,
                         "status": final,
+                        "outcome": outcome(final, record),
                         "secs": round(seconds, 4),
+                        "request_id": record.request_id,
+                        "prompt_tokens": record.prompt_tokens,
+                        "completion_tokens": record.completion_tokens,
+                        "error": record.error,
                     },
                 )

@@ -15,7 +15,11 @@ class Abortable(Protocol):
     def abort(self, exc: BaseException) -> None: ...
 
 
-QUEUED, ADMITTED, GONE = range(3)
+QUEUED, ADMITTED, GONE, WITHDRAWN = range(4)
+
+
+class Withdrawn(Exception):
+    """The request was taken out of the queue by a cancel (``Admission.withdraw``)."""
 
 
 @dataclass
@@ -100,6 +104,8 @@ class Admission:
         False after ``poll_s`` with the request still queued (a stream sends a keep-alive
         and waits on); 503 when the queue timeout passes or the neuron drains."""
         if place.state != QUEUED:
+            if place.state == WITHDRAWN:
+                raise Withdrawn
             return place.state == ADMITTED
         loop = asyncio.get_running_loop()
         remaining = place.deadline - loop.time()
@@ -122,7 +128,23 @@ class Admission:
         except ApiError:  # turned away by the drain (close)
             place.state = GONE
             raise
+        if place.state == WITHDRAWN:
+            raise Withdrawn
         place.state = ADMITTED
+        return True
+
+    def withdraw(self, place: Place) -> bool:
+        """Take a queued request out of the queue for its owner, from outside the task that
+        waits (a cancel by request id): its ``wait`` raises ``Withdrawn``. False when it no
+        longer waits: admitted (a slot reached it just now: the caller cancels what starts),
+        turned away or gone."""
+        waiter = place.waiter
+        if place.state != QUEUED or waiter.done():
+            return False
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
+        place.state = WITHDRAWN
+        waiter.set_result(None)  # wakes the wait, which sees WITHDRAWN (no slot came with it)
         return True
 
     def leave(self, place: Place) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -10,11 +10,13 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from helexa.core.auth import TokenGuard
 from helexa.core.browser import BrowserGuard, BrowserMiddleware
 from helexa.core.errors import ApiError, not_found
 from helexa.core.http import (
+    REQUEST_ID_HEADER,
     JSONResponse,
     openai_app,
     read_body,
@@ -26,9 +28,10 @@ from helexa.core.wire import (
     TokenizeRequest,
     UnloadRequest,
 )
-from helexa.neuron.access import AccessLog
+from helexa.neuron.access import AccessLog, record_of
 from helexa.neuron.harness.base import Harness, PreparedPrompt
 from helexa.neuron.inference import respond
+from helexa.neuron.requests import Requests, Running, request_id_of
 from helexa.neuron.service import Neuron
 
 
@@ -36,8 +39,12 @@ def _dump(value: Any) -> Any:
     return value.model_dump(mode="json")
 
 
+Answer = Callable[[Request, Running], Awaitable[ASGIApp]]
+
+
 def build_app(neuron: Neuron) -> Starlette:
     settings = neuron.settings
+    running_requests = Requests()  # cancellable by the id cortex sent (helexa.neuron.requests)
 
     async def discovery(_request: Request) -> Response:
         return JSONResponse(_dump(neuron.hardware.discovery(sorted(neuron.harnesses))))
@@ -82,10 +89,11 @@ def build_app(neuron: Neuron) -> Starlette:
 
     async def answer(
         request: Request,
+        running: Running,
         harness: Harness,
         body: ChatCompletionRequest | CompletionRequest,
         prompt: PreparedPrompt,
-    ) -> Response:
+    ) -> ASGIApp:
         return await respond(
             harness=harness,
             gate=neuron.admission(body.model),
@@ -93,9 +101,34 @@ def build_app(neuron: Neuron) -> Starlette:
             prompt=prompt,
             keepalive_s=settings.keepalive_s,
             receive=request.receive,
+            running=running,
         )
 
-    async def chat_completions(request: Request) -> Response:
+    def inference(handler: Answer) -> Callable[[Request], Awaitable[ASGIApp]]:
+        """An inference route: cancellable by its request id from before its body is read
+        (a cancel that comes early stops it as it starts) until its answer is over."""
+
+        async def route(request: Request) -> ASGIApp:
+            request_id = request_id_of(request.headers.get(REQUEST_ID_HEADER))
+            running = running_requests.open(request_id, record_of(request.scope))
+            try:
+                return await handler(request, running)
+            except BaseException:
+                running.end()
+                raise
+
+        return route
+
+    async def cancel(request: Request) -> Response:
+        request_id = request.path_params["request_id"]
+        if not running_requests.cancel(request_id):
+            raise not_found(
+                f"no request {request_id!r} is running on this neuron", code="request_not_found"
+            )
+        return Response(status_code=204)
+
+    @inference
+    async def chat_completions(request: Request, running: Running) -> ASGIApp:
         body = await read_body(request, ChatCompletionRequest)
         body.model = neuron.model_id(body.model)  # one id per local folder, however spelled
         harness = neuron.harness_of(body.model)
@@ -103,9 +136,10 @@ def build_app(neuron: Neuron) -> Starlette:
         prompt = await harness.prepare_chat(
             body.model, body.messages, tools, body.chat_template_kwargs
         )
-        return await answer(request, harness, body, prompt)
+        return await answer(request, running, harness, body, prompt)
 
-    async def completions(request: Request) -> Response:
+    @inference
+    async def completions(request: Request, running: Running) -> ASGIApp:
         body = await read_body(request, CompletionRequest)
         body.model = neuron.model_id(body.model)
         harness = neuron.harness_of(body.model)
@@ -114,7 +148,7 @@ def build_app(neuron: Neuron) -> Starlette:
         except ValueError as exc:
             raise ApiError(400, str(exc), param="prompt", code="invalid_request") from None
         prompt = await harness.prepare_text(body.model, text)
-        return await answer(request, harness, body, prompt)
+        return await answer(request, running, harness, body, prompt)
 
     async def tokenize(request: Request) -> Response:
         body = await read_body(request, TokenizeRequest)
@@ -154,6 +188,7 @@ def build_app(neuron: Neuron) -> Starlette:
         Route("/v1/models", openai_models, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/requests/{request_id}/cancel", cancel, methods=["POST"]),
         Route("/tokenize", tokenize, methods=["POST"]),
     ]
     app = openai_app(routes, lifespan)

@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from starlette.responses import Response
-from starlette.types import Receive
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from helexa.core.errors import ApiError, internal, unavailable
 from helexa.core.http import (
@@ -21,8 +21,8 @@ from helexa.core.http import (
     unless_disconnected,
 )
 from helexa.core.wire import ChatCompletionRequest, CompletionRequest
-from helexa.neuron.admission import Admission, Place
-from helexa.neuron.harness.base import Harness, ModelGone, PreparedPrompt, TokenStream
+from helexa.neuron.admission import Admission, Place, Withdrawn
+from helexa.neuron.harness.base import Finish, Harness, ModelGone, PreparedPrompt, TokenStream
 from helexa.neuron.openai_format import (
     ChunkFactory,
     chat_completion,
@@ -30,6 +30,7 @@ from helexa.neuron.openai_format import (
     text_completion,
 )
 from helexa.neuron.output_parser import OutputParser, PlainText, TaggedOutput, merge_deltas
+from helexa.neuron.requests import Running
 from helexa.neuron.sampling import resolve_sampling
 from helexa.neuron.workers import WorkerPoisoned
 
@@ -60,6 +61,11 @@ def parser_for(
     )
 
 
+def unstarted(prompt: PreparedPrompt) -> Finish:
+    """The end of a request cancelled before it had a slot: nothing generated."""
+    return Finish(reason="cancelled", prompt_tokens=len(prompt.token_ids), completion_tokens=0)
+
+
 async def respond(
     *,
     harness: Harness,
@@ -68,10 +74,15 @@ async def respond(
     prompt: PreparedPrompt,
     keepalive_s: float,
     receive: Receive,
-) -> Response:
+    running: Running,
+) -> ASGIApp:
     """Answer one request. A client that leaves while queued or while a non-streaming
-    answer is generated stops the work (streams are watched by EventStreamResponse)."""
+    answer is generated stops the work (streams are watched by EventStreamResponse); a
+    cancel by request id (``running``) stops it too, and the answer then ends as usual with
+    what was generated. Either way the access log gets the exact token count."""
     chat = isinstance(body, ChatCompletionRequest)
+    running.record.prompt_tokens = len(prompt.token_ids)
+    running.record.completion_tokens = 0  # until a generation starts
     params = resolve_sampling(
         body,
         token_limit=body.token_limit(),
@@ -87,6 +98,8 @@ async def respond(
             raise generation_error(exc) from exc
         params = dataclasses.replace(params, prepared_format=prepared)
     place = gate.join()  # 503 now when draining or the queue is full
+    if place is not None:
+        running.queued(lambda: gate.withdraw(place))
 
     def start() -> TokenStream:
         """Generate on the slot just taken (released again if the start fails)."""
@@ -96,6 +109,8 @@ async def respond(
             gate.release()
             raise generation_error(exc) from exc
         gate.hold(stream)  # the drain deadline may end it (503 / an error event)
+        running.started(stream)
+        running.record.completion_tokens = None  # known once it ends
         return stream
 
     parser = parser_for(body, prompt)
@@ -108,14 +123,26 @@ async def respond(
         opening = sse_data(chunks.role(usage)) if chat else b""  # legacy: no role chunk
 
         def events(stream: TokenStream, first: bytes = b"") -> AsyncIterator[bytes]:
-            return stream_body(stream, chunks, parser, include_usage, keepalive_s, first)
+            return stream_body(stream, chunks, parser, include_usage, keepalive_s, running, first)
 
         if place is not None:  # headers and keep-alives now: waiting is not silence
-            queued = QueuedStream(gate, place, start, events, keepalive_s, body.model)
-            return EventStreamResponse(
-                queued.body(opening),
-                on_close=queued.close,
-                on_disconnect=queued.cancel,
+            queued = QueuedStream(
+                gate,
+                place,
+                start,
+                events,
+                lambda: stream_end(chunks, parser, unstarted(prompt), include_usage),
+                keepalive_s,
+                running,
+                body.model,
+            )
+            return Accounted(
+                EventStreamResponse(
+                    queued.body(opening),
+                    on_close=queued.close,
+                    on_disconnect=queued.cancel,
+                ),
+                running,
             )
         stream = start()
 
@@ -124,18 +151,42 @@ async def respond(
             gate.drop(stream)
             gate.release()
 
-        return EventStreamResponse(
-            events(stream, opening),
-            on_close=close,
-            on_disconnect=stream.cancel,
+        def left() -> None:
+            running.left()
+            stream.cancel()
+
+        return Accounted(
+            EventStreamResponse(events(stream, opening), on_close=close, on_disconnect=left),
+            running,
         )
 
+    try:
+        return await respond_whole(body, prompt, parser, gate, place, start, receive, running)
+    finally:
+        running.end()
+
+
+async def respond_whole(
+    body: ChatCompletionRequest | CompletionRequest,
+    prompt: PreparedPrompt,
+    parser: OutputParser,
+    gate: Admission,
+    place: Place | None,
+    start: Callable[[], TokenStream],
+    receive: Receive,
+    running: Running,
+) -> Response:
+    """The non-streaming answer: waits for its slot and generates while watching for the
+    client leaving (499, the generation cancelled and its tokens counted)."""
     if place is not None:
         try:
             await unless_disconnected(gate.wait(place), receive)
         except ClientGone:
+            running.left()
             log.info("client left while queued", extra={"model": body.model})
             return Response(status_code=499)
+        except Withdrawn:  # cancelled by id while queued: an empty answer, as usual
+            return whole_answer(body, parser, "", unstarted(prompt))
     stream = start()
 
     async def collect() -> list[str]:
@@ -147,29 +198,56 @@ async def respond(
     try:
         pieces = await unless_disconnected(collect(), receive)
     except ClientGone:
-        log.info("client left; generation cancelled", extra={"model": body.model})
-        return Response(status_code=499)
+        running.left()
+        pieces = None
     except Exception as exc:
         raise generation_error(exc) from exc
     finally:
         stream.cancel()
         gate.drop(stream)
         gate.release()
+        await running.settle()  # at once when it finished; else its cancel is waited for
+    if pieces is None:
+        log.info("client left; generation cancelled", extra={"model": body.model})
+        return Response(status_code=499)
     assert stream.finish is not None
-    text = "".join(pieces)
-    if chat:
+    return whole_answer(body, parser, "".join(pieces), stream.finish)
+
+
+def whole_answer(
+    body: ChatCompletionRequest | CompletionRequest, parser: OutputParser, text: str, finish: Finish
+) -> JSONResponse:
+    if isinstance(body, ChatCompletionRequest):
         message = merge_deltas([*parser.feed(text), *parser.finish()])
         return JSONResponse(
-            chat_completion(body.model, message, stream.finish, tool_calls=parser.saw_tool_calls)
+            chat_completion(body.model, message, finish, tool_calls=parser.saw_tool_calls)
         )
-    return JSONResponse(text_completion(body.model, text, stream.finish))
+    return JSONResponse(text_completion(body.model, text, finish))
+
+
+class Accounted:
+    """A streamed answer that, once over, puts its token count in the access log's
+    record — waiting (bounded) for a generation the client abandoned or a drain cut to
+    stop, so the count is exact — and leaves the registry of cancellable requests."""
+
+    def __init__(self, response: EventStreamResponse, running: Running) -> None:
+        self.response = response
+        self.running = running
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.response(scope, receive, send)
+        finally:
+            self.running.end()
+            await self.running.settle()
 
 
 class QueuedStream:
     """A stream that had to queue for a slot: its headers go out at once and an SSE
     keep-alive every ``keepalive_s`` while it waits (as while a prompt prefills), so a
     gateway's idle timeout sees a live stream, not a silent neuron. A wait that ends in a
-    503 (queue timeout, drain) ends the stream with that error event, before any chunk."""
+    503 (queue timeout, drain) ends the stream with that error event, before any chunk; a
+    cancel by request id while it waits ends it as an empty answer (``unstarted``)."""
 
     def __init__(
         self,
@@ -177,14 +255,18 @@ class QueuedStream:
         place: Place,
         start: Callable[[], TokenStream],
         events: Callable[[TokenStream], AsyncIterator[bytes]],
+        unstarted: Callable[[], bytes],
         keepalive_s: float,
+        running: Running,
         model: str,
     ) -> None:
         self.gate = gate
         self.place = place
         self.start = start
         self.events = events
+        self.unstarted = unstarted
         self.keepalive_s = keepalive_s
+        self.running = running
         self.model = model
         self.stream: TokenStream | None = None
 
@@ -195,14 +277,20 @@ class QueuedStream:
             while not await self.gate.wait(self.place, self.keepalive_s):
                 yield SSE_KEEPALIVE
             self.stream = self.start()
+        except Withdrawn:
+            yield self.unstarted()
+            return
         except ApiError as error:
             log.info("queued stream refused", extra={"model": self.model, "code": error.code})
+            self.running.failed(error.code)
             yield sse_data(error.openai_body())
             return
         async for chunk in self.events(self.stream):
             yield chunk
 
     def cancel(self) -> None:
+        """The client left."""
+        self.running.left()
         if self.stream is not None:
             self.stream.cancel()
 
@@ -216,12 +304,27 @@ class QueuedStream:
         self.gate.release()
 
 
+def stream_end(
+    chunks: ChunkFactory, parser: OutputParser, finish: Finish, include_usage: bool
+) -> bytes:
+    """The last chunks of a stream that ended as usual (a cancel by id included): what the
+    parser held back, the finish reason, the usage when asked, ``[DONE]``."""
+    tail = [sse_data(chunks.delta(d)) for d in parser.finish()]
+    reason = finish_reason(finish, tool_calls=parser.saw_tool_calls)
+    tail.append(sse_data(chunks.final(reason, finish.stop_sequence)))
+    if include_usage:
+        tail.append(sse_data(chunks.usage(finish)))
+    tail.append(SSE_DONE)
+    return b"".join(tail)
+
+
 async def stream_body(
     stream: TokenStream,
     chunks: ChunkFactory,
     parser: OutputParser,
     include_usage: bool,
     keepalive_s: float,
+    running: Running,
     opening: bytes = b"",
 ) -> AsyncIterator[bytes]:
     """``opening`` (the role chunk, unless already sent), the stream's chunks, its end."""
@@ -243,16 +346,11 @@ async def stream_body(
         log.warning(
             "generation failed mid-stream", extra={"model": chunks.model, "error": error.message}
         )
+        running.failed(error.code)
         yield sse_data(error.openai_body())
         return
     finish = stream.finish
-    tail = [sse_data(chunks.delta(d)) for d in parser.finish()]
-    reason = finish_reason(finish, tool_calls=parser.saw_tool_calls)
-    tail.append(sse_data(chunks.final(reason, finish.stop_sequence)))
-    if include_usage:
-        tail.append(sse_data(chunks.usage(finish)))
-    tail.append(SSE_DONE)
-    yield b"".join(tail)
+    yield stream_end(chunks, parser, finish, include_usage)
     elapsed = time.monotonic() - started
     log.debug(
         "stream done",

@@ -185,6 +185,27 @@ class TokenStream:
             self.finish = self._future.result()
         return pieces
 
+    async def settled(self, timeout: float) -> Finish | None:
+        """How the generation ended, for the books once its answer is over (the client
+        left, a drain cut it): a cancelled generation stops before its next token, so this
+        waits at most ``timeout`` for the device thread to say how many it made. None when
+        it failed or is still running then. Consumes nothing."""
+        if self.finish is not None:
+            return self.finish
+        if self._future is None:
+            return None
+        try:
+            async with asyncio.timeout(timeout):
+                while not self._ended:
+                    await self._wakeup.wait()
+                    self._wakeup.clear()
+        except TimeoutError:
+            return None
+        future = self._future
+        if future.cancelled() or future.exception() is not None:
+            return None
+        return future.result()
+
     async def __aiter__(self) -> AsyncIterator[list[str]]:
         while self.finish is None:
             pieces = await self.next_batch()
