@@ -402,6 +402,16 @@ def test_server_tools_left_out_or_refused() -> None:
     assert info.value.param == "tools[0].name"
 
 
+@pytest.mark.parametrize("name", [["x"], {"x": 1}, 5])
+@pytest.mark.parametrize("deferred", [False, True])
+def test_a_tool_name_that_is_not_a_string_is_a_400(name: Any, deferred: bool) -> None:
+    """Not a 500 (a list cannot key the deferred tools), nor a name sent on to the model."""
+    tool = {"name": name, "input_schema": {"type": "object"}, "defer_loading": deferred}
+    with pytest.raises(ApiError) as info:
+        tr.tool_set([tool], "omit")
+    assert info.value.status == 400 and info.value.param == "tools[0].name"
+
+
 def test_deferred_tools_expand_where_a_tool_reference_names_them() -> None:
     fetch = {"name": "WebFetch", "description": "Fetch.", "input_schema": {"type": "object"}}
     tools = [

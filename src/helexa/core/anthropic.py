@@ -272,8 +272,8 @@ def tool_set(tools: list[dict[str, Any]] | None, hosted: HostedTools = "reject")
     deferred: dict[str, dict[str, Any]] = {}
     for index, tool in enumerate(tools or []):
         where = f"tools[{index}]"
-        if not isinstance(tool, dict) or not tool.get("name"):
-            raise bad_request(f"{where}: a tool needs a name", param=f"{where}.name")
+        if not isinstance(tool, dict) or not tool.get("name") or not isinstance(tool["name"], str):
+            raise bad_request(f"{where}: a tool needs a name (a string)", param=f"{where}.name")
         kind = tool.get("type")
         if kind in (None, "custom") and tool.get("defer_loading") is True:
             # Claude Code's tool search: shown to the model only once a tool_reference
