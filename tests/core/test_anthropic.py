@@ -402,6 +402,16 @@ def test_server_tools_left_out_or_refused() -> None:
     assert info.value.param == "tools[0].name"
 
 
+@pytest.mark.parametrize("name", [["x"], {"x": 1}, 5])
+@pytest.mark.parametrize("deferred", [False, True])
+def test_a_tool_name_that_is_not_a_string_is_a_400(name: Any, deferred: bool) -> None:
+    """Not a 500 (a list cannot key the deferred tools), nor a name sent on to the model."""
+    tool = {"name": name, "input_schema": {"type": "object"}, "defer_loading": deferred}
+    with pytest.raises(ApiError) as info:
+        tr.tool_set([tool], "omit")
+    assert info.value.status == 400 and info.value.param == "tools[0].name"
+
+
 def test_deferred_tools_expand_where_a_tool_reference_names_them() -> None:
     fetch = {"name": "WebFetch", "description": "Fetch.", "input_schema": {"type": "object"}}
     tools = [
@@ -447,3 +457,29 @@ def test_deferred_tools_expand_where_a_tool_reference_names_them() -> None:
         kept,
     )
     assert counted["messages"][-1] == result
+
+
+def test_a_deferred_tool_is_written_once_however_often_it_is_referenced() -> None:
+    """Thousands of references to one large definition stay the size of the request (each
+    used to expand in full: a 240 kB request became 300 MB), in messages and count_tokens."""
+    big = {"name": "Big", "description": "x" * 100_000, "input_schema": {"type": "object"}}
+    tools = [{"name": "ToolSearch", "input_schema": {}}, {**big, "defer_loading": True}]
+    result = {"type": "tool_reference", "tool_name": "Big"}
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "go"}]
+    for turn in range(2):  # found again by a second search: already loaded
+        use = {"type": "tool_use", "id": f"t{turn}", "name": "ToolSearch", "input": {}}
+        messages.append({"role": "assistant", "content": [use]})
+        answer = {"type": "tool_result", "tool_use_id": f"t{turn}", "content": [result] * 3000}
+        messages.append({"role": "user", "content": [answer]})
+    kept = tr.tool_set(tools, "omit")
+    body = tr.to_openai(request(tools=tools, messages=messages), "m", kept)
+    assert len(json.dumps(body)) < 2 * len(json.dumps(messages)) + 200_000
+    first, second = body["messages"][2]["content"], body["messages"][4]["content"]
+    assert first.count('"name": "Big"') == 1 and "x" * 100_000 in first
+    assert "'Big' is loaded: its definition is above" in second and "x" * 1000 not in second
+    counted = tr.to_tokenize(
+        tr.CountTokensRequest.model_validate({"model": "m", "tools": tools, "messages": messages}),
+        "m",
+        kept,
+    )
+    assert counted["messages"] == body["messages"]

@@ -140,21 +140,28 @@ def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def _tool_reference(item: dict[str, Any], tools: ToolSet) -> str:
+def _tool_reference(item: dict[str, Any], tools: ToolSet, loaded: set[str]) -> str:
     """A ``tool_reference`` (Claude Code's ToolSearch result) expanded where it stands, as
     Anthropic expands it: the deferred tool's full definition in the ``<functions>`` form
     ToolSearch's description promises. The tool list at the top of the prompt stays as it
-    was, so loading a tool never invalidates the conversation's cached prefix."""
+    was, so loading a tool never invalidates the conversation's cached prefix.
+
+    Each tool's definition is written once per conversation, where it is first named
+    (``loaded``): a later reference points back to it. Else a request of a few hundred
+    kilobytes (one large definition, thousands of references) would expand to gigabytes."""
     name = item.get("tool_name")
     function = tools.deferred.get(name) if isinstance(name, str) else None
     if function is None:
         return f"<functions></functions>\n(no deferred tool named {name!r} was sent)"
+    if name in loaded:
+        return f"<functions></functions>\n(tool {name!r} is loaded: its definition is above)"
+    loaded.add(name)
     definition = json.dumps(function, ensure_ascii=False)
     return f"<functions>\n<function>{definition}</function>\n</functions>"
 
 
 def _tool_result_content(
-    block: dict[str, Any], where: str, tools: ToolSet
+    block: dict[str, Any], where: str, tools: ToolSet, loaded: set[str]
 ) -> str | list[dict[str, Any]]:
     """A tool result's text, or content parts when it carries images: those travel on to
     the model, which takes them or refuses them by name — never silently dropped."""
@@ -174,7 +181,7 @@ def _tool_result_content(
         elif kind == "image":
             parts.append(_image_part(item, f"{where}.tool_result[{index}]"))
         elif kind == "tool_reference":
-            parts.append({"type": "text", "text": _tool_reference(item, tools)})
+            parts.append({"type": "text", "text": _tool_reference(item, tools, loaded)})
         else:
             raise bad_request(
                 f"{where}: unsupported block type {kind!r} inside a tool_result", param=where
@@ -184,7 +191,9 @@ def _tool_result_content(
     return ([{"type": "text", "text": prefix}] if prefix else []) + parts
 
 
-def _convert_message(index: int, message: AnthropicMessage, tools: ToolSet) -> list[dict[str, Any]]:
+def _convert_message(
+    index: int, message: AnthropicMessage, tools: ToolSet, loaded: set[str]
+) -> list[dict[str, Any]]:
     where = f"messages[{index}].content"
     if message.role == "system":
         text = (
@@ -233,7 +242,7 @@ def _convert_message(index: int, message: AnthropicMessage, tools: ToolSet) -> l
                 {
                     "role": "tool",
                     "tool_call_id": block.get("tool_use_id"),
-                    "content": _tool_result_content(block, where, tools),
+                    "content": _tool_result_content(block, where, tools, loaded),
                 }
             )
         elif kind == "text":
@@ -272,8 +281,8 @@ def tool_set(tools: list[dict[str, Any]] | None, hosted: HostedTools = "reject")
     deferred: dict[str, dict[str, Any]] = {}
     for index, tool in enumerate(tools or []):
         where = f"tools[{index}]"
-        if not isinstance(tool, dict) or not tool.get("name"):
-            raise bad_request(f"{where}: a tool needs a name", param=f"{where}.name")
+        if not isinstance(tool, dict) or not tool.get("name") or not isinstance(tool["name"], str):
+            raise bad_request(f"{where}: a tool needs a name (a string)", param=f"{where}.name")
         kind = tool.get("type")
         if kind in (None, "custom") and tool.get("defer_loading") is True:
             # Claude Code's tool search: shown to the model only once a tool_reference
@@ -307,12 +316,13 @@ def _tool_choice(choice: dict[str, Any]) -> Any:
 
 def _messages(req: MessagesRequest | CountTokensRequest, tools: ToolSet) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
+    loaded: set[str] = set()  # deferred tools whose definition is written (_tool_reference)
     if req.system:
         system = req.system if isinstance(req.system, str) else _system_text(req.system, "system")
         if system:
             out.append({"role": "system", "content": system})
     for index, message in enumerate(req.messages):
-        out.extend(_convert_message(index, message, tools))
+        out.extend(_convert_message(index, message, tools, loaded))
     return out
 
 
