@@ -483,3 +483,21 @@ def test_a_deferred_tool_is_written_once_however_often_it_is_referenced() -> Non
         kept,
     )
     assert counted["messages"] == body["messages"]
+
+
+def test_tool_choice_of_a_left_out_or_deferred_tool() -> None:
+    tools = [
+        {"name": "Read", "input_schema": {"type": "object"}},
+        {"type": "web_search_20250305", "name": "ws"},
+        {"name": "WebFetch", "input_schema": {"type": "object"}, "defer_loading": True},
+    ]
+    kept = tr.tool_set(tools, "omit")
+    with pytest.raises(ApiError) as info:
+        tr.to_openai(request(tools=tools, tool_choice={"type": "tool", "name": "ws"}), "m", kept)
+    assert info.value.param == "tool_choice" and "leaves out" in info.value.message
+    body = tr.to_openai(
+        request(tools=tools, tool_choice={"type": "tool", "name": "WebFetch"}), "m", kept
+    )
+    assert [t["function"]["name"] for t in body["tools"]] == ["Read", "WebFetch"]
+    body = tr.to_openai(request(tools=tools, tool_choice={"type": "auto"}), "m", kept)
+    assert [t["function"]["name"] for t in body["tools"]] == ["Read"]

@@ -135,3 +135,13 @@ def test_both_daemons_raise_it_at_start() -> None:
         assert "raise_nofile()" in source
         assert source.index("setup_logging(") < source.index("raise_nofile()")
     assert logs.LogfmtFormatter  # the module both daemons log through
+
+
+def test_control_characters_never_reach_the_line_raw() -> None:
+    """A client puts NUL, CR or a tab in a path (``/v1/requests/%00/cancel``): one line,
+    every control character escaped."""
+    record = logging.LogRecord("helexa.test", logging.INFO, __file__, 1, "request", (), None)
+    record.path = "/v1/requests/\x00\r\n\t\x7f/cancel"  # type: ignore[attr-defined]
+    line = LogfmtFormatter().format(record)
+    assert "\n" not in line and "\r" not in line and "\x00" not in line and "\x7f" not in line
+    assert 'path="/v1/requests/\\x00\\r\\n\\t\\x7f/cancel"' in line

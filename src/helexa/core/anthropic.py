@@ -279,6 +279,7 @@ def tool_set(tools: list[dict[str, Any]] | None, hosted: HostedTools = "reject")
     chat: list[dict[str, Any]] = []
     omitted: list[str] = []
     deferred: dict[str, dict[str, Any]] = {}
+    withheld: set[str] = set()
     for index, tool in enumerate(tools or []):
         where = f"tools[{index}]"
         if not isinstance(tool, dict) or not tool.get("name") or not isinstance(tool["name"], str):
@@ -298,10 +299,11 @@ def tool_set(tools: list[dict[str, Any]] | None, hosted: HostedTools = "reject")
             "supported"
         )
         omitted.append(leave_out(hosted, kind, f"{where}.type", why))
-    return ToolSet(chat, tuple(omitted), deferred=deferred)
+        withheld.add(tool["name"])
+    return ToolSet(chat, tuple(omitted), deferred=deferred, withheld=frozenset(withheld))
 
 
-def _tool_choice(choice: dict[str, Any]) -> Any:
+def _tool_choice(choice: dict[str, Any], tools: ToolSet) -> Any:
     kind = choice.get("type")
     if kind == "auto":
         return "auto"
@@ -310,6 +312,12 @@ def _tool_choice(choice: dict[str, Any]) -> Any:
     if kind == "none":
         return "none"
     if kind == "tool" and choice.get("name"):
+        if choice["name"] in tools.withheld:
+            raise bad_request(
+                f"tool_choice names {choice['name']!r}, a server tool this gateway leaves out "
+                "(x-helexa-omitted-tools): no model here can call it",
+                param="tool_choice",
+            )
         return {"type": "function", "function": {"name": choice["name"]}}
     raise bad_request(f"unsupported tool_choice {choice!r}", param="tool_choice")
 
@@ -394,10 +402,14 @@ def to_openai(req: MessagesRequest, model_id: str, tools: ToolSet | None = None)
             body[key] = value
     if req.stop_sequences:
         body["stop"] = req.stop_sequences
-    if tools.tools:
-        body["tools"] = tools.tools
+    chat_tools = tools.tools
     if req.tool_choice:
-        body["tool_choice"] = _tool_choice(req.tool_choice)
+        body["tool_choice"] = _tool_choice(req.tool_choice, tools)
+        forced = req.tool_choice.get("name")
+        if forced in tools.deferred:  # forcing a deferred tool loads it
+            chat_tools = [*chat_tools, {"type": "function", "function": tools.deferred[forced]}]
+    if chat_tools:
+        body["tools"] = chat_tools
     fmt = response_format(req.output_config)
     if fmt is not None:
         body["response_format"] = fmt

@@ -23,10 +23,23 @@ def strip_ansi(text: str) -> str:
     return _ANSI.sub("", text)
 
 
+# Control characters a client can put in a path or a header value: escaped, so one log
+# line stays one line and a NUL or CR never reaches the journal raw. ESC is left to
+# strip_ansi (colours on a terminal, nothing in a file).
+_CONTROL = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or f"\\x{ord(char):02x}"
+
+
 def _quote(value: object) -> str:
     text = str(value)
-    if text == "" or any(c in text for c in ' "=\n'):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if text == "" or any(c in text for c in ' "=') or _CONTROL.search(text):
+        text = text.replace("\\", "\\\\").replace('"', '\\"')
+        return '"' + _CONTROL.sub(_escape, text) + '"'
     return text
 
 

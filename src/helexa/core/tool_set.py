@@ -66,6 +66,7 @@ class ToolSet:
     # Tools sent with defer_loading (Anthropic tool search): name → function definition,
     # shown to the model where a tool_reference names them, not in the tool list.
     deferred: dict[str, dict[str, Any]] = field(default_factory=dict)
+    withheld: frozenset[str] = frozenset()  # names of the tools left out (tool_choice)
 
     def visible(self, name: str, namespace: str | None) -> str:
         """The model's name for ``name`` in ``namespace`` (as a replayed call names it)."""

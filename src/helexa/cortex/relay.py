@@ -193,6 +193,17 @@ class Endpoint:
         except ClientGone:
             record.error = "client_disconnected"
             return  # left while sending its request: nobody to tell
+        except Exception as exc:  # a translator bug: a 500 in the client's own envelope
+            log.error("request translation failed", extra={"error": repr(exc)}, exc_info=exc)
+            record.error = "internal_error"
+            error = ApiError(
+                500,
+                f"internal error translating the request ({type(exc).__name__})",
+                type="server_error",
+                code="internal_error",
+            )
+            await send_json(send, 500, protocol.error_body(error))
+            return
         # From here a client that leaves is watched for (cortex.abandon): the request is
         # ended at once while it has not reached a neuron, cancelled there once it has.
         watch = ClientWatch(receive, send)
