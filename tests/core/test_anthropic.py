@@ -501,3 +501,18 @@ def test_tool_choice_of_a_left_out_or_deferred_tool() -> None:
     assert [t["function"]["name"] for t in body["tools"]] == ["Read", "WebFetch"]
     body = tr.to_openai(request(tools=tools, tool_choice={"type": "auto"}), "m", kept)
     assert [t["function"]["name"] for t in body["tools"]] == ["Read"]
+
+
+@pytest.mark.parametrize("choice", [{"type": "tool", "name": ["x"]}, {"type": "auto", "name": {}}])
+def test_tool_choice_with_an_odd_name_is_a_400_or_ignored(choice: dict[str, Any]) -> None:
+    tools = [{"name": "x", "input_schema": {}, "defer_loading": True}]
+    kept = tr.tool_set(tools, "omit")
+    if choice["type"] == "tool":
+        with pytest.raises(ApiError) as info:
+            tr.to_openai(request(tools=tools, tool_choice=choice), "m", kept)
+        assert info.value.param == "tool_choice"
+    else:
+        assert (
+            tr.to_openai(request(tools=tools, tool_choice=choice), "m", kept)["tool_choice"]
+            == "auto"
+        )

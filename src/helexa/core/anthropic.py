@@ -311,7 +311,7 @@ def _tool_choice(choice: dict[str, Any], tools: ToolSet) -> Any:
         return "required"
     if kind == "none":
         return "none"
-    if kind == "tool" and choice.get("name"):
+    if kind == "tool" and choice.get("name") and isinstance(choice["name"], str):
         if choice["name"] in tools.withheld:
             raise bad_request(
                 f"tool_choice names {choice['name']!r}, a server tool this gateway leaves out "
@@ -406,7 +406,7 @@ def to_openai(req: MessagesRequest, model_id: str, tools: ToolSet | None = None)
     if req.tool_choice:
         body["tool_choice"] = _tool_choice(req.tool_choice, tools)
         forced = req.tool_choice.get("name")
-        if forced in tools.deferred:  # forcing a deferred tool loads it
+        if isinstance(forced, str) and forced in tools.deferred:  # forcing one loads it
             chat_tools = [*chat_tools, {"type": "function", "function": tools.deferred[forced]}]
     if chat_tools:
         body["tools"] = chat_tools
