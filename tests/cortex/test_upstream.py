@@ -162,3 +162,17 @@ def test_how_a_relayed_stream_ended_is_known_for_the_log_and_metrics() -> None:
     assert outcome(200, "client_disconnected") == "abandoned"
     assert outcome(503, "upstream_timeout") == "error"
     assert outcome(499, "client_disconnected") == "abandoned"
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "host"),
+    [
+        ("http://[::1]:13131", b"Host: [::1]:13131"),
+        ("http://[fe80::1]:80", b"Host: [fe80::1]:80"),
+        ("http://beast.internal:13131", b"Host: beast.internal:13131"),
+        ("http://10.0.0.2", b"Host: 10.0.0.2:80"),
+    ],
+)
+def test_host_header_brackets_ipv6_literals(endpoint: str, host: bytes) -> None:
+    request = Pool(endpoint)._encode("GET", "/health", None, None)
+    assert request.split(b"\r\n")[1] == host

@@ -219,7 +219,9 @@ class Pool:
         self._default_lines = [name + b": " + value for name, value in headers or ()]
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 80
-        self._host_header = f"{self.host}:{self.port}".encode()
+        # An IPv6 literal goes in brackets (RFC 9110's Host), as in the URL it came from.
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self._host_header = f"{host}:{self.port}".encode()
         self._idle: list[_Connection] = []
         self._max_idle = max_idle
         self.active: set[_Connection] = set()  # lent out to a request or response
