@@ -111,6 +111,7 @@ def test_cortex_up_without_the_hub_serves_the_demo_model_that_speaks(
     try:
         assert "model SmolLM2-135M-Instruct (Q4_1), alias helexa/default" in banner, banner
         assert "small demo model" in banner and "random" not in banner
+        assert "do not fit the demo model's 8 192-token context" in banner
         if not flags:
             assert "Serving the small demo model instead" in " ".join(banner.split())
         curl = banner_curl(banner, "/v1/chat/completions")

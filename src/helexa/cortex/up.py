@@ -519,7 +519,13 @@ class LocalFleet:
             f"-d '{messages}'\n\n"
             f"  export ANTHROPIC_BASE_URL={self.base}   # Claude Code: claude-* names "
             f"are served by {self.model}\n"
-            f'  base_url = "{self.base}/v1"   # Codex: its provider block, '
+            + (
+                "  (Claude Code's and Codex's own prompts, 10-12 k tokens, do not fit the demo "
+                "model's 8 192-token context: they need a bigger model)\n"
+                if self.kind == "demo"
+                else ""
+            )
+            + f'  base_url = "{self.base}/v1"   # Codex: its provider block, '
             "docs/claude-code.md#codex; the OpenAI SDKs: base_url=\n\n"
             f"  {status}   # neurons, models, memory\n"
             f"  metrics: http://{metrics_host}:{self.metrics_port}/metrics\n\n"
