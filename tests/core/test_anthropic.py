@@ -516,3 +516,11 @@ def test_tool_choice_with_an_odd_name_is_a_400_or_ignored(choice: dict[str, Any]
             tr.to_openai(request(tools=tools, tool_choice=choice), "m", kept)["tool_choice"]
             == "auto"
         )
+
+
+def test_only_deferred_tools_are_sent_whole() -> None:
+    """Tool search without any tool the model sees from the start cannot work: the deferred
+    tools go in the tool list, so their calls are parsed."""
+    tools = [{"name": "WebFetch", "input_schema": {"type": "object"}, "defer_loading": True}]
+    body = tr.to_openai(request(tools=tools), "m", tr.tool_set(tools, "omit"))
+    assert [t["function"]["name"] for t in body["tools"]] == ["WebFetch"]

@@ -145,3 +145,14 @@ def test_control_characters_never_reach_the_line_raw() -> None:
     line = LogfmtFormatter().format(record)
     assert "\n" not in line and "\r" not in line and "\x00" not in line and "\x7f" not in line
     assert 'path="/v1/requests/\\x00\\r\\n\\t\\x7f/cancel"' in line
+
+
+def test_terminal_escapes_in_fields_never_reach_the_line_raw() -> None:
+    """A client's path with ESC c (a terminal reset) or a C1 CSI: escaped on a terminal
+    too; ANSI colour sequences in a field are dropped."""
+    record = logging.LogRecord("helexa.test", logging.INFO, __file__, 1, "a\x00b", (), None)
+    record.path = "/a\x1bc\x9bX\x1b[2J"  # type: ignore[attr-defined]
+    for strip in (True, False):
+        line = LogfmtFormatter(strip_ansi=strip).format(record)
+        assert not any(c in line for c in "\x1b\x9b\x00"), line
+        assert 'path="/a\\x1bc\\x9bX"' in line and 'msg="a\\x00b"' in line

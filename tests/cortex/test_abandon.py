@@ -298,14 +298,22 @@ def test_a_client_that_leaves_the_neuron_itself_is_logged_with_the_tokens_made(
     daemon, url = one.neurons["n"]
     path = "/v1/chat/completions"
     cancelled = re.compile(r'msg="generation cancelled" completion_tokens=(\d+)')
+
+    def abandoned() -> list[dict[str, str]]:
+        lines = [fields(x) for x in daemon.log().splitlines() if "msg=request" in x]
+        return [x for x in lines if x["path"] == path and x["outcome"] == "abandoned"]
+
     seen = len(cancelled.findall(daemon.log()))
+    before = len(abandoned())
     body = {"model": MODEL, "messages": MSGS, "max_tokens": LONG, "temperature": 0}
     leave_mid_generation(url, path, body | {"stream": stream}, one)
 
     def line() -> dict[str, str] | None:
-        lines = [fields(x) for x in daemon.log().splitlines() if "msg=request" in x]
-        left = [x for x in lines if x["path"] == path and x["outcome"] == "abandoned"]
-        return left[-1] if left and len(cancelled.findall(daemon.log())) > seen else None
+        """This request's line: a new abandoned one, once its cancellation was logged (the
+        access line comes after it, so an earlier request's line is never taken)."""
+        left = abandoned()
+        done = len(left) > before and len(cancelled.findall(daemon.log())) > seen
+        return left[before] if done else None
 
     wait_for("the neuron's line", line)
     ours = line()

@@ -402,11 +402,15 @@ def to_openai(req: MessagesRequest, model_id: str, tools: ToolSet | None = None)
             body[key] = value
     if req.stop_sequences:
         body["stop"] = req.stop_sequences
-    chat_tools = tools.tools
+    # Tool search needs tools the model sees from the start (ToolSearch itself): with none,
+    # the deferred ones are sent whole, or their calls would not be parsed at all.
+    chat_tools = tools.tools or [
+        {"type": "function", "function": function} for function in tools.deferred.values()
+    ]
     if req.tool_choice:
         body["tool_choice"] = _tool_choice(req.tool_choice, tools)
         forced = req.tool_choice.get("name")
-        if isinstance(forced, str) and forced in tools.deferred:  # forcing one loads it
+        if isinstance(forced, str) and forced in tools.deferred and tools.tools:  # load it
             chat_tools = [*chat_tools, {"type": "function", "function": tools.deferred[forced]}]
     if chat_tools:
         body["tools"] = chat_tools

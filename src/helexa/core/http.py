@@ -277,7 +277,8 @@ class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
-async def _disconnected(receive: Receive) -> None:
+async def disconnected(receive: Receive) -> None:
+    """Returns once the client has gone (``http.disconnect``)."""
     while (await receive())["type"] != "http.disconnect":
         pass
 
@@ -292,7 +293,7 @@ async def unless_disconnected(work: Awaitable[T], receive: Receive) -> T:
 
     async def watch() -> None:
         nonlocal gone
-        await _disconnected(receive)
+        await disconnected(receive)
         gone = True
         me.cancel()
 
@@ -321,7 +322,7 @@ async def until_done_or_disconnect(
     (cancelling a generation, closing an upstream) runs at once, not at the next send."""
 
     pump_task = asyncio.ensure_future(pump())
-    watch_task = asyncio.ensure_future(_disconnected(receive))
+    watch_task = asyncio.ensure_future(disconnected(receive))
     try:
         await asyncio.wait({pump_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
     finally:

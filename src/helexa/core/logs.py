@@ -24,9 +24,12 @@ def strip_ansi(text: str) -> str:
 
 
 # Control characters a client can put in a path or a header value: escaped, so one log
-# line stays one line and a NUL or CR never reaches the journal raw. ESC is left to
-# strip_ansi (colours on a terminal, nothing in a file).
-_CONTROL = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f]")
+# line stays one line and a NUL, CR or terminal escape never reaches the journal or the
+# operator's terminal raw. Field values carry no colours of ours: their ANSI sequences are
+# dropped, and ESC and the C1 controls are escaped with the rest. The message keeps ESC
+# (a library's colours, for a terminal; strip_ansi takes them out of files).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_IN_MESSAGE = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f-\x9f]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -35,11 +38,13 @@ def _escape(match: re.Match[str]) -> str:
     return _NAMED.get(char) or f"\\x{ord(char):02x}"
 
 
-def _quote(value: object) -> str:
+def _quote(value: object, control: re.Pattern[str] = _CONTROL) -> str:
     text = str(value)
-    if text == "" or any(c in text for c in ' "=') or _CONTROL.search(text):
+    if control is _CONTROL:
+        text = strip_ansi(text)
+    if text == "" or any(c in text for c in ' "=') or control.search(text):
         text = text.replace("\\", "\\\\").replace('"', '\\"')
-        return '"' + _CONTROL.sub(_escape, text) + '"'
+        return '"' + control.sub(_escape, text) + '"'
     return text
 
 
@@ -56,7 +61,7 @@ class LogfmtFormatter(logging.Formatter):
             f"ts={stamp}.{int(record.msecs):03d}",
             f"level={record.levelname.lower()}",
             f"logger={record.name}",
-            f"msg={_quote(record.getMessage())}",
+            f"msg={_quote(record.getMessage(), _CONTROL_IN_MESSAGE)}",
         ]
         parts += [
             f"{k}={_quote(v)}"

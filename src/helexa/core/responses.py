@@ -252,8 +252,7 @@ def _messages(req: ResponsesRequest, tools: ToolSet) -> list[dict[str, Any]]:
     return out
 
 
-# Tool types that OpenAI runs itself (or that only OpenAI's models know how to call):
-# nothing on this fleet provides them. Any type but function and namespace is one.
+# Why a tool type other than function and namespace is refused (hosted_tools = "reject").
 FUNCTION_ONLY = "cortex serves only function tools (alone or in a namespace)"
 
 

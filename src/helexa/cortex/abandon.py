@@ -18,7 +18,7 @@ import secrets
 
 from starlette.types import Message, Receive, Send
 
-from helexa.core.http import cancel_path
+from helexa.core.http import cancel_path, disconnected
 from helexa.cortex.upstream import Pool, UpstreamError
 
 log = logging.getLogger("helexa.cortex.proxy")
@@ -73,8 +73,7 @@ class ClientWatch:
         self._watcher = asyncio.ensure_future(self._watch(receive))
 
     async def _watch(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
+        await disconnected(receive)
         if self._answered:
             return
         self.gone = True

@@ -170,7 +170,6 @@ class Endpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         protocol = self.protocol
         record = record_of(scope)
-        request: NeuronRequest | None = None
         try:
             body = parse_json(await receive_body(scope, receive))  # limits: 413, 408
             requested = protocol.model_of(body)
@@ -187,8 +186,7 @@ class Endpoint:
             record.omitted_tools = request.omitted
         except ApiError as exc:
             record.error = exc.code or "error"
-            headers = error_headers(exc) + (request.headers() if request else [])
-            await send_json(send, exc.status, protocol.error_body(exc), headers)
+            await send_json(send, exc.status, protocol.error_body(exc), error_headers(exc))
             return
         except ClientGone:
             record.error = "client_disconnected"
