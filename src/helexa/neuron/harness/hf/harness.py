@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from helexa.core.errors import ApiError, bad_request, model_not_found, unavailable
+from helexa.core.errors import bad_request, model_not_found
 from helexa.core.wire import (
     BatchInfo,
     ModelSize,
@@ -21,11 +21,11 @@ from helexa.core.wire import (
     PrefixCacheInfo,
 )
 from helexa.neuron.config import TransformersHarnessSettings
-from helexa.neuron.devices import CPU, DevicePool, cuda_key, model_too_large
+from helexa.neuron.devices import DevicePool
 from helexa.neuron.harness.base import ModelGone, PreparedPrompt, TokenStream
 from helexa.neuron.harness.compile_gate import CompileGate
 from helexa.neuron.harness.engine import Engine, Generation
-from helexa.neuron.harness.hf import loader
+from helexa.neuron.harness.hf import loader, plan
 from helexa.neuron.harness.hf.batched import (
     PagedBackend,
     SequentialBackend,
@@ -68,12 +68,6 @@ class LoadedModel:
     kv_capacity_tokens: int | None = None  # the paged KV cache; None: sequential decoding
     loaded: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def insufficient_memory(message: str) -> ApiError:
-    return ApiError(
-        409, message, type="invalid_request_error", code="insufficient_memory", param="model_id"
-    )
 
 
 class TransformersHarness(TokenizerPrompts):
@@ -146,50 +140,15 @@ class TransformersHarness(TokenizerPrompts):
 
     async def _place(self, spec: ModelSpec, need: int) -> str:
         """The device key for a model needing ``need`` bytes, reserved there (the caller
-        releases the reservation); refuses with the reason."""
-        if (spec.tensor_parallel or 1) > 1 or (spec.devices and len(spec.devices) > 1):
-            raise bad_request(
-                "the transformers harness places a model on exactly one device; "
-                "tensor_parallel and multi-device placement are not supported (the llamacpp "
-                "harness splits GGUF models across GPUs)",
-                param="devices",
-                code="unsupported_placement",
-            )
-        if spec.devices == []:
-            candidates = [CPU]
-        elif spec.devices:
-            index = spec.devices[0]
-            if index not in self._pool.cuda_indices:
-                raise bad_request(
-                    f"no CUDA device {index} on this host (have {self._pool.cuda_indices}); "
-                    "devices: [] is the CPU",
-                    param="devices",
-                    code="no_such_device",
-                )
-            candidates = [cuda_key(index)]
-        elif self._pool.cuda_indices:
-            candidates = [cuda_key(i) for i in self._pool.cuda_indices]
-        else:
-            candidates = [CPU]
-        healthy = [k for k in candidates if self._pool.worker(k).poisoned is None]
-        if not healthy:
-            raise unavailable(
-                f"every candidate device is poisoned ({', '.join(candidates)}); unload and "
-                "reload its models, or restart the neuron",
-                code="device_poisoned",
-                retry_after=30,
-            )
-        room = await self._pool.room(healthy)
-        best = max(healthy, key=lambda k: room[k])
+        releases the reservation); refuses with the reason (the decisions: ``plan``)."""
+        keys = plan.candidates(spec.devices, spec.tensor_parallel, self._pool.cuda_indices)
+        poisoned = [k for k in keys if self._pool.worker(k).poisoned is not None]
+        keys = plan.healthy(keys, poisoned)
+        room = await self._pool.room(keys)
+        best = plan.best_device(keys, room)
         if room[best] < need:
-            capacity = {k: await self._pool.capacity_bytes(k) for k in healthy}
-            largest = max(healthy, key=lambda k: capacity[k])
-            if need > capacity[largest]:
-                raise model_too_large(need, capacity[largest], largest)
-            raise insufficient_memory(
-                f"not enough memory: the model needs ~{need // MB} MB, the best device "
-                f"({best}) has {max(room[best], 0) // MB} MB free"
-            )
+            capacity = {k: await self._pool.capacity_bytes(k) for k in keys}
+            raise plan.refusal(need, best, room, capacity)
         self._pool.reserve(best, need)  # no await since the room was read
         return best
 
@@ -325,7 +284,7 @@ class TransformersHarness(TokenizerPrompts):
         except RuntimeError as exc:
             if "out of memory" not in str(exc).lower():
                 raise
-            raise insufficient_memory(f"not enough memory for the KV cache: {exc}") from exc
+            raise plan.insufficient_memory(f"not enough memory for the KV cache: {exc}") from exc
         use_paged_attention(model)
         return PagedBackend(model, kv, device), kv.capacity_tokens, kv.bytes
 
