@@ -127,7 +127,7 @@ def _engines(engine: str, text: str) -> Callable[[], Any]:
     import llguidance
     from transformers import AutoTokenizer
 
-    from helexa.neuron.harness.hf.constraint import Grammars
+    from helexa.neuron.harness.transformers.constraint import Grammars
 
     tokenizer = AutoTokenizer.from_pretrained(CACHE / "SmolLM2-135M-Instruct")
     grammars = Grammars(tokenizer, vocab_size=49152, eos_ids=frozenset([2]))

@@ -250,9 +250,9 @@ def test_gguf_need_is_file_plus_kv(tmp_path: Path) -> None:
     from helexa.cortex.weights import MB, WeightSizes
     from helexa.neuron.config import LlamaCppHarnessSettings, TransformersHarnessSettings
     from helexa.neuron.devices import DevicePool
-    from helexa.neuron.harness.hf.harness import TransformersHarness
     from helexa.neuron.harness.llamacpp import plan
     from helexa.neuron.harness.llamacpp.harness import LlamaCppHarness
+    from helexa.neuron.harness.transformers.harness import TransformersHarness
 
     cache = tmp_path / "hub"
     snapshot = write_tiny_model_to_hf_cache(cache, "org/demo", with_gguf=True, **DEMO_SHAPE)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helexa.neuron.harness.engine import StepChunk
-from helexa.neuron.harness.hf.batched import PagedBackend
+from helexa.neuron.harness.transformers.batched import PagedBackend
 from helexa.neuron.service import Neuron
 from tests.conftest import LOCAL_MODEL
 from tests.support.inprocess import Scenario, run_neuron, sse_frames

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from helexa.core.errors import ApiError
 from helexa.core.tiny_model import write_tiny_model
 from helexa.core.wire import ResponseFormat
-from helexa.neuron.harness.hf.constraint import Grammars, JsonConstraint
+from helexa.neuron.harness.transformers.constraint import Grammars, JsonConstraint
 from helexa.neuron.sampling import OutputFormat, SamplingParams, next_token, output_format
 
 SCHEMA: dict[str, Any] = {

@@ -19,7 +19,7 @@ import torch
 from helexa.neuron.detokenize import StopMatcher
 from helexa.neuron.harness.base import Finish
 from helexa.neuron.harness.engine import Engine, Generation, StepChunk
-from helexa.neuron.harness.hf.batched import TorchBackend
+from helexa.neuron.harness.transformers.batched import TorchBackend
 from helexa.neuron.sampling import SamplingParams
 from helexa.neuron.service import Neuron
 from helexa.neuron.workers import DeviceWorker

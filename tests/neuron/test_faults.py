@@ -15,7 +15,7 @@ from helexa.core.tiny_model import write_tiny_model
 from helexa.core.wire import ModelSpec
 from helexa.neuron.app import build_app
 from helexa.neuron.config import NeuronSettings
-from helexa.neuron.harness.hf.batched import PagedBackend
+from helexa.neuron.harness.transformers.batched import PagedBackend
 from helexa.neuron.service import Neuron
 from tests.conftest import LOCAL_MODEL
 from tests.support.inprocess import sse_frames

@@ -24,7 +24,7 @@ from helexa.core.tiny_model import (
     write_tiny_model_to_hf_cache,
 )
 from helexa.core.wire import ModelSpec
-from helexa.neuron.harness.hf.batched import PagedBackend
+from helexa.neuron.harness.transformers.batched import PagedBackend
 from helexa.neuron.model_files import canonical_model_id, hub_error
 from helexa.neuron.service import Neuron
 from tests.conftest import GGUF_REPO_ID, LOCAL_MODEL

@@ -10,15 +10,15 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from helexa.neuron.harness.engine import StepChunk
-from helexa.neuron.harness.hf.batched import PagedBackend, kv_shape, use_paged_attention
-from helexa.neuron.harness.hf.paged import (
+from helexa.neuron.harness.slots import plan_step
+from helexa.neuron.harness.transformers.batched import PagedBackend, kv_shape, use_paged_attention
+from helexa.neuron.harness.transformers.paged import (
     KvShape,
     PagedKv,
     blocks_needed,
     cells,
     contiguous_start,
 )
-from helexa.neuron.harness.slots import plan_step
 
 CPU = torch.device("cpu")
 

@@ -1,4 +1,4 @@
-"""The transformers harness's placement decisions (``harness/hf/plan.py``), without I/O:
+"""The transformers harness's placement decisions (``harness/transformers/plan.py``), without I/O:
 which devices a load spec allows, which one holds the model, and why none can."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 
 from helexa.core.errors import ApiError
 from helexa.neuron.devices import CPU
-from helexa.neuron.harness.hf import plan
+from helexa.neuron.harness.transformers import plan
 
 MB = plan.MB
 

@@ -42,7 +42,7 @@ def build_harnesses(settings: NeuronSettings, pool: DevicePool) -> dict[str, Har
 
 def _build(name: str, settings: NeuronSettings, pool: DevicePool) -> Harness:
     if name == "transformers":
-        from helexa.neuron.harness.hf.harness import TransformersHarness
+        from helexa.neuron.harness.transformers.harness import TransformersHarness
 
         hf = settings.harness.transformers
         return TransformersHarness(

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from helexa.neuron.harness.engine import Generation, StepChunk
-from helexa.neuron.harness.hf.attention import (
+from helexa.neuron.harness.transformers.attention import (
     ATTENTION,
     STEP_KWARG,
     DecodeGroup,
@@ -22,7 +22,7 @@ from helexa.neuron.harness.hf.attention import (
     StepLayout,
     register,
 )
-from helexa.neuron.harness.hf.paged import KvShape, PagedKv, contiguous_start
+from helexa.neuron.harness.transformers.paged import KvShape, PagedKv, contiguous_start
 from helexa.neuron.sampling import next_token
 from helexa.neuron.workers import is_device_fault
 

@@ -66,9 +66,7 @@ def best_device(keys: Sequence[str], room: Mapping[str, int]) -> str:
     return max(keys, key=lambda k: room[k])
 
 
-def refusal(
-    need: int, best: str, room: Mapping[str, int], capacity: Mapping[str, int]
-) -> ApiError:
+def refusal(need: int, best: str, room: Mapping[str, int], capacity: Mapping[str, int]) -> ApiError:
     """Why ``need`` bytes fit nowhere: 400 when no device could ever hold them, else 409
     (the best device is full now)."""
     largest = max(capacity, key=lambda k: capacity[k])

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
-from helexa.neuron.harness.hf.paged import PagedKv
+from helexa.neuron.harness.transformers.paged import PagedKv
 
 ATTENTION = "helexa_paged"
 STEP_KWARG = "helexa_step"

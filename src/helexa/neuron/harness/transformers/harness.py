@@ -25,17 +25,17 @@ from helexa.neuron.devices import DevicePool
 from helexa.neuron.harness.base import ModelGone, PreparedPrompt, TokenStream
 from helexa.neuron.harness.compile_gate import CompileGate
 from helexa.neuron.harness.engine import Engine, Generation
-from helexa.neuron.harness.hf import loader, plan
-from helexa.neuron.harness.hf.batched import (
+from helexa.neuron.harness.prompt import PromptFacts, TokenizerPrompts
+from helexa.neuron.harness.transformers import loader, plan
+from helexa.neuron.harness.transformers.batched import (
     PagedBackend,
     SequentialBackend,
     TorchBackend,
     kv_shape,
     use_paged_attention,
 )
-from helexa.neuron.harness.hf.constraint import Grammars, JsonConstraint
-from helexa.neuron.harness.hf.paged import PagedKv, blocks_for, kv_bytes_per_token
-from helexa.neuron.harness.prompt import PromptFacts, TokenizerPrompts
+from helexa.neuron.harness.transformers.constraint import Grammars, JsonConstraint
+from helexa.neuron.harness.transformers.paged import PagedKv, blocks_for, kv_bytes_per_token
 from helexa.neuron.model_files import (
     ModelFiles,
     generation_defaults,
