@@ -38,9 +38,11 @@ def _escape(match: re.Match[str]) -> str:
     return _NAMED.get(char) or f"\\x{ord(char):02x}"
 
 
-def _quote(value: object, control: re.Pattern[str] = _CONTROL) -> str:
+def _quote(value: object, *, message: bool = False) -> str:
+    """A logfmt value; ``message``: the line's own text, whose colours may stay."""
     text = str(value)
-    if control is _CONTROL:
+    control = _CONTROL_IN_MESSAGE if message else _CONTROL
+    if not message:
         text = strip_ansi(text)
     if text == "" or any(c in text for c in ' "=') or control.search(text):
         text = text.replace("\\", "\\\\").replace('"', '\\"')
@@ -61,7 +63,7 @@ class LogfmtFormatter(logging.Formatter):
             f"ts={stamp}.{int(record.msecs):03d}",
             f"level={record.levelname.lower()}",
             f"logger={record.name}",
-            f"msg={_quote(record.getMessage(), _CONTROL_IN_MESSAGE)}",
+            f"msg={_quote(record.getMessage(), message=True)}",
         ]
         parts += [
             f"{k}={_quote(v)}"

@@ -136,7 +136,7 @@ class PassthroughCodec:
 
     def end(self) -> bytes:
         tail = self.tap.flush()
-        if self.tap.done or self.tap.error:
+        if self.complete:
             return tail
         return tail + self.fail(502, UNFINISHED_MESSAGE, UNFINISHED)  # never a silent end
 
@@ -146,6 +146,13 @@ class PassthroughCodec:
         kind = "service_unavailable" if status == 503 else "server_error"
         error = ApiError(status, message, type=kind, code=code)
         return b"data: " + orjson.dumps(error.openai_body()) + b"\n\n"
+
+
+class ToolPolicy:
+    """A translated protocol's rule for tools no model here can call ([compat] hosted_tools)."""
+
+    def __init__(self, hosted_tools: HostedTools = "omit") -> None:
+        self.hosted_tools = hosted_tools
 
 
 class OpenAIErrors:
@@ -209,10 +216,7 @@ def _anthropic_affinity(scope: Scope, metadata: dict[str, Any] | None) -> str | 
     return _text_key(header(scope, SESSION_HEADER), user if isinstance(user, str) else None)
 
 
-class AnthropicMessages(AnthropicErrors):
-    def __init__(self, hosted_tools: HostedTools = "omit") -> None:
-        self.hosted_tools = hosted_tools
-
+class AnthropicMessages(AnthropicErrors, ToolPolicy):
     def model_of(self, body: dict[str, Any]) -> str:
         return _model_field(body)
 
@@ -237,10 +241,7 @@ class AnthropicMessages(AnthropicErrors):
         return EventCodec(translator, keepalive=translator.ping)
 
 
-class AnthropicCountTokens(AnthropicErrors):
-    def __init__(self, hosted_tools: HostedTools = "omit") -> None:
-        self.hosted_tools = hosted_tools
-
+class AnthropicCountTokens(AnthropicErrors, ToolPolicy):
     def model_of(self, body: dict[str, Any]) -> str:
         return _model_field(body)
 
@@ -267,10 +268,7 @@ class AnthropicCountTokens(AnthropicErrors):
 # --- OpenAI Responses ------------------------------------------------------------------------
 
 
-class OpenAIResponses(OpenAIErrors):
-    def __init__(self, hosted_tools: HostedTools = "omit") -> None:
-        self.hosted_tools = hosted_tools
-
+class OpenAIResponses(OpenAIErrors, ToolPolicy):
     def model_of(self, body: dict[str, Any]) -> str:
         return _model_field(body)
 
