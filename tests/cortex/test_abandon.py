@@ -11,8 +11,7 @@ import asyncio
 import json
 import re
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -24,7 +23,7 @@ from helexa.cortex.abandon import ClientWatch
 from helexa.cortex.upstream import Pool
 from tests.cortex.conftest import Fleet, _start_neurons, cpu_models
 from tests.support.fleet import start_cortex
-from tests.support.procs import free_port
+from tests.support.procs import free_port, wait_for
 
 MODEL = "helexa/tiny-a"
 MSGS = [{"role": "user", "content": "Tell me about the weather in the city."}]
@@ -41,13 +40,6 @@ def fields(line: str) -> dict[str, str]:
 
 def access_lines(log: str) -> list[dict[str, str]]:
     return [fields(x) for x in log.splitlines() if "msg=request" in x and "request_id=" in x]
-
-
-def wait_for(what: str, check: Callable[[], object], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"never {what}"
-        time.sleep(0.05)
 
 
 def completion_counter(fleet: Fleet) -> float:

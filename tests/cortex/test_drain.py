@@ -23,6 +23,7 @@ from helexa.cortex.relay import stream_failure
 from helexa.cortex.upstream import GatewayShutdown, UpstreamError, UpstreamTimeout
 from tests.cortex.conftest import Fleet, _start_neurons, cpu_models
 from tests.support.fleet import start_cortex
+from tests.support.procs import wait_for
 
 MODEL = "helexa/tiny-a"
 MSGS = [{"role": "user", "content": "Tell me about the weather in the city."}]
@@ -95,13 +96,6 @@ def messages_stream(base: str, max_tokens: int = 1000) -> Consumer:
         "stream": True,
     }
     return Consumer(f"{base}/v1/messages", body)
-
-
-def wait_for(what: str, check, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"never {what}"
-        time.sleep(0.05)
 
 
 # --- decisions, in process ------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 
 from tests.cortex.conftest import Fleet
 from tests.support.fleet import start_cortex
+from tests.support.procs import wait_for
 
 
 def claude(fleet: Fleet) -> anthropic.Anthropic:
@@ -355,6 +356,8 @@ def test_access_log_line_and_error_count_per_request(fleet: Fleet) -> None:
         model="helexa/tiny-a", messages=[{"role": "user", "content": "hi"}], max_tokens=3
     )
     httpx.post(f"{fleet.base}/v1/chat/completions", json={"model": "ghost/model", "messages": []})
+    # The line is written once the answer has gone out: wait for it, never race it.
+    wait_for("the 404's access line", lambda: "model=ghost/model status=404" in fleet.cortex.log())
     log = fleet.cortex.log()
     ok = [
         line

@@ -8,9 +8,19 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+
+
+def wait_for(what: str, check: Callable[[], object], timeout: float = 30) -> None:
+    """Polls ``check`` until it is true; fails naming ``what`` after ``timeout`` seconds.
+    For what a daemon does after its answer went out (an access-log line, a counter)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"never {what}"
+        time.sleep(0.05)
 
 
 def free_port() -> int:
