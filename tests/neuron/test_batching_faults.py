@@ -141,7 +141,7 @@ def test_nan_logits_fail_only_the_requests_they_hit(
         )
         assert json.loads(hit[-1])["error"]["code"] == "nan_logits", hit[-1]
         assert text_of(await healthy)  # same batch, finite logits: it carried on
-        assert neuron.pool.worker("cpu").poisoned is None
+        assert neuron.engines.pool.worker("cpu").poisoned is None
         cache = neuron.health().models[LOCAL_MODEL].prefix_cache
         assert cache is not None and cache.running_tokens == 0
         # The failed request's blocks were freed at once, not retained as a prefix.
@@ -166,10 +166,10 @@ def test_repeated_nan_steps_poison_the_device(
         codes = {r.json()["error"]["code"] for r in replies}
         assert codes <= {"nan_logits", "device_poisoned"}
         for _ in range(3):  # each NaN step fails its requests; the third in a row poisons
-            if neuron.pool.worker("cpu").poisoned is not None:
+            if neuron.engines.pool.worker("cpu").poisoned is not None:
                 break
             await client.post("/v1/chat/completions", json=body("again", 5))
-        assert neuron.pool.worker("cpu").poisoned is not None
+        assert neuron.engines.pool.worker("cpu").poisoned is not None
 
     run(model_dir, scenario)
 

@@ -267,7 +267,7 @@ def test_a_sampler_fault_ends_that_stream_only(
         error = json.loads(victim[-1])["error"]
         assert error["code"] == "generation_failed" and "constraint state" in error["message"]
         assert text_of(healthy) == alone  # same batch: it carried on, token for token
-        assert neuron.pool.worker("cpu").poisoned is None
+        assert neuron.engines.pool.worker("cpu").poisoned is None
         assert text_of(await frames(1)) == alone
 
     settings = {"model_dirs": [model_dir], "harnesses": [{"name": "transformers"}]}

@@ -18,7 +18,7 @@ from helexa.neuron.config import NeuronSettings
 from helexa.neuron.harness.transformers.batched import PagedBackend
 from helexa.neuron.service import Neuron
 from tests.conftest import LOCAL_MODEL
-from tests.support.inprocess import sse_frames
+from tests.support.inprocess import IN_PROCESS, sse_frames
 from tests.support.procs import start_neuron
 
 ADMIN = {"authorization": "Bearer s3cret"}
@@ -45,7 +45,9 @@ def fail_after(monkeypatch: pytest.MonkeyPatch, calls: int, error: BaseException
 
 
 def test_mid_stream_failures(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = load_settings(NeuronSettings, None, {"model_dirs": [model_dir], "token": "s3cret"})
+    settings = load_settings(
+        NeuronSettings, None, {"model_dirs": [model_dir], "token": "s3cret", "workers": IN_PROCESS}
+    )
 
     async def scenario() -> None:
         neuron = Neuron(settings)
@@ -76,7 +78,7 @@ def test_mid_stream_failures(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -
                 error = json.loads(data[-1])["error"]
                 assert error["code"] == "generation_failed" and "boom" in error["message"]
                 assert any("content" in json.loads(d)["choices"][0]["delta"] for d in data[1:-1])
-                assert neuron.pool.worker("cpu").poisoned is None
+                assert neuron.engines.pool.worker("cpu").poisoned is None
                 monkeypatch.undo()
 
                 # A CUDA fault: error frame, the worker is poisoned, the model says so.
@@ -109,7 +111,7 @@ def test_mid_stream_failures(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -
                 )
                 assert gone.status_code == 200
         finally:
-            neuron.pool.stop()
+            await neuron.stop()
 
     asyncio.run(scenario())
 

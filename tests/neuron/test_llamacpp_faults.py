@@ -92,7 +92,7 @@ def test_nan_logits_fail_that_request_only(gguf_dir: Path, monkeypatch: pytest.M
         data = sse_frames(raw)
         assert data[-1] != "[DONE]"
         assert json.loads(data[-1])["error"]["code"] == "nan_logits"
-        assert neuron.pool.worker("cpu").poisoned is None
+        assert neuron.engines.pool.worker("cpu").poisoned is None
         again = await client.post("/v1/chat/completions", json=body(1, 5))
         assert again.status_code == 200
 
@@ -135,6 +135,6 @@ def test_unload_ends_a_running_stream_with_an_error(gguf_dir: Path) -> None:
         assert (await client.post("/models/unload", json={"model_id": MODEL})).status_code == 200
         data = await asyncio.wait_for(running, 30)
         assert json.loads(data[-1])["error"]["code"] == "model_unloaded"
-        assert neuron.pool.cpu_used() == 0
+        assert neuron.engines.pool.cpu_used() == 0
 
     run(gguf_dir, {}, scenario)

@@ -19,6 +19,7 @@ from helexa.neuron.harness.transformers.batched import PagedBackend
 from helexa.neuron.output_parser import TaggedOutput, merge_deltas
 from helexa.neuron.service import Neuron
 from tests.conftest import LOCAL_MODEL
+from tests.support.inprocess import IN_PROCESS
 
 OUTPUT = (
     "<think>\nThe user wants weather.</think>\n\nLet me check.\n"
@@ -76,7 +77,9 @@ def test_real_decode_path_emits_reasoning_and_tool_calls(
 ) -> None:
     """The tiny model is forced (through its logits) to write OUTPUT token by token; the
     real tokenizer, detokenizer, parser and SSE path turn it into OpenAI fields."""
-    settings = load_settings(NeuronSettings, None, {"model_dirs": [model_dir]})
+    settings = load_settings(
+        NeuronSettings, None, {"model_dirs": [model_dir], "workers": IN_PROCESS}
+    )
     tools = [
         {
             "type": "function",
@@ -148,6 +151,6 @@ def test_real_decode_path_emits_reasoning_and_tool_calls(
             assert plain["choices"][0]["finish_reason"] == "stop"
             assert "<tool_call>" in plain["choices"][0]["message"]["content"]
         finally:
-            neuron.pool.stop()
+            await neuron.stop()
 
     asyncio.run(scenario())

@@ -17,11 +17,14 @@ from helexa.neuron.service import Neuron
 
 Scenario = Callable[[Neuron, httpx.AsyncClient], Awaitable[None]]
 
+# The engines in this process (``[workers] isolate = false``), where a test can patch them.
+IN_PROCESS = {"isolate": False}
+
 
 def run_neuron(settings: dict[str, Any], model_id: str | None, scenario: Scenario) -> None:
     """Start a neuron with ``settings``, load ``model_id`` (None: nothing), run
     ``scenario``, stop."""
-    parsed = load_settings(NeuronSettings, None, settings)
+    parsed = load_settings(NeuronSettings, None, {"workers": IN_PROCESS, **settings})
 
     async def main() -> None:
         neuron = Neuron(parsed)
@@ -35,7 +38,7 @@ def run_neuron(settings: dict[str, Any], model_id: str | None, scenario: Scenari
             ) as client:
                 await scenario(neuron, client)
         finally:
-            neuron.pool.stop()
+            await neuron.stop()
 
     asyncio.run(main())
 

@@ -101,6 +101,7 @@ def start_neuron(
     name: str = "neuron",
     ready_models: bool = True,
     port: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[Daemon, str]:
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -109,7 +110,7 @@ def start_neuron(
     daemon = Daemon(
         [console_script("neuron"), "--config", str(config)],
         log_path=workdir / f"{name}.log",
-        env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hf_cache)},
+        env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hf_cache), **(env or {})},
     ).start()
     base = f"http://127.0.0.1:{port}"
     daemon.wait_http(

@@ -147,7 +147,7 @@ class UnloadRequest(Wire):
     model_id: ModelPath
 
 
-ModelState = Literal["loading", "loaded", "poisoned"]
+ModelState = Literal["loading", "loaded", "poisoned", "failed"]
 
 
 class ModelStatus(Wire):
@@ -157,6 +157,7 @@ class ModelStatus(Wire):
     devices: list[int]
     vram_used_mb: int
     context_length: int | None
+    error: str | None = None  # why it is ``failed`` (its worker crashed, and how)
 
 
 class ModelSize(Wire):
@@ -254,8 +255,23 @@ class BatchInfo(Wire):
 class ModelLoadInfo(Wire):
     in_flight: int
     queued: int
+    status: ModelState | None = None
+    error: str | None = None  # why it is ``failed``
     prefix_cache: PrefixCacheInfo | None = None
     batch: BatchInfo | None = None
+
+
+class WorkerHealth(Wire):
+    """One device's worker process."""
+
+    device: str  # "cpu" or "cuda:N"
+    pid: int | None
+    state: Literal["starting", "ready", "restarting", "down"]
+    restarts: int  # since the neuron started (crashes and recycles)
+    startup_s: float | None = None  # the running worker's start: imports and engine set-up
+    last_exit: str | None = None  # how the previous one ended, when it crashed
+    in_flight: int = 0
+    output_frames: int = 0  # generation output frames from this worker (one per step or fewer)
 
 
 class Health(Wire):
@@ -264,6 +280,7 @@ class Health(Wire):
     cpu: CpuHealth
     activation: Activation
     models: dict[str, ModelLoadInfo]
+    workers: list[WorkerHealth] = []
     draining: bool = False  # shutting down: finishing what it has, admitting nothing new
     status: Literal["ok", "draining"] = "ok"  # the same, for people and load balancers
 

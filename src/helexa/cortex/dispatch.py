@@ -121,6 +121,17 @@ class Dispatcher:
                         extra={"model": model_id, "failed": state.name, "reason": "draining"},
                     )
                     continue
+                if b'"engine_crashed"' in raw or b'"model_reloading"' in raw:
+                    # The model's worker there died; the neuron is bringing it back.
+                    upstream.close()
+                    self._release(state, model_id)
+                    state.engine_crashed(model_id)
+                    failed.add(state.name)
+                    log.info(
+                        "retry on another neuron",
+                        extra={"model": model_id, "failed": state.name, "reason": "engine_crashed"},
+                    )
+                    continue
                 upstream.replay(raw)
             if upstream.status == 404:
                 # Our picture was stale (evicted, restarted neuron): a routing miss.

@@ -175,6 +175,13 @@ class NeuronState:
         restarted): not routable until a poll shows it again."""
         self.models.pop(model_id, None)
 
+    def engine_crashed(self, model_id: str) -> None:
+        """The neuron answered that the model's worker crashed (it is being reloaded, or
+        given up): not routable until a poll shows it loaded again."""
+        status = self.models.get(model_id)
+        if status is not None:
+            self.models[model_id] = status.model_copy(update={"status": "failed"})
+
     def saw_draining(self) -> None:
         """A request was turned away as the neuron shuts down: no new ones until a poll
         shows it serving again."""

@@ -175,7 +175,7 @@ def build_app(neuron: Neuron) -> Starlette:
             neuron.begin_drain()
             await neuron.stop_prewarm()
             await neuron.unload_all()
-            neuron.pool.stop()
+            await neuron.stop()
 
     routes = [
         Route("/discovery", discovery, methods=["GET"]),

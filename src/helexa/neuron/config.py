@@ -64,6 +64,19 @@ class CpuSettings(BaseModel):
     threads: int | None = Field(default=None, ge=1)
 
 
+class WorkerSettings(BaseModel):
+    """The worker process of each device (docs/neuron.md, "Process layout")."""
+
+    # false: the engines run in the neuron's own process, as threads (no crash isolation,
+    # one interpreter lock for every device): for debugging and comparison only.
+    isolate: bool = True
+    start_timeout_s: float = Field(default=120.0, gt=0)  # imports and engine set-up
+    # Crashes of a model's worker (while it was loaded or loading) after which it is not
+    # reloaded again; restarts wait restart_backoff_s, doubling, up to 30 s.
+    max_restarts: int = Field(default=3, ge=0)
+    restart_backoff_s: float = Field(default=0.5, ge=0)
+
+
 class AdmissionSettings(BaseModel):
     max_concurrent: int = Field(default=4, ge=1)  # generations interleaved per model
     max_queue: int = Field(default=32, ge=0)  # waiting beyond those
@@ -87,6 +100,7 @@ class NeuronSettings(BaseSettings):
     model_dirs: list[Path] = Field(default_factory=list)
     cpu: CpuSettings = Field(default_factory=CpuSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    workers: WorkerSettings = Field(default_factory=WorkerSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     # Required (Authorization: Bearer) by every route but /health; a neuron listening beyond

@@ -22,7 +22,14 @@ from helexa.core.http import (
 )
 from helexa.core.wire import ChatCompletionRequest, CompletionRequest
 from helexa.neuron.admission import Admission, Place, Withdrawn
-from helexa.neuron.harness.base import Finish, Harness, ModelGone, PreparedPrompt, TokenStream
+from helexa.neuron.harness.base import (
+    EngineCrashed,
+    Finish,
+    Harness,
+    ModelGone,
+    PreparedPrompt,
+    TokenStream,
+)
 from helexa.neuron.openai_format import (
     ChunkFactory,
     chat_completion,
@@ -32,6 +39,7 @@ from helexa.neuron.openai_format import (
 from helexa.neuron.output_parser import OutputParser, PlainText, TaggedOutput, merge_deltas
 from helexa.neuron.requests import Running
 from helexa.neuron.sampling import resolve_sampling
+from helexa.neuron.worker.supervisor import crashed
 from helexa.neuron.workers import WorkerPoisoned
 
 log = logging.getLogger("helexa.neuron.inference")
@@ -44,6 +52,8 @@ def generation_error(exc: BaseException) -> ApiError:
         return unavailable(str(exc), code="device_poisoned", retry_after=30)
     if isinstance(exc, ModelGone):
         return unavailable(str(exc), code="model_unloaded")
+    if isinstance(exc, EngineCrashed):
+        return crashed(str(exc))
     return internal(f"generation failed: {type(exc).__name__}: {exc}", code="generation_failed")
 
 

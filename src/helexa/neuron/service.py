@@ -11,10 +11,10 @@ from helexa.core.wire import CpuHealth, Health, ModelLoadInfo, ModelSize, ModelS
 from helexa.neuron.activation import ActivationTracker, prewarm
 from helexa.neuron.admission import Admission
 from helexa.neuron.config import NeuronSettings
-from helexa.neuron.devices import CPU, DevicePool
+from helexa.neuron.devices import CPU
 from helexa.neuron.discovery import MB, Hardware, total_memory_bytes
+from helexa.neuron.engines import Engines, LocalEngines, WorkerEngines
 from helexa.neuron.harness.base import Harness
-from helexa.neuron.harness.registry import build_harnesses
 from helexa.neuron.model_files import canonical_model_id, harness_for_files
 from helexa.neuron.workers import WorkerPoisoned
 
@@ -26,16 +26,12 @@ log = logging.getLogger("helexa.neuron")
 DRAIN_GRACE_S = 5.0
 
 
-def cuda_indices(hardware: Hardware) -> list[int]:
-    if not hardware.devices:
-        return []
-    import torch
-
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-
-
 class Neuron:
-    def __init__(self, settings: NeuronSettings, hardware: Hardware | None = None) -> None:
+    def __init__(
+        self,
+        settings: NeuronSettings,
+        hardware: Hardware | None = None,
+    ) -> None:
         self.settings = settings
         self.hardware = hardware or Hardware()
         self.started = time.monotonic()
@@ -44,12 +40,9 @@ class Neuron:
             if settings.cpu.memory_mb
             else int(total_memory_bytes() * 0.8)
         )
-        self.pool = DevicePool(
-            cuda_indices(self.hardware),
-            cpu_threads=settings.cpu.threads,
-            cpu_budget_bytes=self.cpu_budget_bytes,
-        )
-        self.harnesses: dict[str, Harness] = build_harnesses(settings, self.pool)
+        kind = WorkerEngines if settings.workers.isolate else LocalEngines
+        self.engines: Engines = kind(settings, self.hardware, self.cpu_budget_bytes)
+        self.harnesses: dict[str, Harness] = self.engines.harnesses
         self.activation = ActivationTracker(settings.default_models)
         self._loads: dict[str, asyncio.Future[ModelStatus]] = {}
         self._admission: dict[str, Admission] = {}
@@ -62,7 +55,10 @@ class Neuron:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.pool.start()
+        self.engines.start()
+
+    async def stop(self) -> None:
+        await self.engines.stop()
 
     def start_prewarm(self) -> None:
         """Called once the listener is bound: /health answers while models load."""
@@ -124,7 +120,8 @@ class Neuron:
         harness = self.harness_for(spec)
         if harness.has(spec.model_id):
             status = next(s for s in harness.list() if s.id == spec.model_id)
-            return "already_loaded", status
+            if status.status != "failed":  # a failed one (its worker crashed) loads again
+                return "already_loaded", status
         pending = self._loads.get(spec.model_id)
         if pending is None:
             if self.draining:  # it would be unloaded again at once, and delay the exit
@@ -264,7 +261,7 @@ class Neuron:
         return statuses
 
     def health(self) -> Health:
-        cpu_used = self.pool.cpu_used()
+        cpu_used = self.engines.cpu_used()
         models = {}
         for status in self.models():
             gate = self._admission.get(status.id)
@@ -272,6 +269,8 @@ class Neuron:
             models[status.id] = ModelLoadInfo(
                 in_flight=gate.in_flight if gate else 0,
                 queued=gate.queued if gate else 0,
+                status=status.status,
+                error=status.error,
                 prefix_cache=harness.prefix_cache(status.id) if harness else None,
                 batch=harness.batch_info(status.id) if harness else None,
             )
@@ -284,6 +283,7 @@ class Neuron:
             ),
             activation=self.activation.snapshot(),
             models=models,
+            workers=self.engines.workers(),
             draining=self.draining,
             status="draining" if self.draining else "ok",
         )

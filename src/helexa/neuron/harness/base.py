@@ -29,6 +29,11 @@ class ModelGone(RuntimeError):
     """The model was unloaded while a generation was still running on it."""
 
 
+class EngineCrashed(RuntimeError):
+    """The worker process running the model died (a signal, an abort, an OOM kill): what it
+    had in flight is lost; the neuron restarts it and reloads its models."""
+
+
 @dataclass(frozen=True)
 class Finish:
     reason: FinishReason
@@ -131,6 +136,11 @@ class TokenStream:
 
     def _deliver(self, text: str) -> None:
         self._pieces.append(text)
+        self._wakeup.set()
+
+    def deliver(self, pieces: list[str]) -> None:
+        """Text produced elsewhere (a worker process), handed over on the loop."""
+        self._pieces.extend(pieces)
         self._wakeup.set()
 
     def _end(self) -> None:

@@ -20,11 +20,12 @@ def available(name: str) -> bool:
     return importlib.util.find_spec(LIBRARY[name]) is not None
 
 
-def build_harnesses(settings: NeuronSettings, pool: DevicePool) -> dict[str, Harness]:
-    """Every configured harness. An engine whose library is missing is skipped with a warning
-    when it is only there by default, and is a startup error when the config names it."""
+def configured(settings: NeuronSettings) -> list[str]:
+    """The engines this neuron runs, checked without importing them: one whose library is
+    missing is skipped with a warning when it is only there by default, and is a startup
+    error when the config names it."""
     explicit = "harnesses" in settings.model_fields_set
-    harnesses: dict[str, Harness] = {}
+    names: list[str] = []
     for entry in settings.harnesses:
         if entry.name not in KNOWN:
             raise ValueError(f"unknown harness {entry.name!r} in config (known: {KNOWN})")
@@ -34,9 +35,19 @@ def build_harnesses(settings: NeuronSettings, pool: DevicePool) -> dict[str, Har
                 raise ValueError(f"{message}: pip install 'helexa[neuron]'")
             log.warning("harness unavailable", extra={"harness": entry.name, "error": message})
             continue
-        harness = _build(entry.name, settings, pool)
+        names.append(entry.name)
+    return names
+
+
+def build_harnesses(
+    settings: NeuronSettings, pool: DevicePool, names: list[str] | None = None
+) -> dict[str, Harness]:
+    """The engines ``names`` (default: every configured one), built on ``pool``'s devices."""
+    harnesses: dict[str, Harness] = {}
+    for name in configured(settings) if names is None else names:
+        harness = _build(name, settings, pool)
         pool.track(harness.memory_used_bytes)
-        harnesses[entry.name] = harness
+        harnesses[name] = harness
     return harnesses
 
 

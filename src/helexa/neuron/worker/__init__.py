@@ -1,0 +1,1 @@
+"""Device worker processes: one per device, each owning the engines on it."""

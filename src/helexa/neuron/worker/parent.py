@@ -1,0 +1,288 @@
+"""The neuron's end of one worker process: start it, call it, stream from it, see it die.
+
+Frames are read on a thread of their own and handed to the event loop, which does no model
+work: a generation's text arrives in batched ``Output`` frames and is handed to its
+``TokenStream`` as it would be from a device thread. When the worker's end closes (it
+exited, was killed, aborted), everything it had in flight fails at once with
+``EngineCrashed`` naming the signal or status, and the supervisor is told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from multiprocessing.connection import Connection
+from typing import Any
+
+from helexa.neuron.harness.base import EngineCrashed, Finish, PreparedPrompt, TokenStream
+from helexa.neuron.sampling import SamplingParams
+from helexa.neuron.worker.protocol import (
+    Call,
+    Cancel,
+    Failure,
+    Init,
+    Output,
+    Ready,
+    Reply,
+    Shutdown,
+    Snapshot,
+    exception_of,
+)
+
+log = logging.getLogger("helexa.neuron.worker")
+
+TAIL_LINES = 40  # the worker's last output lines, for the crash report
+
+
+def describe_exit(device: str, pid: int | None, returncode: int | None) -> str:
+    """How a worker ended, in words: the signal that killed it, or its exit status."""
+    who = f"the {device} worker (pid {pid})"
+    if returncode is None:
+        return f"{who} stopped answering"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"{who} was killed by {name}"
+    return f"{who} exited with status {returncode}"
+
+
+class WorkerProcess:
+    def __init__(
+        self,
+        device: str,
+        *,
+        on_snapshot: Callable[[Snapshot], None],
+        on_lost: Callable[[str, list[str]], None],
+    ) -> None:
+        self.device = device
+        self.on_snapshot = on_snapshot
+        self.on_lost = on_lost
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.conn: Connection | None = None
+        self.ready: Ready | None = None
+        self.snapshot: Snapshot | None = None
+        self.alive = False
+        self.output_frames = 0  # Output frames received: one per engine step or fewer
+        self.stopping = False  # an exit we asked for is not a crash
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._ids = itertools.count(1)
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._streams: dict[int, tuple[TokenStream, Future[Finish]]] = {}
+        self._started: asyncio.Future[Ready] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def in_flight(self) -> int:
+        return len(self._streams)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self, init: Init, env: dict[str, str], timeout_s: float) -> Ready:
+        self._loop = loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        out_r, out_w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "helexa.neuron.worker", str(theirs.fileno()), self.device],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=out_w,
+                stderr=out_w,
+                env=env,
+                close_fds=True,
+            )
+        finally:
+            theirs.close()
+            os.close(out_w)
+        self.conn = Connection(ours.detach())
+        self.alive = True
+        self._started = loop.create_future()
+        threading.Thread(target=self._relay_output, args=(out_r,), daemon=True).start()
+        threading.Thread(target=self._read_frames, args=(loop,), daemon=True).start()
+        self._send(init)
+        try:
+            async with asyncio.timeout(timeout_s):
+                self.ready = await asyncio.shield(self._started)
+        except TimeoutError:
+            self.kill()
+            raise EngineCrashed(
+                f"the {self.device} worker (pid {self.pid}) did not start within {timeout_s:g} s"
+            ) from None
+        return self.ready
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask the worker to release everything and exit; kill it if it does not."""
+        self.stopping = True
+        if self.alive:
+            with contextlib.suppress(OSError):
+                self._send(Shutdown())
+        if self.proc is not None:
+            try:
+                await asyncio.to_thread(self.proc.wait, timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("worker did not stop; killing it", extra={"device": self.device})
+                self.kill()
+                await asyncio.to_thread(self.proc.wait)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+
+    # -- calls -------------------------------------------------------------------------------
+
+    def _send(self, message: object) -> None:
+        assert self.conn is not None
+        self.conn.send(message)
+
+    def _gone(self) -> EngineCrashed:
+        return EngineCrashed(f"the {self.device} worker is not running")
+
+    async def call(self, engine: str, method: str, *args: Any) -> Any:
+        if not self.alive:
+            raise self._gone()
+        assert self._loop is not None
+        call_id = next(self._ids)
+        reply = self._loop.create_future()
+        self._calls[call_id] = reply
+        try:
+            self._send(Call(call_id, engine, method, args))
+        except OSError:
+            self._calls.pop(call_id, None)
+            raise self._gone() from None
+        return await reply
+
+    def generate(
+        self, engine: str, model_id: str, prompt: PreparedPrompt, params: SamplingParams
+    ) -> TokenStream:
+        if not self.alive:
+            raise self._gone()
+        assert self._loop is not None
+        gen_id = next(self._ids)
+        stream = TokenStream(self._loop)
+        done: Future[Finish] = Future()
+        stream.attach(done, lambda: self._cancel(gen_id))
+        self._streams[gen_id] = (stream, done)
+        try:
+            self._send(Call(gen_id, engine, "generate", (model_id, prompt, params)))
+        except OSError:
+            self._streams.pop(gen_id, None)
+            raise self._gone() from None
+        return stream
+
+    def _cancel(self, gen_id: int) -> None:
+        if self.alive and gen_id in self._streams:
+            with contextlib.suppress(OSError):
+                self._send(Cancel(gen_id))
+
+    # -- frames (on the loop) ----------------------------------------------------------------
+
+    def _read_frames(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self.conn is not None
+        try:
+            while True:
+                loop.call_soon_threadsafe(self._receive, self.conn.recv())
+        except (EOFError, OSError):
+            pass
+        except Exception as exc:  # an unreadable frame: the worker cannot be trusted
+            log.error("bad frame from worker", extra={"device": self.device, "error": repr(exc)})
+            self.kill()
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._lost()))
+
+    def _receive(self, message: object) -> None:
+        if isinstance(message, Output):
+            self.output_frames += 1
+            self._output(message)
+        elif isinstance(message, Reply):
+            self._reply(message)
+        elif isinstance(message, Snapshot):
+            self.snapshot = message
+            self.on_snapshot(message)
+        elif isinstance(message, Ready) and self._started and not self._started.done():
+            self._started.set_result(message)
+
+    def _reply(self, reply: Reply) -> None:
+        waiter = self._calls.pop(reply.id, None)
+        if waiter is not None:
+            if waiter.done():
+                return
+            if reply.error is None:
+                waiter.set_result(reply.value)
+            else:
+                waiter.set_exception(exception_of(reply.error))
+        elif reply.error is not None:  # a generate the worker could not start
+            self._end(reply.id, reply.error)
+
+    def _output(self, output: Output) -> None:
+        for gen_id, pieces in output.pieces.items():
+            entry = self._streams.get(gen_id)
+            if entry is not None:
+                entry[0].deliver(pieces)
+        for gen_id, end in output.ends.items():
+            self._end(gen_id, end)
+
+    def _end(self, gen_id: int, end: Finish | Failure) -> None:
+        entry = self._streams.pop(gen_id, None)
+        if entry is None or entry[1].done():
+            return
+        if isinstance(end, Failure):
+            entry[1].set_exception(exception_of(end))
+        else:
+            entry[1].set_result(end)
+
+    async def _lost(self) -> None:
+        """The worker's end closed: reap it, fail what it had, tell the supervisor."""
+        if not self.alive:
+            return
+        self.alive = False
+        returncode = None
+        if self.proc is not None:
+            try:
+                returncode = await asyncio.to_thread(self.proc.wait, 5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                returncode = await asyncio.to_thread(self.proc.wait)
+        reason = describe_exit(self.device, self.pid, returncode)
+        crash = EngineCrashed(reason)
+        for waiter in self._calls.values():
+            if not waiter.done():
+                waiter.set_exception(crash)
+        self._calls.clear()
+        for _stream, done in self._streams.values():
+            if not done.done():
+                done.set_exception(crash)
+        self._streams.clear()
+        if self._started is not None and not self._started.done():
+            self._started.set_exception(crash)
+        if self.conn is not None:
+            self.conn.close()
+        if not self.stopping:
+            self.on_lost(reason, list(self.tail))
+
+    def _relay_output(self, fd: int) -> None:
+        """The worker's stdout and stderr, into the neuron's own log stream, line by line
+        (its log lines, llama.cpp's, a fault's stack), the last ones kept for the report."""
+        with os.fdopen(fd, "rb", buffering=0) as pipe:
+            for raw in iter(pipe.readline, b""):
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                self.tail.append(line)
+                try:
+                    sys.stderr.write(line + "\n")
+                    sys.stderr.flush()
+                except (OSError, ValueError):
+                    pass

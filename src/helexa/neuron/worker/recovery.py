@@ -1,0 +1,86 @@
+"""The supervisor's decisions, as pure functions: which worker a load tries first, how long
+to wait before restarting a crashed worker, which models it reloads, and what a model that
+keeps crashing its worker says."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from helexa.core.errors import bad_request
+from helexa.neuron.devices import CPU, cuda_key
+
+STABLE_S = 60.0  # a worker up this long before it crashed starts the back-off over
+
+
+def load_order(
+    devices: Sequence[int] | None,
+    tensor_parallel: int | None,
+    cuda_indices: Sequence[int],
+    free_mb: Mapping[str, int],
+) -> list[str]:
+    """The workers a load spec may go to, best first: ``devices: []`` the CPU, ``[i]`` that
+    GPU, unset every GPU by free memory (the CPU on a host without GPUs). A model lives in
+    one worker, so a placement over several GPUs is refused."""
+    if (tensor_parallel or 1) > 1 or (devices and len(devices) > 1):
+        raise bad_request(
+            "a model is placed on one device: each device has its own worker process, and "
+            "splitting one model across GPUs is not supported (load it with devices: [i], "
+            "or a quant that fits one card)",
+            param="devices",
+            code="unsupported_placement",
+        )
+    if devices == []:
+        return [CPU]
+    if devices:
+        index = devices[0]
+        if index not in cuda_indices:
+            raise bad_request(
+                f"no CUDA device {index} on this host (have {list(cuda_indices)}); "
+                "devices: [] is the CPU",
+                param="devices",
+                code="no_such_device",
+            )
+        return [cuda_key(index)]
+    gpus = [cuda_key(i) for i in cuda_indices]
+    return sorted(gpus, key=lambda k: -free_mb.get(k, 0)) or [CPU]
+
+
+def backoff_s(crashes: int, *, base_s: float, cap_s: float = 30.0) -> float:
+    """The wait before restart number ``crashes`` (1 = the first) of a worker that keeps
+    crashing: ``base_s``, doubling, at most ``cap_s``."""
+    return min(base_s * 2 ** max(crashes - 1, 0), cap_s)
+
+
+def consecutive(crashes: int, uptime_s: float) -> int:
+    """The crash count after one more crash: a worker that ran ``STABLE_S`` counts anew."""
+    return 1 if uptime_s >= STABLE_S else crashes + 1
+
+
+def struck(held: Sequence[str], loading: Sequence[str]) -> list[str]:
+    """Whom a worker's crash counts against: the models it was loading when it died (a load
+    that crashes its worker is the likeliest cause, and its neighbours did nothing), else
+    every model it held."""
+    return list(loading) or list(held)
+
+
+@dataclass(frozen=True)
+class Strikes:
+    model_id: str
+    strikes: int  # crashes of its worker while it was loaded or loading
+    wanted: bool  # loaded before the crash (or being loaded): bring it back
+
+
+def to_reload(models: Sequence[Strikes], max_restarts: int) -> tuple[list[str], list[str]]:
+    """Of a crashed worker's models: those to reload, and those that crashed it too often and
+    stay ``failed`` until someone loads them again."""
+    again = [m.model_id for m in models if m.wanted and m.strikes <= max_restarts]
+    given_up = [m.model_id for m in models if m.wanted and m.strikes > max_restarts]
+    return again, given_up
+
+
+def gave_up(reason: str, strikes: int) -> str:
+    return (
+        f"engine_crashed: {reason}; its worker crashed {strikes} times with this model, so "
+        "it is not reloaded again: load it to retry"
+    )

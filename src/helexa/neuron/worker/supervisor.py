@@ -1,0 +1,521 @@
+"""One worker process per device, kept running: started with the neuron, restarted (with
+back-off) when one dies, its models reloaded; recycled when its last model is unloaded, so
+every byte it held goes back to the OS and the driver.
+
+The supervisor also keeps the book of which model lives on which worker (``Resident``) and
+the last ``Snapshot`` each worker sent, so the neuron's status queries never wait on a
+worker. Decisions are the pure functions of ``recovery``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from helexa.core.errors import ApiError, model_not_found, unavailable
+from helexa.core.wire import ModelSpec, ModelStatus, WorkerHealth
+from helexa.neuron.config import NeuronSettings
+from helexa.neuron.devices import CPU, cuda_key
+from helexa.neuron.harness.base import EngineCrashed, PreparedPrompt, TokenStream
+from helexa.neuron.sampling import SamplingParams
+from helexa.neuron.worker import recovery
+from helexa.neuron.worker.parent import WorkerProcess
+from helexa.neuron.worker.protocol import Init, Snapshot, spec_for_worker
+
+log = logging.getLogger("helexa.neuron.worker")
+
+MB = 1024 * 1024
+RETRY_AFTER_S = 5
+
+
+@dataclass
+class Resident:
+    """A model the neuron wants on a device's worker."""
+
+    spec: ModelSpec
+    engine: str
+    device: str
+    state: Literal["loading", "loaded", "failed"] = "loading"
+    error: str | None = None
+    strikes: int = 0  # crashes of its worker while it was there
+    reload: asyncio.Future[ModelStatus] | None = None  # a recovery's reload of it
+
+
+@dataclass
+class Device:
+    key: str
+    index: int | None  # the CUDA index; None for the CPU
+    proc: WorkerProcess | None = None
+    state: Literal["starting", "ready", "restarting", "down"] = "starting"
+    up: asyncio.Future[WorkerProcess] | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    crashes: int = 0  # consecutive (recovery.consecutive)
+    last_exit: str | None = None
+    kill_reason: str | None = None  # why the neuron killed it (a device fault)
+    busy: int = 0  # load/unload/recycle calls under way
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+
+class Workers:
+    def __init__(
+        self,
+        settings: NeuronSettings,
+        engines: list[str],
+        cuda_indices: list[int],
+        cpu_budget_bytes: int,
+    ) -> None:
+        self.settings = settings
+        self.engines = engines
+        self.cuda_indices = cuda_indices
+        self.cpu_budget_bytes = cpu_budget_bytes
+        self.devices: dict[str, Device] = {CPU: Device(CPU, None)}
+        for index in cuda_indices:
+            self.devices[cuda_key(index)] = Device(cuda_key(index), index)
+        self.residents: dict[str, Resident] = {}
+        self.stopping = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for device in self.devices.values():
+            self._launch(device)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for device in self.devices.values():
+            for task in list(device.tasks):
+                task.cancel()
+        await asyncio.gather(
+            *(d.proc.stop() for d in self.devices.values() if d.proc is not None),
+            return_exceptions=True,
+        )
+
+    def _launch(self, device: Device, delay_s: float = 0.0) -> None:
+        """Start ``device``'s worker (after ``delay_s``); ``device.up`` resolves to it."""
+        loop = asyncio.get_running_loop()
+        device.up = loop.create_future()
+        device.up.add_done_callback(_consume)
+        self._spawn(device, self._start(device, delay_s))
+
+    def _spawn(self, device: Device, job: Any) -> None:
+        task = asyncio.ensure_future(job)
+        device.tasks.add(task)
+        task.add_done_callback(device.tasks.discard)
+
+    async def _start(self, device: Device, delay_s: float) -> None:
+        assert device.up is not None
+        if delay_s:
+            await asyncio.sleep(delay_s)
+        proc = WorkerProcess(
+            device.key,
+            on_snapshot=lambda snap: self._on_snapshot(device, proc, snap),
+            on_lost=lambda reason, tail: self._on_lost(device, proc, reason, tail),
+        )
+        device.proc = proc
+        device.kill_reason = None
+        try:
+            ready = await proc.start(self._init(device), self._env(device), self._start_timeout())
+        except Exception as exc:
+            proc.stopping = True  # its end is reported here, not as a crash
+            proc.kill()
+            if not isinstance(exc, EngineCrashed):
+                log.exception("worker start failed", extra={"device": device.key})
+                exc = EngineCrashed(f"the {device.key} worker failed to start: {exc!r}")
+            # Died before it could serve: a broken install or device. Bounded, like crashes.
+            device.crashes += 1
+            device.last_exit = str(exc)
+            if device.crashes > self.settings.workers.max_restarts:
+                device.state = "down"
+                log.error("worker cannot start", extra={"device": device.key, "error": str(exc)})
+                device.up.set_exception(
+                    unavailable(
+                        f"the {device.key} worker cannot start: {exc}",
+                        code="worker_unavailable",
+                        retry_after=60,
+                    )
+                )
+                return
+            delay = recovery.backoff_s(device.crashes, base_s=self._backoff())
+            log.warning(
+                "worker start failed; retrying",
+                extra={"device": device.key, "error": str(exc), "retry_in_s": delay},
+            )
+            self._spawn(device, self._start(device, delay))
+            return
+        device.state = "ready"
+        device.started_at = time.monotonic()
+        log.info(
+            "worker started",
+            extra={"device": device.key, "pid": ready.pid, "startup_s": ready.startup_s},
+        )
+        device.up.set_result(proc)
+
+    def _init(self, device: Device) -> Init:
+        return Init(
+            settings=self.settings.model_dump(),
+            engines=tuple(self.engines),
+            device=device.key,
+            cpu_budget_bytes=self.cpu_budget_bytes if device.key == CPU else 0,
+        )
+
+    def _env(self, device: Device) -> dict[str, str]:
+        """The worker sees its own GPU only (as cuda:0), and the CPU worker none."""
+        env = dict(os.environ)
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # the indices NVML reports
+        env["CUDA_VISIBLE_DEVICES"] = "" if device.index is None else str(device.index)
+        return env
+
+    def _start_timeout(self) -> float:
+        return self.settings.workers.start_timeout_s
+
+    def _backoff(self) -> float:
+        return self.settings.workers.restart_backoff_s
+
+    async def worker(self, key: str) -> WorkerProcess:
+        device = self.devices[key]
+        if device.state == "down":  # a later load tries again from scratch
+            device.crashes = 0
+            device.state = "starting"
+            self._launch(device)
+        assert device.up is not None
+        return await asyncio.shield(device.up)
+
+    # -- what a worker tells ------------------------------------------------------------------
+
+    def _on_snapshot(self, device: Device, proc: WorkerProcess, snap: Snapshot) -> None:
+        if snap.poisoned and device.proc is proc and device.kill_reason is None:
+            # A device fault (CUDA error, NaN flood) leaves the worker's device state
+            # untrusted: end the process and start afresh, as after a crash.
+            device.kill_reason = f"a device fault on {device.key}: {snap.poisoned}"
+            log.error("device fault: recycling its worker", extra={"device": device.key})
+            proc.kill()
+
+    def _on_lost(self, device: Device, proc: WorkerProcess, reason: str, tail: list[str]) -> None:
+        if device.proc is not proc or self.stopping:
+            return
+        if device.kill_reason:
+            reason = f"{device.kill_reason} ({reason})"
+        uptime = time.monotonic() - device.started_at
+        device.crashes = recovery.consecutive(device.crashes, uptime)
+        device.restarts += 1
+        device.last_exit = reason
+        device.state = "restarting"
+        mine = [r for r in self.residents.values() if r.device == device.key]
+        wanted = [r for r in mine if r.state != "failed" or r.reload is not None]
+        blamed = recovery.struck(
+            [r.spec.model_id for r in wanted if r.state == "loaded"],
+            [r.spec.model_id for r in wanted if r.state == "loading"],
+        )
+        for resident in wanted:
+            if uptime >= recovery.STABLE_S:
+                resident.strikes = 0  # it served a while: a crash loop this is not
+            if resident.spec.model_id in blamed:
+                resident.strikes += 1
+        _again, given_up = recovery.to_reload(
+            [recovery.Strikes(r.spec.model_id, r.strikes, wanted=True) for r in wanted],
+            self.settings.workers.max_restarts,
+        )
+        for resident in wanted:
+            resident.state = "failed"
+            resident.error = f"engine_crashed: {reason}"
+            if resident.spec.model_id in given_up:
+                resident.error = recovery.gave_up(reason, resident.strikes)
+                self._settle_reload(resident, crashed(resident.error))
+            elif resident.reload is None:
+                resident.reload = self._waiter()
+        log.error(
+            "worker crashed",
+            extra={
+                "device": device.key,
+                "reason": reason,
+                "models": ",".join(r.spec.model_id for r in mine) or None,
+                "not_reloaded": ",".join(given_up) or None,
+                "last_lines": "\n".join(tail[-12:]) or None,
+            },
+        )
+        delay = recovery.backoff_s(device.crashes, base_s=self._backoff())
+        self._launch(device, delay)
+        self._spawn(device, self._recover(device))
+
+    @staticmethod
+    def _waiter() -> asyncio.Future[ModelStatus]:
+        waiter: asyncio.Future[ModelStatus] = asyncio.get_running_loop().create_future()
+        waiter.add_done_callback(_consume)
+        return waiter
+
+    async def _recover(self, device: Device) -> None:
+        """Reload what the old worker held (``Resident.reload`` set), once the new one is up."""
+        assert device.up is not None
+        pending = [
+            r for r in self.residents.values() if r.device == device.key and r.reload is not None
+        ]
+        try:
+            await asyncio.shield(device.up)
+        except ApiError as exc:  # the device is down: its models stay failed
+            for resident in pending:
+                resident.error = f"{exc.code}: {exc.message}"
+                self._settle_reload(resident, exc)
+            return
+        for resident in pending:
+            if self.residents.get(resident.spec.model_id) is not resident:
+                continue  # unloaded meanwhile
+            resident.state = "loading"
+            try:
+                status = await self._load_on(device, resident)
+            except EngineCrashed:
+                return  # that crash settled the books and started the next recovery
+            except ApiError as exc:
+                resident.state = "failed"
+                resident.error = f"{exc.code}: {exc.message}"
+                self._settle_reload(resident, exc)
+                log.error(
+                    "reload failed",
+                    extra={"model_id": resident.spec.model_id, "error": exc.message},
+                )
+                continue
+            self._settle_reload(resident, status)
+            log.info(
+                "model reloaded", extra={"model_id": resident.spec.model_id, "device": device.key}
+            )
+
+    @staticmethod
+    def _settle_reload(resident: Resident, outcome: ModelStatus | BaseException | None) -> None:
+        waiter, resident.reload = resident.reload, None
+        if waiter is None or waiter.done():
+            return
+        if isinstance(outcome, ModelStatus):
+            waiter.set_result(outcome)
+        else:
+            waiter.set_exception(
+                outcome
+                if isinstance(outcome, BaseException)
+                else crashed(resident.error or "the worker crashed")
+            )
+
+    # -- loads -------------------------------------------------------------------------------
+
+    async def load(self, engine: str, spec: ModelSpec, free_mb: Mapping[str, int]) -> ModelStatus:
+        resident = self.residents.get(spec.model_id)
+        if resident is not None:
+            if resident.reload is not None:  # a recovery is bringing it back: join it
+                return await asyncio.shield(resident.reload)
+            if resident.state != "failed":
+                raise ApiError(
+                    409, f"model {spec.model_id!r} is already here", code="model_loading"
+                )
+            del self.residents[spec.model_id]  # failed: a load by hand starts it over
+        order = recovery.load_order(spec.devices, spec.tensor_parallel, self.cuda_indices, free_mb)
+        refused: ApiError | None = None
+        for key in order:
+            device = self.devices[key]
+            resident = Resident(spec=spec, engine=engine, device=key)
+            self.residents[spec.model_id] = resident
+            try:
+                return await self._load_on(device, resident)
+            except ApiError as exc:
+                if self.residents.get(spec.model_id) is resident:
+                    del self.residents[spec.model_id]
+                if exc.code not in ("insufficient_memory", "model_too_large"):
+                    raise
+                refused = refused or exc  # the best device's reason
+            except EngineCrashed as exc:
+                raise crashed(str(exc)) from exc
+        assert refused is not None
+        raise refused
+
+    async def _load_on(self, device: Device, resident: Resident) -> ModelStatus:
+        proc = await self.worker(device.key)
+        device.busy += 1
+        try:
+            status = await proc.call(
+                resident.engine, "load", spec_for_worker(resident.spec, device.key)
+            )
+        finally:
+            device.busy -= 1
+        if self.residents.get(resident.spec.model_id) is resident:
+            resident.state = "loaded"
+            resident.error = None
+        return self._as_host(device, status)
+
+    async def unload(self, model_id: str) -> None:
+        resident = self.residents.get(model_id)
+        if resident is None:
+            raise model_not_found(model_id)
+        if resident.reload is not None:
+            with contextlib.suppress(ApiError, EngineCrashed):
+                await asyncio.shield(resident.reload)
+        device = self.devices[resident.device]
+        self.residents.pop(model_id, None)
+        if resident.state == "loaded" and device.proc is not None and device.proc.alive:
+            device.busy += 1
+            try:
+                await device.proc.call(resident.engine, "unload", model_id)
+            except EngineCrashed:
+                pass  # its memory went with the process
+            finally:
+                device.busy -= 1
+        if not any(r.device == device.key for r in self.residents.values()) and not device.busy:
+            await self.recycle(device.key, why="its last model was unloaded")
+
+    async def recycle(self, key: str, *, why: str) -> bool:
+        """End ``key``'s worker and start a fresh one, reloading what it holds: every byte
+        the old one kept (allocator caches, fragments) goes back. Only while it is idle;
+        False when it is not."""
+        device = self.devices[key]
+        proc = device.proc
+        if proc is None or device.state != "ready" or proc.in_flight() or device.busy:
+            return False
+        mine = [r for r in self.residents.values() if r.device == key and r.state == "loaded"]
+        device.state = "restarting"
+        device.restarts += 1
+        log.info(
+            "worker recycled",
+            extra={"device": key, "why": why, "models": ",".join(r.spec.model_id for r in mine)},
+        )
+        for resident in mine:
+            resident.state = "failed"  # reloaded by the recovery below, without a strike
+            resident.error = "its worker was recycled"
+            resident.reload = self._waiter()
+        await proc.stop()
+        self._launch(device)
+        self._spawn(device, self._recover(device))
+        return True
+
+    # -- calls on a model --------------------------------------------------------------------
+
+    def resident(self, model_id: str) -> Resident:
+        resident = self.residents.get(model_id)
+        if resident is None:
+            raise model_not_found(model_id)
+        if resident.state != "loaded":
+            if resident.reload is not None or resident.state == "loading":
+                raise unavailable(
+                    f"model {model_id!r} is being reloaded: {resident.error or 'loading'}",
+                    code="model_reloading",
+                    retry_after=RETRY_AFTER_S,
+                )
+            raise crashed(resident.error or "its worker crashed")
+        return resident
+
+    def proc_of(self, resident: Resident) -> WorkerProcess:
+        proc = self.devices[resident.device].proc
+        if proc is None or not proc.alive:
+            raise crashed(f"the {resident.device} worker is restarting")
+        return proc
+
+    async def call(self, model_id: str, method: str, *args: Any) -> Any:
+        resident = self.resident(model_id)
+        try:
+            return await self.proc_of(resident).call(resident.engine, method, model_id, *args)
+        except EngineCrashed as exc:
+            raise crashed(str(exc)) from exc
+
+    def generate(
+        self, model_id: str, prompt: PreparedPrompt, params: SamplingParams
+    ) -> TokenStream:
+        resident = self.resident(model_id)
+        return self.proc_of(resident).generate(resident.engine, model_id, prompt, params)
+
+    async def any_worker(self) -> WorkerProcess:
+        return await self.worker(CPU)
+
+    # -- views -------------------------------------------------------------------------------
+
+    def _as_host(self, device: Device, status: ModelStatus) -> ModelStatus:
+        """A worker's view of a model, in the host's device numbering."""
+        return status.model_copy(update={"devices": [] if device.index is None else [device.index]})
+
+    def statuses(self, engine: str) -> list[ModelStatus]:
+        out: list[ModelStatus] = []
+        for resident in self.residents.values():
+            if resident.engine != engine:
+                continue
+            device = self.devices[resident.device]
+            status = self._reported(device, engine, resident.spec.model_id)
+            if resident.state == "loaded" and status is not None:
+                out.append(self._as_host(device, status))
+            elif resident.state == "failed" or resident.reload is not None:
+                out.append(
+                    ModelStatus(
+                        id=resident.spec.model_id,
+                        harness=engine,
+                        status=resident.state,
+                        devices=[] if device.index is None else [device.index],
+                        vram_used_mb=0,
+                        context_length=None,
+                        error=resident.error,
+                    )
+                )
+        return out
+
+    def _reported(self, device: Device, engine: str, model_id: str) -> ModelStatus | None:
+        view = self._view(device, engine)
+        if view is None:
+            return None
+        return next((m for m in view.models if m.id == model_id), None)
+
+    def _view(self, device: Device, engine: str) -> Any:
+        proc = device.proc
+        if proc is None or proc.snapshot is None:
+            return None
+        return proc.snapshot.engines.get(engine)
+
+    def loading(self, engine: str) -> dict[str, str]:
+        return {
+            r.spec.model_id: r.device
+            for r in self.residents.values()
+            if r.engine == engine and r.state == "loading" and r.reload is None
+        }
+
+    def memory_used_bytes(self, engine: str, key: str) -> int:
+        view = self._view(self.devices[key], engine) if key in self.devices else None
+        return view.memory_bytes if view is not None else 0
+
+    def figure(self, engine: str, model_id: str, kind: str) -> Any:
+        resident = self.residents.get(model_id)
+        if resident is None or resident.state != "loaded":
+            return None
+        view = self._view(self.devices[resident.device], engine)
+        return None if view is None else getattr(view, kind).get(model_id)
+
+    def has(self, engine: str, model_id: str) -> bool:
+        resident = self.residents.get(model_id)
+        return (
+            resident is not None
+            and resident.engine == engine
+            and (resident.state != "loading" or resident.reload is not None)
+        )
+
+    def health(self) -> list[WorkerHealth]:
+        return [
+            WorkerHealth(
+                device=d.key,
+                pid=d.proc.pid if d.proc is not None and d.proc.alive else None,
+                state=d.state,
+                restarts=d.restarts,
+                startup_s=d.proc.ready.startup_s if d.proc and d.proc.ready else None,
+                last_exit=d.last_exit,
+                in_flight=d.proc.in_flight() if d.proc is not None else 0,
+                output_frames=d.proc.output_frames if d.proc is not None else 0,
+            )
+            for d in self.devices.values()
+        ]
+
+
+def crashed(reason: str) -> ApiError:
+    """503 ``engine_crashed``: transient, the neuron is bringing the worker back."""
+    text = reason.removeprefix("engine_crashed: ")
+    return unavailable(f"engine crashed: {text}", code="engine_crashed", retry_after=RETRY_AFTER_S)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Read a future's exception so an unawaited failure is not logged as lost."""
+    if not future.cancelled():
+        future.exception()
