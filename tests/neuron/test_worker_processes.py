@@ -215,6 +215,39 @@ def test_a_model_that_crashes_its_worker_on_every_load_ends_failed(
     assert daemon.proc is not None and daemon.proc.poll() is None
 
 
+def test_a_poisoned_device_gets_a_fresh_worker(
+    tmp_path: Path, hf_cache: Path, crashy_dir: Path
+) -> None:
+    """A device fault (here the test hook's stand-in for a CUDA error) used to leave the
+    device refusing everything until a restart; now its worker process is replaced."""
+    daemon, base = start_neuron(
+        tmp_path,
+        config(REAL_CACHE, crashy_dir),
+        hf_cache=hf_cache,
+        env={"HELEXA_TEST_FAULT": "poison:crashy"},
+    )
+    try:
+        pid = ready_worker(base)
+        assert load(base, "crashy-smol").status_code == 200
+        wait_for(
+            "the poisoning model given up",
+            lambda: (
+                "not reloaded again"
+                in ((model_status(base, "crashy-smol") or {}).get("error") or "")
+            ),
+            timeout=90,
+        )
+        error = model_status(base, "crashy-smol")["error"]  # type: ignore[index]
+        assert "device fault on cpu" in error and "illegal memory access" in error
+        assert "killed by SIGKILL" in error
+        # The device itself works: a fresh worker serves another model.
+        ready_worker(base, not_pid=pid)
+        assert load(base, REAL_GGUF).status_code == 200
+        assert ask(base).status_code == 200
+    finally:
+        daemon.stop()
+
+
 def tree_rss_mb(pids: list[int]) -> float:
     total = 0
     for pid in pids:

@@ -147,6 +147,16 @@ class UnloadRequest(Wire):
     model_id: ModelPath
 
 
+class RecycleRequest(Wire):
+    """``POST /workers/recycle``: one device's worker ("cpu", "cuda:N"), or every idle one."""
+
+    device: str | None = None
+
+
+class RecycleResult(Wire):
+    recycled: list[str]  # the devices whose worker was replaced (their models reloaded)
+
+
 ModelState = Literal["loading", "loaded", "poisoned", "failed"]
 
 

@@ -545,7 +545,9 @@ class Router:
             task.add_done_callback(lambda _t: self._defrag_tasks.pop(state.name, None))
 
     async def _defrag(self, state: NeuronState) -> None:
-        """Recycle a neuron's resident set at a quiet moment to undo VRAM fragmentation."""
+        """At a quiet moment, have the neuron recycle its device workers: each process ends
+        and a fresh one reloads its models, so every byte the old one kept (allocator
+        caches, fragments from the load/unload cycles) goes back to the driver."""
         while state.busy() or self._cold:
             await asyncio.sleep(0.5)
         async with self._neuron_locks[state.name]:
@@ -554,20 +556,21 @@ class Router:
                 "defrag",
                 extra={"node": state.name, "cycles": state.cycles, "models": ",".join(resident)},
             )
-            recycled: list[str] = []
             try:
-                for model_id in resident:
-                    # Checked at each step: one that became busy meanwhile stays in place.
-                    if state.busy(model_id) or not state.loaded(model_id):
-                        continue
-                    await self.unload(state, model_id)
-                    recycled.append(model_id)
-                for model_id in recycled:
-                    await self._load_on(
-                        state, self.catalogue.profile(model_id) or ModelProfile(id=model_id)
-                    )
-            except ApiError as exc:
-                log.warning("defrag incomplete", extra={"node": state.name, "error": exc.message})
+                status, payload = await self._post(
+                    state, "/workers/recycle", {}, self.settings.proxy.load_timeout_s
+                )
+            except UpstreamError as exc:
+                log.warning("defrag incomplete", extra={"node": state.name, "error": str(exc)})
+                return
+            if status != 200:
+                error = (payload.get("error") or {}).get("message", f"status {status}")
+                log.warning("defrag incomplete", extra={"node": state.name, "error": error})
+                return
+            log.info(
+                "defrag done",
+                extra={"node": state.name, "recycled": ",".join(payload.get("recycled", []))},
+            )
             state.cycles = 0
 
     async def stop(self) -> None:

@@ -25,6 +25,8 @@ from helexa.core.wire import (
     ChatCompletionRequest,
     CompletionRequest,
     ModelSpec,
+    RecycleRequest,
+    RecycleResult,
     TokenizeRequest,
     UnloadRequest,
 )
@@ -76,6 +78,11 @@ def build_app(neuron: Neuron) -> Starlette:
         body = await read_body(request, UnloadRequest)
         await neuron.unload(body.model_id)
         return JSONResponse({"status": "unloaded"})
+
+    async def recycle(request: Request) -> Response:
+        body = await read_body(request, RecycleRequest)
+        recycled = await neuron.recycle(body.device)
+        return JSONResponse(_dump(RecycleResult(recycled=recycled)))
 
     async def endpoint(request: Request) -> Response:
         model_id = neuron.model_id(request.path_params["model_id"])
@@ -184,6 +191,7 @@ def build_app(neuron: Neuron) -> Starlette:
         Route("/models/load", load, methods=["POST"]),
         Route("/models/unload", unload, methods=["POST"]),
         Route("/models/size", size, methods=["POST"]),
+        Route("/workers/recycle", recycle, methods=["POST"]),
         Route("/models/{model_id:path}/endpoint", endpoint, methods=["GET"]),
         Route("/v1/models", openai_models, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),

@@ -28,7 +28,8 @@ class Engines(Protocol):
     def workers(self) -> list[WorkerHealth]: ...
 
     async def recycle(self, device: str | None) -> list[str]:
-        """Recycle idle workers (``device``: that one only); the devices recycled."""
+        """Recycle idle workers (``device``: that one only), their models reloaded before
+        this returns; the devices recycled."""
         ...
 
 
@@ -69,6 +70,8 @@ class WorkerEngines:
                 key, why="asked (defrag)"
             ):
                 done.append(key)
+        for key in done:
+            await self.supervisor.settled(key)
         return done
 
 

@@ -178,6 +178,14 @@ class Neuron:
                 except Exception as exc:
                     log.warning("unload failed", extra={"model_id": status.id, "error": str(exc)})
 
+    async def recycle(self, device: str | None) -> list[str]:
+        """Recycle the idle device workers (``device``: that one): each ends, and a fresh
+        one reloads its models, so memory the old one kept (allocator caches, fragments)
+        goes back. A device with generations running is left alone."""
+        if device is not None and device not in {w.device for w in self.engines.workers()}:
+            raise bad_request(f"no worker for device {device!r}", param="device")
+        return await self.engines.recycle(device)
+
     def admission(self, model_id: str) -> Admission:
         gate = self._admission.get(model_id)
         if gate is None:

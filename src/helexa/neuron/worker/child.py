@@ -51,9 +51,13 @@ STARTED = time.monotonic()
 
 
 class Worker:
-    def __init__(self, conn: Connection, init: Init, harnesses: dict[str, Harness]) -> None:
+    def __init__(
+        self, conn: Connection, init: Init, pool: DevicePool, harnesses: dict[str, Harness]
+    ) -> None:
         self.conn = conn
+        self.pool = pool
         self.device = init.device
+        self.device_key = CPU if init.device == CPU else "cuda:0"  # as this process sees it
         self.harnesses = harnesses
         self.send_lock = threading.Lock()
         self.closed = asyncio.Event()
@@ -140,8 +144,11 @@ class Worker:
                 self.prepared.popitem(last=False)
             return handle
         if call.method == "load":
-            faults.on_load(self.fault, call.args[0].model_id)
-            return await harness.load(*call.args)
+            model_id = call.args[0].model_id
+            faults.on_load(self.fault, model_id)
+            status = await harness.load(*call.args)
+            faults.after_load(self.fault, model_id, self.pool.worker(self.device_key).poison)
+            return status
         if call.method in ("unload", "size", "prepare_chat", "prepare_text"):
             return await getattr(harness, call.method)(*call.args)
         raise ValueError(f"unknown worker call {call.method!r}")
@@ -202,11 +209,7 @@ class Worker:
                 prefix={m.id: harness.prefix_cache(m.id) for m in models},
                 batch={m.id: harness.batch_info(m.id) for m in models},
             )
-        poisoned = next(
-            (m.id for view in engines.values() for m in view.models if m.status == "poisoned"),
-            None,
-        )
-        return Snapshot(engines=engines, poisoned=poisoned)
+        return Snapshot(engines=engines, poisoned=self.pool.worker(self.device_key).poisoned)
 
 
 def _with_prepared(params: Any, prepared: object | None) -> Any:
@@ -257,6 +260,6 @@ def main(argv: list[str]) -> None:
     pool.start()
     log.info("worker ready", extra={"device": init.device, "engines": ",".join(harnesses)})
     try:
-        asyncio.run(Worker(conn, init, harnesses).serve())
+        asyncio.run(Worker(conn, init, pool, harnesses).serve())
     finally:
         pool.stop()

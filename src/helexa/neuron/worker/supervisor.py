@@ -45,6 +45,7 @@ class Resident:
     error: str | None = None
     strikes: int = 0  # crashes of its worker while it was there
     reload: asyncio.Future[ModelStatus] | None = None  # a recovery's reload of it
+    planned: bool = False  # that reload follows a recycle, not a crash: requests wait for it
 
 
 @dataclass
@@ -224,6 +225,7 @@ class Workers:
         )
         for resident in wanted:
             resident.state = "failed"
+            resident.planned = False
             resident.error = f"engine_crashed: {reason}"
             if resident.spec.model_id in given_up:
                 resident.error = recovery.gave_up(reason, resident.strikes)
@@ -288,6 +290,7 @@ class Workers:
     @staticmethod
     def _settle_reload(resident: Resident, outcome: ModelStatus | BaseException | None) -> None:
         waiter, resident.reload = resident.reload, None
+        resident.planned = False
         if waiter is None or waiter.done():
             return
         if isinstance(outcome, ModelStatus):
@@ -380,13 +383,20 @@ class Workers:
             extra={"device": key, "why": why, "models": ",".join(r.spec.model_id for r in mine)},
         )
         for resident in mine:
-            resident.state = "failed"  # reloaded by the recovery below, without a strike
-            resident.error = "its worker was recycled"
+            resident.state = "loading"  # reloaded by the recovery below, without a strike
+            resident.planned = True
             resident.reload = self._waiter()
         await proc.stop()
         self._launch(device)
         self._spawn(device, self._recover(device))
         return True
+
+    async def settled(self, key: str) -> None:
+        """Until the reloads on ``key``'s worker (after a recycle or a crash) are over."""
+        waiting = [
+            r.reload for r in self.residents.values() if r.device == key and r.reload is not None
+        ]
+        await asyncio.gather(*(asyncio.shield(w) for w in waiting), return_exceptions=True)
 
     # -- calls on a model --------------------------------------------------------------------
 
@@ -411,6 +421,11 @@ class Workers:
         return proc
 
     async def call(self, model_id: str, method: str, *args: Any) -> Any:
+        waiting = self.residents.get(model_id)
+        if waiting is not None and waiting.planned and waiting.reload is not None:
+            # A recycle, not a failure: the model is back in seconds, so wait for it.
+            async with asyncio.timeout(self._start_timeout()):
+                await asyncio.shield(waiting.reload)
         resident = self.resident(model_id)
         try:
             return await self.proc_of(resident).call(resident.engine, method, model_id, *args)

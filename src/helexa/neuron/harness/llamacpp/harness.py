@@ -25,6 +25,7 @@ from helexa.core.wire import (
 )
 from helexa.neuron.config import LlamaCppHarnessSettings
 from helexa.neuron.devices import CPU, DevicePool, model_too_large
+from helexa.neuron.gguf_header import ArrayField, read_header
 from helexa.neuron.harness.base import ModelGone, PreparedPrompt, TokenStream
 from helexa.neuron.harness.compile_gate import CompileGate
 from helexa.neuron.harness.engine import Engine, Generation
@@ -445,8 +446,6 @@ class GgufSizes:
 def _gguf_sizes(path: Path, settings: LlamaCppHarnessSettings) -> GgufSizes:
     """Weights as stored (every part of a split file) plus the KV cache the context needs,
     read from the GGUF header without loading tensors."""
-    from gguf import GGUFReader
-
     if not path.is_file():
         raise ApiError(
             404,
@@ -459,16 +458,18 @@ def _gguf_sizes(path: Path, settings: LlamaCppHarnessSettings) -> GgufSizes:
     for part in parts:
         check_gguf(part)
     try:
-        reader = GGUFReader(path)
+        header = read_header(path)
     except GGUF_READ_ERRORS as exc:
         raise unreadable_gguf(path, exc) from None
-    fields = {name: reader.fields[name] for name in reader.fields}
+    size = path.stat().st_size
+    if size < header.data_end:
+        raise unreadable_gguf(
+            path, EOFError(f"{size} bytes; its header describes {header.data_end}")
+        )
 
     def value(key: str) -> Any:
-        entry = fields.get(key)
-        if entry is None:
-            return None
-        return entry.contents()
+        entry = header.fields.get(key)
+        return None if isinstance(entry, ArrayField) else entry  # per-layer arrays: unknown
 
     arch = value("general.architecture") or ""
     n_layer = int(value(f"{arch}.block_count") or 0)

@@ -9,6 +9,7 @@ import torch
 
 from helexa.core.errors import ApiError, bad_request, not_found
 from helexa.neuron.model_files import ModelFiles, as_ids
+from helexa.neuron.gguf_header import read_header
 from helexa.neuron.weights_check import (
     GGUF_READ_ERRORS,
     check_gguf,
@@ -76,11 +77,9 @@ def _safetensors_elements(path: Path) -> int:
 
 
 def _gguf_elements(path: Path) -> int:
-    from gguf import GGUFReader
-
     check_gguf(path)
     try:
-        return sum(int(t.n_elements) for t in GGUFReader(path).tensors)
+        return read_header(path).elements
     except GGUF_READ_ERRORS as exc:
         raise unreadable_gguf(path, exc) from None
 
