@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from helexa.core.errors import ApiError, bad_request, not_found
-from helexa.neuron.model_files import ModelFiles, as_ids
 from helexa.neuron.gguf_header import read_header
+from helexa.neuron.model_files import ModelFiles, as_ids
 from helexa.neuron.weights_check import (
     GGUF_READ_ERRORS,
     check_gguf,
