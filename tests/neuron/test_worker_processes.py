@@ -228,7 +228,8 @@ def test_a_poisoned_device_gets_a_fresh_worker(
     )
     try:
         pid = ready_worker(base)
-        assert load(base, "crashy-smol").status_code == 200
+        first = load(base, "crashy-smol")  # 200, or 503 when the fault beat the reply out
+        assert first.status_code == 200 or first.json()["error"]["code"] == "engine_crashed"
         wait_for(
             "the poisoning model given up",
             lambda: (

@@ -23,6 +23,10 @@ class Engines(Protocol):
 
     async def stop(self) -> None: ...
 
+    def closing(self) -> None:
+        """The neuron is draining: what is unloaded now is not replaced by a fresh worker."""
+        ...
+
     def cpu_used(self) -> int: ...
 
     def workers(self) -> list[WorkerHealth]: ...
@@ -56,6 +60,9 @@ class WorkerEngines:
     async def stop(self) -> None:
         await self.supervisor.stop()
 
+    def closing(self) -> None:
+        self.supervisor.closing = True
+
     def cpu_used(self) -> int:
         return sum(h.memory_used_bytes(CPU) for h in self.harnesses.values())
 
@@ -87,6 +94,9 @@ class LocalEngines:
 
     async def stop(self) -> None:
         self.pool.stop()
+
+    def closing(self) -> None:
+        pass
 
     def cpu_used(self) -> int:
         return self.pool.cpu_used()

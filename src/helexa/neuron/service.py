@@ -207,6 +207,7 @@ class Neuron:
         if self.draining:
             return
         self.draining = True
+        self.engines.closing()
         self._drain_began = time.monotonic()
         for gate in self._admission.values():
             gate.close()

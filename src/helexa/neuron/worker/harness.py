@@ -4,6 +4,7 @@ everything else is one call to the worker holding the model."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from helexa.core.wire import (
@@ -14,13 +15,13 @@ from helexa.core.wire import (
     ModelStatus,
     PrefixCacheInfo,
 )
-from helexa.neuron.harness.base import EngineCrashed, PreparedPrompt, TokenStream
+from helexa.neuron.harness.base import PreparedPrompt, TokenStream
 from helexa.neuron.sampling import OutputFormat, SamplingParams
-from helexa.neuron.worker.supervisor import Workers, crashed
+from helexa.neuron.worker.supervisor import Workers
 
 
 class WorkerHarness:
-    def __init__(self, name: str, workers: Workers, free_mb: Any) -> None:
+    def __init__(self, name: str, workers: Workers, free_mb: Callable[[], dict[str, int]]) -> None:
         self.name = name
         self._workers = workers
         self._free_mb = free_mb  # () -> {device key: free MB}, for the load order
@@ -32,11 +33,7 @@ class WorkerHarness:
         await self._workers.unload(model_id)
 
     async def size(self, spec: ModelSpec) -> ModelSize:
-        worker = await self._workers.any_worker()  # from the files: any worker can tell
-        try:
-            return await worker.call(self.name, "size", spec)
-        except EngineCrashed as exc:
-            raise crashed(str(exc)) from exc
+        return await self._workers.size(self.name, spec, self._free_mb())
 
     def list(self) -> list[ModelStatus]:
         return self._workers.statuses(self.name)

@@ -80,6 +80,7 @@ class Workers:
         for index in cuda_indices:
             self.devices[cuda_key(index)] = Device(cuda_key(index), index)
         self.residents: dict[str, Resident] = {}
+        self.closing = False  # draining: an emptied worker is not replaced
         self.stopping = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -364,7 +365,8 @@ class Workers:
                 pass  # its memory went with the process
             finally:
                 device.busy -= 1
-        if not any(r.device == device.key for r in self.residents.values()) and not device.busy:
+        emptied = not any(r.device == device.key for r in self.residents.values())
+        if emptied and not device.busy and not self.closing:
             await self.recycle(device.key, why="its last model was unloaded")
 
     async def recycle(self, key: str, *, why: str) -> bool:
@@ -438,8 +440,15 @@ class Workers:
         resident = self.resident(model_id)
         return self.proc_of(resident).generate(resident.engine, model_id, prompt, params)
 
-    async def any_worker(self) -> WorkerProcess:
-        return await self.worker(CPU)
+    async def size(self, engine: str, spec: ModelSpec, free_mb: Mapping[str, int]) -> Any:
+        """What loading ``spec`` would take, asked of the worker it would go to first (the
+        dtype, and so the size, depends on the device)."""
+        key = recovery.load_order(spec.devices, spec.tensor_parallel, self.cuda_indices, free_mb)[0]
+        proc = await self.worker(key)
+        try:
+            return await proc.call(engine, "size", spec_for_worker(spec, key))
+        except EngineCrashed as exc:
+            raise crashed(str(exc)) from exc
 
     # -- views -------------------------------------------------------------------------------
 

@@ -20,7 +20,6 @@ class Runtime:
     ctx: Context
     tokenizer: GgufTokenizer
     context_length: int
-    loaded: bool = True
 
 
 class LlamaBackend:

@@ -15,24 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helexa.core.errors import ApiError, bad_request, model_not_found, unavailable
+from helexa.core.errors import ApiError, bad_request, unavailable
 from helexa.core.wire import (
-    BatchInfo,
     ModelSize,
     ModelSpec,
     ModelStatus,
-    PrefixCacheInfo,
 )
 from helexa.neuron.config import LlamaCppHarnessSettings
 from helexa.neuron.devices import CPU, DevicePool, model_too_large
 from helexa.neuron.gguf_header import ArrayField, read_header
-from helexa.neuron.harness.base import ModelGone, PreparedPrompt, TokenStream
-from helexa.neuron.harness.compile_gate import CompileGate
-from helexa.neuron.harness.engine import Engine, Generation
+from helexa.neuron.harness.base import ModelGone, PreparedPrompt
+from helexa.neuron.harness.engine import Engine
+from helexa.neuron.harness.hosting import EngineHarness, Loaded
 from helexa.neuron.harness.llamacpp import binding, plan
 from helexa.neuron.harness.llamacpp.backend import LlamaBackend, Runtime
 from helexa.neuron.harness.llamacpp.tokenizer import GgufTokenizer, chat_template
-from helexa.neuron.harness.prompt import PromptFacts, TokenizerPrompts
 from helexa.neuron.model_files import (
     ModelFiles,
     as_ids,
@@ -44,7 +41,6 @@ from helexa.neuron.model_files import (
 from helexa.neuron.output_parser import CALL_OPEN, THINK_CLOSE, THINK_OPEN
 from helexa.neuron.sampling import OutputFormat, SamplingParams
 from helexa.neuron.weights_check import GGUF_READ_ERRORS, check_gguf, unreadable_gguf
-from helexa.neuron.workers import WorkerPoisoned
 
 log = logging.getLogger("helexa.neuron.harness.llamacpp")
 
@@ -52,27 +48,16 @@ MB = 1024 * 1024
 GRAMMAR_CACHE = 32
 
 
-@dataclass
-class LoadedGguf:
-    spec: ModelSpec
+@dataclass(kw_only=True)
+class LoadedGguf(Loaded):
     files: ModelFiles
     placement: plan.Placement
     runtime: Runtime
-    engine: Engine
-    tokenizer: GgufTokenizer
-    bytes: int
-    generation_defaults: dict[str, Any]
-    eos_ids: frozenset[int]
-    tags: frozenset[str]
     grammars: dict[tuple[OutputFormat, str], str] = field(default_factory=dict)  # GBNF
     compiling: int = 0  # grammar parses under way: they read the vocabulary unload frees
 
-    @property
-    def device_key(self) -> str:
-        return self.placement.keys[0]
 
-
-class LlamaCppHarness(TokenizerPrompts):
+class LlamaCppHarness(EngineHarness[LoadedGguf]):
     name = "llamacpp"
 
     def __init__(
@@ -85,66 +70,13 @@ class LlamaCppHarness(TokenizerPrompts):
         cpu_threads: int | None,
         wait_timeout_s: float | None = None,
     ) -> None:
-        self._pool = pool
+        super().__init__(pool)
         self._wait_timeout_s = wait_timeout_s
         self._settings = settings
         self._hf_cache = hf_cache
         self._model_dirs = model_dirs
         self._threads = cpu_threads
-        self._models: dict[str, LoadedGguf] = {}
-        self._loading: dict[str, str] = {}
-        # Schemas compile in threads, a few at a time: a burst of new schemas must not
-        # take every executor thread (or core) from the loads and requests beside them.
-        self._compiles = CompileGate()
         log.info("llama.cpp CPU kernels", extra={"build": binding.describe_build()})
-
-    # -- queries ----------------------------------------------------------------------------
-
-    def has(self, model_id: str) -> bool:
-        return model_id in self._models
-
-    def get(self, model_id: str) -> LoadedGguf:
-        try:
-            return self._models[model_id]
-        except KeyError:
-            raise model_not_found(model_id) from None
-
-    def memory_used_bytes(self, device: str) -> int:
-        total = 0
-        for m in self._models.values():
-            for key, share in zip(m.placement.keys, m.placement.share, strict=True):
-                if key == device:
-                    total += share
-        return total
-
-    def _status(self, m: LoadedGguf) -> ModelStatus:
-        worker = self._pool.worker(m.device_key)
-        return ModelStatus(
-            id=m.spec.model_id,
-            harness=self.name,
-            status="poisoned" if worker.poisoned else "loaded",
-            devices=m.placement.cuda_indices,
-            vram_used_mb=m.bytes // MB,
-            context_length=m.runtime.context_length,
-        )
-
-    def list(self) -> list[ModelStatus]:
-        return [self._status(m) for m in self._models.values()]
-
-    def loading(self) -> dict[str, str]:
-        return dict(self._loading)
-
-    def prefix_cache(self, model_id: str) -> PrefixCacheInfo | None:
-        loaded = self._models.get(model_id)
-        if loaded is None:
-            return None
-        return loaded.engine.prefix_cache_info(loaded.runtime.ctx.n_ctx)
-
-    def batch_info(self, model_id: str) -> BatchInfo | None:
-        loaded = self._models.get(model_id)
-        if loaded is None:
-            return None
-        return loaded.engine.batch_info()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -234,27 +166,17 @@ class LlamaCppHarness(TokenizerPrompts):
             runtime, tokenizer = await asyncio.wrap_future(
                 worker.submit(self._open, path, files.root, placement, sizes.context_tokens)
             )
-            engine = Engine(
-                LlamaBackend(
-                    runtime, batch_tokens=self._settings.batch_tokens, slots=self._settings.slots
-                ),
-                worker,
-                slots=self._settings.slots,
-                batch_tokens=self._settings.batch_tokens,
-                is_loaded=lambda: runtime.loaded,
-                wait_timeout_s=self._wait_timeout_s,
-                park_budget_bytes=self._settings.host_cache_mb * MB,
-            )
             gen_config = await asyncio.to_thread(read_json, files.root / "generation_config.json")
             eos = await asyncio.to_thread(_eos_ids, runtime.model.vocab, gen_config)
-            self._models[model_id] = LoadedGguf(
+            loaded = LoadedGguf(
                 spec=spec,
+                shares=dict(zip(placement.keys, placement.share, strict=True)),
                 files=files,
                 placement=placement,
                 runtime=runtime,
-                engine=engine,
                 tokenizer=tokenizer,
-                bytes=need,
+                context_length=runtime.context_length,
+                kv_capacity_tokens=runtime.ctx.n_ctx,
                 generation_defaults=generation_defaults(gen_config),
                 eos_ids=eos,
                 tags=frozenset(
@@ -263,11 +185,22 @@ class LlamaCppHarness(TokenizerPrompts):
                     if tokenizer.single_token(tag) is not None
                 ),
             )
+            loaded.engine = Engine(
+                LlamaBackend(
+                    runtime, batch_tokens=self._settings.batch_tokens, slots=self._settings.slots
+                ),
+                worker,
+                slots=self._settings.slots,
+                batch_tokens=self._settings.batch_tokens,
+                is_loaded=lambda: loaded.loaded,
+                wait_timeout_s=self._wait_timeout_s,
+                park_budget_bytes=self._settings.host_cache_mb * MB,
+            )
+            self._models[model_id] = loaded
         finally:
             for key, share in zip(placement.keys, placement.share, strict=True):
                 self._pool.unreserve(key, share)
             self._loading.pop(model_id, None)
-        loaded = self._models[model_id]
         log.info(
             "model loaded",
             extra={
@@ -283,7 +216,7 @@ class LlamaCppHarness(TokenizerPrompts):
                 "secs": round(time.monotonic() - started, 3),
             },
         )
-        return self._status(loaded)
+        return self.status(loaded)
 
     def _open(
         self, path: Path, root: Path, placement: plan.Placement, n_ctx: int
@@ -317,49 +250,29 @@ class LlamaCppHarness(TokenizerPrompts):
             tokenizer
         )
 
-    async def unload(self, model_id: str) -> None:
-        loaded = self.get(model_id)
-        loaded.runtime.loaded = False  # the engine's next step ends its requests
-        del self._models[model_id]
-        worker = self._pool.worker(loaded.device_key)
+    async def quiesce(self, loaded: LoadedGguf) -> None:
         while loaded.compiling:  # a parse reading this vocabulary: bounded, let it end
             await asyncio.sleep(0.01)
 
-        def release() -> None:
-            loaded.engine.close(ModelGone("the model was unloaded during generation"))
-            loaded.runtime.ctx.free()
-            loaded.runtime.model.free()
+    def release(self, loaded: LoadedGguf) -> None:
+        loaded.runtime.ctx.free()
+        loaded.runtime.model.free()
 
-        if worker.poisoned is None:
-            await asyncio.wrap_future(worker.submit(release))
-        elif loaded.placement.on_cpu:
-            # A poisoned CPU worker (NaN flood) runs nothing more, and host memory is sound:
-            # free it here, off the loop. (A faulted CUDA context is not touched: llama.cpp
-            # aborts the process on CUDA errors.)
-            try:
-                await asyncio.to_thread(release)
-            except Exception as exc:
-                log.warning(
-                    "releasing a model from a poisoned worker failed",
-                    extra={"model_id": model_id, "error": f"{type(exc).__name__}: {exc}"},
-                )
-        else:
+    def release_poisoned(self, loaded: LoadedGguf) -> None:
+        if not loaded.placement.on_cpu:  # a faulted CUDA context is not touched: llama.cpp
+            super().release_poisoned(loaded)  # aborts the process on CUDA errors
+            return
+        # A poisoned CPU worker (NaN flood) runs nothing more, and host memory is sound:
+        # free it here.
+        try:
+            self.release(loaded)
+        except Exception as exc:
             log.warning(
-                "unloaded from a poisoned device without releasing memory",
-                extra={"model_id": model_id, "device": loaded.device_key},
+                "releasing a model from a poisoned worker failed",
+                extra={"model_id": loaded.spec.model_id, "error": f"{type(exc).__name__}: {exc}"},
             )
 
     # -- inference --------------------------------------------------------------------------
-
-    def prompt_source(self, model_id: str) -> tuple[Any, PromptFacts]:
-        loaded = self.get(model_id)
-        facts = PromptFacts(
-            context_length=loaded.runtime.context_length,
-            generation_defaults=loaded.generation_defaults,
-            eos_ids=loaded.eos_ids,
-            tags=loaded.tags,
-        )
-        return loaded.tokenizer, facts
 
     async def prepare_format(
         self, model_id: str, fmt: OutputFormat, prompt: PreparedPrompt
@@ -375,7 +288,7 @@ class LlamaCppHarness(TokenizerPrompts):
     def _grammar(self, loaded: LoadedGguf, fmt: OutputFormat, reasoning: str) -> binding.Grammar:
         """``fmt`` parsed for one request (the GBNF text is cached per model); a 400 when the
         schema cannot be one. Runs in a compile thread (``prepare_format``)."""
-        if not loaded.runtime.loaded:  # unloaded while this waited its turn
+        if not loaded.loaded:  # unloaded while this waited its turn
             raise ModelGone("the model was unloaded while the request waited")
         key = (fmt, reasoning)
         text = loaded.grammars.get(key)
@@ -403,37 +316,17 @@ class LlamaCppHarness(TokenizerPrompts):
         tail = loaded.tokenizer.decode(prompt.token_ids[-4:], skip_special_tokens=False)
         return "none" if tail.rstrip().endswith(THINK_CLOSE) else "optional"
 
-    def generate(
-        self, model_id: str, prompt: PreparedPrompt, params: SamplingParams
-    ) -> TokenStream:
-        loaded = self.get(model_id)
-        worker = self._pool.worker(loaded.device_key)
-        if worker.poisoned is not None:
-            raise WorkerPoisoned(f"{worker.name} worker is poisoned: {worker.poisoned}")
-        grammar = None
-        if params.response_format is not None:
-            grammar = params.prepared_format
-            if (
-                isinstance(grammar, binding.Grammar)
-                and grammar.vocab is not loaded.runtime.model.vocab
-            ):
-                # Parsed for a copy of the model that has since been unloaded and reloaded.
-                raise ModelGone("the model was reloaded while the request waited")
-            if not isinstance(grammar, binding.Grammar):  # a caller that skipped prepare_format
-                grammar = self._grammar(
-                    loaded, params.response_format, self._reasoning_mode(loaded, prompt)
-                )
-        stream = TokenStream(asyncio.get_running_loop())
-        generation = Generation(
-            prompt_ids=prompt.token_ids,
-            params=params,
-            constraint=grammar,
-            tokenizer=loaded.tokenizer,
-            emit=stream.emit,
-        )
-        stream.attach(generation.future, generation.cancel)
-        loaded.engine.submit(generation)
-        return stream
+    def constraint(
+        self, loaded: LoadedGguf, prompt: PreparedPrompt, params: SamplingParams
+    ) -> binding.Grammar:
+        grammar = params.prepared_format
+        if isinstance(grammar, binding.Grammar) and grammar.vocab is not loaded.runtime.model.vocab:
+            # Parsed for a copy of the model that has since been unloaded and reloaded.
+            raise ModelGone("the model was reloaded while the request waited")
+        if isinstance(grammar, binding.Grammar):
+            return grammar
+        assert params.response_format is not None  # a caller that skipped prepare_format
+        return self._grammar(loaded, params.response_format, self._reasoning_mode(loaded, prompt))
 
 
 @dataclass(frozen=True)

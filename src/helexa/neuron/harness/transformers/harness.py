@@ -12,20 +12,13 @@ from typing import Any
 
 import torch
 
-from helexa.core.errors import bad_request, model_not_found
-from helexa.core.wire import (
-    BatchInfo,
-    ModelSize,
-    ModelSpec,
-    ModelStatus,
-    PrefixCacheInfo,
-)
+from helexa.core.errors import bad_request
+from helexa.core.wire import ModelSize, ModelSpec, ModelStatus
 from helexa.neuron.config import TransformersHarnessSettings
 from helexa.neuron.devices import DevicePool
-from helexa.neuron.harness.base import ModelGone, PreparedPrompt, TokenStream
-from helexa.neuron.harness.compile_gate import CompileGate
-from helexa.neuron.harness.engine import Engine, Generation
-from helexa.neuron.harness.prompt import PromptFacts, TokenizerPrompts
+from helexa.neuron.harness.base import ModelGone, PreparedPrompt
+from helexa.neuron.harness.engine import Engine
+from helexa.neuron.harness.hosting import EngineHarness, Loaded
 from helexa.neuron.harness.transformers import loader, plan
 from helexa.neuron.harness.transformers.batched import (
     PagedBackend,
@@ -44,7 +37,7 @@ from helexa.neuron.model_files import (
     read_json,
 )
 from helexa.neuron.sampling import OutputFormat, SamplingParams
-from helexa.neuron.workers import WorkerPoisoned, is_device_fault
+from helexa.neuron.workers import is_device_fault
 
 log = logging.getLogger("helexa.neuron.harness.transformers")
 
@@ -52,25 +45,14 @@ MB = 1024 * 1024
 GRAMMARS = "grammars"  # LoadedModel.extra: the task building the model's llguidance Grammars
 
 
-@dataclass
-class LoadedModel:
-    spec: ModelSpec
-    device_key: str
+@dataclass(kw_only=True)
+class LoadedModel(Loaded):
     device: torch.device
     model: Any
-    tokenizer: Any
-    bytes: int
-    context_length: int
-    generation_defaults: dict[str, Any]
-    eos_ids: frozenset[int]
-    tags: frozenset[str] = frozenset()  # reasoning / tool-call tags in the vocabulary
-    engine: Engine | None = None
-    kv_capacity_tokens: int | None = None  # the paged KV cache; None: sequential decoding
-    loaded: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class TransformersHarness(TokenizerPrompts):
+class TransformersHarness(EngineHarness[LoadedModel]):
     name = "transformers"
 
     def __init__(
@@ -81,60 +63,13 @@ class TransformersHarness(TokenizerPrompts):
         model_dirs: list[Path],
         wait_timeout_s: float | None = None,
     ) -> None:
-        self._pool = pool
+        super().__init__(pool)
         self._settings = settings or TransformersHarnessSettings()
         self._hf_cache = self._settings.hf_cache
         self._model_dirs = model_dirs
         self._cuda_dtype = self._settings.cuda_dtype
         self._cpu_dtype = self._settings.cpu_dtype
         self._wait_timeout_s = wait_timeout_s
-        self._models: dict[str, LoadedModel] = {}
-        self._loading: dict[str, str] = {}  # model_id -> device key, while a load is running
-        self._compiles = CompileGate()
-
-    # -- queries ----------------------------------------------------------------------------
-
-    def has(self, model_id: str) -> bool:
-        return model_id in self._models
-
-    def get(self, model_id: str) -> LoadedModel:
-        try:
-            return self._models[model_id]
-        except KeyError:
-            raise model_not_found(model_id) from None
-
-    def memory_used_bytes(self, device: str) -> int:
-        return sum(m.bytes for m in self._models.values() if m.device_key == device)
-
-    def _status(self, m: LoadedModel) -> ModelStatus:
-        worker = self._pool.worker(m.device_key)
-        index = m.device.index if m.device.type == "cuda" else None
-        return ModelStatus(
-            id=m.spec.model_id,
-            harness=self.name,
-            status="poisoned" if worker.poisoned else "loaded",
-            devices=[] if index is None else [index],
-            vram_used_mb=m.bytes // MB,
-            context_length=m.context_length,
-        )
-
-    def prefix_cache(self, model_id: str) -> PrefixCacheInfo | None:
-        loaded = self._models.get(model_id)
-        if loaded is None or loaded.engine is None or loaded.kv_capacity_tokens is None:
-            return None  # sequential decoding: per-request caches, no fixed capacity
-        return loaded.engine.prefix_cache_info(loaded.kv_capacity_tokens)
-
-    def batch_info(self, model_id: str) -> BatchInfo | None:
-        loaded = self._models.get(model_id)
-        if loaded is None or loaded.engine is None:
-            return None
-        return loaded.engine.batch_info()
-
-    def list(self) -> list[ModelStatus]:
-        return [self._status(m) for m in self._models.values()]
-
-    def loading(self) -> dict[str, str]:
-        return dict(self._loading)
 
     # -- placement --------------------------------------------------------------------------
 
@@ -226,11 +161,10 @@ class TransformersHarness(TokenizerPrompts):
             )
             loaded = LoadedModel(
                 spec=spec,
-                device_key=key,
+                shares={key: loader.model_bytes(model) + kv_bytes},
                 device=device,
                 model=model,
                 tokenizer=tokenizer,
-                bytes=loader.model_bytes(model) + kv_bytes,
                 context_length=min(trained, capacity) if capacity else trained,
                 generation_defaults=generation_defaults(gen_config),
                 eos_ids=loader.eos_ids(gen_config, config, tokenizer),
@@ -263,7 +197,7 @@ class TransformersHarness(TokenizerPrompts):
                 "gguf": files.gguf_file,
             },
         )
-        return self._status(loaded)
+        return self.status(loaded)
 
     def _backend(
         self, model: Any, device: torch.device, kv_budget: int
@@ -288,48 +222,17 @@ class TransformersHarness(TokenizerPrompts):
         use_paged_attention(model)
         return PagedBackend(model, kv, device), kv.capacity_tokens, kv.bytes
 
-    async def unload(self, model_id: str) -> None:
-        loaded = self.get(model_id)
-        loaded.loaded = False  # running generations stop at their next step
-        del self._models[model_id]
-        worker = self._pool.worker(loaded.device_key)
-        engine = loaded.engine
+    def release(self, loaded: LoadedModel) -> None:
+        loaded.model = None
+        gc.collect()
+        if loaded.device.type == "cuda":
+            torch.cuda.empty_cache()
 
-        def release() -> None:
-            if engine is not None:
-                engine.close(ModelGone("the model was unloaded during generation"))
-            loaded.engine = None
-            loaded.model = None
-            gc.collect()
-            if loaded.device.type == "cuda":
-                torch.cuda.empty_cache()
-
-        try:
-            if worker.poisoned is None:
-                await asyncio.wrap_future(worker.submit(release))
-            else:  # the device is lost anyway; drop our references so a reload can start
-                if engine is not None:
-                    engine.close(ModelGone("the model was unloaded during generation"))
-                loaded.engine = None
-                loaded.model = None
-                log.warning(
-                    "unloaded from a poisoned device without releasing memory",
-                    extra={"model_id": model_id, "device": loaded.device_key},
-                )
-        finally:
-            loaded.tokenizer = None
+    def release_poisoned(self, loaded: LoadedModel) -> None:
+        loaded.model = None  # the device is lost anyway; drop our references
+        super().release_poisoned(loaded)
 
     # -- inference --------------------------------------------------------------------------
-
-    def prompt_source(self, model_id: str) -> tuple[Any, PromptFacts]:
-        loaded = self.get(model_id)
-        facts = PromptFacts(
-            context_length=loaded.context_length,
-            generation_defaults=loaded.generation_defaults,
-            eos_ids=loaded.eos_ids,
-            tags=loaded.tags,
-        )
-        return loaded.tokenizer, facts
 
     async def _grammars(self, loaded: LoadedModel) -> Grammars:
         """The model's llguidance tokenizer, built once on first use, off the event loop."""
@@ -357,43 +260,19 @@ class TransformersHarness(TokenizerPrompts):
         grammars = await self._grammars(self.get(model_id))
         return await self._compiles.run(grammars.compile, fmt)  # a bad schema: its 400
 
-    def _constraint(
-        self, loaded: LoadedModel, prompt: PreparedPrompt, fmt: OutputFormat, prepared: object
+    def constraint(
+        self, loaded: LoadedModel, prompt: PreparedPrompt, params: SamplingParams
     ) -> JsonConstraint:
         task: asyncio.Future[Grammars] | None = loaded.extra.get(GRAMMARS)
         if task is None or not task.done() or task.cancelled() or task.exception() is not None:
             # prepare_format ran against a model that has since been unloaded and reloaded.
             raise ModelGone("the model was reloaded while the request waited")
+        assert params.response_format is not None
         return task.result().start(
-            fmt,
-            matcher=prepared,
+            params.response_format,
+            matcher=params.prepared_format,
             device=loaded.device,
             prompt_ids=prompt.token_ids,
             reasoning_tags=prompt.reasoning_tags,
             opens_reasoning=prompt.opens_reasoning,
         )
-
-    def generate(
-        self, model_id: str, prompt: PreparedPrompt, params: SamplingParams
-    ) -> TokenStream:
-        loaded = self.get(model_id)
-        worker = self._pool.worker(loaded.device_key)
-        if worker.poisoned is not None:  # refuse before any response is started
-            raise WorkerPoisoned(f"{worker.name} worker is poisoned: {worker.poisoned}")
-        constraint = (
-            None
-            if params.response_format is None
-            else self._constraint(loaded, prompt, params.response_format, params.prepared_format)
-        )
-        assert loaded.engine is not None
-        stream = TokenStream(asyncio.get_running_loop())
-        generation = Generation(
-            prompt_ids=prompt.token_ids,
-            params=params,
-            tokenizer=loaded.tokenizer,
-            emit=stream.emit,
-            constraint=constraint,
-        )
-        stream.attach(generation.future, generation.cancel)
-        loaded.engine.submit(generation)
-        return stream
