@@ -28,8 +28,9 @@ harnesses = [{name = "llamacpp"}]
 context_tokens = 2048
 slots = 2
 [workers]
-max_restarts = 3
+max_restarts = 5
 restart_backoff_s = 0.2
+heartbeat_timeout_s = 3
 """
 
 
@@ -180,6 +181,44 @@ def test_a_worker_killed_mid_stream_fails_its_stream_and_comes_back(
     assert "worker crashed" in log and f"killed by {sig.name}" in log
     if sig != signal.SIGKILL:  # the worker's own last words (faulthandler) are in the log
         assert "Fatal Python error" in log
+
+
+def test_a_worker_that_stops_answering_is_killed_and_replaced(
+    fleet_neuron: tuple[Daemon, str],
+) -> None:
+    """SIGSTOP stands in for a worker deadlocked in native code: its socket stays open, so
+    only the heartbeat can tell; its stream must end, not hang."""
+    daemon, base = fleet_neuron
+    if (model_status(base, REAL_GGUF) or {}).get("status") != "loaded":
+        assert load(base, REAL_GGUF).status_code == 200
+    pid = ready_worker(base)
+    body = {
+        "model": REAL_GGUF,
+        "messages": [{"role": "user", "content": "Tell me a very long story about a dog."}],
+        "max_tokens": 2000,
+        "temperature": 0,
+        "stream": True,
+    }
+    last = ""
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as stream:
+        lines = stream.iter_lines()
+        for line in lines:
+            if '"content"' in line:
+                break
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        for line in lines:
+            if line.startswith("data:"):
+                last = line
+        ended_after = time.monotonic() - stopped
+    error = json.loads(last.removeprefix("data: "))["error"]
+    assert error["code"] == "engine_crashed"
+    assert "stopped answering" in error["message"], error
+    assert ended_after < 30, ended_after
+    ready_worker(base, not_pid=pid)
+    wait_for("the model reloaded", lambda: model_status(base, REAL_GGUF)["status"] == "loaded")
+    assert ask(base).status_code == 200
+    assert "worker stopped answering; killing it" in daemon.log()
 
 
 def test_a_model_that_crashes_its_worker_on_every_load_ends_failed(

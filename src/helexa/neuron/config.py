@@ -75,6 +75,10 @@ class WorkerSettings(BaseModel):
     # reloaded again; restarts wait restart_backoff_s, doubling, up to 30 s.
     max_restarts: int = Field(default=3, ge=0)
     restart_backoff_s: float = Field(default=0.5, ge=0)
+    # A worker whose loop does not answer a ping for this long (stopped, deadlocked in native
+    # code) is killed and restarted like a crashed one.
+    heartbeat_timeout_s: float = Field(default=30.0, gt=0)
+    heartbeat_s: float = Field(default=1.0, gt=0)
 
 
 class AdmissionSettings(BaseModel):

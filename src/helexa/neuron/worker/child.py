@@ -36,6 +36,8 @@ from helexa.neuron.worker.protocol import (
     EngineView,
     Init,
     Output,
+    Ping,
+    Pong,
     Ready,
     Reply,
     Shutdown,
@@ -110,6 +112,8 @@ class Worker:
             stream = self.streams.get(message.id)
             if stream is not None:
                 stream.cancel()
+        elif isinstance(message, Ping):
+            self.send(Pong(message.seq))
         elif isinstance(message, Shutdown):
             self.closed.set()
 

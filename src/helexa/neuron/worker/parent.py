@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
@@ -33,6 +34,8 @@ from helexa.neuron.worker.protocol import (
     Failure,
     Init,
     Output,
+    Ping,
+    Pong,
     Ready,
     Reply,
     Shutdown,
@@ -76,7 +79,9 @@ class WorkerProcess:
         self.snapshot: Snapshot | None = None
         self.alive = False
         self.output_frames = 0  # Output frames received: one per engine step or fewer
-        self.stopping = False  # an exit we asked for is not a crash
+        self.stopping = False
+        self.kill_reason: str | None = None  # why the neuron killed it, when it did
+        self.last_pong = 0.0  # an exit we asked for is not a crash
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._ids = itertools.count(1)
         self._calls: dict[int, asyncio.Future[Any]] = {}
@@ -140,9 +145,33 @@ class WorkerProcess:
                 self.kill()
                 await asyncio.to_thread(self.proc.wait)
 
-    def kill(self) -> None:
+    def kill(self, reason: str | None = None) -> None:
+        """SIGKILL; ``reason`` (a device fault, a hang) leads the crash report."""
+        if reason and self.kill_reason is None:
+            self.kill_reason = reason
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
+
+    async def watch(self, period_s: float, timeout_s: float) -> None:
+        """Ping every ``period_s``; a worker silent for ``timeout_s`` (stopped, deadlocked in
+        native code) is killed, so what it holds fails instead of hanging."""
+        self.last_pong = time.monotonic()
+        seq = 0
+        while self.alive:
+            silent = time.monotonic() - self.last_pong
+            if silent > timeout_s:
+                log.error(
+                    "worker stopped answering; killing it",
+                    extra={"device": self.device, "pid": self.pid, "silent_s": round(silent, 1)},
+                )
+                self.kill(f"it stopped answering for {silent:.0f} s")
+                return
+            seq += 1
+            try:
+                self._send(Ping(seq))
+            except OSError:
+                return
+            await asyncio.sleep(period_s)
 
     # -- calls -------------------------------------------------------------------------------
 
@@ -210,6 +239,8 @@ class WorkerProcess:
             self._output(message)
         elif isinstance(message, Reply):
             self._reply(message)
+        elif isinstance(message, Pong):
+            self.last_pong = time.monotonic()
         elif isinstance(message, Snapshot):
             self.snapshot = message
             self.on_snapshot(message)
@@ -258,6 +289,8 @@ class WorkerProcess:
                 self.kill()
                 returncode = await asyncio.to_thread(self.proc.wait)
         reason = describe_exit(self.device, self.pid, returncode)
+        if self.kill_reason:
+            reason = f"{reason}: {self.kill_reason}"
         crash = EngineCrashed(reason)
         for waiter in self._calls.values():
             if not waiter.done():

@@ -51,6 +51,19 @@ class Cancel:
 
 
 @dataclass(frozen=True)
+class Ping:
+    """Are you there? Answered by a ``Pong`` from the worker's loop (not its device thread,
+    which may be in a long forward pass)."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
+class Pong:
+    seq: int
+
+
+@dataclass(frozen=True)
 class Shutdown:
     """Release everything and exit (the worker also exits when the neuron's end closes)."""
 

@@ -59,7 +59,6 @@ class Device:
     restarts: int = 0
     crashes: int = 0  # consecutive (recovery.consecutive)
     last_exit: str | None = None
-    kill_reason: str | None = None  # why the neuron killed it (a device fault)
     busy: int = 0  # load/unload/recycle calls under way
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -121,7 +120,6 @@ class Workers:
             on_lost=lambda reason, tail: self._on_lost(device, proc, reason, tail),
         )
         device.proc = proc
-        device.kill_reason = None
         try:
             ready = await proc.start(self._init(device), self._env(device), self._start_timeout())
         except Exception as exc:
@@ -153,6 +151,8 @@ class Workers:
             return
         device.state = "ready"
         device.started_at = time.monotonic()
+        workers = self.settings.workers
+        self._spawn(device, proc.watch(workers.heartbeat_s, workers.heartbeat_timeout_s))
         log.info(
             "worker started",
             extra={"device": device.key, "pid": ready.pid, "startup_s": ready.startup_s},
@@ -192,18 +192,15 @@ class Workers:
     # -- what a worker tells ------------------------------------------------------------------
 
     def _on_snapshot(self, device: Device, proc: WorkerProcess, snap: Snapshot) -> None:
-        if snap.poisoned and device.proc is proc and device.kill_reason is None:
+        if snap.poisoned and device.proc is proc and proc.kill_reason is None:
             # A device fault (CUDA error, NaN flood) leaves the worker's device state
             # untrusted: end the process and start afresh, as after a crash.
-            device.kill_reason = f"a device fault on {device.key}: {snap.poisoned}"
             log.error("device fault: recycling its worker", extra={"device": device.key})
-            proc.kill()
+            proc.kill(f"a device fault on {device.key}: {snap.poisoned}")
 
     def _on_lost(self, device: Device, proc: WorkerProcess, reason: str, tail: list[str]) -> None:
         if device.proc is not proc or self.stopping:
             return
-        if device.kill_reason:
-            reason = f"{device.kill_reason} ({reason})"
         uptime = time.monotonic() - device.started_at
         device.crashes = recovery.consecutive(device.crashes, uptime)
         device.restarts += 1
