@@ -82,6 +82,8 @@ class Neurons:
                 "status": "loaded",
                 "model": status(body["model_id"], devices=devices).model_dump(),
             }
+        if path == "/workers/recycle":
+            return 200, {"recycled": ["cuda:0"]}
         return 200, {"status": "unloaded"}
 
     def loads(self) -> list[tuple[str, dict[str, Any]]]:
@@ -162,30 +164,26 @@ async def _no_poll(_state: NeuronState) -> None:
     return None
 
 
-def test_defrag_waits_for_a_serving_model_and_skips_one_that_becomes_busy_midway() -> None:
-    neurons = Neurons({"n": [24000]}, [gpu_model(m) for m in ("m/a", "m/b", "m/c")])
+def test_defrag_waits_for_a_quiet_neuron_then_has_it_recycle_its_workers() -> None:
+    neurons = Neurons({"n": [24000]}, [gpu_model(m) for m in ("m/a", "m/b")])
     state = neurons.state("n")
-    for model_id in ("m/a", "m/b", "m/c"):
+    for model_id in ("m/a", "m/b"):
         state.models[model_id] = status(model_id)
+    state.cycles = 7
     state.begin_request("m/a")  # serving a request
-
-    def on_post(_state: NeuronState, path: str, body: dict[str, Any]) -> None:
-        if path == "/models/unload" and body["model_id"] == "m/a":
-            state.begin_request("m/c")  # a request for m/c arrives mid-defrag
-
-    neurons.on_post = on_post
 
     async def scenario() -> None:
         task = asyncio.ensure_future(neurons.router._defrag(state))
         await asyncio.sleep(0.05)
-        assert neurons.posts == []  # nothing is unloaded while m/a serves
+        assert neurons.posts == []  # nothing is recycled while m/a serves
         state.end_request("m/a")
         await asyncio.wait_for(task, 5)
 
     asyncio.run(scenario())
-    unloaded = [b["model_id"] for _n, p, b in neurons.posts if p == "/models/unload"]
-    assert unloaded == ["m/a", "m/b"]  # m/c became busy: left in place
-    assert all(state.loaded(m) for m in ("m/a", "m/b", "m/c"))
+    # One call: the neuron replaces its idle workers and reloads their models itself.
+    assert [(p, b) for _n, p, b in neurons.posts] == [("/workers/recycle", {})]
+    assert state.cycles == 0
+    assert all(state.loaded(m) for m in ("m/a", "m/b"))
 
 
 def test_a_hung_neuron_holds_up_only_the_loads_placed_on_it() -> None:
