@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from helexa.neuron.detokenize import StopMatcher
+from helexa.neuron.device_thread import DeviceWorker
 from helexa.neuron.harness.base import Finish
 from helexa.neuron.harness.engine import Engine, Generation, StepChunk
 from helexa.neuron.harness.transformers.batched import TorchBackend
 from helexa.neuron.sampling import SamplingParams
 from helexa.neuron.service import Neuron
-from helexa.neuron.workers import DeviceWorker
 from tests.conftest import LOCAL_MODEL
 from tests.support.inprocess import run_neuron, sse_frames
 

@@ -8,11 +8,11 @@ import pytest
 
 from helexa.core.errors import ApiError
 from helexa.core.wire import ModelSpec
+from helexa.neuron.device_thread import WorkerPoisoned
 from helexa.neuron.harness.base import ModelGone
 from helexa.neuron.worker import faults, recovery
 from helexa.neuron.worker.parent import describe_exit
 from helexa.neuron.worker.protocol import exception_of, failure_of, spec_for_worker
-from helexa.neuron.workers import WorkerPoisoned
 
 
 def test_load_order_cpu_named_gpu_or_every_gpu_by_free_memory() -> None:

@@ -1,1 +1,1 @@
-"""neuron: the per-GPU-host daemon (discovery, model lifecycle, in-process inference)."""
+"""neuron: the per-host daemon (discovery, model lifecycle, inference in a worker process per device)."""

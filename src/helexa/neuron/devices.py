@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from helexa.core.errors import ApiError
-from helexa.neuron.workers import DeviceWorker
+from helexa.neuron.device_thread import DeviceWorker
 
 log = logging.getLogger("helexa.neuron.devices")
 

@@ -22,6 +22,7 @@ from helexa.core.http import (
 )
 from helexa.core.wire import ChatCompletionRequest, CompletionRequest
 from helexa.neuron.admission import Admission, Place, Withdrawn
+from helexa.neuron.device_thread import WorkerPoisoned
 from helexa.neuron.harness.base import (
     EngineCrashed,
     Finish,
@@ -40,7 +41,6 @@ from helexa.neuron.output_parser import OutputParser, PlainText, TaggedOutput, m
 from helexa.neuron.requests import Running
 from helexa.neuron.sampling import resolve_sampling
 from helexa.neuron.worker.supervisor import crashed
-from helexa.neuron.workers import WorkerPoisoned
 
 log = logging.getLogger("helexa.neuron.inference")
 

@@ -11,12 +11,12 @@ from helexa.core.wire import CpuHealth, Health, ModelLoadInfo, ModelSize, ModelS
 from helexa.neuron.activation import ActivationTracker, prewarm
 from helexa.neuron.admission import Admission
 from helexa.neuron.config import NeuronSettings
+from helexa.neuron.device_thread import WorkerPoisoned
 from helexa.neuron.devices import CPU
 from helexa.neuron.discovery import MB, Hardware, total_memory_bytes
 from helexa.neuron.engines import Engines, LocalEngines, WorkerEngines
 from helexa.neuron.harness.base import Harness
 from helexa.neuron.model_files import canonical_model_id, harness_for_files
-from helexa.neuron.workers import WorkerPoisoned
 
 log = logging.getLogger("helexa.neuron")
 

@@ -1,1 +1,1 @@
-"""Harnesses: in-process inference engines behind one small interface."""
+"""Harnesses: the inference engines behind one small interface (run inside a device worker)."""

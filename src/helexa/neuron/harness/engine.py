@@ -24,6 +24,12 @@ from typing import Any, Protocol
 from helexa.core.errors import bad_request, internal, unavailable
 from helexa.core.wire import BatchInfo, PrefixCacheInfo
 from helexa.neuron.detokenize import IncrementalDetokenizer, StopMatcher, flush_held
+from helexa.neuron.device_thread import (
+    DeviceWorker,
+    NanLogitsFlood,
+    WorkerPoisoned,
+    is_device_fault,
+)
 from helexa.neuron.harness.base import Finish, FinishReason, ModelGone
 from helexa.neuron.harness.slots import (
     ParkedView,
@@ -36,7 +42,6 @@ from helexa.neuron.harness.slots import (
     to_park,
 )
 from helexa.neuron.sampling import SamplingParams
-from helexa.neuron.workers import DeviceWorker, NanLogitsFlood, WorkerPoisoned, is_device_fault
 
 log = logging.getLogger("helexa.neuron.engine")
 

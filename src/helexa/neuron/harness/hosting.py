@@ -16,13 +16,13 @@ from typing import Any, Generic, TypeVar
 
 from helexa.core.errors import model_not_found
 from helexa.core.wire import BatchInfo, ModelSpec, ModelStatus, PrefixCacheInfo
+from helexa.neuron.device_thread import WorkerPoisoned
 from helexa.neuron.devices import CPU, DevicePool
 from helexa.neuron.harness.base import ModelGone, PreparedPrompt, TokenStream
 from helexa.neuron.harness.compile_gate import CompileGate
 from helexa.neuron.harness.engine import Engine, Generation
 from helexa.neuron.harness.prompt import PromptFacts, TokenizerPrompts
 from helexa.neuron.sampling import OutputFormat, SamplingParams
-from helexa.neuron.workers import WorkerPoisoned
 
 log = logging.getLogger("helexa.neuron.harness")
 

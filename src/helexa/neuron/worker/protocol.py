@@ -15,8 +15,8 @@ from typing import Any
 
 from helexa.core.errors import ApiError
 from helexa.core.wire import BatchInfo, ModelSpec, ModelStatus, PrefixCacheInfo
+from helexa.neuron.device_thread import WorkerPoisoned
 from helexa.neuron.harness.base import Finish, ModelGone
-from helexa.neuron.workers import WorkerPoisoned
 
 # -- neuron -> worker ---------------------------------------------------------------------------
 

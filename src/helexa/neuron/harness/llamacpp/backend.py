@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from helexa.neuron.device_thread import is_device_fault
 from helexa.neuron.harness.engine import Generation, StepChunk
 from helexa.neuron.harness.llamacpp.binding import Batch, Context, Model, Sampler
 from helexa.neuron.harness.llamacpp.tokenizer import GgufTokenizer
-from helexa.neuron.workers import is_device_fault
 
 
 @dataclass

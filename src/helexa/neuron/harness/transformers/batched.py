@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from helexa.neuron.device_thread import is_device_fault
 from helexa.neuron.harness.engine import Generation, StepChunk
 from helexa.neuron.harness.transformers.attention import (
     ATTENTION,
@@ -24,7 +25,6 @@ from helexa.neuron.harness.transformers.attention import (
 )
 from helexa.neuron.harness.transformers.paged import KvShape, PagedKv, contiguous_start
 from helexa.neuron.sampling import next_token
-from helexa.neuron.workers import is_device_fault
 
 # Only these layer kinds attend the way paged_attention computes (softmax over keys, with an
 # optional sliding window); models with anything else decode one request at a time.

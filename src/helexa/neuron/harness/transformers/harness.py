@@ -15,6 +15,7 @@ import torch
 from helexa.core.errors import bad_request
 from helexa.core.wire import ModelSize, ModelSpec, ModelStatus
 from helexa.neuron.config import TransformersHarnessSettings
+from helexa.neuron.device_thread import is_device_fault
 from helexa.neuron.devices import DevicePool
 from helexa.neuron.harness.base import ModelGone, PreparedPrompt
 from helexa.neuron.harness.engine import Engine
@@ -37,7 +38,6 @@ from helexa.neuron.model_files import (
     read_json,
 )
 from helexa.neuron.sampling import OutputFormat, SamplingParams
-from helexa.neuron.workers import is_device_fault
 
 log = logging.getLogger("helexa.neuron.harness.transformers")
 

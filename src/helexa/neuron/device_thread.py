@@ -1,4 +1,5 @@
-"""One OS thread per device, owning every piece of model work on it (§1.3).
+"""One OS thread per device, owning every piece of model work on it (§1.3); in a worker
+process (``neuron.worker``), the thread of that process's device.
 
 Jobs arrive on a queue and complete ``concurrent.futures.Future``s that the event
 loop awaits. Long-running work (a generation) is a *stepped* job: each ``step()``
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol, TypeVar
 
-log = logging.getLogger("helexa.neuron.workers")
+log = logging.getLogger("helexa.neuron.device_thread")
 
 T = TypeVar("T")
 

@@ -8,7 +8,7 @@ from concurrent.futures import Future
 
 import pytest
 
-from helexa.neuron.workers import (
+from helexa.neuron.device_thread import (
     DeviceWorker,
     NanLogitsFlood,
     WorkerPoisoned,
