@@ -1,1 +1,1 @@
-"""neuron: the per-host daemon (discovery, model lifecycle, inference in a worker process per device)."""
+"""neuron: the per-host daemon (discovery, model lifecycle, inference: a worker per device)."""

@@ -88,6 +88,9 @@ class DeviceWorker:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._lock = threading.Lock()
         self.poisoned: str | None = None
+        # Run on this thread after every job or step (a worker process sends the step's
+        # output from here: one frame per engine step, no hop through an event loop).
+        self.after_job: Callable[[], None] | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -167,8 +170,7 @@ class DeviceWorker:
             try:
                 if callable(job):
                     future.set_result(job())
-                    continue
-                if job.step():
+                elif job.step():
                     future.set_result(job.result())
                 else:
                     self._jobs.put(item)
@@ -178,3 +180,8 @@ class DeviceWorker:
                     self._fail(future, WorkerPoisoned(f"{self.name} worker is poisoned: {exc}"))
                 else:
                     self._fail(future, exc)
+            if self.after_job is not None:
+                try:
+                    self.after_job()
+                except Exception:
+                    log.exception("after-job hook failed", extra={"worker": self.name})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -70,6 +71,9 @@ class EngineHarness(TokenizerPrompts, Generic[M]):
         # Schemas compile in threads, a few at a time: a burst of new schemas must not take
         # every executor thread (or core) from the loads and requests beside them.
         self._compiles = CompileGate()
+        # Where a generation's text goes: a stream for this process's event loop, or (in a
+        # device worker process) one that sends it to the neuron from the device thread.
+        self.new_stream: Callable[[], TokenStream] = lambda: TokenStream(asyncio.get_running_loop())
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -162,7 +166,7 @@ class EngineHarness(TokenizerPrompts, Generic[M]):
         if params.response_format is not None:
             constraint = self.constraint(loaded, prompt, params)
         assert loaded.engine is not None
-        stream = TokenStream(asyncio.get_running_loop())
+        stream = self.new_stream()
         generation = Generation(
             prompt_ids=prompt.token_ids,
             params=params,

@@ -21,19 +21,22 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
 
 from helexa.core.logs import setup_logging
 from helexa.neuron.config import NeuronSettings
 from helexa.neuron.devices import CPU, DevicePool
-from helexa.neuron.harness.base import Harness, TokenStream
+from helexa.neuron.harness.base import Finish, Harness, TokenStream
 from helexa.neuron.harness.registry import build_harnesses
 from helexa.neuron.worker import faults
 from helexa.neuron.worker.protocol import (
     Call,
     Cancel,
     EngineView,
+    Failure,
     Init,
     Output,
     Ping,
@@ -66,9 +69,9 @@ class Worker:
         self.streams: dict[int, TokenStream] = {}
         self.prepared: collections.OrderedDict[int, object] = collections.OrderedDict()
         self.handles = itertools.count(1)
+        self.outbox_lock = threading.Lock()
         self.pieces: dict[int, list[str]] = {}
-        self.ends: dict[int, Any] = {}
-        self.flush_due = False
+        self.ends: dict[int, Finish | Failure] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.fault = faults.parse(os.environ.get(faults.ENV))
 
@@ -138,7 +141,12 @@ class Worker:
             if isinstance(params.prepared_format, int):
                 prepared = self.prepared.pop(params.prepared_format, None)
                 params = _with_prepared(params, prepared)
-            self.pump(call.id, harness.generate(model_id, prompt, params))
+            harness.new_stream = lambda: self.relayed(call.id)  # type: ignore[attr-defined]
+            try:
+                harness.generate(model_id, prompt, params)
+            except BaseException:
+                self.streams.pop(call.id, None)
+                raise
             return None
         if call.method == "prepare_format":
             prepared = await harness.prepare_format(*call.args)
@@ -159,46 +167,37 @@ class Worker:
 
     # -- output ------------------------------------------------------------------------------
 
-    def pump(self, gen_id: int, stream: TokenStream) -> None:
+    def relayed(self, gen_id: int) -> Relayed:
+        stream = Relayed(asyncio.get_running_loop(), self, gen_id)
         self.streams[gen_id] = stream
+        return stream
 
-        async def forward() -> None:
-            try:
-                while stream.finish is None:
-                    pieces = await stream.next_batch()
-                    if pieces:
-                        self.pieces.setdefault(gen_id, []).extend(pieces)
-                        self.schedule_flush()
-                self.ends[gen_id] = stream.finish
-            except Exception as exc:
-                self.ends[gen_id] = failure_of(exc)
-            finally:
-                self.streams.pop(gen_id, None)
-            self.schedule_flush()
+    def piece(self, gen_id: int, text: str) -> None:
+        with self.outbox_lock:
+            self.pieces.setdefault(gen_id, []).append(text)
 
-        task = asyncio.ensure_future(forward())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    def schedule_flush(self) -> None:
-        """One ``Output`` per loop pass: the pieces an engine step emitted for every
-        sequence arrive together, so they leave together."""
-        if not self.flush_due:
-            self.flush_due = True
-            asyncio.get_running_loop().call_soon(self.flush)
+    def end(self, gen_id: int, end: Finish | Failure) -> None:
+        with self.outbox_lock:
+            self.ends[gen_id] = end
+        self.streams.pop(gen_id, None)
 
     def flush(self) -> None:
-        self.flush_due = False
-        pieces, self.pieces = self.pieces, {}
-        ends, self.ends = self.ends, {}
+        """Send what the generations produced since the last flush, as one ``Output``: called
+        on the device thread after every engine step (so one frame carries every running
+        sequence's new text), and by the loop for ends outside a step."""
+        with self.outbox_lock:
+            if not self.pieces and not self.ends:
+                return
+            pieces, self.pieces = self.pieces, {}
+            ends, self.ends = self.ends, {}
         if ends:
             self.send(self.snapshot())  # the books (prefix hits, steps) before the ends
-        if pieces or ends:
-            self.send(Output(pieces=pieces, ends=ends))
+        self.send(Output(pieces=pieces, ends=ends))
 
     async def tick(self) -> None:
         while True:
             await asyncio.sleep(SNAPSHOT_EVERY_S)
+            self.flush()  # ends that came outside a step (an engine closed by an unload)
             if self.streams:
                 self.send(self.snapshot())
 
@@ -214,6 +213,33 @@ class Worker:
                 batch={m.id: harness.batch_info(m.id) for m in models},
             )
         return Snapshot(engines=engines, poisoned=self.pool.worker(self.device_key).poisoned)
+
+
+class Relayed(TokenStream):
+    """A generation's stream inside a worker: its text goes straight from the device thread
+    into the worker's outbox, and its end too; nothing is consumed on this process's loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, worker: Worker, gen_id: int) -> None:
+        super().__init__(loop)
+        self.worker = worker
+        self.gen_id = gen_id
+
+    def emit(self, text: str) -> None:
+        self.worker.piece(self.gen_id, text)
+
+    def attach(self, future: Future[Finish], cancel_hook: Callable[[], None]) -> None:
+        self._future = future
+        self._cancel_hook = cancel_hook
+        future.add_done_callback(self._report)
+
+    def _report(self, future: Future[Finish]) -> None:
+        if future.cancelled():
+            end: Finish | Failure = failure_of(RuntimeError("the generation was cancelled"))
+        elif future.exception() is not None:
+            end = failure_of(future.exception())  # type: ignore[arg-type]
+        else:
+            end = future.result()
+        self.worker.end(self.gen_id, end)
 
 
 def _with_prepared(params: Any, prepared: object | None) -> Any:
@@ -261,9 +287,12 @@ def main(argv: list[str]) -> None:
         cpu_budget_bytes=init.cpu_budget_bytes,
     )
     harnesses = build_harnesses(settings, pool, list(init.engines))
+    worker = Worker(conn, init, pool, harnesses)
+    for key in {CPU, worker.device_key}:
+        pool.worker(key).after_job = worker.flush  # the step's output leaves from there
     pool.start()
     log.info("worker ready", extra={"device": init.device, "engines": ",".join(harnesses)})
     try:
-        asyncio.run(Worker(conn, init, pool, harnesses).serve())
+        asyncio.run(worker.serve())
     finally:
         pool.stop()
