@@ -221,6 +221,25 @@ def test_a_worker_that_stops_answering_is_killed_and_replaced(
     assert "worker stopped answering; killing it" in daemon.log()
 
 
+def test_recycling_a_worker_reloads_its_models_before_answering(
+    fleet_neuron: tuple[Daemon, str],
+) -> None:
+    _daemon, base = fleet_neuron
+    refused = httpx.post(f"{base}/workers/recycle", json={"device": "cuda:7"}, timeout=10)
+    assert refused.status_code == 400 and "cuda:7" in refused.json()["error"]["message"]
+    if (model_status(base, REAL_GGUF) or {}).get("status") != "loaded":
+        assert load(base, REAL_GGUF).status_code == 200
+    pid = ready_worker(base)
+    answer = httpx.post(f"{base}/workers/recycle", json={}, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"recycled": ["cpu"]}
+    # Back before the answer: a fresh process with the model loaded, no strike, no error.
+    status = model_status(base, REAL_GGUF)
+    assert status is not None and status["status"] == "loaded" and status["error"] is None
+    assert cpu_worker(base)["pid"] != pid
+    assert ask(base).status_code == 200
+
+
 def test_a_model_that_crashes_its_worker_on_every_load_ends_failed(
     fleet_neuron: tuple[Daemon, str],
 ) -> None:

@@ -15,15 +15,17 @@ import contextlib
 import itertools
 import logging
 import os
+import pickle
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from helexa.neuron.harness.base import EngineCrashed, Finish, PreparedPrompt, TokenStream
@@ -74,7 +76,7 @@ class WorkerProcess:
         self.on_snapshot = on_snapshot
         self.on_lost = on_lost
         self.proc: subprocess.Popen[bytes] | None = None
-        self.conn: Connection | None = None
+        self.frames: Frames | None = None
         self.ready: Ready | None = None
         self.snapshot: Snapshot | None = None
         self.alive = False
@@ -116,11 +118,12 @@ class WorkerProcess:
         finally:
             theirs.close()
             os.close(out_w)
-        self.conn = Connection(ours.detach())
+        _transport, self.frames = await loop.create_connection(
+            lambda: Frames(self._receive_safely, self._closed), sock=ours
+        )
         self.alive = True
         self._started = loop.create_future()
         threading.Thread(target=self._relay_output, args=(out_r,), daemon=True).start()
-        loop.add_reader(self.conn.fileno(), self._readable)
         self._send(init)
         try:
             async with asyncio.timeout(timeout_s):
@@ -177,8 +180,9 @@ class WorkerProcess:
     # -- calls -------------------------------------------------------------------------------
 
     def _send(self, message: object) -> None:
-        assert self.conn is not None
-        self.conn.send(message)
+        if self.frames is None or self.frames.transport is None:
+            raise OSError("the worker's connection is closed")
+        self.frames.send(message)
 
     def _gone(self) -> EngineCrashed:
         return EngineCrashed(f"the {self.device} worker is not running")
@@ -222,32 +226,17 @@ class WorkerProcess:
 
     # -- frames (on the loop) ----------------------------------------------------------------
 
-    def _readable(self) -> None:
-        """The worker's end has data: read the frames there are, on the loop itself (no
-        reader thread: a frame costs no thread hand-off and no extra wake-up). A frame
-        arrives whole in practice; one still being written blocks for the rest of it."""
-        assert self.conn is not None
+    def _receive_safely(self, message: object) -> None:
         try:
-            for _ in range(64):  # then let the loop breathe; level-triggered: it comes back
-                message = self.conn.recv()
-                try:
-                    self._receive(message)
-                except Exception:  # our bug, not the worker's: keep reading
-                    log.exception("handling a worker frame failed", extra={"device": self.device})
-                if not self.conn.poll(0):
-                    return
-            return
-        except (EOFError, OSError):
-            pass
-        except Exception as exc:  # an unreadable frame: the worker cannot be trusted
-            log.error("bad frame from worker", extra={"device": self.device, "error": repr(exc)})
-            self.kill()
-        self._stop_reading()
-        self._losing = asyncio.ensure_future(self._lost())
+            self._receive(message)
+        except Exception:  # our bug, not the worker's: keep reading
+            log.exception("handling a worker frame failed", extra={"device": self.device})
 
-    def _stop_reading(self) -> None:
-        if self._loop is not None and self.conn is not None and not self.conn.closed:
-            self._loop.remove_reader(self.conn.fileno())
+    def _closed(self, error: BaseException | None) -> None:
+        if error is not None and not isinstance(error, (EOFError, ConnectionError)):
+            log.error("bad frame from worker", extra={"device": self.device, "error": repr(error)})
+            self.kill()  # an unreadable frame: the worker cannot be trusted
+        self._losing = asyncio.ensure_future(self._lost())
 
     def _receive(self, message: object) -> None:
         if isinstance(message, Output):
@@ -302,7 +291,7 @@ class WorkerProcess:
             try:
                 returncode = await asyncio.to_thread(self.proc.wait, 5)
             except subprocess.TimeoutExpired:
-                self.kill()
+                self.kill("its connection to the neuron closed, and it did not exit")
                 returncode = await asyncio.to_thread(self.proc.wait)
         reason = describe_exit(self.device, self.pid, returncode)
         if self.kill_reason:
@@ -318,9 +307,8 @@ class WorkerProcess:
         self._streams.clear()
         if self._started is not None and not self._started.done():
             self._started.set_exception(crash)
-        if self.conn is not None:
-            self._stop_reading()
-            self.conn.close()
+        if self.frames is not None and self.frames.transport is not None:
+            self.frames.transport.close()
         if not self.stopping:
             self.on_lost(reason, list(self.tail))
 
@@ -336,3 +324,57 @@ class WorkerProcess:
                     sys.stderr.flush()
                 except (OSError, ValueError):
                     pass
+
+
+class Frames(asyncio.Protocol):
+    """The neuron's end of the socket pair, on its event loop: non-blocking, buffered both
+    ways. Frames are ``multiprocessing.connection``'s (a big-endian length, then the pickle),
+    so the worker's plain blocking ``Connection`` reads and writes the same bytes."""
+
+    def __init__(
+        self,
+        on_message: Callable[[object], None],
+        on_closed: Callable[[BaseException | None], None],
+    ) -> None:
+        self.on_message = on_message
+        self.on_closed = on_closed
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.error: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
+
+    def send(self, message: object) -> None:
+        assert self.transport is not None
+        payload = ForkingPickler.dumps(message)
+        size = len(payload)
+        header = struct.pack("!i", size) if size <= 0x7FFFFFFF else struct.pack("!iQ", -1, size)
+        self.transport.write(header + bytes(payload))
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= 4:
+            (size,) = struct.unpack_from("!i", self.buffer)
+            head = 4
+            if size == -1:
+                if len(self.buffer) < 12:
+                    return
+                (size,) = struct.unpack_from("!Q", self.buffer, 4)
+                head = 12
+            if len(self.buffer) < head + size:
+                return
+            payload = bytes(self.buffer[head : head + size])
+            del self.buffer[: head + size]
+            try:
+                message = pickle.loads(payload)
+            except Exception as exc:  # an unreadable frame: close, and say why
+                self.error = exc
+                assert self.transport is not None
+                self.transport.close()
+                return
+            self.on_message(message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.on_closed(self.error or exc)

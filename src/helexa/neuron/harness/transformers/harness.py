@@ -70,6 +70,9 @@ class TransformersHarness(EngineHarness[LoadedModel]):
         self._cuda_dtype = self._settings.cuda_dtype
         self._cpu_dtype = self._settings.cpu_dtype
         self._wait_timeout_s = wait_timeout_s
+        # One load reads weights at a time: two at once (a reload after a crash and a load
+        # by hand) broke in transformers' meta-device init ("Cannot copy out of meta tensor").
+        self._weights_lock = asyncio.Lock()
 
     # -- placement --------------------------------------------------------------------------
 
@@ -147,7 +150,8 @@ class TransformersHarness(EngineHarness[LoadedModel]):
             try:
                 # Off the device worker, so streams of models already on the device keep
                 # going while the weights are read (on CUDA they go straight to the device).
-                model = await asyncio.to_thread(loader.load_weights, files, dtype, device)
+                async with self._weights_lock:  # transformers' loading is not thread-safe
+                    model = await asyncio.to_thread(loader.load_weights, files, dtype, device)
             except BaseException as exc:
                 if is_device_fault(exc):
                     worker.poison(exc)
