@@ -273,6 +273,27 @@ def test_a_cold_load_asks_again_before_a_503_when_others_held_the_victim() -> No
     assert [p for _n, p, b in neurons.posts] == ["/models/unload", "/models/load"]
 
 
+def test_a_cold_load_asks_again_before_a_503_when_memory_figures_lagged() -> None:
+    """No request held anything, but the last poll's free memory was taken while the
+    device held more than it does now (a load or an unload in flight): a fresh poll shows
+    the room, so the model loads instead of a 503."""
+    neurons = Neurons({"n": [2000]}, [gpu_model("m/new", 1500)])
+    state = neurons.state("n")
+    state.asking_health()
+    state.apply_poll([], health([100], {}), state.poll_began())  # 1 900 MB in use, then
+    polled: list[str] = []
+
+    async def poll_one(polled_state: NeuronState) -> None:
+        polled.append(polled_state.name)
+        polled_state.asking_health()
+        polled_state.apply_poll([], health([1900], {}), polled_state.poll_began())
+
+    neurons.fleet.poll_one = poll_one  # type: ignore[method-assign]
+    assert asyncio.run(neurons.router.route("m/new")).name == "n"
+    assert polled == ["n"]
+    assert [p for _n, p, b in neurons.posts] == ["/models/load"]
+
+
 def test_a_victim_still_busy_after_the_fresh_poll_is_a_503() -> None:
     neurons = Neurons({"n": [2000]}, [gpu_model("m/old", 1500), gpu_model("m/new", 1500)])
     state = neurons.state("n")

@@ -217,9 +217,10 @@ class Router:
                 try:
                     placement = self._plan(profile, exclude, need)
                 except ApiError as exc:
-                    # Others' requests are counted as of the last poll: one that has ended
-                    # since may still seem to hold a victim. Ask again once before a 503.
-                    stale = [s for s in self.fleet.neurons.values() if s.has_others()]
+                    # The picture is as of the last poll: others' requests that have ended
+                    # since may still seem to hold a victim, and memory figures lag a
+                    # load or an unload. Ask the neurons again once before a 503.
+                    stale = [s for s in self.fleet.neurons.values() if s.healthy]
                     if exc.code != "insufficient_capacity" or rechecked or not stale:
                         raise
                     placement = None
