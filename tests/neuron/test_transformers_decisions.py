@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from helexa.core.errors import ApiError
-from helexa.neuron.devices import CPU
+from helexa.neuron.devices import CPU, candidates
 from helexa.neuron.harness.transformers import plan
 
 MB = plan.MB
@@ -22,7 +22,7 @@ MB = plan.MB
     ],
 )
 def test_candidates(devices: list[int] | None, cuda: list[int], expected: list[str]) -> None:
-    assert plan.candidates(devices, None, cuda) == expected
+    assert candidates(devices, None, cuda) == expected
 
 
 @pytest.mark.parametrize(
@@ -37,7 +37,7 @@ def test_candidates_refused(
     devices: list[int] | None, tensor_parallel: int | None, code: str
 ) -> None:
     with pytest.raises(ApiError) as info:
-        plan.candidates(devices, tensor_parallel, [0, 1])
+        candidates(devices, tensor_parallel, [0, 1])
     assert info.value.status == 400 and info.value.code == code
 
 

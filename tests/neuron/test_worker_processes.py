@@ -131,6 +131,31 @@ class HealthWatch:
         self.thread.join(15)
 
 
+def signal_mid_stream(base: str, pid: int, sig: signal.Signals) -> tuple[dict, float]:  # type: ignore[type-arg]
+    """Start a long greedy stream, send ``sig`` to the worker at its first token, read the
+    stream to its end: its last event, and the seconds from the signal to that end."""
+    body = {
+        "model": REAL_GGUF,
+        "messages": [{"role": "user", "content": "Tell me a very long story about a cat."}],
+        "max_tokens": 2000,
+        "temperature": 0,
+        "stream": True,
+    }
+    last = ""
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as stream:
+        lines = stream.iter_lines()
+        for line in lines:  # the first token: the engine is generating
+            if line.startswith("data:") and '"content"' in line:
+                break
+        os.kill(pid, sig)
+        sent = time.monotonic()
+        for line in lines:
+            if line.startswith("data:"):
+                last = line
+        ended_after = time.monotonic() - sent
+    return json.loads(last.removeprefix("data: ")), ended_after
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV, signal.SIGILL])
 def test_a_worker_killed_mid_stream_fails_its_stream_and_comes_back(
     fleet_neuron: tuple[Daemon, str], sig: signal.Signals
@@ -141,29 +166,9 @@ def test_a_worker_killed_mid_stream_fails_its_stream_and_comes_back(
         "the model loaded", lambda: (model_status(base, REAL_GGUF) or {}).get("status") == "loaded"
     )
     pid = ready_worker(base)
-    body = {
-        "model": REAL_GGUF,
-        "messages": [{"role": "user", "content": "Tell me a very long story about a cat."}],
-        "max_tokens": 2000,
-        "temperature": 0,
-        "stream": True,
-    }
-    events: list[str] = []
-    with (
-        HealthWatch(base) as watch,
-        httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as stream,
-    ):
-        lines = stream.iter_lines()
-        for line in lines:  # the first token: the engine is generating
-            if line.startswith("data:") and '"content"' in line:
-                break
-        os.kill(pid, sig)
-        killed = time.monotonic()
-        for line in lines:
-            if line.startswith("data:"):
-                events.append(line.removeprefix("data: "))
-        ended_after = time.monotonic() - killed
-    error = json.loads(events[-1])["error"]
+    with HealthWatch(base) as watch:
+        last, ended_after = signal_mid_stream(base, pid, sig)
+    error = last["error"]
     assert error["code"] == "engine_crashed"
     assert f"killed by {sig.name}" in error["message"] and "cpu worker" in error["message"]
     assert ended_after < 10, ended_after  # at once, never a hang (measured in the bench)
@@ -192,26 +197,8 @@ def test_a_worker_that_stops_answering_is_killed_and_replaced(
     if (model_status(base, REAL_GGUF) or {}).get("status") != "loaded":
         assert load(base, REAL_GGUF).status_code == 200
     pid = ready_worker(base)
-    body = {
-        "model": REAL_GGUF,
-        "messages": [{"role": "user", "content": "Tell me a very long story about a dog."}],
-        "max_tokens": 2000,
-        "temperature": 0,
-        "stream": True,
-    }
-    last = ""
-    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as stream:
-        lines = stream.iter_lines()
-        for line in lines:
-            if '"content"' in line:
-                break
-        os.kill(pid, signal.SIGSTOP)
-        stopped = time.monotonic()
-        for line in lines:
-            if line.startswith("data:"):
-                last = line
-        ended_after = time.monotonic() - stopped
-    error = json.loads(last.removeprefix("data: "))["error"]
+    last, ended_after = signal_mid_stream(base, pid, signal.SIGSTOP)
+    error = last["error"]
     assert error["code"] == "engine_crashed"
     assert "stopped answering" in error["message"], error
     assert ended_after < 30, ended_after

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from helexa.core.errors import ApiError
+from helexa.core.errors import ApiError, bad_request
 from helexa.neuron.device_thread import DeviceWorker
 
 log = logging.getLogger("helexa.neuron.devices")
@@ -105,6 +105,35 @@ class DevicePool:
 
     def unreserve(self, key: str, size: int) -> None:
         self.reserved[key] = self.reserved.get(key, 0) - size
+
+
+def candidates(
+    devices: Sequence[int] | None, tensor_parallel: int | None, cuda_indices: Sequence[int]
+) -> list[str]:
+    """Device keys a load spec allows a whole model on: ``devices: []`` the CPU, ``[i]`` that
+    GPU, unset every GPU (the CPU on a host without one). A spec that splits the model over
+    several devices is refused: a model lives on one device (and in one worker process)."""
+    if (tensor_parallel or 1) > 1 or (devices and len(devices) > 1):
+        raise bad_request(
+            "a model is placed on exactly one device: tensor_parallel and multi-device "
+            "placement are not supported (load it with devices: [i], or a quant that fits "
+            "one card)",
+            param="devices",
+            code="unsupported_placement",
+        )
+    if devices == []:
+        return [CPU]
+    if devices:
+        index = devices[0]
+        if index not in cuda_indices:
+            raise bad_request(
+                f"no CUDA device {index} on this host (have {list(cuda_indices)}); "
+                "devices: [] is the CPU",
+                param="devices",
+                code="no_such_device",
+            )
+        return [cuda_key(index)]
+    return [cuda_key(i) for i in cuda_indices] or [CPU]
 
 
 def model_too_large(need: int, most: int, where: str) -> ApiError:

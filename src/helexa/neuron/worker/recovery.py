@@ -7,8 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from helexa.core.errors import bad_request
-from helexa.neuron.devices import CPU, cuda_key
+from helexa.neuron.devices import candidates
 
 STABLE_S = 60.0  # a worker up this long before it crashed starts the back-off over
 
@@ -19,31 +18,10 @@ def load_order(
     cuda_indices: Sequence[int],
     free_mb: Mapping[str, int],
 ) -> list[str]:
-    """The workers a load spec may go to, best first: ``devices: []`` the CPU, ``[i]`` that
-    GPU, unset every GPU by free memory (the CPU on a host without GPUs). A model lives in
-    one worker, so a placement over several GPUs is refused."""
-    if (tensor_parallel or 1) > 1 or (devices and len(devices) > 1):
-        raise bad_request(
-            "a model is placed on one device: each device has its own worker process, and "
-            "splitting one model across GPUs is not supported (load it with devices: [i], "
-            "or a quant that fits one card)",
-            param="devices",
-            code="unsupported_placement",
-        )
-    if devices == []:
-        return [CPU]
-    if devices:
-        index = devices[0]
-        if index not in cuda_indices:
-            raise bad_request(
-                f"no CUDA device {index} on this host (have {list(cuda_indices)}); "
-                "devices: [] is the CPU",
-                param="devices",
-                code="no_such_device",
-            )
-        return [cuda_key(index)]
-    gpus = [cuda_key(i) for i in cuda_indices]
-    return sorted(gpus, key=lambda k: -free_mb.get(k, 0)) or [CPU]
+    """The workers a load spec may go to, best first: the devices it allows
+    (``devices.candidates``: a model lives in one worker), GPUs by free memory."""
+    keys = candidates(devices, tensor_parallel, cuda_indices)
+    return sorted(keys, key=lambda k: -free_mb.get(k, 0)) if len(keys) > 1 else keys
 
 
 def backoff_s(crashes: int, *, base_s: float, cap_s: float = 30.0) -> float:

@@ -16,7 +16,7 @@ from helexa.core.errors import bad_request
 from helexa.core.wire import ModelSize, ModelSpec, ModelStatus
 from helexa.neuron.config import TransformersHarnessSettings
 from helexa.neuron.device_thread import is_device_fault
-from helexa.neuron.devices import DevicePool
+from helexa.neuron.devices import DevicePool, candidates
 from helexa.neuron.harness.base import ModelGone, PreparedPrompt
 from helexa.neuron.harness.engine import Engine
 from helexa.neuron.harness.hosting import EngineHarness, Loaded
@@ -79,7 +79,7 @@ class TransformersHarness(EngineHarness[LoadedModel]):
     async def _place(self, spec: ModelSpec, need: int) -> str:
         """The device key for a model needing ``need`` bytes, reserved there (the caller
         releases the reservation); refuses with the reason (the decisions: ``plan``)."""
-        keys = plan.candidates(spec.devices, spec.tensor_parallel, self._pool.cuda_indices)
+        keys = candidates(spec.devices, spec.tensor_parallel, self._pool.cuda_indices)
         poisoned = [k for k in keys if self._pool.worker(k).poisoned is not None]
         keys = plan.healthy(keys, poisoned)
         room = await self._pool.room(keys)

@@ -1,14 +1,14 @@
 """Placement of a dense (transformers) model, as pure functions: which devices may hold it,
 and which one does. The model goes whole on one device: the one with the most free
-memory among those allowed and not poisoned (``llamacpp/plan.py`` is the GGUF side, which
-also splits across GPUs)."""
+memory among those allowed (``devices.candidates``) and not poisoned (``llamacpp/plan.py``
+is the GGUF side, which can also split across the GPUs one process sees)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from helexa.core.errors import ApiError, bad_request, unavailable
-from helexa.neuron.devices import CPU, cuda_key, model_too_large
+from helexa.core.errors import ApiError, unavailable
+from helexa.neuron.devices import model_too_large
 
 MB = 1024 * 1024
 
@@ -18,34 +18,6 @@ def insufficient_memory(message: str) -> ApiError:
     return ApiError(
         409, message, type="invalid_request_error", code="insufficient_memory", param="model_id"
     )
-
-
-def candidates(
-    devices: Sequence[int] | None, tensor_parallel: int | None, cuda_indices: Sequence[int]
-) -> list[str]:
-    """Device keys a load spec allows: ``devices: []`` the CPU, ``[i]`` that GPU, unset
-    every GPU (the CPU without one). More than one device is refused: the model is whole."""
-    if (tensor_parallel or 1) > 1 or (devices and len(devices) > 1):
-        raise bad_request(
-            "the transformers harness places a model on exactly one device; "
-            "tensor_parallel and multi-device placement are not supported (the llamacpp "
-            "harness splits GGUF models across GPUs)",
-            param="devices",
-            code="unsupported_placement",
-        )
-    if devices == []:
-        return [CPU]
-    if devices:
-        index = devices[0]
-        if index not in cuda_indices:
-            raise bad_request(
-                f"no CUDA device {index} on this host (have {list(cuda_indices)}); "
-                "devices: [] is the CPU",
-                param="devices",
-                code="no_such_device",
-            )
-        return [cuda_key(index)]
-    return [cuda_key(i) for i in cuda_indices] or [CPU]
 
 
 def healthy(keys: Sequence[str], poisoned: Sequence[str]) -> list[str]:
