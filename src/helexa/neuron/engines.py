@@ -8,7 +8,7 @@ from typing import Protocol
 
 from helexa.core.wire import WorkerHealth
 from helexa.neuron.config import NeuronSettings
-from helexa.neuron.devices import CPU, MB, DevicePool
+from helexa.neuron.devices import CPU, DevicePool
 from helexa.neuron.discovery import Hardware
 from helexa.neuron.harness.base import Harness
 from helexa.neuron.harness.registry import build_harnesses, configured
@@ -115,5 +115,3 @@ def _cuda_indices(hardware: Hardware) -> list[int]:
 
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
-
-__all__ = ["MB", "Engines", "LocalEngines", "WorkerEngines"]
