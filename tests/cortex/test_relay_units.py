@@ -54,3 +54,16 @@ def test_a_translator_bug_is_a_500_in_the_protocols_envelope(
     )
     assert record_of(scope).error == "internal_error"
     assert any(r.exc_info for r in caplog.records if r.message == "request translation failed")
+
+
+def test_which_neuron_503s_send_a_request_to_another_neuron() -> None:
+    from helexa.cortex.dispatch import elsewhere
+
+    def body(code: str) -> bytes:
+        return b'{"error":{"message":"x","type":"service_unavailable","code":"%s"}}' % code.encode()
+
+    assert elsewhere(body("shutting_down")) == "draining"
+    assert elsewhere(body("engine_crashed")) == "engine_crashed"
+    assert elsewhere(body("model_reloading")) == "engine_crashed"
+    assert elsewhere(body("queue_full")) is None  # the client's answer: not retried
+    assert elsewhere(b"") is None

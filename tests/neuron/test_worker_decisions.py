@@ -53,10 +53,9 @@ def test_a_worker_that_ran_a_while_counts_its_crashes_anew() -> None:
 def test_models_that_crashed_their_worker_too_often_are_not_reloaded() -> None:
     again, given_up = recovery.to_reload(
         [
-            recovery.Strikes("a", 1, wanted=True),
-            recovery.Strikes("b", 3, wanted=True),
-            recovery.Strikes("c", 4, wanted=True),
-            recovery.Strikes("d", 1, wanted=False),
+            recovery.Strikes("a", 1),
+            recovery.Strikes("b", 3),
+            recovery.Strikes("c", 4),
         ],
         max_restarts=3,
     )

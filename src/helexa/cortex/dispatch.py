@@ -111,25 +111,18 @@ class Dispatcher:
                     upstream.close()
                     self._release(state, model_id)
                     raise
-                if b'"shutting_down"' in raw:  # queued on a draining neuron: try elsewhere
+                reason = elsewhere(raw)
+                if reason is not None:  # this neuron cannot serve it now; another may
                     upstream.close()
                     self._release(state, model_id)
-                    state.saw_draining()
+                    if reason == "draining":
+                        state.saw_draining()
+                    else:
+                        state.engine_crashed(model_id)
                     failed.add(state.name)
                     log.info(
                         "retry on another neuron",
-                        extra={"model": model_id, "failed": state.name, "reason": "draining"},
-                    )
-                    continue
-                if b'"engine_crashed"' in raw or b'"model_reloading"' in raw:
-                    # The model's worker there died; the neuron is bringing it back.
-                    upstream.close()
-                    self._release(state, model_id)
-                    state.engine_crashed(model_id)
-                    failed.add(state.name)
-                    log.info(
-                        "retry on another neuron",
-                        extra={"model": model_id, "failed": state.name, "reason": "engine_crashed"},
+                        extra={"model": model_id, "failed": state.name, "reason": reason},
                     )
                     continue
                 upstream.replay(raw)
@@ -189,3 +182,14 @@ class Dispatcher:
             since = first_token_at or call.started
             if completion and end > since:
                 series.tps.observe(completion / (end - since))
+
+
+def elsewhere(raw: bytes) -> str | None:
+    """Why a neuron's 503 body means "try another neuron": it is draining (the request
+    queued there when it began to), or the model's worker crashed and is being brought
+    back. None for any other 503 (queue full, a load): that one is the client's answer."""
+    if b'"shutting_down"' in raw:
+        return "draining"
+    if b'"engine_crashed"' in raw or b'"model_reloading"' in raw:
+        return "engine_crashed"
+    return None

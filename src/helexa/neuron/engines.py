@@ -114,4 +114,3 @@ def _cuda_indices(hardware: Hardware) -> list[int]:
     import torch
 
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-

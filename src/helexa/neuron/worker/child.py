@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ctypes
+import dataclasses
 import faulthandler
 import itertools
 import logging
@@ -208,7 +209,7 @@ class Worker:
             engines[name] = EngineView(
                 models=models,
                 loading=harness.loading(),
-                memory_bytes=sum(harness.memory_used_bytes(key) for key in (CPU, "cuda:0")),
+                memory_bytes=sum(harness.memory_used_bytes(k) for k in {CPU, self.device_key}),
                 prefix={m.id: harness.prefix_cache(m.id) for m in models},
                 batch={m.id: harness.batch_info(m.id) for m in models},
             )
@@ -243,8 +244,6 @@ class Relayed(TokenStream):
 
 
 def _with_prepared(params: Any, prepared: object | None) -> Any:
-    import dataclasses
-
     return dataclasses.replace(params, prepared_format=prepared)
 
 

@@ -81,16 +81,15 @@ class WorkerProcess:
         self.snapshot: Snapshot | None = None
         self.alive = False
         self.output_frames = 0  # Output frames received: one per engine step or fewer
-        self.stopping = False
+        self.stopping = False  # an exit we asked for is not a crash
         self.kill_reason: str | None = None  # why the neuron killed it, when it did
-        self.last_pong = 0.0  # an exit we asked for is not a crash
+        self.last_pong = 0.0
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._ids = itertools.count(1)
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._streams: dict[int, tuple[TokenStream, Future[Finish]]] = {}
         self._started: asyncio.Future[Ready] | None = None
         self._losing: asyncio.Future[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def pid(self) -> int | None:
@@ -102,7 +101,7 @@ class WorkerProcess:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self, init: Init, env: dict[str, str], timeout_s: float) -> Ready:
-        self._loop = loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         out_r, out_w = os.pipe()
         try:
@@ -190,9 +189,8 @@ class WorkerProcess:
     async def call(self, engine: str, method: str, *args: Any) -> Any:
         if not self.alive:
             raise self._gone()
-        assert self._loop is not None
         call_id = next(self._ids)
-        reply = self._loop.create_future()
+        reply = asyncio.get_running_loop().create_future()
         self._calls[call_id] = reply
         try:
             self._send(Call(call_id, engine, method, args))
@@ -206,9 +204,8 @@ class WorkerProcess:
     ) -> TokenStream:
         if not self.alive:
             raise self._gone()
-        assert self._loop is not None
         gen_id = next(self._ids)
-        stream = TokenStream(self._loop)
+        stream = TokenStream(asyncio.get_running_loop())
         done: Future[Finish] = Future()
         stream.attach(done, lambda: self._cancel(gen_id))
         self._streams[gen_id] = (stream, done)

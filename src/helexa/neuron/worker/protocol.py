@@ -16,6 +16,7 @@ from typing import Any
 from helexa.core.errors import ApiError
 from helexa.core.wire import BatchInfo, ModelSpec, ModelStatus, PrefixCacheInfo
 from helexa.neuron.device_thread import WorkerPoisoned
+from helexa.neuron.devices import CPU
 from helexa.neuron.harness.base import Finish, ModelGone
 
 # -- neuron -> worker ---------------------------------------------------------------------------
@@ -171,4 +172,4 @@ def exception_of(failure: Failure) -> BaseException:
 def spec_for_worker(spec: ModelSpec, device: str) -> ModelSpec:
     """``spec`` as the worker of ``device`` sees it: the CPU is ``devices: []``, a GPU is the
     only one it has (``[0]``)."""
-    return spec.model_copy(update={"devices": [] if device == "cpu" else [0]})
+    return spec.model_copy(update={"devices": [] if device == CPU else [0]})

@@ -46,14 +46,13 @@ def struck(held: Sequence[str], loading: Sequence[str]) -> list[str]:
 class Strikes:
     model_id: str
     strikes: int  # crashes of its worker while it was loaded or loading
-    wanted: bool  # loaded before the crash (or being loaded): bring it back
 
 
 def to_reload(models: Sequence[Strikes], max_restarts: int) -> tuple[list[str], list[str]]:
-    """Of a crashed worker's models: those to reload, and those that crashed it too often and
-    stay ``failed`` until someone loads them again."""
-    again = [m.model_id for m in models if m.wanted and m.strikes <= max_restarts]
-    given_up = [m.model_id for m in models if m.wanted and m.strikes > max_restarts]
+    """Of the models a crashed worker held or was loading: those to reload, and those that
+    crashed it too often and stay ``failed`` until someone loads them again."""
+    again = [m.model_id for m in models if m.strikes <= max_restarts]
+    given_up = [m.model_id for m in models if m.strikes > max_restarts]
     return again, given_up
 
 

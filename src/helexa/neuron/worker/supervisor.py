@@ -218,7 +218,7 @@ class Workers:
             if resident.spec.model_id in blamed:
                 resident.strikes += 1
         _again, given_up = recovery.to_reload(
-            [recovery.Strikes(r.spec.model_id, r.strikes, wanted=True) for r in wanted],
+            [recovery.Strikes(r.spec.model_id, r.strikes) for r in wanted],
             self.settings.workers.max_restarts,
         )
         for resident in wanted:
@@ -286,7 +286,7 @@ class Workers:
             )
 
     @staticmethod
-    def _settle_reload(resident: Resident, outcome: ModelStatus | BaseException | None) -> None:
+    def _settle_reload(resident: Resident, outcome: ModelStatus | BaseException) -> None:
         waiter, resident.reload = resident.reload, None
         resident.planned = False
         if waiter is None or waiter.done():
@@ -294,11 +294,7 @@ class Workers:
         if isinstance(outcome, ModelStatus):
             waiter.set_result(outcome)
         else:
-            waiter.set_exception(
-                outcome
-                if isinstance(outcome, BaseException)
-                else crashed(resident.error or "the worker crashed")
-            )
+            waiter.set_exception(outcome)
 
     # -- loads -------------------------------------------------------------------------------
 
