@@ -32,7 +32,7 @@ fi
 # it leaves llama.cpp's AMX path out (scripts/llama-cpp-cmake-args says why). CMAKE_ARGS set
 # by the caller wins (and is taken as it is). Without it, an installed build with AMX compiled
 # in on such a CPU is replaced (the neuron would run it with llama.cpp's extra buffer types
-# off, its repacked kernels with them).
+# off, its repacked kernels with them), and so is one without the RPC backend (pooling).
 LLAMA_CPP_REQ=${LLAMA_CPP_REQ:-llama-cpp-python>=0.3.16}
 llama_cpp_usable() {
   "$py" - "${CMAKE_ARGS:-}" <<'PY' >/dev/null 2>&1
@@ -40,6 +40,8 @@ import sys
 import llama_cpp
 if sys.argv[1]:  # built as the caller asked
     sys.exit(0)
+if not llama_cpp.llama_supports_rpc():  # pooling needs ggml's RPC backend
+    sys.exit(1)
 info = llama_cpp.llama_print_system_info().decode()
 cpu = open("/proc/cpuinfo").read() if sys.platform == "linux" else ""
 sys.exit(1 if "AMX_INT8 = 1" in info and " amx_tile" in cpu else 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -194,3 +195,85 @@ def place(
             if plan is not None and (best is None or len(plan) < len(best.evict)):
                 best = Placement(view.name, pool, tuple(plan))
     return best
+
+
+# -- pooling: one GGUF model over several neurons' memory (llama.cpp RPC, docs/pooling.md) --
+
+POOL_MARGIN = 1.05  # compute buffers on every device of a pool, on top of weights + KV
+MIN_SHARE_FRACTION = 1 / 64  # a donor giving less than this of the model is not worth a hop
+
+
+@dataclass(frozen=True)
+class Share:
+    neuron: str
+    pool: int  # a GPU index, or CPU_POOL
+    mb: int
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """A pooled load: the borrower runs the model with its share on ``borrower.pool``; each
+    donor lends ``mb`` of one pool to it (an RPC server there)."""
+
+    borrower: Share
+    donors: tuple[Share, ...]
+
+    @property
+    def total_mb(self) -> int:
+        return self.borrower.mb + sum(d.mb for d in self.donors)
+
+
+def poolable(profile: ModelProfile) -> bool:
+    """Only GGUF models (llama.cpp) can be split over other hosts' devices."""
+    return profile.harness == "llamacpp"
+
+
+def _donor_order(share: Share) -> tuple[bool, int, str]:
+    # GPUs before CPU budgets (faster devices), then the largest share (fewer hops).
+    return (share.pool == CPU_POOL, -share.mb, share.neuron)
+
+
+def plan_pool(
+    profile: ModelProfile,
+    borrowers: Sequence[NeuronView],
+    donors: Sequence[NeuronView],
+    need: int,
+) -> PoolPlan | None:
+    """Where to run a model no one neuron has room for: a borrower (one of ``borrowers``,
+    which may host it) and the fewest donor pools (of ``donors``, the borrower's other
+    pools among them) whose free memory, with the borrower's own, covers ``need`` plus a
+    margin; preferring fewer donors, then a borrower whose own share is on a GPU and
+    largest. None when the fleet's free memory together is too little (or the model is
+    not GGUF)."""
+    if not poolable(profile) or need <= 0:
+        return None
+    target = math.ceil(need * POOL_MARGIN)
+    smallest = max(int(target * MIN_SHARE_FRACTION), 1)
+    offers = [
+        Share(view.name, pool, pool_free(view, pool))
+        for view in donors
+        if view.healthy
+        for pool in pools_for(profile, view)
+        if pool_free(view, pool) >= smallest
+    ]
+    best: tuple[tuple[int, bool, int, str], PoolPlan] | None = None
+    for view in rank_neurons(profile, borrowers):
+        for pool in pools_for(profile, view):
+            local = min(max(pool_free(view, pool), 0), target)
+            left = target - local
+            chosen: list[Share] = []
+            for offer in sorted(offers, key=_donor_order):
+                if left <= 0:
+                    break
+                if (offer.neuron, offer.pool) == (view.name, pool):
+                    continue
+                give = min(offer.mb, left)
+                chosen.append(Share(offer.neuron, offer.pool, give))
+                left -= give
+            if left > 0 or not chosen:
+                continue
+            plan = PoolPlan(Share(view.name, pool, local), tuple(chosen))
+            score = (len(chosen), pool == CPU_POOL, -local, view.name)
+            if best is None or score < best[0]:
+                best = (score, plan)
+    return best[1] if best else None

@@ -127,6 +127,16 @@ def default_harness(model_id: str, quant: str | None) -> str:
     return "transformers"
 
 
+MAX_REMOTE_DEVICES = 16
+
+
+class RemoteDevice(Wire):
+    """A device another host lends to a model (a donor's ggml RPC server, docs/pooling.md)."""
+
+    endpoint: Annotated[str, Field(min_length=3, max_length=300, pattern=r"^[^\s/]+:\d{1,5}$")]
+    mb: int = Field(ge=1)  # the memory it gives the model: its share of the layers
+
+
 class ModelSpec(Wire):
     """How to load one model: what ``/models/load`` takes and ``default_models`` lists."""
 
@@ -135,6 +145,11 @@ class ModelSpec(Wire):
     quant: Annotated[str | None, AfterValidator(check_quant)] = None
     tensor_parallel: int | None = Field(default=None, ge=1)
     devices: list[int] | None = None
+    # A pooled load (GGUF only): the model's layers split over this host's device and these
+    # remote ones, in proportion to the memory each gives (``local_mb`` here; None: the
+    # rest of the model's size).
+    rpc: list[RemoteDevice] | None = Field(default=None, max_length=MAX_REMOTE_DEVICES)
+    local_mb: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _pick_harness(self) -> ModelSpec:
@@ -168,6 +183,8 @@ class ModelStatus(Wire):
     vram_used_mb: int
     context_length: int | None
     error: str | None = None  # why it is ``failed`` (its worker crashed, and how)
+    rpc: list[RemoteDevice] | None = None  # a pooled model's remote devices
+    local_mb: int | None = None  # and what this host gives it
 
 
 class ModelSize(Wire):
@@ -211,14 +228,16 @@ class Discovery(Wire):
 class DeviceHealth(Wire):
     index: int
     vram_used_mb: int
-    vram_free_mb: int
+    vram_free_mb: int  # less what is lent
+    lent_mb: int = 0
     utilization_pct: int | None = None
     temp_c: int | None = None
 
 
 class CpuHealth(Wire):
     memory_used_mb: int
-    memory_free_mb: int
+    memory_free_mb: int  # what a load may still take: the budget less used and lent
+    lent_mb: int = 0  # given to other hosts' models (loans)
 
 
 class ActivationFailure(Wire):
@@ -284,6 +303,41 @@ class WorkerHealth(Wire):
     output_frames: int = 0  # generation output frames from this worker (one per step or fewer)
 
 
+class LendRequest(Wire):
+    """``POST /rpc/lend``: run an RPC server for one device, for one borrower's model."""
+
+    device: int | None = None  # the CUDA index; None: the CPU
+    mb: int = Field(ge=1)  # memory reserved for the loan (and the borrower's share)
+    borrower: Annotated[str, Field(min_length=1, max_length=255)]  # host name or IP
+    model_id: ModelPath
+    # More addresses the borrower may connect from (a host with several); never a wildcard.
+    allow: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=8)
+
+
+class ReleaseRequest(Wire):
+    loan_id: Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class Loan(Wire):
+    """A device lent to another host's model, as ``/health`` shows it."""
+
+    id: str
+    device: str  # "cpu" or "cuda:N"
+    mb: int
+    model_id: str
+    borrower: str
+    allowed: list[str]  # the addresses admitted (the borrower's)
+    endpoint: str  # host:port the borrower connects to
+    state: Literal["waiting", "connected", "idle"]  # idle: the borrower left; ends soon
+    pid: int | None = None
+    connections: int = 0
+    refused: int = 0  # connections from addresses not allowed (reset before the handshake)
+    bytes_to_donor: int = 0  # relayed so far (updated every second)
+    bytes_to_borrower: int = 0
+    messages: int = 0  # reads relayed to the borrower: about one per RPC reply
+    age_s: float = 0.0
+
+
 class Health(Wire):
     uptime_secs: float
     devices: list[DeviceHealth]
@@ -291,6 +345,7 @@ class Health(Wire):
     activation: Activation
     models: dict[str, ModelLoadInfo]
     workers: list[WorkerHealth] = []
+    loans: list[Loan] = []  # devices lent to other hosts' models
     draining: bool = False  # shutting down: finishing what it has, admitting nothing new
     status: Literal["ok", "draining"] = "ok"  # the same, for people and load balancers
 

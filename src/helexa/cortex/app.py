@@ -87,6 +87,8 @@ class Gateway:
                     "node": s.name,
                     "status": s.models[model_id].status,
                     "vram_used_mb": s.models[model_id].vram_used_mb,
+                    # a pooled model: its share here, and the donors lending it the rest
+                    "pool": self.router.pools.split_of(model_id, s.name),
                 }
                 for s in self.fleet.neurons.values()
                 if model_id in s.models
@@ -149,6 +151,7 @@ class Gateway:
                     "devices": [d.model_dump() for d in s.discovery.devices] if s.discovery else [],
                     "device_health": [d.model_dump() for d in health.devices] if health else [],
                     "cpu": health.cpu.model_dump() if health else None,
+                    "loans": [loan.model_dump() for loan in health.loans] if health else [],
                     "models": [m.model_dump() for m in s.models.values()],
                     "in_flight": s.busy(),
                 }

@@ -196,13 +196,17 @@ def status(
         )
         memory = "\n".join(
             f"gpu{i}: {r['vram_used_mb']}/{r['vram_used_mb'] + r['vram_free_mb']} MB"
+            + _lent(r.get("lent_mb", 0))
             for i, r in readings.items()
         )
         if n["cpu"]:
             cpu = n["cpu"]
+            total = cpu["memory_used_mb"] + cpu["memory_free_mb"] + cpu.get("lent_mb", 0)
             memory += ("\n" if memory else "") + (
-                f"cpu: {cpu['memory_used_mb']}/{cpu['memory_used_mb'] + cpu['memory_free_mb']} MB"
+                f"cpu: {cpu['memory_used_mb']}/{total} MB" + _lent(cpu.get("lent_mb", 0))
             )
+        for loan in n.get("loans", []):
+            memory += f"\n{loan['device']}: {loan['mb']} MB to {loan['borrower']} ({loan['state']})"
         neurons.add_row(
             n["name"],
             "[green]up" if n["healthy"] else "[red]down",
@@ -219,7 +223,7 @@ def status(
     for m in fleet["models"]:
         where = (
             ", ".join(
-                f"{loc['node']} ({loc['status']}, {loc['vram_used_mb']} MB)"
+                f"{loc['node']} ({loc['status']}, {loc['vram_used_mb']} MB{_pooled(loc)})"
                 for loc in m["locations"]
             )
             or "-"
@@ -229,6 +233,18 @@ def status(
             name, "yes" if m["loaded"] else "no", where, ", ".join(m["feasible_on"]) or "-"
         )
     console.print(models)
+
+
+def _lent(mb: int) -> str:
+    return f", {mb} MB lent" if mb else ""
+
+
+def _pooled(location: dict) -> str:
+    """A pooled model's donors, as ``cortex status`` shows them."""
+    pool = location.get("pool")
+    if not pool:
+        return ""
+    return " + " + " + ".join(f"{d['node']} {d['device']} {d['mb']} MB" for d in pool["donors"])
 
 
 @app.command()

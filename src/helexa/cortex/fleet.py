@@ -322,7 +322,8 @@ def view_of(
     for model_id, status in state.models.items():
         profile = catalogue.profile(model_id)
         estimate = need_mb(profile, sized_mb(profile) if sized_mb else None) if profile else 0
-        size = max(status.vram_used_mb, estimate)
+        # A pooled model holds only its share here (the rest is lent by other neurons).
+        size = status.vram_used_mb if status.rpc else max(status.vram_used_mb, estimate)
         pools = tuple(status.devices) or (CPU_POOL,)
         reported = 0 if state.fresh(model_id) else status.vram_used_mb
         reserved = model_id in state.reservations  # already in pending_mb: count it once

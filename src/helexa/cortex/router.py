@@ -13,10 +13,12 @@ from helexa.core.errors import ApiError, not_found, unavailable
 from helexa.core.placement import (
     CPU_POOL,
     Placement,
+    PoolPlan,
     choose_replica,
     feasible,
     need_mb,
     place,
+    plan_pool,
     rank_neurons,
     unhostable,
 )
@@ -25,6 +27,7 @@ from helexa.cortex.affinity import AffinityTable
 from helexa.cortex.config import CortexSettings
 from helexa.cortex.fleet import Fleet, NeuronState, view_of
 from helexa.cortex.metrics import Metrics
+from helexa.cortex.pooling import Pools
 from helexa.cortex.upstream import LocalExhaustion, UpstreamError
 from helexa.cortex.weights import WeightSizes
 
@@ -56,6 +59,7 @@ class Router:
             name: asyncio.Lock() for name in fleet.neurons
         }
         self._defrag_tasks: dict[str, asyncio.Task[None]] = {}
+        self.pools = Pools(fleet.neurons, self._post)
         self.affinity: AffinityTable[tuple[str, str], str] = AffinityTable()
 
     # -- errors ---------------------------------------------------------------------------
@@ -201,6 +205,7 @@ class Router:
         return await asyncio.shield(pending)
 
     async def _cold_load(self, profile: ModelProfile, exclude: frozenset[str]) -> NeuronState:
+        await self.pools.sweep()  # loans of pooled models their borrower has dropped
         need = await self._need(profile, exclude)
         rechecked = False
         while True:
@@ -225,12 +230,18 @@ class Router:
                         raise
                     placement = None
                 else:
-                    state = self.fleet.neurons[placement.neuron]
+                    if isinstance(placement, PoolPlan):
+                        state = self.fleet.neurons[placement.borrower.neuron]
+                    else:
+                        state = self.fleet.neurons[placement.neuron]
                     neuron_lock = self._neuron_locks[state.name]
                     if await _try_acquire(neuron_lock):
-                        for victim in placement.evict:
-                            state.begin_unload(victim)
-                        state.reserve(profile.id, placement.pool, need)
+                        if isinstance(placement, PoolPlan):
+                            self._reserve_pool(profile.id, placement)
+                        else:
+                            for victim in placement.evict:
+                                state.begin_unload(victim)
+                            state.reserve(profile.id, placement.pool, need)
                         break
             if placement is None:
                 rechecked = True
@@ -241,20 +252,73 @@ class Router:
             async with neuron_lock:
                 pass
         try:
-            for index, victim in enumerate(placement.evict):
-                try:
-                    await self._unload_begun(state, victim)
-                except BaseException:
-                    for rest in placement.evict[index + 1 :]:
-                        state.end_unload(rest, done=False)
-                    raise
-                self._evicted(state, victim, profile.id)
-            await self._load_on(state, profile, pool=placement.pool, cold=True)
+            if isinstance(placement, PoolPlan):
+                await self._load_pooled(state, profile, placement)
+            else:
+                await self._evict_and_load(state, profile, placement)
         finally:
-            state.release(profile.id)
+            if isinstance(placement, PoolPlan):
+                self._unreserve_pool(profile.id, placement)
+            else:
+                state.release(profile.id)
             neuron_lock.release()
         self._maybe_defrag(state)
         return state
+
+    async def _evict_and_load(
+        self, state: NeuronState, profile: ModelProfile, placement: Placement
+    ) -> None:
+        for index, victim in enumerate(placement.evict):
+            try:
+                await self._unload_begun(state, victim)
+            except BaseException:
+                for rest in placement.evict[index + 1 :]:
+                    state.end_unload(rest, done=False)
+                raise
+            self._evicted(state, victim, profile.id)
+        await self._load_on(state, profile, pool=placement.pool, cold=True)
+
+    def _reserve_pool(self, model_id: str, plan: PoolPlan) -> None:
+        """Book every share of a pooled load in its neuron's ledger (a donor's under a key
+        of its own: the borrower's other pool may be one of the donors)."""
+        borrower = self.fleet.neurons[plan.borrower.neuron]
+        borrower.reserve(model_id, plan.borrower.pool, plan.borrower.mb)
+        for index, share in enumerate(plan.donors):
+            self.fleet.neurons[share.neuron].reserve(
+                f"{model_id}#lent{index}", share.pool, share.mb
+            )
+
+    def _unreserve_pool(self, model_id: str, plan: PoolPlan) -> None:
+        self.fleet.neurons[plan.borrower.neuron].release(model_id)
+        for index, share in enumerate(plan.donors):
+            self.fleet.neurons[share.neuron].release(f"{model_id}#lent{index}")
+
+    async def _load_pooled(self, state: NeuronState, profile: ModelProfile, plan: PoolPlan) -> None:
+        """Donors first (each starts an RPC server admitting the borrower only), then the
+        borrower loads the model over its own share and theirs; loans go back on failure."""
+        loans = await self.pools.lend(profile, plan)
+        remote = [{"endpoint": loan.endpoint, "mb": loan.mb} for loan in loans]
+        try:
+            await self._load_on(
+                state,
+                profile,
+                pool=plan.borrower.pool,
+                cold=True,
+                extra={"rpc": remote, "local_mb": plan.borrower.mb},
+            )
+        except BaseException:
+            await asyncio.shield(self.pools.release(loans))
+            raise
+        self.pools.record(profile.id, plan, loans)
+        log.info(
+            "pool",
+            extra={
+                "model": profile.id,
+                "node": state.name,
+                "local_mb": plan.borrower.mb,
+                "donors": ",".join(f"{lent.donor}:{lent.mb}MB" for lent in loans),
+            },
+        )
 
     async def _need(self, profile: ModelProfile, exclude: frozenset[str]) -> int:
         """MB the load needs: ``vram_mb``, else what a neuron says its files take (asked of
@@ -327,19 +391,26 @@ class Router:
         *,
         pool: int | None = None,
         cold: bool = False,
+        extra: dict[str, object] | None = None,
     ) -> None:
-        """Load ``profile`` on ``state``; a load of it already posted there is joined."""
+        """Load ``profile`` on ``state``; a load of it already posted there is joined.
+        ``extra``: more of the load spec (a pooled load's remote devices)."""
         pending = state.loads.get(profile.id)
         if pending is None:
-            pending = asyncio.ensure_future(self._post_load(state, profile, pool, cold))
+            pending = asyncio.ensure_future(self._post_load(state, profile, pool, cold, extra))
             state.loads[profile.id] = pending
             pending.add_done_callback(lambda _f: state.loads.pop(profile.id, None))
         await asyncio.shield(pending)
 
     async def _post_load(
-        self, state: NeuronState, profile: ModelProfile, pool: int | None, cold: bool
+        self,
+        state: NeuronState,
+        profile: ModelProfile,
+        pool: int | None,
+        cold: bool,
+        extra: dict[str, object] | None = None,
     ) -> None:
-        spec = self._spec(state, profile, pool)
+        spec = {**self._spec(state, profile, pool), **(extra or {})}
         started = time.monotonic()
         try:
             status, payload = await self._post(
@@ -403,7 +474,9 @@ class Router:
                 },
             )
 
-    def _plan(self, profile: ModelProfile, exclude: frozenset[str], need: int) -> Placement:
+    def _plan(
+        self, profile: ModelProfile, exclude: frozenset[str], need: int
+    ) -> Placement | PoolPlan:
         views = [
             view_of(s, self.catalogue, self.weights.known_mb)
             for s in self.fleet.neurons.values()
@@ -425,6 +498,26 @@ class Router:
             )
         placement = place(profile, views, need, self.settings.eviction.strategy)
         if placement is None:
+            # No one neuron has room, even evicting: pool several neurons' memory (GGUF).
+            # Any healthy neuron may lend, those excluded as the model's host among them.
+            donors = [
+                view_of(s, self.catalogue, self.weights.known_mb)
+                for s in self.fleet.neurons.values()
+            ]
+            pooled = plan_pool(profile, views, donors, need)
+            if pooled is not None:
+                log.info(
+                    "route pooled",
+                    extra={
+                        "model": profile.id,
+                        "node": pooled.borrower.neuron,
+                        "pool": pooled.borrower.pool,
+                        "local_mb": pooled.borrower.mb,
+                        "need_mb": need,
+                        "donors": ",".join(f"{d.neuron}:{d.pool}:{d.mb}MB" for d in pooled.donors),
+                    },
+                )
+                return pooled
             raise self._unavailable(
                 f"no neuron has room for {profile.id!r} ({need} MB) and nothing idle can be "
                 "evicted",
@@ -501,6 +594,7 @@ class Router:
             ) from exc
         finally:
             state.end_unload(model_id, done=done)
+        await self.pools.forget(model_id, state.name)  # a pooled model's donors get it back
 
     async def admin_load(self, model_id: str, node: str | None) -> NeuronState:
         profile = self.catalogue.profile(model_id) or ModelProfile(id=model_id)

@@ -24,9 +24,11 @@ from helexa.core.http import (
 from helexa.core.wire import (
     ChatCompletionRequest,
     CompletionRequest,
+    LendRequest,
     ModelSpec,
     RecycleRequest,
     RecycleResult,
+    ReleaseRequest,
     TokenizeRequest,
     UnloadRequest,
 )
@@ -83,6 +85,14 @@ def build_app(neuron: Neuron) -> Starlette:
         body = await read_body(request, RecycleRequest)
         recycled = await neuron.recycle(body.device)
         return JSONResponse(_dump(RecycleResult(recycled=recycled)))
+
+    async def lend(request: Request) -> Response:
+        body = await read_body(request, LendRequest)
+        return JSONResponse(_dump(await neuron.lender.lend(body)))
+
+    async def release(request: Request) -> Response:
+        body = await read_body(request, ReleaseRequest)
+        return JSONResponse(_dump(await neuron.lender.release(body.loan_id)))
 
     async def endpoint(request: Request) -> Response:
         model_id = neuron.model_id(request.path_params["model_id"])
@@ -192,6 +202,8 @@ def build_app(neuron: Neuron) -> Starlette:
         Route("/models/unload", unload, methods=["POST"]),
         Route("/models/size", size, methods=["POST"]),
         Route("/workers/recycle", recycle, methods=["POST"]),
+        Route("/rpc/lend", lend, methods=["POST"]),
+        Route("/rpc/release", release, methods=["POST"]),
         Route("/models/{model_id:path}/endpoint", endpoint, methods=["GET"]),
         Route("/v1/models", openai_models, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),

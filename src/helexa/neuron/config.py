@@ -81,6 +81,32 @@ class WorkerSettings(BaseModel):
     heartbeat_s: float = Field(default=1.0, gt=0)
 
 
+class RpcSettings(BaseModel):
+    """Lending this host's devices to other hosts' models over ggml's RPC (docs/pooling.md).
+
+    ggml RPC has no authentication: a donor's server listens on loopback, behind a gate on
+    ``host`` that admits only the borrower cortex named (an allowlist of its addresses)."""
+
+    lend: bool = True  # false: this neuron never lends a device (it may still borrow)
+    # The fleet address the gates listen on. None: the neuron's own ``host`` when that is a
+    # single address (never a wildcard: a neuron on 0.0.0.0 lends only with this set).
+    host: str | None = None
+    ports: tuple[int, int] = (50052, 50099)  # one port per loan, from this range (firewalld)
+    # A loan ends when its borrower has been disconnected this long (it unloaded, crashed or
+    # went away), or never connected within connect_timeout_s.
+    idle_grace_s: float = Field(default=10.0, gt=0)
+    connect_timeout_s: float = Field(default=120.0, gt=0)
+    cache_dir: Path | None = None  # ggml's tensor cache: a re-lent model's weights skip the wire
+
+    @field_validator("ports")
+    @classmethod
+    def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        lo, hi = value
+        if not 0 < lo <= hi <= 65535:
+            raise ValueError(f"ports must be [low, high] within 1-65535, got {list(value)}")
+        return value
+
+
 class AdmissionSettings(BaseModel):
     max_concurrent: int = Field(default=4, ge=1)  # generations interleaved per model
     max_queue: int = Field(default=32, ge=0)  # waiting beyond those
@@ -105,6 +131,7 @@ class NeuronSettings(BaseSettings):
     cpu: CpuSettings = Field(default_factory=CpuSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
+    rpc: RpcSettings = Field(default_factory=RpcSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     # Required (Authorization: Bearer) by every route but /health; a neuron listening beyond

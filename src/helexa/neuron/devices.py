@@ -42,6 +42,9 @@ class DevicePool:
         self.cuda_indices = list(cuda_indices)
         self.cpu_budget_bytes = cpu_budget_bytes
         self.reserved: dict[str, int] = {}  # device key -> bytes of loads in progress
+        # device key -> bytes held outside this pool: lent to other hosts, or (in a worker
+        # process) held by the host's other workers, as the neuron told it before a load.
+        self.outside: Callable[[str], int] = lambda _key: 0
         self._usage: list[Callable[[str], int]] = []
         self._workers: dict[str, DeviceWorker] = {}
         for index in self.cuda_indices:
@@ -98,7 +101,7 @@ class DevicePool:
         """Free bytes minus reservations, per key. Callers reserve what they take before
         their next await, so concurrent placements see each other without a lock."""
         free = {key: await self.free_bytes(key) for key in keys}
-        return {key: free[key] - self.reserved.get(key, 0) for key in keys}
+        return {key: free[key] - self.reserved.get(key, 0) - self.outside(key) for key in keys}
 
     def reserve(self, key: str, size: int) -> None:
         self.reserved[key] = self.reserved.get(key, 0) + size

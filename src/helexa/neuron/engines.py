@@ -4,6 +4,7 @@ and what tests use to reach engine internals). The neuron sees the same ``Harnes
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from helexa.core.wire import WorkerHealth
@@ -30,6 +31,10 @@ class Engines(Protocol):
     def cpu_used(self) -> int: ...
 
     def workers(self) -> list[WorkerHealth]: ...
+
+    def count_lent(self, lent: Callable[[str], int]) -> None:
+        """Loads count ``lent(device key)`` bytes as taken (lent to other hosts)."""
+        ...
 
     async def recycle(self, device: str | None) -> list[str]:
         """Recycle idle workers (``device``: that one only), their models reloaded before
@@ -69,6 +74,9 @@ class WorkerEngines:
     def workers(self) -> list[WorkerHealth]:
         return self.supervisor.health()
 
+    def count_lent(self, lent: Callable[[str], int]) -> None:
+        self.supervisor.lent = lent
+
     async def recycle(self, device: str | None) -> list[str]:
         keys = [device] if device is not None else list(self.supervisor.devices)
         done = []
@@ -103,6 +111,9 @@ class LocalEngines:
 
     def workers(self) -> list[WorkerHealth]:
         return []
+
+    def count_lent(self, lent: Callable[[str], int]) -> None:
+        self.pool.outside = lent
 
     async def recycle(self, device: str | None) -> list[str]:
         return []

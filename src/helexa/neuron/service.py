@@ -12,10 +12,11 @@ from helexa.neuron.activation import ActivationTracker, prewarm
 from helexa.neuron.admission import Admission
 from helexa.neuron.config import NeuronSettings
 from helexa.neuron.device_thread import WorkerPoisoned
-from helexa.neuron.devices import CPU
+from helexa.neuron.devices import CPU, cuda_key
 from helexa.neuron.discovery import MB, Hardware, total_memory_bytes
 from helexa.neuron.engines import Engines, LocalEngines, WorkerEngines
 from helexa.neuron.harness.base import Harness
+from helexa.neuron.lending import Lender
 from helexa.neuron.model_files import canonical_model_id, harness_for_files
 
 log = logging.getLogger("helexa.neuron")
@@ -42,6 +43,10 @@ class Neuron:
         )
         kind = WorkerEngines if settings.workers.isolate else LocalEngines
         self.engines: Engines = kind(settings, self.hardware, self.cpu_budget_bytes)
+        self.lender = Lender(
+            settings, [d.index for d in self.hardware.devices], self._room_to_lend_mb
+        )
+        self.engines.count_lent(self.lender.lent_bytes)
         self.harnesses: dict[str, Harness] = self.engines.harnesses
         self.activation = ActivationTracker(settings.default_models)
         self._loads: dict[str, asyncio.Future[ModelStatus]] = {}
@@ -58,7 +63,16 @@ class Neuron:
         self.engines.start()
 
     async def stop(self) -> None:
+        await self.lender.stop()
         await self.engines.stop()
+
+    def _room_to_lend_mb(self, key: str) -> int:
+        """Free MB of a device a loan could take (loans not counted: the lender does)."""
+        if key == CPU:
+            return (self.cpu_budget_bytes - self.engines.cpu_used()) // MB
+        index = int(key.split(":")[1])
+        free = {d.index: d.vram_free_mb for d in self.hardware.device_health()}
+        return free.get(index, 0)
 
     def start_prewarm(self) -> None:
         """Called once the listener is bound: /health answers while models load."""
@@ -118,6 +132,8 @@ class Neuron:
         """Load ``spec``; concurrent loads of one id (however spelled) share one attempt."""
         spec = self._canonical(spec)
         harness = self.harness_for(spec)
+        if spec.rpc:
+            self._check_pooled(spec)
         if harness.has(spec.model_id):
             status = next(s for s in harness.list() if s.id == spec.model_id)
             if status.status != "failed":  # a failed one (its worker crashed) loads again
@@ -133,6 +149,28 @@ class Neuron:
             self._load_specs[spec.model_id] = spec
             pending.add_done_callback(lambda _f: self._forget_load(spec.model_id))
         return "loaded", await asyncio.shield(pending)
+
+    def _check_pooled(self, spec: ModelSpec) -> None:
+        """A pooled load (remote devices) needs llama.cpp, and a worker process of its own:
+        ggml's RPC client aborts its process when a donor goes away."""
+        if spec.harness != "llamacpp":
+            raise bad_request(
+                "only GGUF models (llama.cpp) can be pooled over other hosts' devices",
+                param="rpc",
+                code="unsupported_placement",
+            )
+        if not self.settings.workers.isolate:
+            raise bad_request(
+                "a pooled model needs [workers] isolate = true: a lost donor ends its process",
+                param="rpc",
+                code="unsupported_placement",
+            )
+        if spec.tensor_parallel or (spec.devices and len(spec.devices) > 1):
+            raise bad_request(
+                "a pooled model uses one local device (devices: [] or [i]) and the remote ones",
+                param="devices",
+                code="unsupported_placement",
+            )
 
     def _forget_load(self, model_id: str) -> None:
         self._loads.pop(model_id, None)
@@ -283,16 +321,28 @@ class Neuron:
                 prefix_cache=harness.prefix_cache(status.id) if harness else None,
                 batch=harness.batch_info(status.id) if harness else None,
             )
+        lent = self.lender.lent_mb
+        devices = [
+            d.model_copy(
+                update={
+                    "lent_mb": lent(cuda_key(d.index)),
+                    "vram_free_mb": max(d.vram_free_mb - lent(cuda_key(d.index)), 0),
+                }
+            )
+            for d in self.hardware.device_health()
+        ]
         return Health(
             uptime_secs=round(time.monotonic() - self.started, 3),
-            devices=self.hardware.device_health(),
+            devices=devices,
             cpu=CpuHealth(
                 memory_used_mb=cpu_used // MB,
-                memory_free_mb=max(self.cpu_budget_bytes - cpu_used, 0) // MB,
+                memory_free_mb=max(self.cpu_budget_bytes - cpu_used - lent(CPU) * MB, 0) // MB,
+                lent_mb=lent(CPU),
             ),
             activation=self.activation.snapshot(),
             models=models,
             workers=self.engines.workers(),
+            loans=self.lender.views(),
             draining=self.draining,
             status="draining" if self.draining else "ok",
         )

@@ -97,6 +97,8 @@ class EngineHarness(TokenizerPrompts, Generic[M]):
             devices=m.cuda_indices,
             vram_used_mb=m.bytes // MB,
             context_length=m.context_length,
+            rpc=m.spec.rpc or None,
+            local_mb=m.bytes // MB if m.spec.rpc else None,
         )
 
     def list(self) -> list[ModelStatus]:

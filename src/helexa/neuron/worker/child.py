@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
 import dataclasses
 import faulthandler
 import itertools
@@ -33,6 +32,7 @@ from helexa.neuron.devices import CPU, DevicePool
 from helexa.neuron.harness.base import Finish, Harness, TokenStream
 from helexa.neuron.harness.registry import build_harnesses
 from helexa.neuron.worker import faults
+from helexa.neuron.worker.lifeline import die_with_parent
 from helexa.neuron.worker.protocol import (
     Call,
     Cancel,
@@ -75,6 +75,8 @@ class Worker:
         self.ends: dict[int, Finish | Failure] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.fault = faults.parse(os.environ.get(faults.ENV))
+        self.held: dict[str, int] = {}  # bytes of each device held outside this worker
+        pool.outside = lambda key: self.held.get(key, 0)
 
     # -- transport ---------------------------------------------------------------------------
 
@@ -136,6 +138,10 @@ class Worker:
         self.send(Reply(call.id, value=value))
 
     async def perform(self, call: Call) -> Any:
+        if call.method == "hold":  # memory of this device others hold (lent, other workers)
+            key, size = call.args
+            self.held[key] = size
+            return None
         harness = self.harnesses[call.engine]
         if call.method == "generate":
             model_id, prompt, params = call.args
@@ -259,24 +265,13 @@ def startup_s() -> float:
         return round(time.monotonic() - STARTED, 3)
 
 
-def _die_with_parent() -> None:
-    """A neuron killed with -9 leaves no worker holding a GPU (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() == 1:  # the neuron died before the line above
-        os._exit(1)
-
-
 def main(argv: list[str]) -> None:
     conn = Connection(int(argv[0]))
     init: Init = conn.recv()
     settings = NeuronSettings.model_validate(init.settings)
     setup_logging(settings.log_level)
     faulthandler.enable(file=sys.stderr, all_threads=True)
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the neuron's to handle
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # so is systemd's stop: it drains first
     gpu = init.device != CPU

@@ -71,8 +71,10 @@ class WorkerProcess:
         *,
         on_snapshot: Callable[[Snapshot], None],
         on_lost: Callable[[str, list[str]], None],
+        lost_hint: str | None = None,
     ) -> None:
         self.device = device
+        self.lost_hint = lost_hint  # appended to the reason its end gives
         self.on_snapshot = on_snapshot
         self.on_lost = on_lost
         self.proc: subprocess.Popen[bytes] | None = None
@@ -293,6 +295,8 @@ class WorkerProcess:
         reason = describe_exit(self.device, self.pid, returncode)
         if self.kill_reason:
             reason = f"{reason}: {self.kill_reason}"
+        elif self.lost_hint and returncode:
+            reason = f"{reason}: {self.lost_hint}"
         crash = EngineCrashed(reason)
         for waiter in self._calls.values():
             if not waiter.done():

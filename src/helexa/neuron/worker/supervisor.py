@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -52,6 +52,8 @@ class Resident:
 class Device:
     key: str
     index: int | None  # the CUDA index; None for the CPU
+    host: str = ""  # the device it runs on ("cpu", "cuda:N"): its key, but for a pooled model
+    pooled: str | None = None  # the pooled model (on remote devices too) it alone holds
     proc: WorkerProcess | None = None
     state: Literal["starting", "ready", "restarting", "down"] = "starting"
     up: asyncio.Future[WorkerProcess] | None = None
@@ -61,6 +63,9 @@ class Device:
     last_exit: str | None = None
     busy: int = 0  # load/unload/recycle calls under way
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.host = self.host or self.key
 
 
 class Workers:
@@ -79,6 +84,8 @@ class Workers:
         for index in cuda_indices:
             self.devices[cuda_key(index)] = Device(cuda_key(index), index)
         self.residents: dict[str, Resident] = {}
+        # Bytes of a device lent to other hosts (lending.Lender): a load here cannot use them.
+        self.lent: Callable[[str], int] = lambda _key: 0
         self.closing = False  # draining: an emptied worker is not replaced
         self.stopping = False
 
@@ -118,6 +125,7 @@ class Workers:
             device.key,
             on_snapshot=lambda snap: self._on_snapshot(device, proc, snap),
             on_lost=lambda reason, tail: self._on_lost(device, proc, reason, tail),
+            lost_hint=self._pool_hint(device),
         )
         device.proc = proc
         try:
@@ -128,6 +136,9 @@ class Workers:
             if not isinstance(exc, EngineCrashed):
                 log.exception("worker start failed", extra={"device": device.key})
                 exc = EngineCrashed(f"the {device.key} worker failed to start: {exc!r}")
+            if device.pooled is not None:  # its load reports it; a pooled worker is not retried
+                device.up.set_exception(crashed(str(exc)))
+                return
             # Died before it could serve: a broken install or device. Bounded, like crashes.
             device.crashes += 1
             device.last_exit = str(exc)
@@ -159,12 +170,24 @@ class Workers:
         )
         device.up.set_result(proc)
 
+    def _pool_hint(self, device: Device) -> str | None:
+        resident = self.residents.get(device.pooled or "")
+        if resident is None or not resident.spec.rpc:
+            return None
+        remotes = ", ".join(r.endpoint for r in resident.spec.rpc)
+        return (
+            f"it held pooled model {device.pooled!r}, whose worker ends when a donor's RPC "
+            f"server ({remotes}) goes away"
+        )
+
     def _init(self, device: Device) -> Init:
+        pooled = self.residents.get(device.pooled or "")
         return Init(
             settings=self.settings.model_dump(),
-            engines=tuple(self.engines),
-            device=device.key,
-            cpu_budget_bytes=self.cpu_budget_bytes if device.key == CPU else 0,
+            # A pooled model's worker builds its engine only (no torch import for llama.cpp).
+            engines=(pooled.engine,) if pooled is not None else tuple(self.engines),
+            device=device.host,
+            cpu_budget_bytes=self.cpu_budget_bytes if device.host == CPU else 0,
         )
 
     def _env(self, device: Device) -> dict[str, str]:
@@ -200,6 +223,9 @@ class Workers:
 
     def _on_lost(self, device: Device, proc: WorkerProcess, reason: str, tail: list[str]) -> None:
         if device.proc is not proc or self.stopping:
+            return
+        if device.pooled is not None:
+            self._pool_lost(device, reason, tail)
             return
         uptime = time.monotonic() - device.started_at
         device.crashes = recovery.consecutive(device.crashes, uptime)
@@ -243,6 +269,25 @@ class Workers:
         delay = recovery.backoff_s(device.crashes, base_s=self._backoff())
         self._launch(device, delay)
         self._spawn(device, self._recover(device))
+
+    def _pool_lost(self, device: Device, reason: str, tail: list[str]) -> None:
+        """A pooled model's worker ended: most often a donor went away (ggml's RPC client
+        aborts). Its requests have failed already; the model is unloaded here (not reloaded:
+        its donors may be gone), so cortex plans it afresh on the next request."""
+        self.devices.pop(device.key, None)
+        resident = self.residents.pop(device.pooled or "", None)
+        log.error(
+            "pooled model lost",
+            extra={
+                "model_id": device.pooled,
+                "device": device.key,
+                "reason": reason,
+                "rpc": ",".join(r.endpoint for r in resident.spec.rpc or []) if resident else None,
+                "last_lines": "\n".join(tail[-12:]) or None,
+            },
+        )
+        if resident is not None:
+            self._settle_reload(resident, crashed(reason))
 
     @staticmethod
     def _waiter() -> asyncio.Future[ModelStatus]:
@@ -309,6 +354,8 @@ class Workers:
                 )
             del self.residents[spec.model_id]  # failed: a load by hand starts it over
         order = recovery.load_order(spec.devices, spec.tensor_parallel, self.cuda_indices, free_mb)
+        if spec.rpc:
+            return await self._load_pooled(engine, spec, order[0])
         refused: ApiError | None = None
         for key in order:
             device = self.devices[key]
@@ -327,12 +374,55 @@ class Workers:
         assert refused is not None
         raise refused
 
+    async def _load_pooled(self, engine: str, spec: ModelSpec, host: str) -> ModelStatus:
+        """A model on remote devices too gets a worker of its own on ``host``: ggml's RPC
+        client aborts its process when a donor goes away, which must not take other models
+        down with it."""
+        index = None if host == CPU else int(host.split(":")[1])
+        device = Device(f"pool:{spec.model_id}", index, host=host, pooled=spec.model_id)
+        resident = Resident(spec=spec, engine=engine, device=device.key)
+        self.residents[spec.model_id] = resident
+        self.devices[device.key] = device
+        self._launch(device)
+        try:
+            return await self._load_on(device, resident)
+        except BaseException as exc:
+            if self.residents.get(spec.model_id) is resident:
+                del self.residents[spec.model_id]
+            if self.devices.get(device.key) is device:
+                del self.devices[device.key]
+            if device.proc is not None:
+                device.proc.stopping = True
+                await device.proc.stop()
+            if isinstance(exc, EngineCrashed):
+                raise crashed(str(exc)) from exc
+            raise
+
+    def _outside(self, device: Device) -> int:
+        """Bytes of ``device``'s host taken by others than its worker: lent, and on the CPU
+        the other workers' models (pooled models' workers share a device with its own
+        worker; a GPU's free memory, read from the driver, shows theirs already)."""
+        if device.host != CPU:
+            return self.lent(device.host)
+        others = sum(
+            self._device_bytes(d)
+            for d in self.devices.values()
+            if d.host == device.host and d is not device
+        )
+        return self.lent(device.host) + others
+
+    def _device_bytes(self, device: Device) -> int:
+        snap = device.proc.snapshot if device.proc is not None else None
+        return sum(v.memory_bytes for v in snap.engines.values()) if snap is not None else 0
+
     async def _load_on(self, device: Device, resident: Resident) -> ModelStatus:
         proc = await self.worker(device.key)
         device.busy += 1
         try:
+            worker_key = CPU if device.host == CPU else cuda_key(0)  # as the worker sees it
+            await proc.call("", "hold", worker_key, self._outside(device))
             status = await proc.call(
-                resident.engine, "load", spec_for_worker(resident.spec, device.key)
+                resident.engine, "load", spec_for_worker(resident.spec, device.host)
             )
         finally:
             device.busy -= 1
@@ -350,6 +440,12 @@ class Workers:
                 await asyncio.shield(resident.reload)
         device = self.devices[resident.device]
         self.residents.pop(model_id, None)
+        if device.pooled is not None:  # its own worker: ending it ends the RPC connections
+            self.devices.pop(device.key, None)
+            if device.proc is not None:
+                device.proc.stopping = True
+                await device.proc.stop()
+            return
         if resident.state == "loaded" and device.proc is not None and device.proc.alive:
             device.busy += 1
             try:
@@ -369,6 +465,8 @@ class Workers:
         device = self.devices[key]
         proc = device.proc
         if proc is None or device.state != "ready" or proc.in_flight() or device.busy:
+            return False
+        if device.pooled is not None:  # its donors hold the rest: a reload would re-send it
             return False
         mine = [r for r in self.residents.values() if r.device == key and r.state == "loaded"]
         device.state = "restarting"
@@ -485,15 +583,16 @@ class Workers:
         return proc.snapshot.engines.get(engine)
 
     def loading(self, engine: str) -> dict[str, str]:
-        return {
-            r.spec.model_id: r.device
+        return {  # where each load is going, as the host names it (a pooled worker's device)
+            r.spec.model_id: self.devices[r.device].host
             for r in self.residents.values()
             if r.engine == engine and r.state == "loading" and r.reload is None
         }
 
     def memory_used_bytes(self, engine: str, key: str) -> int:
-        view = self._view(self.devices[key], engine) if key in self.devices else None
-        return view.memory_bytes if view is not None else 0
+        """Bytes ``engine`` holds on device ``key``, in every worker running there."""
+        views = [self._view(d, engine) for d in self.devices.values() if d.host == key]
+        return sum(v.memory_bytes for v in views if v is not None)
 
     def figure(self, engine: str, model_id: str, kind: str) -> Any:
         resident = self.residents.get(model_id)

@@ -129,11 +129,13 @@ def max_devices() -> int:
 @dataclass(frozen=True)
 class GpuPlacement:
     """Where the layers go: ``main_gpu`` alone, or split across ``tensor_split`` (fractions per
-    CUDA index, llama.cpp's layer split)."""
+    CUDA index, llama.cpp's layer split). With ``devices`` (a pooled model: remote RPC
+    devices, then the local GPU if any) the split is over exactly those, in that order."""
 
     main_gpu: int
     tensor_split: tuple[float, ...] = ()
     n_gpu_layers: int = -1
+    devices: tuple[ctypes.c_void_p, ...] = ()
 
 
 class Model:
@@ -146,6 +148,10 @@ class Model:
         if amx_unsafe() and hasattr(params, "use_extra_bufts"):
             params.use_extra_bufts = False
         self._split = None
+        self._devices = None
+        if gpu is not None and gpu.devices:
+            self._devices = (ctypes.c_void_p * (len(gpu.devices) + 1))(*gpu.devices, None)
+            params.devices = ctypes.cast(self._devices, ctypes.c_void_p)
         if gpu is not None:
             params.main_gpu = gpu.main_gpu
             if gpu.tensor_split:

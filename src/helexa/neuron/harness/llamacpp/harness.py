@@ -27,7 +27,7 @@ from helexa.neuron.gguf_header import ArrayField, read_header
 from helexa.neuron.harness.base import ModelGone, PreparedPrompt
 from helexa.neuron.harness.engine import Engine
 from helexa.neuron.harness.hosting import EngineHarness, Loaded
-from helexa.neuron.harness.llamacpp import binding, plan
+from helexa.neuron.harness.llamacpp import binding, plan, rpc
 from helexa.neuron.harness.llamacpp.backend import LlamaBackend, Runtime
 from helexa.neuron.harness.llamacpp.tokenizer import GgufTokenizer, chat_template
 from helexa.neuron.model_files import (
@@ -122,49 +122,25 @@ class LlamaCppHarness(EngineHarness[LoadedGguf]):
             )
         sizes = await asyncio.to_thread(_gguf_sizes, path, self._settings)
         need = sizes.file_bytes + sizes.kv_bytes
-        keys = self._worker_keys() if spec.devices != [] else [CPU]
-        asked = [f"cuda:{i}" for i in spec.devices or [] if i in self._pool.cuda_indices]
-        sick = [k for k in asked if self._pool.worker(k).poisoned is not None]
-        healthy = [k for k in keys if self._pool.worker(k).poisoned is None]
-        if sick or not healthy:
-            raise unavailable(
-                f"{'the device asked for' if sick else 'every candidate device'} is poisoned "
-                f"({', '.join(sick or keys)}); unload and reload its models, or restart the "
-                "neuron",
-                code="device_poisoned",
-                retry_after=30,
-            )
-        room = await self._pool.room(healthy)
-        room.update({k: -1 for k in keys if k not in healthy})
-        usable = [i for i in self._pool.cuda_indices if f"cuda:{i}" in healthy]
-        try:
-            placement = plan.place(
-                devices=spec.devices,
-                tensor_parallel=spec.tensor_parallel,
-                cuda_indices=self._pool.cuda_indices if spec.devices else usable,
-                room=room,
-                need=need,
-            )
-        except ApiError as exc:
-            if exc.code != "insufficient_memory":
-                raise
-            capacity = {k: await self._pool.capacity_bytes(k) for k in healthy}
-            most, where = plan.most_ever(
-                devices=spec.devices,
-                tensor_parallel=spec.tensor_parallel,
-                cuda_indices=usable,
-                capacity=capacity,
-            )
-            if need > most:
-                raise model_too_large(need, most, where) from None
-            raise
+        pool: plan.PoolSplit | None = None
+        if spec.rpc:
+            placement, pool = await self._pooled(spec, sizes, need)
+        else:
+            placement = await self._placement(spec, need)
         for key, share in zip(placement.keys, placement.share, strict=True):
             self._pool.reserve(key, share)  # no await since the room was read
         self._loading[model_id] = placement.keys[0]
         worker = self._pool.worker(placement.keys[0])
         try:
             runtime, tokenizer = await asyncio.wrap_future(
-                worker.submit(self._open, path, files.root, placement, sizes.context_tokens)
+                worker.submit(
+                    self._open,
+                    path,
+                    files.root,
+                    placement,
+                    sizes.context_tokens,
+                    None if pool is None else (pool, [r.endpoint for r in spec.rpc or []]),
+                )
             )
             gen_config = await asyncio.to_thread(read_json, files.root / "generation_config.json")
             eos = await asyncio.to_thread(_eos_ids, runtime.model.vocab, gen_config)
@@ -212,18 +188,115 @@ class LlamaCppHarness(EngineHarness[LoadedGguf]):
                 "kv_mb": sizes.kv_bytes // MB,
                 "context": sizes.context_tokens,
                 "slots": self._settings.slots,
-                "tensor_split": list(placement.tensor_split) or None,
+                "tensor_split": list(pool.tensor_split if pool else placement.tensor_split) or None,
+                "rpc": ",".join(r.endpoint for r in spec.rpc or []) or None,
                 "secs": round(time.monotonic() - started, 3),
             },
         )
         return self.status(loaded)
 
+    async def _placement(self, spec: ModelSpec, need: int) -> plan.Placement:
+        """Where a model on this host's devices goes (the room read now)."""
+        keys = self._worker_keys() if spec.devices != [] else [CPU]
+        asked = [f"cuda:{i}" for i in spec.devices or [] if i in self._pool.cuda_indices]
+        sick = [k for k in asked if self._pool.worker(k).poisoned is not None]
+        healthy = [k for k in keys if self._pool.worker(k).poisoned is None]
+        if sick or not healthy:
+            raise unavailable(
+                f"{'the device asked for' if sick else 'every candidate device'} is poisoned "
+                f"({', '.join(sick or keys)}); unload and reload its models, or restart the "
+                "neuron",
+                code="device_poisoned",
+                retry_after=30,
+            )
+        room = await self._pool.room(healthy)
+        room.update({k: -1 for k in keys if k not in healthy})
+        usable = [i for i in self._pool.cuda_indices if f"cuda:{i}" in healthy]
+        try:
+            return plan.place(
+                devices=spec.devices,
+                tensor_parallel=spec.tensor_parallel,
+                cuda_indices=self._pool.cuda_indices if spec.devices else usable,
+                room=room,
+                need=need,
+            )
+        except ApiError as exc:
+            if exc.code != "insufficient_memory":
+                raise
+            capacity = {k: await self._pool.capacity_bytes(k) for k in healthy}
+            most, where = plan.most_ever(
+                devices=spec.devices,
+                tensor_parallel=spec.tensor_parallel,
+                cuda_indices=usable,
+                capacity=capacity,
+            )
+            if need > most:
+                raise model_too_large(need, most, where) from None
+            raise
+
+    async def _pooled(
+        self, spec: ModelSpec, sizes: GgufSizes, need: int
+    ) -> tuple[plan.Placement, plan.PoolSplit]:
+        """A pooled model's split (docs/pooling.md): this host's share on one local device,
+        the rest over the donors' RPC servers, each checked reachable first (ggml aborts the
+        process when a connect fails)."""
+        assert spec.rpc
+        if not rpc.available():
+            raise bad_request(
+                "llama-cpp-python here was built without ggml's RPC backend: reinstall it with "
+                "scripts/dev.sh setup",
+                param="rpc",
+                code="rpc_unavailable",
+            )
+        for remote in spec.rpc:
+            why = await asyncio.to_thread(rpc.reachable, remote.endpoint)
+            if why is not None:
+                raise unavailable(
+                    f"the donor at {remote.endpoint} cannot be reached: {why}",
+                    code="donor_unreachable",
+                    retry_after=5,
+                )
+        keys = self._worker_keys() if spec.devices != [] else [CPU]
+        if spec.devices:
+            keys = [f"cuda:{spec.devices[0]}"]
+        room = await self._pool.room(keys)
+        key = max(keys, key=lambda k: (k != CPU, room[k]))  # a GPU first, then the most room
+        pool = plan.pool_split(
+            n_layer=sizes.n_layer,
+            need=need,
+            remote_mb=[r.mb for r in spec.rpc],
+            local_mb=spec.local_mb,
+            local_gpu=key != CPU,
+        )
+        if room[key] < pool.local_bytes:
+            raise plan.insufficient_memory(
+                f"not enough memory for this host's share of the pooled model: "
+                f"~{pool.local_bytes // MB} MB, {key} has {max(room[key], 0) // MB} MB free"
+            )
+        return plan.Placement(keys=(key,), share=(pool.local_bytes,)), pool
+
     def _open(
-        self, path: Path, root: Path, placement: plan.Placement, n_ctx: int
+        self,
+        path: Path,
+        root: Path,
+        placement: plan.Placement,
+        n_ctx: int,
+        pool: tuple[plan.PoolSplit, list[str]] | None = None,
     ) -> tuple[Runtime, GgufTokenizer]:
         """On the device worker: weights, context, tokenizer."""
         gpu = None
-        if not placement.on_cpu:
+        if pool is not None:
+            split, endpoints = pool
+            devices = rpc.remote_devices(endpoints)
+            if not placement.on_cpu:
+                devices.append(rpc.local_device(gpu=True))
+            gpu = binding.GpuPlacement(
+                main_gpu=0,
+                tensor_split=split.tensor_split,
+                n_gpu_layers=split.n_gpu_layers,
+                devices=tuple(devices),
+            )
+        elif not placement.on_cpu:
             gpu = binding.GpuPlacement(
                 main_gpu=placement.cuda_indices[0],
                 tensor_split=placement.tensor_split,
@@ -334,6 +407,7 @@ class GgufSizes:
     file_bytes: int
     kv_bytes: int
     context_tokens: int
+    n_layer: int
 
 
 def _gguf_sizes(path: Path, settings: LlamaCppHarnessSettings) -> GgufSizes:
@@ -382,6 +456,7 @@ def _gguf_sizes(path: Path, settings: LlamaCppHarnessSettings) -> GgufSizes:
             tokens, n_layer=n_layer, n_head_kv=n_head_kv, head_k=head_k, head_v=head_v
         ),
         context_tokens=tokens,
+        n_layer=n_layer,
     )
 
 

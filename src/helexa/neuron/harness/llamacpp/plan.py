@@ -1,6 +1,7 @@
 """Sizing and placement of a GGUF model, as pure functions: KV bytes, the context it gets,
 and which device(s) hold it — one GPU, a split across several mismatched GPUs in proportion
-to their free memory (llama.cpp's ``tensor_split``), or the CPU."""
+to their free memory (llama.cpp's ``tensor_split``), the CPU, or a pool of this host's
+device and other hosts' (ggml RPC) in proportion to the memory each gives."""
 
 from __future__ import annotations
 
@@ -138,4 +139,42 @@ def place(
         keys=tuple(cuda_key(i) for i in chosen),
         tensor_split=split,
         share=tuple(int(need * split[i]) for i in chosen),
+    )
+
+
+@dataclass(frozen=True)
+class PoolSplit:
+    """A pooled model's layers: ``n_gpu_layers`` of them (the last ones, and the output
+    layer) over llama.cpp's device list — the remote devices first, then the local GPU if
+    the local share is on one — in the proportions of ``tensor_split``; on a CPU host the
+    first layers (and the input embedding) stay on the CPU."""
+
+    local_bytes: int  # reserved on the local device
+    n_gpu_layers: int
+    tensor_split: tuple[float, ...]
+
+
+def pool_split(
+    *, n_layer: int, need: int, remote_mb: list[int], local_mb: int | None, local_gpu: bool
+) -> PoolSplit:
+    """Split a model needing ``need`` bytes over remote devices giving ``remote_mb`` each and
+    this host giving ``local_mb`` (None: whatever the remotes leave)."""
+    remote = [mb * MB for mb in remote_mb]
+    local = max(need - sum(remote), 0) if local_mb is None else local_mb * MB
+    total = local + sum(remote)
+    if local_gpu:
+        shares = [*remote, local]
+        return PoolSplit(
+            local_bytes=local,
+            n_gpu_layers=n_layer + 1,
+            tensor_split=tuple(s / total for s in shares),
+        )
+    # llama.cpp offloads the last n_gpu_layers of the n_layer + 1 (the output one counted).
+    offloaded = round((n_layer + 1) * sum(remote) / total) if total else n_layer + 1
+    offloaded = min(max(offloaded, len(remote)), n_layer + 1)
+    local_share = (n_layer + 1 - offloaded) / (n_layer + 1)
+    return PoolSplit(
+        local_bytes=int(need * local_share),
+        n_gpu_layers=offloaded,
+        tensor_split=tuple(r / sum(remote) for r in remote),
     )
