@@ -14,7 +14,7 @@ import pytest
 
 from helexa.core.settings import load_settings
 from helexa.cortex.config import load_config
-from helexa.neuron.config import NeuronSettings
+from helexa.neuron.config import NeuronSettings, RpcSettings
 from tests.support.procs import console_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +93,15 @@ def test_firewalld_services() -> None:
 
     assert ports("cortex.xml") == {"31313/tcp", "31314/tcp"}
     assert ports("helexa-neuron.xml") == {"13131/tcp"}
+    # The RPC ports of pooling match the neuron's default range, and only the fleet zone
+    # (whose sources the operator names) opens them: ggml RPC has no authentication.
+    assert ports("helexa-rpc.xml") == {"50052-50099/tcp"}
+    assert RpcSettings().ports == (50052, 50099)
+    zone = ET.parse(PACKAGING / "firewalld" / "helexa-fleet-zone.xml").getroot()
+    assert zone.tag == "zone" and zone.get("target") is None  # default: reject the rest
+    assert {s.get("name") for s in zone.iter("service")} == {"helexa-neuron", "helexa-rpc"}
+    spec = (PACKAGING / "rpm" / "helexa-neuron.spec").read_text()
+    assert "firewalld/zones/helexa-fleet.xml" in spec and "services/helexa-rpc.xml" in spec
 
 
 def source_tarball(dest: Path) -> Path:

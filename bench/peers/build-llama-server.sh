@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build llama.cpp's own llama-server from the llama.cpp that the installed llama-cpp-python
+# Build llama.cpp's own llama-server (and its ggml-rpc-server, the peer of a neuron lending a
+# device: bench/pooling.py) from the llama.cpp that the installed llama-cpp-python
 # was compiled from (its sdist vendors it in vendor/llama.cpp), with the same CMake
 # arguments scripts/dev.sh gave that build, so the neuron and llama-server run the same
 # kernels. Prints the binary's path on stdout (progress goes to stderr); a binary already
@@ -33,7 +34,7 @@ key=$(printf '%s\n%s\n%s\n' "$version" "$args" "$server_args" | sha256sum | cut 
 peers=$root/.cache/peers
 out=$peers/llama-server-$version-$key
 bin=$out/bin/llama-server
-if [ -x "$bin" ]; then
+if [ -x "$bin" ] && [ -x "$out/bin/ggml-rpc-server" ]; then
   echo "$bin"
   exit 0
 fi
@@ -59,6 +60,6 @@ gen=()
 command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
 # shellcheck disable=SC2086  # the argument strings are meant to split
 cmake -S "$src/vendor/llama.cpp" -B "$out" "${gen[@]}" $args $server_args >&2
-cmake --build "$out" --target llama-server -j "$(nproc)" >&2
+cmake --build "$out" --target llama-server ggml-rpc-server -j "$(nproc)" >&2
 printf '%s\n%s\n%s\n' "$version ($commit)" "$args" "$server_args" >"$out/BUILD-INFO"
 echo "$bin"

@@ -82,6 +82,7 @@ def check(settings: NeuronSettings, echo: Callable[[str], None] = print) -> Repo
             report.warnings.append(f"model_dirs: {folder} does not exist")
         else:
             echo(f"  model_dirs: {folder}")
+    _check_lending(settings, report, echo)
     if not settings.default_models:
         echo("  default_models: none (models load when cortex asks)")
     for spec in settings.default_models:
@@ -100,3 +101,20 @@ def check(settings: NeuronSettings, echo: Callable[[str], None] = print) -> Repo
             continue
         echo(f"  {label} on {harness}: {where}")
     return report
+
+
+def _check_lending(settings: NeuronSettings, report: Report, echo: Callable[[str], None]) -> None:
+    """Pooling: where this neuron's RPC servers would listen, or why it lends nothing."""
+    from helexa.core.errors import ApiError
+    from helexa.neuron.lending import lend_host
+
+    if not settings.rpc.lend:
+        echo("  lending: off ([rpc] lend = false)")
+        return
+    lo, hi = settings.rpc.ports
+    try:
+        host = lend_host(settings)
+    except ApiError as exc:
+        report.warnings.append(f"lending: off: {exc.message}")
+        return
+    echo(f"  lending: RPC servers on {host}:{lo}-{hi}, the borrower cortex names only")

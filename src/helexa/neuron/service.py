@@ -131,9 +131,9 @@ class Neuron:
     async def load(self, spec: ModelSpec) -> tuple[str, ModelStatus]:
         """Load ``spec``; concurrent loads of one id (however spelled) share one attempt."""
         spec = self._canonical(spec)
-        harness = self.harness_for(spec)
         if spec.rpc:
             self._check_pooled(spec)
+        harness = self.harness_for(spec)
         if harness.has(spec.model_id):
             status = next(s for s in harness.list() if s.id == spec.model_id)
             if status.status != "failed":  # a failed one (its worker crashed) loads again
