@@ -87,8 +87,9 @@ def test_a_cpu_borrower_keeps_the_first_layers_and_splits_the_rest(remote_mb: li
     assert sum(split.tensor_split) == pytest.approx(1.0)
     assert len(split.tensor_split) == len(remote_mb)
     local_share = need - sum(remote_mb) * MB
-    # Whole layers: within one layer's size of what the remotes leave it.
-    assert abs(split.local_bytes - local_share) <= need / 31 + 1
+    # Whole layers, and the output layer's weight kept here: within two layers' size of
+    # what the remotes leave it.
+    assert abs(split.local_bytes - local_share) <= 2 * need / 31 + 1
     assert split.n_gpu_layers >= len(remote_mb)  # every remote device gets a layer
 
 

@@ -136,6 +136,7 @@ class GpuPlacement:
     tensor_split: tuple[float, ...] = ()
     n_gpu_layers: int = -1
     devices: tuple[ctypes.c_void_p, ...] = ()
+    buffer_overrides: ctypes.Array[Any] | None = None  # llama_model_tensor_buft_override[]
 
 
 class Model:
@@ -152,6 +153,9 @@ class Model:
         if gpu is not None and gpu.devices:
             self._devices = (ctypes.c_void_p * (len(gpu.devices) + 1))(*gpu.devices, None)
             params.devices = ctypes.cast(self._devices, ctypes.c_void_p)
+        self._overrides = gpu.buffer_overrides if gpu is not None else None
+        if self._overrides is not None:
+            params.tensor_buft_overrides = ctypes.cast(self._overrides, ctypes.c_void_p)
         if gpu is not None:
             params.main_gpu = gpu.main_gpu
             if gpu.tensor_split:

@@ -295,6 +295,8 @@ class LlamaCppHarness(EngineHarness[LoadedGguf]):
                 tensor_split=split.tensor_split,
                 n_gpu_layers=split.n_gpu_layers,
                 devices=tuple(devices),
+                # The output layer here, not on the last donor: logits stay off the wire.
+                buffer_overrides=rpc.output_on_cpu() if placement.on_cpu else None,
             )
         elif not placement.on_cpu:
             gpu = binding.GpuPlacement(

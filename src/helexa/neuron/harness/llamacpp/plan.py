@@ -147,7 +147,7 @@ class PoolSplit:
     """A pooled model's layers: ``n_gpu_layers`` of them (the last ones, and the output
     layer) over llama.cpp's device list — the remote devices first, then the local GPU if
     the local share is on one — in the proportions of ``tensor_split``; on a CPU host the
-    first layers (and the input embedding) stay on the CPU."""
+    first layers, the input embedding and the output layer's weight stay on the CPU."""
 
     local_bytes: int  # reserved on the local device
     n_gpu_layers: int
@@ -169,10 +169,12 @@ def pool_split(
             n_gpu_layers=n_layer + 1,
             tensor_split=tuple(s / total for s in shares),
         )
-    # llama.cpp offloads the last n_gpu_layers of the n_layer + 1 (the output one counted).
+    # llama.cpp offloads the last n_gpu_layers of the n_layer + 1 (the output one counted);
+    # the output layer's weight is kept here all the same (rpc.output_on_cpu): one layer's
+    # worth more, roughly.
     offloaded = round((n_layer + 1) * sum(remote) / total) if total else n_layer + 1
     offloaded = min(max(offloaded, len(remote)), n_layer + 1)
-    local_share = (n_layer + 1 - offloaded) / (n_layer + 1)
+    local_share = min(n_layer + 2 - offloaded, n_layer + 1) / (n_layer + 1)
     return PoolSplit(
         local_bytes=int(need * local_share),
         n_gpu_layers=offloaded,

@@ -54,6 +54,7 @@ def _functions() -> dict[str, ctypes._CFuncPtr]:
         "reg_dev_count": (base.ggml_backend_reg_dev_count, ctypes.c_size_t, [p]),
         "reg_dev_get": (base.ggml_backend_reg_dev_get, p, [p, ctypes.c_size_t]),
         "dev_by_type": (ggml.ggml_backend_dev_by_type, p, [ctypes.c_int]),
+        "cpu_buffer_type": (base.ggml_backend_cpu_buffer_type, p, []),
     }  # fmt: skip
     out = {}
     for name, (fn, restype, argtypes) in table.items():
@@ -98,6 +99,26 @@ def reachable(endpoint: str, timeout_s: float = 5.0) -> str | None:
     except (OSError, ValueError) as exc:
         return str(exc) or type(exc).__name__
     return None
+
+
+class BufferOverride(ctypes.Structure):
+    """``struct llama_model_tensor_buft_override``: tensors matching ``pattern`` go to
+    ``buft``; a list of them ends with a NULL pattern."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+# The output matmul's weight: "output.weight", or the token embedding it is tied to.
+OUTPUT_WEIGHT = rb"^(output|token_embd)\.weight$"
+
+
+def output_on_cpu() -> ctypes.Array[BufferOverride]:
+    """Overrides that keep the output layer's weight in this host's memory. llama.cpp puts
+    the output layer on the last device of a split, a remote one when this host has no
+    GPU: each token's logits (vocabulary x 4 bytes) would then cross the network, where
+    with the weight here only the hidden state does (embedding width x 4 bytes)."""
+    cpu = _functions()["cpu_buffer_type"]()
+    return (BufferOverride * 2)(BufferOverride(OUTPUT_WEIGHT, cpu), BufferOverride(None, None))
 
 
 def remote_devices(endpoints: list[str]) -> list[ctypes.c_void_p]:
