@@ -293,7 +293,7 @@ class ModelLoadInfo(Wire):
 class WorkerHealth(Wire):
     """One device's worker process."""
 
-    device: str  # "cpu" or "cuda:N"
+    device: str  # "cpu", "cuda:N", or "pool:<model id>" (a pooled model's own worker)
     pid: int | None
     state: Literal["starting", "ready", "restarting", "down"]
     restarts: int  # since the neuron started (crashes and recycles)

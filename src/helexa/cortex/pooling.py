@@ -156,7 +156,25 @@ class Pools:
             await self.forget(model_id)
 
     def split_of(self, model_id: str, node: str) -> dict[str, object] | None:
+        """How a model loaded on ``node`` is pooled (None: it is not): as cortex arranged
+        it, else (cortex restarted since) as the borrower and its donors report it."""
         pooled = self.models.get(model_id)
-        if pooled is None or pooled.borrower != node:
+        if pooled is not None and pooled.borrower == node:
+            return pooled.as_json()
+        status = self._neurons[node].models.get(model_id)
+        if status is None or not status.rpc:
             return None
-        return pooled.as_json()
+        loans = {
+            loan.endpoint: (state.name, loan)
+            for state in self._neurons.values()
+            if state.health is not None
+            for loan in state.health.loans
+        }
+        donors = []
+        for remote in status.rpc:
+            donor, loan = loans.get(remote.endpoint, (None, None))
+            device = loan.device if loan is not None else None
+            donors.append(
+                {"node": donor, "device": device, "mb": remote.mb, "endpoint": remote.endpoint}
+            )
+        return {"borrower": node, "local_mb": status.local_mb, "donors": donors}

@@ -14,7 +14,7 @@ from starlette.types import ASGIApp
 
 from helexa.core.auth import TokenGuard
 from helexa.core.browser import BrowserGuard, BrowserMiddleware
-from helexa.core.errors import ApiError, not_found
+from helexa.core.errors import ApiError, not_found, unavailable
 from helexa.core.http import (
     REQUEST_ID_HEADER,
     JSONResponse,
@@ -88,6 +88,8 @@ def build_app(neuron: Neuron) -> Starlette:
 
     async def lend(request: Request) -> Response:
         body = await read_body(request, LendRequest)
+        if neuron.draining:  # its loans end with it: lend elsewhere
+            raise unavailable("the neuron is shutting down", code="shutting_down", retry_after=5)
         return JSONResponse(_dump(await neuron.lender.lend(body)))
 
     async def release(request: Request) -> Response:

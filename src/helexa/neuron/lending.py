@@ -213,6 +213,9 @@ class Lender:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,  # ggml's own banner and per-client chatter
             )
+        except BaseException:
+            os.close(read_fd)
+            raise
         finally:
             os.close(write_fd)
         events = os.fdopen(read_fd, "rb", buffering=0)

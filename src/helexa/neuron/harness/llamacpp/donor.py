@@ -37,13 +37,31 @@ def _free_loopback_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _listening_here(port: int) -> bool:
+    """Whether this process (ggml's server thread) listens on the loopback ``port``: read
+    from /proc, so a stranger that took the port first is never mistaken for it (and the
+    server sees no probe connection)."""
+    inodes = set()
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == want and fields[3] == "0A":  # LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") in inodes:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def _wait_listening(port: int, deadline: float) -> None:
     while time.monotonic() < deadline:
-        try:
-            socket.create_connection((UPSTREAM_HOST, port), timeout=1).close()
+        if _listening_here(port):
             return
-        except OSError:
-            time.sleep(0.02)
+        time.sleep(0.02)
     raise TimeoutError(f"ggml's RPC server did not listen on {UPSTREAM_HOST}:{port}")
 
 
