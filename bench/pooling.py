@@ -19,7 +19,9 @@ Figures, medians of ``--rounds`` (the four measured one after the other, order r
 - prefill tok/s: a ~``--prompt-words`` word prompt, new each time (a nonce first), one
   token out: prompt tokens / time to the first token;
 - network cost per token (helexa pooled): bytes and RPC replies through the donors'
-  gates during decode, per generated token; and the decode time a token gains.
+  gates during decode, per generated token; the decode time a token gains over the whole
+  model; and what the gate's relay adds (a borrower loading over ggml-rpc-server
+  processes directly, "helexa pooled, no gate").
 
     bench/peers/build-llama-server.sh          # once: llama-server and ggml-rpc-server
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.pooling --gguf PATH.gguf [--donors 1|2]
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -126,13 +129,7 @@ def start_llama_cpp(
         daemon.wait_http(f"{base}/health", timeout=180)
         return Peer(name, daemon, base, "peer")
 
-    endpoints = []
-    for index in range(args.donors):
-        port = free_port()
-        rpc = binary.with_name("ggml-rpc-server")
-        cmd = [str(rpc), "-H", "127.0.0.1", "-p", str(port), "-t", str(args.threads)]
-        daemons.append(Daemon(cmd, log_path=work / f"rpc-server{index}.log").start())
-        endpoints.append(f"127.0.0.1:{port}")
+    endpoints = rpc_servers(args, work, binary, "llama.cpp", daemons)
     time.sleep(1.0)
     share = size // (args.donors + 1) // MB
     split = pool_split(
@@ -152,6 +149,48 @@ def start_llama_cpp(
         ],
     )
     return whole, pooled
+
+
+def rpc_servers(
+    args: argparse.Namespace, work: Path, binary: Path, tag: str, daemons: list[Daemon]
+) -> list[str]:
+    """``--donors`` of llama.cpp's own ggml-rpc-server, on loopback ports."""
+    endpoints = []
+    for index in range(args.donors):
+        port = free_port()
+        rpc = binary.with_name("ggml-rpc-server")
+        cmd = [str(rpc), "-H", "127.0.0.1", "-p", str(port), "-t", str(args.threads)]
+        log = work / f"rpc-server-{tag}{index}.log"
+        daemons.append(Daemon(cmd, log_path=log).start())
+        endpoints.append(f"127.0.0.1:{port}")
+    return endpoints
+
+
+def start_direct(
+    args: argparse.Namespace,
+    work: Path,
+    binary: Path,
+    model_id: str,
+    model_dir: Path,
+    size: int,
+    daemons: list[Daemon],
+) -> Peer:
+    """A borrower neuron loading over ggml-rpc-server processes directly, no gate between:
+    what the gate's relay costs, by difference with "helexa pooled"."""
+    endpoints = rpc_servers(args, work, binary, "direct", daemons)
+    time.sleep(1.0)
+    daemon, base = start_neuron(
+        work / "direct", neuron_toml(args, model_dir, 5), hf_cache=work / "hub", name="direct"
+    )
+    daemons.append(daemon)
+    share = -(-size // (args.donors + 1) // MB)
+    remote = [{"endpoint": e, "mb": share} for e in endpoints]
+    post(
+        base,
+        "/models/load",
+        {"model_id": model_id, "devices": [], "rpc": remote, "local_mb": share},
+    )
+    return Peer("helexa pooled, no gate", daemon, base, model_id)
 
 
 def traffic(donors: list[str]) -> tuple[int, int]:
@@ -185,14 +224,16 @@ def main() -> None:
     parser.add_argument("--prompt-words", type=int, default=700)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the servers' logs")
     args = parser.parse_args()
 
     gguf: Path = args.gguf.resolve()
     model_id, model_dir = gguf.parent.name, gguf.parent.parent
     binary = build_llama_server()
-    with tempfile.TemporaryDirectory(prefix="bench-pooling-") as tmp:
-        work = Path(tmp)
-        daemons: list[Daemon] = []
+    work = Path(tempfile.mkdtemp(prefix="bench-pooling-"))
+    print(f"servers' logs: {work}", flush=True)
+    daemons: list[Daemon] = []
+    if True:
         try:
             h_whole, h_pooled, donors = start_helexa(args, work, model_id, model_dir, daemons)
             header = read_header(gguf)
@@ -200,7 +241,8 @@ def main() -> None:
             n_layer = int(header.fields[f"{arch}.block_count"])
             size = post(h_whole.base, "/models/size", {"model_id": model_id})["bytes"]
             l_whole, l_pooled = start_llama_cpp(args, work, binary, n_layer, size, daemons)
-            peers = [h_whole, h_pooled, l_whole, l_pooled]
+            direct = start_direct(args, work, binary, model_id, model_dir, size, daemons)
+            peers = [h_whole, h_pooled, direct, l_whole, l_pooled]
             report = run(args, peers, donors)
             report["config"] = {
                 "gguf": gguf.name,
@@ -215,14 +257,22 @@ def main() -> None:
         finally:
             for daemon in daemons:
                 daemon.stop()
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(report, indent=2))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
 
 
+def ask(peer: Peer, messages: list[dict[str, str]], max_tokens: int) -> Stream:
+    """One streamed greedy chat on a fresh connection (a kept-alive one a server has
+    closed meanwhile would read as the server failing)."""
+    with httpx.Client() as client:
+        return chat(client, peer, messages, max_tokens)[0]
+
+
 def run(args: argparse.Namespace, peers: list[Peer], donors: list[str]) -> dict[str, Any]:
-    client = httpx.Client()
-    texts = {p.name: chat(client, p, QUESTION, 48)[0].text for p in peers}
+    texts = {p.name: ask(p, QUESTION, 48).text for p in peers}
     decode: dict[str, list[float]] = {p.name: [] for p in peers}
     prefill: dict[str, list[float]] = {p.name: [] for p in peers}
     per_token: list[tuple[float, float]] = []
@@ -234,20 +284,21 @@ def run(args: argparse.Namespace, peers: list[Peer], donors: list[str]) -> dict[
             if peer.name == "helexa pooled":
                 time.sleep(1.2)  # the last prefill's traffic reported first
                 counted = traffic(donors)
-            stream: Stream = chat(client, peer, story, args.tokens)[0]
+            stream = ask(peer, story, args.tokens)
             if peer.name == "helexa pooled":
                 time.sleep(1.2)  # the gates report their totals each second
                 after = traffic(donors)
                 sent, replies = (a - b for a, b in zip(after, counted, strict=True))
                 per_token.append((sent / stream.tokens, replies / stream.tokens))
             decode[peer.name].append(stream.decode_rate)
-            cold = chat(client, peer, prompt(args.prompt_words), 1)[0]
+            cold = ask(peer, prompt(args.prompt_words), 1)
             prefill[peer.name].append(cold.prompt_tokens / cold.ttft)
     d = {name: median(v) for name, v in decode.items()}
     p = {name: median(v) for name, v in prefill.items()}
     return {
         "greedy_equal": {
             "helexa": texts["helexa whole"] == texts["helexa pooled"],
+            "helexa, no gate": texts["helexa whole"] == texts["helexa pooled, no gate"],
             "llama.cpp": texts["llama.cpp whole"] == texts["llama.cpp pooled"],
             "helexa_vs_llama.cpp_pooled": texts["helexa pooled"] == texts["llama.cpp pooled"],
         },
@@ -258,6 +309,7 @@ def run(args: argparse.Namespace, peers: list[Peer], donors: list[str]) -> dict[
             "helexa pooled / whole, decode": d["helexa pooled"] / d["helexa whole"],
             "llama.cpp pooled / whole, decode": d["llama.cpp pooled"] / d["llama.cpp whole"],
             "helexa pooled / llama.cpp pooled, decode": d["helexa pooled"] / d["llama.cpp pooled"],
+            "helexa pooled / no gate, decode": d["helexa pooled"] / d["helexa pooled, no gate"],
             "helexa pooled / whole, prefill": p["helexa pooled"] / p["helexa whole"],
             "llama.cpp pooled / whole, prefill": p["llama.cpp pooled"] / p["llama.cpp whole"],
             "helexa pooled / llama.cpp pooled, prefill": p["helexa pooled"] / p["llama.cpp pooled"],
@@ -266,6 +318,7 @@ def run(args: argparse.Namespace, peers: list[Peer], donors: list[str]) -> dict[
             "bytes": median([b for b, _r in per_token]),
             "rpc_replies": median([r for _b, r in per_token]),
             "added_ms_decode_helexa": 1000 / d["helexa pooled"] - 1000 / d["helexa whole"],
+            "gate_ms": 1000 / d["helexa pooled"] - 1000 / d["helexa pooled, no gate"],
             "added_ms_decode_llama.cpp": 1000 / d["llama.cpp pooled"] - 1000 / d["llama.cpp whole"],
         },
         "raw": {"decode": decode, "prefill": prefill, "per_token": per_token},
