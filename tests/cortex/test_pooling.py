@@ -3,7 +3,8 @@ budgets are each too small for the real GGUF; cortex places it across two of the
 borrower and a donor's ggml RPC server). The greedy answer equals one neuron's; the donor's
 /health shows the loan; an address cortex did not name is refused at the donor's port;
 unloading gives every host its memory back; kill -9 of the donor mid-stream fails the
-stream at once, the borrower drops the model, and the next request is placed afresh."""
+stream at once, the borrower drops the model, and the next request is placed afresh;
+kill -9 of the borrower and its donor ends the loan by itself."""
 
 from __future__ import annotations
 
@@ -216,3 +217,21 @@ def test_losing_the_donor_mid_stream_fails_fast_and_the_next_request_replans(
     assert again is not None and again["pool"] is not None
     hosts = {again["node"], *(d["node"] for d in again["pool"]["donors"])}
     assert donor not in hosts and len(hosts) == 2
+
+
+def test_a_borrower_killed_leaves_no_loan_behind(fleet: Fleet) -> None:
+    assert answer(fleet.api)  # pooled over the two neurons left by the previous test
+    where = location(fleet.api)
+    assert where is not None and where["pool"] is not None
+    borrower = where["node"]
+    donor = where["pool"]["donors"][0]["node"]
+    donor_base = fleet.neurons[donor][1]
+    assert health(donor_base)["loans"]
+    fleet.neurons[borrower][0].signal(signal.SIGKILL)  # its worker dies with it
+
+    def returned() -> bool:
+        h = health(donor_base)
+        return not h["loans"] and h["cpu"]["lent_mb"] == 0
+
+    wait_for("the donor to end the loan on its own", returned, timeout=20)
+    assert "the borrower has been disconnected" in fleet.neurons[donor][0].log()
