@@ -34,6 +34,7 @@ def view(
     residents=(),
     healthy=True,  # type: ignore[no-untyped-def]
     pending=None,
+    loopback: bool = False,
 ) -> NeuronView:
     return NeuronView(
         name=name,
@@ -42,6 +43,7 @@ def view(
         cpu_free_mb=cpu_free,
         residents=tuple(residents),
         pending_mb=pending or {},
+        loopback=loopback,
     )
 
 

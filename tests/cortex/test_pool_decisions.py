@@ -131,19 +131,41 @@ def test_the_gate_admits_only_the_addresses_named() -> None:
 
 def test_a_loan_names_its_borrower_and_never_a_wildcard() -> None:
     request = LendRequest(mb=10, borrower="127.0.0.1", model_id="m-GGUF", allow=["10.1.1.1"])
-    assert allowlist(request) == ["10.1.1.1", "127.0.0.1"]
+    assert allowlist(request, "127.0.0.1") == ["10.1.1.1", "127.0.0.1"]
     with pytest.raises(ApiError, match="wildcard"):
-        allowlist(request.model_copy(update={"allow": ["0.0.0.0"]}))
+        allowlist(request.model_copy(update={"allow": ["0.0.0.0"]}), "127.0.0.1")
     with pytest.raises(ApiError, match="not an IP"):
-        allowlist(request.model_copy(update={"allow": ["10.1.1.0/24"]}))
+        allowlist(request.model_copy(update={"allow": ["10.1.1.0/24"]}), "127.0.0.1")
     with pytest.raises(ApiError, match="does not resolve"):
-        allowlist(request.model_copy(update={"borrower": "no-such-host.invalid"}))
+        allowlist(request.model_copy(update={"borrower": "no-such-host.invalid"}), "127.0.0.1")
+
+
+def test_a_borrower_named_by_loopback_cannot_borrow_from_another_host() -> None:
+    # cortex reaches the borrower at 127.0.0.1; a donor on 10.0.0.5 would admit itself.
+    alone = LendRequest(mb=10, borrower="127.0.0.1", model_id="m-GGUF")
+    with pytest.raises(ApiError) as caught:
+        allowlist(alone, "10.0.0.5")
+    assert caught.value.code == "borrower_unreachable" and caught.value.status == 409
+    # cortex's plan never asks: a loopback borrower borrows from loopback neurons only.
+    near = view("near", cpu_free=30_000, loopback=True)
+    far = view("far", cpu_free=30_000)
+    plan = plan_pool(GGUF, [near], [near, far], 42_000)
+    assert plan is None
+    plan = plan_pool(GGUF, [far], [near, far], 42_000)
+    assert plan is not None and plan.donors[0].neuron == "near"  # the far one may borrow
+
+
+def test_a_borrower_keeps_a_share_itself() -> None:
+    full = view("full", cpu_free=100)  # too little to hold a layer of its own
+    roomy = [view("a", cpu_free=25_000), view("b", cpu_free=25_000)]
+    plan = plan_pool(GGUF, [full], [full, *roomy], 42_000)
+    assert plan is None
 
 
 def test_donors_listen_on_one_fleet_address_only() -> None:
     assert lend_host(NeuronSettings(host="10.0.0.5")) == "10.0.0.5"
     assert lend_host(NeuronSettings(host="0.0.0.0", rpc={"host": "10.0.0.5"})) == "10.0.0.5"
-    for wildcard in ("0.0.0.0", "::"):
+    for wildcard in ("0.0.0.0", "::", "0", "::0"):
         with pytest.raises(ApiError) as caught:
             lend_host(NeuronSettings(host=wildcard, token="t" * 32))
         assert caught.value.code == "lending_disabled"

@@ -40,6 +40,7 @@ class NeuronView:
     cpu_free_mb: int
     pending_mb: dict[int, int] = field(default_factory=dict)  # loads in flight per pool
     residents: tuple[Resident, ...] = ()
+    loopback: bool = False  # cortex reaches it at a loopback address (it runs beside it)
 
 
 def need_mb(profile: ModelProfile, sized_mb: int | None = None) -> int:
@@ -243,8 +244,9 @@ def plan_pool(
     which may host it) and the fewest donor pools (of ``donors``, the borrower's other
     pools among them) whose free memory, with the borrower's own, covers ``need`` plus a
     margin; preferring fewer donors, then a borrower whose own share is on a GPU and
-    largest. None when the fleet's free memory together is too little (or the model is
-    not GGUF)."""
+    largest. A borrower cortex reaches on loopback borrows from loopback neurons only (a
+    donor admits the borrower by the address cortex knows it by). None when the fleet's
+    free memory together is too little (or the model is not GGUF)."""
     if not poolable(profile) or need <= 0:
         return None
     target = math.ceil(need * POOL_MARGIN)
@@ -256,10 +258,13 @@ def plan_pool(
         for pool in pools_for(profile, view)
         if pool_free(view, pool) >= smallest
     ]
+    loopback = {view.name for view in donors if view.loopback}
     best: tuple[tuple[int, bool, int, str], PoolPlan] | None = None
     for view in rank_neurons(profile, borrowers):
         for pool in pools_for(profile, view):
             local = min(max(pool_free(view, pool), 0), target)
+            if local < smallest:  # a borrower holds some layers (and the embeddings) itself
+                continue
             left = target - local
             chosen: list[Share] = []
             for offer in sorted(offers, key=_donor_order):
@@ -267,6 +272,8 @@ def plan_pool(
                     break
                 if (offer.neuron, offer.pool) == (view.name, pool):
                     continue
+                if view.loopback and offer.neuron not in loopback:
+                    continue  # donors elsewhere would admit their own loopback, not it
                 give = min(offer.mb, left)
                 chosen.append(Share(offer.neuron, offer.pool, give))
                 left -= give

@@ -136,6 +136,13 @@ class RemoteDevice(Wire):
     endpoint: Annotated[str, Field(min_length=3, max_length=300, pattern=r"^[^\s/]+:\d{1,5}$")]
     mb: int = Field(ge=1)  # the memory it gives the model: its share of the layers
 
+    @field_validator("endpoint")
+    @classmethod
+    def _port(cls, value: str) -> str:
+        if not 0 < int(value.rpartition(":")[2]) <= 65535:
+            raise ValueError("the port must be 1-65535")
+        return value
+
 
 class ModelSpec(Wire):
     """How to load one model: what ``/models/load`` takes and ``default_models`` lists."""
@@ -155,6 +162,8 @@ class ModelSpec(Wire):
     def _pick_harness(self) -> ModelSpec:
         if not self.harness:
             self.harness = default_harness(self.model_id, self.quant)
+        if self.local_mb is not None and not self.rpc:
+            raise ValueError("local_mb is a pooled load's share: it needs rpc")
         return self
 
 

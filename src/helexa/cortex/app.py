@@ -66,7 +66,7 @@ class Gateway:
         self.fleet = Fleet(
             config.settings.neurons,
             config.settings.poller,
-            on_round=lambda: self.metrics.refresh(self.fleet),
+            on_round=self._after_poll,
             token=config.settings.neuron_token or config.settings.admin_token,
         )
         self.keys = KeyStore(
@@ -74,6 +74,10 @@ class Gateway:
         )
         self.router = Router(config.settings, config.catalogue, self.fleet, self.metrics)
         self.drain = Drain(config.settings.gateway.drain_timeout_s)  # cortex's own SIGTERM
+
+    def _after_poll(self) -> None:
+        self.metrics.refresh(self.fleet)
+        self.router.pools.sweep()  # loans of pooled models their borrower has dropped
 
     def model_entries(self) -> list[dict[str, Any]]:
         catalogue = self.config.catalogue

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from helexa.core.auth import bearer
+from helexa.core.auth import bearer, is_loopback
 from helexa.core.catalogue import Catalogue, ModelProfile
 from helexa.core.placement import CPU_POOL, Device, NeuronView, Resident, need_mb
 from helexa.core.wire import Discovery, Health, ModelStatus
@@ -69,6 +69,7 @@ class NeuronState:
         # the neuron's counts may include any of them.
         self._polling_in_flight: dict[str, int] | None = None
         self._others: dict[str, int] = {}  # others' requests the neuron last reported
+        self._held_until_polled: dict[str, int] = {}  # reservation -> the change that ended it
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -147,6 +148,12 @@ class NeuronState:
 
     def release(self, model_id: str) -> None:
         self.reservations.pop(model_id, None)
+
+    def release_after_poll(self, key: str) -> None:
+        """Keep a reservation until a poll that began after now: memory this neuron lent
+        shows in its free figure from then on (until then cortex would see it free)."""
+        self._seq += 1
+        self._held_until_polled[key] = self._seq
 
     def landed(self, status: ModelStatus) -> None:
         """A load cortex asked for answered with the model's status."""
@@ -227,6 +234,10 @@ class NeuronState:
         self.models = snapshot
         self._polled_seq = began
         self._changed = {m: s for m, s in self._changed.items() if s > began}
+        for key, seq in list(self._held_until_polled.items()):
+            if seq <= began:  # this poll's figures include it
+                del self._held_until_polled[key]
+                self.reservations.pop(key, None)
         self.failures = 0
         self.down_since = None
         self.last_error = ""
@@ -353,6 +364,7 @@ def view_of(
     cpu_free = state.health.cpu.memory_free_mb if state.health else 0
     return NeuronView(
         name=state.name,
+        loopback=is_loopback(urlsplit(state.endpoint).hostname or ""),
         healthy=state.healthy and state.responsive and not state.draining,
         devices=devices,
         cpu_free_mb=cpu_free - unaccounted.get(CPU_POOL, 0),

@@ -26,13 +26,13 @@ from helexa.cortex.fleet import NeuronState
 
 log = logging.getLogger("helexa.cortex.pooling")
 
-LEND_TIMEOUT_S = 60.0
+LEND_TIMEOUT_S = 90.0  # longer than a donor gives its RPC server to start (60 s)
 # (neuron, path, body, timeout) -> (status, payload): the router's own call to a neuron
 Post = Callable[[NeuronState, str, dict[str, object], float], Awaitable[tuple[int, dict]]]
 
 
 @dataclass(frozen=True)
-class Lent:
+class LoanRecord:
     """One donor's loan to a pooled model."""
 
     donor: str
@@ -54,7 +54,7 @@ class Lent:
 class Pooled:
     borrower: str
     local: Share
-    loans: tuple[Lent, ...]
+    loans: tuple[LoanRecord, ...]
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -81,21 +81,22 @@ class Pools:
     def __init__(self, neurons: dict[str, NeuronState], post: Post) -> None:
         self._neurons = neurons
         self._post = post
-        self.models: dict[str, Pooled] = {}
+        self.models: dict[tuple[str, str], Pooled] = {}  # (model, borrower) -> its pool
+        self._releases: set[asyncio.Task[None]] = set()
 
-    async def lend(self, profile: ModelProfile, plan: PoolPlan) -> tuple[Lent, ...]:
+    async def lend(self, profile: ModelProfile, plan: PoolPlan) -> tuple[LoanRecord, ...]:
         """Every donor's loan, asked at once; all given back if any is refused."""
         borrower = self._neurons[plan.borrower.neuron]
         asked = [self._lend_one(profile, share, host_of(borrower)) for share in plan.donors]
         outcomes = await asyncio.gather(*asked, return_exceptions=True)
-        loans = tuple(o for o in outcomes if isinstance(o, Lent))
+        loans = tuple(o for o in outcomes if isinstance(o, LoanRecord))
         failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
         if failure is not None:
             await self.release(loans)
             raise failure
         return loans
 
-    async def _lend_one(self, profile: ModelProfile, share: Share, borrower: str) -> Lent:
+    async def _lend_one(self, profile: ModelProfile, share: Share, borrower: str) -> LoanRecord:
         state = self._neurons[share.neuron]
         body: dict[str, object] = {
             "device": None if share.pool == CPU_POOL else share.pool,
@@ -110,13 +111,13 @@ class Pools:
         if status != 200:
             raise lend_failed(share, (payload.get("error") or {}).get("message", str(status)))
         loan = Loan.model_validate(payload)
-        return Lent(share.neuron, share.pool, share.mb, loan.id, loan.endpoint)
+        return LoanRecord(share.neuron, share.pool, share.mb, loan.id, loan.endpoint)
 
-    async def release(self, loans: tuple[Lent, ...]) -> None:
+    async def release(self, loans: tuple[LoanRecord, ...]) -> None:
         """Give loans back (best effort: a donor that cannot be told ends it by itself)."""
         await asyncio.gather(*(self._release_one(loan) for loan in loans))
 
-    async def _release_one(self, loan: Lent) -> None:
+    async def _release_one(self, loan: LoanRecord) -> None:
         state = self._neurons.get(loan.donor)
         if state is None:
             return
@@ -125,41 +126,42 @@ class Pools:
         except Exception as exc:
             log.info("loan not released", extra={"node": loan.donor, "error": str(exc)})
 
-    def record(self, model_id: str, plan: PoolPlan, loans: tuple[Lent, ...]) -> None:
-        self.models[model_id] = Pooled(plan.borrower.neuron, plan.borrower, loans)
+    def record(self, model_id: str, plan: PoolPlan, loans: tuple[LoanRecord, ...]) -> None:
+        key = (model_id, plan.borrower.neuron)
+        self.models[key] = Pooled(plan.borrower.neuron, plan.borrower, loans)
 
-    async def forget(self, model_id: str, borrower: str | None = None) -> None:
-        """The model is gone from its borrower: its loans go back."""
-        pooled = self.models.get(model_id)
-        if pooled is None or (borrower is not None and pooled.borrower != borrower):
+    def forget(self, model_id: str, borrower: str) -> None:
+        """The model is gone from its borrower: its loans go back (in the background: a
+        donor that does not answer must not hold up an unload or a load)."""
+        pooled = self.models.pop((model_id, borrower), None)
+        if pooled is None:
             return
-        del self.models[model_id]
-        await self.release(pooled.loans)
+        task = asyncio.ensure_future(self.release(pooled.loans))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
         log.info(
             "pool released",
             extra={
                 "model": model_id,
-                "node": pooled.borrower,
+                "node": borrower,
                 "donors": ",".join(loan.donor for loan in pooled.loans),
             },
         )
 
-    async def sweep(self) -> None:
-        """Forget pools whose borrower no longer has the model (a donor was lost, so the
-        borrower dropped it; or it was unloaded behind cortex's back)."""
-        gone = [
-            model_id
-            for model_id, pooled in self.models.items()
-            if model_id not in self._neurons[pooled.borrower].models
-        ]
-        for model_id in gone:
-            await self.forget(model_id)
+    def sweep(self) -> None:
+        """Forget pools whose borrower, healthy and polled, no longer has the model (a
+        donor was lost, so the borrower dropped it; or it was unloaded behind cortex's
+        back). A borrower that missed its polls is left alone: its model may be serving."""
+        for model_id, borrower in list(self.models):
+            state = self._neurons[borrower]
+            if state.healthy and state.responsive and model_id not in state.models:
+                self.forget(model_id, borrower)
 
     def split_of(self, model_id: str, node: str) -> dict[str, object] | None:
         """How a model loaded on ``node`` is pooled (None: it is not): as cortex arranged
         it, else (cortex restarted since) as the borrower and its donors report it."""
-        pooled = self.models.get(model_id)
-        if pooled is not None and pooled.borrower == node:
+        pooled = self.models.get((model_id, node))
+        if pooled is not None:
             return pooled.as_json()
         status = self._neurons[node].models.get(model_id)
         if status is None or not status.rpc:

@@ -205,7 +205,6 @@ class Router:
         return await asyncio.shield(pending)
 
     async def _cold_load(self, profile: ModelProfile, exclude: frozenset[str]) -> NeuronState:
-        await self.pools.sweep()  # loans of pooled models their borrower has dropped
         need = await self._need(profile, exclude)
         rechecked = False
         while True:
@@ -220,13 +219,14 @@ class Router:
                 if ready is not None:
                     return ready
                 try:
-                    placement = self._plan(profile, exclude, need)
+                    # Pooling only on fresh figures: stale ones would split a model that fits.
+                    placement = self._plan(profile, exclude, need, pool=rechecked)
                 except ApiError as exc:
                     # The picture is as of the last poll: others' requests that have ended
                     # since may still seem to hold a victim, and memory figures lag a
                     # load or an unload. Ask the neurons again once before a 503.
                     stale = [s for s in self.fleet.neurons.values() if s.healthy]
-                    if exc.code != "insufficient_capacity" or rechecked or not stale:
+                    if exc.code != "insufficient_capacity" or rechecked:
                         raise
                     placement = None
                 else:
@@ -251,14 +251,16 @@ class Router:
             # planning for the others, then plan again on fresh numbers.
             async with neuron_lock:
                 pass
+        landed = False
         try:
             if isinstance(placement, PoolPlan):
                 await self._load_pooled(state, profile, placement)
             else:
                 await self._evict_and_load(state, profile, placement)
+            landed = True
         finally:
             if isinstance(placement, PoolPlan):
-                self._unreserve_pool(profile.id, placement)
+                self._unreserve_pool(profile.id, placement, landed=landed)
             else:
                 state.release(profile.id)
             neuron_lock.release()
@@ -288,10 +290,17 @@ class Router:
                 f"{model_id}#lent{index}", share.pool, share.mb
             )
 
-    def _unreserve_pool(self, model_id: str, plan: PoolPlan) -> None:
+    def _unreserve_pool(self, model_id: str, plan: PoolPlan, *, landed: bool) -> None:
+        """The borrower's share is its model's now (``landed``); a donor's stays booked
+        until its next poll shows the loan, or goes at once when the load failed."""
         self.fleet.neurons[plan.borrower.neuron].release(model_id)
         for index, share in enumerate(plan.donors):
-            self.fleet.neurons[share.neuron].release(f"{model_id}#lent{index}")
+            donor = self.fleet.neurons[share.neuron]
+            key = f"{model_id}#lent{index}"
+            if landed:
+                donor.release_after_poll(key)
+            else:
+                donor.release(key)
 
     async def _load_pooled(self, state: NeuronState, profile: ModelProfile, plan: PoolPlan) -> None:
         """Donors first (each starts an RPC server admitting the borrower only), then the
@@ -306,6 +315,11 @@ class Router:
                 cold=True,
                 extra={"rpc": remote, "local_mb": plan.borrower.mb},
             )
+        except ApiError as exc:
+            await asyncio.shield(self.pools.release(loans))
+            if exc.status < 500:  # cortex's plan did not work out: retrying may (a new plan)
+                raise self._unavailable(exc.message, "load_failed") from exc
+            raise
         except BaseException:
             await asyncio.shield(self.pools.release(loans))
             raise
@@ -475,7 +489,7 @@ class Router:
             )
 
     def _plan(
-        self, profile: ModelProfile, exclude: frozenset[str], need: int
+        self, profile: ModelProfile, exclude: frozenset[str], need: int, *, pool: bool = True
     ) -> Placement | PoolPlan:
         views = [
             view_of(s, self.catalogue, self.weights.known_mb)
@@ -504,7 +518,7 @@ class Router:
                 view_of(s, self.catalogue, self.weights.known_mb)
                 for s in self.fleet.neurons.values()
             ]
-            pooled = plan_pool(profile, views, donors, need)
+            pooled = plan_pool(profile, views, donors, need) if pool else None
             if pooled is not None:
                 log.info(
                     "route pooled",
@@ -594,7 +608,7 @@ class Router:
             ) from exc
         finally:
             state.end_unload(model_id, done=done)
-        await self.pools.forget(model_id, state.name)  # a pooled model's donors get it back
+        self.pools.forget(model_id, state.name)  # a pooled model's donors get it back
 
     async def admin_load(self, model_id: str, node: str | None) -> NeuronState:
         profile = self.catalogue.profile(model_id) or ModelProfile(id=model_id)

@@ -94,6 +94,19 @@ class Hardware:
             harnesses=harnesses,
         )
 
+    def process_memory_mb(self, index: int, pid: int) -> int:
+        """MB of GPU ``index`` that process ``pid`` holds (0 where NVML cannot say)."""
+        nv = self._nvml
+        if nv is None:
+            return 0
+        try:
+            handle = nv.nvmlDeviceGetHandleByIndex(index)
+            running = nv.nvmlDeviceGetComputeRunningProcesses(handle)
+        except Exception:  # an NVML error: count the loan whole, the safe side
+            return 0
+        used = sum(p.usedGpuMemory or 0 for p in running if p.pid == pid)
+        return int(used // MB)
+
     def device_health(self) -> list[DeviceHealth]:
         nv = self._nvml
         if nv is None:

@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import os
 import secrets
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from helexa.core.auth import is_loopback
 from helexa.core.errors import ApiError, bad_request, unavailable
 from helexa.core.wire import LendRequest, Loan
 from helexa.neuron.config import NeuronSettings
@@ -37,7 +39,6 @@ DONOR_MODULE = "helexa.neuron.harness.llamacpp.donor"
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 5.0
 TICK_S = 0.5
-WILDCARDS = frozenset({"", "0.0.0.0", "::", "*"})
 
 
 @dataclass
@@ -66,22 +67,34 @@ def loan_over(activity: Activity, now: float, *, grace_s: float, connect_s: floa
     return None
 
 
+def every_interface(host: str) -> bool:
+    """Whether binding ``host`` listens on every interface (``0.0.0.0``, ``::``, ``0``...)."""
+    if host in ("", "*"):
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        return False  # a host name: that host's addresses
+    return any(ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_unspecified for i in infos)
+
+
 def lend_host(settings: NeuronSettings) -> str:
     """The fleet address gates listen on: ``[rpc] host``, else the neuron's own address.
     Never a wildcard: an RPC port on every interface is what this design exists to avoid."""
-    host = settings.rpc.host if settings.rpc.host is not None else settings.host
-    if host.strip("[]") in WILDCARDS:
+    host = (settings.rpc.host if settings.rpc.host is not None else settings.host).strip("[]")
+    if every_interface(host):
         raise ApiError(
             409,
             f"this neuron listens on {host!r}, every interface: set [rpc] host in neuron.toml "
             "to the one address fleet traffic should use before it lends a device",
             code="lending_disabled",
         )
-    return host.strip("[]")
+    return host
 
 
-def allowlist(request: LendRequest) -> list[str]:
-    """The addresses a loan admits: the borrower's (resolved) and any named with it."""
+def allowlist(request: LendRequest, host: str) -> list[str]:
+    """The addresses a loan on the gate at ``host`` admits: the borrower's (resolved) and
+    any named with it. Blocking (name resolution): run it off the event loop."""
     extra = []
     for address in request.allow:
         try:
@@ -95,6 +108,17 @@ def allowlist(request: LendRequest) -> list[str]:
     if not resolved:
         raise bad_request(
             f"the borrower {request.borrower!r} does not resolve to an address", param="borrower"
+        )
+    loopback = all(ipaddress.ip_address(a).is_loopback for a in resolved)
+    if loopback and not extra and not is_loopback(host):
+        # cortex named the borrower by a loopback URL (it runs beside it): from here that
+        # is this host, never the borrower. Admitting it would refuse the borrower.
+        raise ApiError(
+            409,
+            f"the borrower {request.borrower!r} is a loopback address, and this neuron lends "
+            f"on {host}: name that neuron in cortex.toml by its fleet address",
+            code="borrower_unreachable",
+            param="borrower",
         )
     return sorted(set(resolved) | set(extra))
 
@@ -115,10 +139,12 @@ class Lender:
         settings: NeuronSettings,
         cuda_indices: list[int],
         room_mb: Callable[[str], int],
+        gpu_used_mb: Callable[[int, int], int] = lambda _index, _pid: 0,
     ) -> None:
         self.settings = settings
         self.cuda_indices = cuda_indices
-        self._room_mb = room_mb  # free MB of a device key for a new loan (lent excluded)
+        self._room_mb = room_mb  # free MB of a device key for a new loan (loans not counted)
+        self._gpu_used_mb = gpu_used_mb  # (CUDA index, pid) -> MB that process holds there
         self.loans: dict[str, Lent] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._starting: dict[str, int] = {}  # device key -> MB of loans being set up
@@ -129,8 +155,20 @@ class Lender:
         held = sum(lent.loan.mb for lent in self.loans.values() if lent.loan.device == key)
         return held + self._starting.get(key, 0)
 
-    def lent_bytes(self, key: str) -> int:
-        return self.lent_mb(key) * MB
+    def held_mb(self, key: str) -> int:
+        """MB of a device the loans still hold outside what its free figure shows: on the
+        CPU (a budget, not measured) all of it; on a GPU, what the donor processes have not
+        allocated yet (the driver's free figure shows the rest already)."""
+        if key == CPU:
+            return self.lent_mb(key)
+        index = int(key.split(":")[1])
+        loans = [lent for lent in self.loans.values() if lent.loan.device == key]
+        return self._starting.get(key, 0) + sum(
+            max(lent.loan.mb - self._gpu_used_mb(index, lent.proc.pid), 0) for lent in loans
+        )
+
+    def held_bytes(self, key: str) -> int:
+        return self.held_mb(key) * MB
 
     def views(self) -> list[Loan]:
         now = time.monotonic()
@@ -154,8 +192,8 @@ class Lender:
                 param="device",
                 code="no_such_device",
             )
-        allowed = allowlist(request)
-        room = self._room_mb(key) - self.lent_mb(key)
+        allowed = await asyncio.to_thread(allowlist, request, host)
+        room = self._room_mb(key) - self.held_mb(key)
         if request.mb > room:
             raise ApiError(
                 409,
@@ -220,23 +258,30 @@ class Lender:
             os.close(write_fd)
         events = os.fdopen(read_fd, "rb", buffering=0)
         reader = asyncio.StreamReader()
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), events
-        )
+        transport: asyncio.BaseTransport | None = None
         try:
-            async with asyncio.timeout(READY_TIMEOUT_S):
-                first = orjson.loads(await reader.readline() or b"{}")
-        except (TimeoutError, orjson.JSONDecodeError):
-            first = {}
-        if first.get("event") != "ready":
-            transport.close()
-            await _stop(proc)
-            why = first.get("error") or f"it ended ({proc.returncode})"
-            raise unavailable(
-                f"the RPC server for {key} did not start: {why}", code="lend_failed",
-                retry_after=5,
-            )  # fmt: skip
+            transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), events
+            )
+            try:
+                async with asyncio.timeout(READY_TIMEOUT_S):
+                    first = orjson.loads(await reader.readline() or b"{}")
+            except (TimeoutError, orjson.JSONDecodeError):
+                first = {}
+            if not isinstance(first, dict) or first.get("event") != "ready":
+                why = first.get("error") if isinstance(first, dict) else None
+                raise unavailable(
+                    f"the RPC server for {key} did not start: {why or 'it did not say why'}",
+                    code="lend_failed",
+                    retry_after=5,
+                )
+        except BaseException:  # refused, or the caller gone: nothing of it may stay
+            if transport is not None:
+                transport.close()
+            else:
+                events.close()
+            await asyncio.shield(_stop(proc))
+            raise
         loan = Loan(
             id=secrets.token_hex(6),
             device=key,
@@ -254,7 +299,9 @@ class Lender:
     async def _read_events(self, lent: Lent) -> None:
         try:
             while line := await lent.events.readline():
-                self._on_event(lent, orjson.loads(line))
+                event = orjson.loads(line)
+                if isinstance(event, dict):
+                    self._on_event(lent, event)
         except (orjson.JSONDecodeError, ValueError):
             log.warning("unreadable donor event", extra={"loan": lent.loan.id})
         finally:
@@ -277,6 +324,8 @@ class Lender:
             activity.connections = max(activity.connections - 1, 0)
             if not activity.connections:
                 activity.idle_since = time.monotonic()
+        elif kind in ("failed", "error"):  # the gate could not reach the RPC server
+            log.error("rpc relay failed", extra={"loan": loan.id, "error": event.get("error")})
         elif kind == "refused":
             loan.refused += 1
             log.warning(

@@ -15,6 +15,7 @@ its borrower has been gone a while.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
 import socket
@@ -74,15 +75,37 @@ def bind_first_free(host: str, ports: range) -> socket.socket:
     for port in ports:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
+        try:  # two loans binding at once may both bind one port: listen decides
             sock.bind((host, port))
+            sock.listen(8)
         except OSError as exc:
             sock.close()
             last = exc
             continue
-        sock.listen(8)
         return sock
     raise OSError(f"no free port in {ports.start}-{ports.stop - 1} on {host}: {last}")
+
+
+KEEPALIVE_IDLE_S = 10  # a peer that vanished (power, network cut) is noticed within
+KEEPALIVE_PROBES = 3  # idle + probes x interval, or unacknowledged data for USER_TIMEOUT
+KEEPALIVE_INTERVAL_S = 5
+USER_TIMEOUT_MS = 30_000
+
+
+def keep_alive(conn: socket.socket) -> None:
+    """A peer gone without a FIN or a reset would hold a connection open forever (a loan on
+    the donor's side, a decode on the borrower's): TCP keepalive, and a bound on
+    unacknowledged data, turn its silence into a closed connection."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    options = (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_S),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+        ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+        ("TCP_USER_TIMEOUT", USER_TIMEOUT_MS),
+    )
+    for name, value in options:
+        if hasattr(socket, name):  # Linux
+            conn.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def _reset(conn: socket.socket) -> None:
@@ -134,8 +157,12 @@ class Gate:
         while True:
             try:
                 conn, peer = self.listener.accept()
-            except OSError:
-                return  # the listener was closed: the loan is over
+            except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.EINVAL):
+                    return  # the listener is gone: the loan is over
+                log.warning("rpc accept failed", extra={"error": str(exc)})
+                time.sleep(0.1)  # out of descriptors, a connection aborted: not the end
+                continue
             address = normalized(str(peer[0]))
             if not admitted(address, self.allowed):
                 _reset(conn)
@@ -153,6 +180,7 @@ class Gate:
             return
         for sock in (conn, server):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        keep_alive(conn)
         traffic = Traffic()
         with self._lock:
             self._open[id(traffic)] = traffic

@@ -44,9 +44,12 @@ class Neuron:
         kind = WorkerEngines if settings.workers.isolate else LocalEngines
         self.engines: Engines = kind(settings, self.hardware, self.cpu_budget_bytes)
         self.lender = Lender(
-            settings, [d.index for d in self.hardware.devices], self._room_to_lend_mb
+            settings,
+            [d.index for d in self.hardware.devices],
+            self._room_to_lend_mb,
+            self.hardware.process_memory_mb,
         )
-        self.engines.count_lent(self.lender.lent_bytes)
+        self.engines.count_lent(self.lender.held_bytes)
         self.harnesses: dict[str, Harness] = self.engines.harnesses
         self.activation = ActivationTracker(settings.default_models)
         self._loads: dict[str, asyncio.Future[ModelStatus]] = {}
@@ -321,12 +324,12 @@ class Neuron:
                 prefix_cache=harness.prefix_cache(status.id) if harness else None,
                 batch=harness.batch_info(status.id) if harness else None,
             )
-        lent = self.lender.lent_mb
+        lent, held = self.lender.lent_mb, self.lender.held_mb
         devices = [
             d.model_copy(
                 update={
                     "lent_mb": lent(cuda_key(d.index)),
-                    "vram_free_mb": max(d.vram_free_mb - lent(cuda_key(d.index)), 0),
+                    "vram_free_mb": max(d.vram_free_mb - held(cuda_key(d.index)), 0),
                 }
             )
             for d in self.hardware.device_health()

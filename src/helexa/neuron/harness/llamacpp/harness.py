@@ -287,7 +287,10 @@ class LlamaCppHarness(EngineHarness[LoadedGguf]):
         gpu = None
         if pool is not None:
             split, endpoints = pool
-            devices = rpc.remote_devices(endpoints)
+            try:
+                devices = rpc.remote_devices(endpoints)
+            except rpc.RpcUnavailable as exc:
+                raise unavailable(str(exc), code="pool_load_failed", retry_after=5) from exc
             if not placement.on_cpu:
                 devices.append(rpc.local_device(gpu=True))
             gpu = binding.GpuPlacement(
@@ -306,8 +309,14 @@ class LlamaCppHarness(EngineHarness[LoadedGguf]):
             )
         try:
             model = binding.Model(path, gpu)
-        except ValueError as exc:
+        except (ValueError, rpc.RpcUnavailable) as exc:
+            if pool is not None:  # a donor refused an allocation, or exports nothing usable
+                raise unavailable(
+                    f"loading over the donors failed: {exc}", code="pool_load_failed", retry_after=5
+                ) from exc
             raise bad_request(str(exc), param="model_id", code="unsupported_model") from exc
+        if pool is not None:
+            rpc.keep_alive_connections(pool[1])
         try:
             ctx = binding.Context(
                 model,

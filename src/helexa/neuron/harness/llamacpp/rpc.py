@@ -11,11 +11,14 @@ process, and only that model.
 from __future__ import annotations
 
 import ctypes
+import os
 import socket
 from functools import cache
 from pathlib import Path
 
 import llama_cpp as C
+
+from helexa.neuron.rpc_gate import keep_alive
 
 DEVICE_TYPE_CPU = 0  # enum ggml_backend_dev_type
 DEVICE_TYPE_GPU = 1
@@ -90,15 +93,61 @@ def serve(endpoint: str, gpu: bool, threads: int, cache_dir: str | None = None) 
     )
 
 
+REFUSAL_WAIT_S = 0.3  # a donor's gate resets a connection it does not admit at once
+
+
 def reachable(endpoint: str, timeout_s: float = 5.0) -> str | None:
-    """Why ``endpoint`` cannot be reached (None: it can). Asked before ggml connects, whose
-    failure to connect would abort the process."""
+    """Why ``endpoint`` cannot be used from here (None: it can). Asked before ggml
+    connects, whose failure would abort the process. The kernel completes a connection
+    before the donor's gate sees it, so a refusal shows as a reset just after: an admitted
+    connection stays silent (ggml's server waits for the client to speak first)."""
     host, _, port = endpoint.rpartition(":")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as sock:
+            sock.settimeout(REFUSAL_WAIT_S)
+            try:
+                closed = sock.recv(1) == b""
+            except TimeoutError:
+                return None
+            except ConnectionResetError:
+                closed = True
+            if closed:
+                return (
+                    "its gate refused this host: the loan admits other addresses than the one "
+                    "this host connects from (cortex names a borrower by the host of its URL "
+                    "in cortex.toml)"
+                )
+            return "it answered before being asked: not a ggml RPC server"
     except (OSError, ValueError) as exc:
         return str(exc) or type(exc).__name__
-    return None
+
+
+def keep_alive_connections(endpoints: list[str]) -> int:
+    """Turn on TCP keepalive for ggml's connections to ``endpoints`` (it sets none), so a
+    donor host that vanishes without a reset (power, network cut) ends the connection,
+    and so the worker, instead of leaving a decode waiting forever. Returns how many."""
+    wanted = set()
+    for endpoint in endpoints:
+        host, _, port = endpoint.rpartition(":")
+        for info in socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM):
+            wanted.add((str(info[4][0]), int(info[4][1])))
+    done = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue
+        with sock:  # a duplicate: the options are the socket's, closing it closes the dup
+            try:
+                if sock.type != socket.SOCK_STREAM or sock.getpeername()[:2] not in wanted:
+                    continue
+            except OSError:
+                continue
+            keep_alive(sock)
+            done += 1
+    return done
 
 
 class BufferOverride(ctypes.Structure):
