@@ -2,17 +2,19 @@
 budgets are each too small for the real GGUF; cortex places it across two of them (a
 borrower and a donor's ggml RPC server). The greedy answer equals one neuron's; the donor's
 /health shows the loan; an address cortex did not name is refused at the donor's port;
-unloading gives every host its memory back; kill -9 of the donor mid-stream fails the
+unloading gives every host its memory back; a donor that stops answering (SIGSTOP) fails
+the stream after the stall timeout instead of hanging it; kill -9 of the donor mid-stream fails the
 stream at once, the borrower drops the model, and the next request is placed afresh;
 kill -9 of the borrower and its donor ends the loan by itself."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,7 @@ flash_attn = true
 [rpc]
 ports = [{lo}, {hi}]
 idle_grace_s = 2
+stall_timeout_s = 4
 """
 
 QUESTION = {
@@ -174,41 +177,72 @@ def test_a_model_too_big_for_any_one_neuron_is_served_across_two(fleet: Fleet) -
     wait_for("every host's memory back", all_free, timeout=20)
 
 
-def test_losing_the_donor_mid_stream_fails_fast_and_the_next_request_replans(
-    fleet: Fleet,
-) -> None:
-    assert answer(fleet.api)  # placed again (the previous test unloaded it)
-    where = location(fleet.api)
-    assert where is not None and where["pool"] is not None
-    borrower = where["node"]
-    donor = where["pool"]["donors"][0]["node"]
+def stream_until_broken(api: str, after_tokens: int, act: Callable[[], None]) -> tuple[str, float]:
+    """A long greedy stream through cortex; ``act`` once ``after_tokens`` chunks came.
+    Returns the error message it ended with and how long after ``act`` it ended."""
     body = {**QUESTION, "max_tokens": 400, "stream": True, "messages": [
         {"role": "user", "content": "Tell me a long story about a lighthouse keeper."}
     ]}  # fmt: skip
     events: list[str] = []
-    with httpx.stream("POST", f"{fleet.api}/v1/chat/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", f"{api}/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
-        for line in lines:  # a few tokens first: the model is decoding across both hosts
+        for line in lines:  # a few tokens first: the model is decoding across the hosts
             if line.startswith("data: {"):
                 events.append(line)
-            if len(events) >= 3:
+            if len(events) >= after_tokens:
                 break
-        fleet.neurons[donor][0].signal(signal.SIGKILL)
-        killed = time.monotonic()
+        act()
+        acted = time.monotonic()
         for line in lines:
             if line.startswith("data: "):
                 events.append(line)
         ended = time.monotonic()
-    assert ended - killed < 10, "the stream must end soon after its donor dies, not hang"
     errors = [json.loads(e[6:]) for e in events if '"error"' in e]
     assert errors, events[-3:]
-    message = errors[-1]["error"]["message"]
+    return errors[-1]["error"]["message"], ended - acted
+
+
+def borrower_dropped(fleet: Fleet, borrower: str) -> bool:
+    models = httpx.get(f"{fleet.neurons[borrower][1]}/models", timeout=5).json()
+    return not any(m["id"] == REAL_GGUF for m in models)
+
+
+def test_a_donor_that_stops_answering_fails_the_stream_not_hangs_it(fleet: Fleet) -> None:
+    assert answer(fleet.api)
+    where = location(fleet.api)
+    assert where is not None and where["pool"] is not None
+    borrower, donor = where["node"], where["pool"]["donors"][0]["node"]
+    (loan,) = health(fleet.neurons[donor][1])["loans"]
+    stopped = loan["pid"]  # the donor's RPC server process: its socket open, silent
+    try:
+        message, took = stream_until_broken(fleet.api, 3, lambda: os.kill(stopped, signal.SIGSTOP))
+        assert "generated nothing for" in message and "pooled model" in message, message
+        assert took < 15  # stall_timeout_s = 4, then the kill
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    wait_for("the borrower to drop the model", lambda: borrower_dropped(fleet, borrower))
+    wait_for(  # the borrower's connections closed: the donor ends the loan itself
+        "the donor's loan to end", lambda: not health(fleet.neurons[donor][1])["loans"], 20
+    )
+
+
+def test_losing_the_donor_mid_stream_fails_fast_and_the_next_request_replans(
+    fleet: Fleet,
+) -> None:
+    assert answer(fleet.api)  # placed again (the previous test's was dropped)
+    where = location(fleet.api)
+    assert where is not None and where["pool"] is not None
+    borrower = where["node"]
+    donor = where["pool"]["donors"][0]["node"]
+    message, took = stream_until_broken(
+        fleet.api, 3, lambda: fleet.neurons[donor][0].signal(signal.SIGKILL)
+    )
+    assert took < 10, "the stream must end soon after its donor dies, not hang"
     assert "donor" in message and "pooled model" in message, message
 
     def dropped() -> bool:
-        models = httpx.get(f"{fleet.neurons[borrower][1]}/models", timeout=5).json()
-        return not any(m["id"] == REAL_GGUF for m in models)
+        return borrower_dropped(fleet, borrower)
 
     wait_for("the borrower to drop the model", dropped, timeout=10)
     # The next request is planned afresh over the two neurons left.

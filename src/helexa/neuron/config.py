@@ -97,6 +97,9 @@ class RpcSettings(BaseModel):
     idle_grace_s: float = Field(default=10.0, gt=0)
     connect_timeout_s: float = Field(default=120.0, gt=0)
     cache_dir: Path | None = None  # ggml's tensor cache: a re-lent model's weights skip the wire
+    # Borrowing: a pooled model generating nothing this long has a donor that stopped
+    # answering (its host up, its connection open): its worker is ended, as when one dies.
+    stall_timeout_s: float = Field(default=120.0, gt=0)
 
     @field_validator("ports")
     @classmethod

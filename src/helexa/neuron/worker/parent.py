@@ -72,9 +72,14 @@ class WorkerProcess:
         on_snapshot: Callable[[Snapshot], None],
         on_lost: Callable[[str, list[str]], None],
         lost_hint: str | None = None,
+        stall_timeout_s: float | None = None,
     ) -> None:
         self.device = device
         self.lost_hint = lost_hint  # appended to the reason its end gives
+        # Generating and no output for this long: killed (a pooled model's donor stopped
+        # answering leaves its decode waiting on a socket, its loop still answering pings).
+        self.stall_timeout_s = stall_timeout_s
+        self.last_output = 0.0
         self.on_snapshot = on_snapshot
         self.on_lost = on_lost
         self.proc: subprocess.Popen[bytes] | None = None
@@ -163,6 +168,14 @@ class WorkerProcess:
         self.last_pong = time.monotonic()
         seq = 0
         while self.alive:
+            stalled = self._stalled_s()
+            if stalled is not None:
+                log.error(
+                    "worker stalled; killing it",
+                    extra={"device": self.device, "pid": self.pid, "stalled_s": round(stalled)},
+                )
+                self.kill(f"it generated nothing for {stalled:.0f} s")
+                return
             silent = time.monotonic() - self.last_pong
             if silent > timeout_s:
                 log.error(
@@ -177,6 +190,13 @@ class WorkerProcess:
             except OSError:
                 return
             await asyncio.sleep(period_s)
+
+    def _stalled_s(self) -> float | None:
+        """How long it has been generating without output, past ``stall_timeout_s``."""
+        if self.stall_timeout_s is None or not self._streams:
+            return None
+        stalled = time.monotonic() - self.last_output
+        return stalled if stalled > self.stall_timeout_s else None
 
     # -- calls -------------------------------------------------------------------------------
 
@@ -210,6 +230,8 @@ class WorkerProcess:
         stream = TokenStream(asyncio.get_running_loop())
         done: Future[Finish] = Future()
         stream.attach(done, lambda: self._cancel(gen_id))
+        if not self._streams:
+            self.last_output = time.monotonic()  # the stall clock starts with the work
         self._streams[gen_id] = (stream, done)
         try:
             self._send(Call(gen_id, engine, "generate", (model_id, prompt, params)))
@@ -240,6 +262,7 @@ class WorkerProcess:
     def _receive(self, message: object) -> None:
         if isinstance(message, Output):
             self.output_frames += 1
+            self.last_output = time.monotonic()
             self._output(message)
         elif isinstance(message, Reply):
             self._reply(message)
@@ -295,8 +318,8 @@ class WorkerProcess:
         reason = describe_exit(self.device, self.pid, returncode)
         if self.kill_reason:
             reason = f"{reason}: {self.kill_reason}"
-        elif self.lost_hint and returncode:
-            reason = f"{reason}: {self.lost_hint}"
+        if self.lost_hint and returncode:
+            reason = f"{reason}; {self.lost_hint}"
         crash = EngineCrashed(reason)
         for waiter in self._calls.values():
             if not waiter.done():

@@ -126,6 +126,7 @@ class Workers:
             on_snapshot=lambda snap: self._on_snapshot(device, proc, snap),
             on_lost=lambda reason, tail: self._on_lost(device, proc, reason, tail),
             lost_hint=self._pool_hint(device),
+            stall_timeout_s=self.settings.rpc.stall_timeout_s if device.pooled else None,
         )
         device.proc = proc
         try:
