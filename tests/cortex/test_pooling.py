@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import pytest
 
 from tests.conftest import REAL_CACHE, REAL_GGUF
 from tests.support.fleet import start_cortex
-from tests.support.procs import Daemon, start_neuron, wait_for
+from tests.support.procs import Daemon, console_script, start_neuron, wait_for
 
 CONTEXT = 2048  # SmolLM2's Q4_1 file (94 MB) + this KV (45 MB) = 139 MB: more than a budget
 BUDGET_MB = 100
@@ -162,6 +163,15 @@ def test_a_model_too_big_for_any_one_neuron_is_served_across_two(fleet: Fleet) -
     status = httpx.get(f"{fleet.api}/admin/fleet", timeout=5).json()
     lending = next(n for n in status["neurons"] if n["name"] == donor["node"])
     assert lending["cpu"]["lent_mb"] == donor["mb"] and lending["loans"]
+    table = subprocess.run(
+        [console_script("cortex"), "status", "--endpoint", fleet.api],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "COLUMNS": "200"},
+    ).stdout
+    assert f"{donor['mb']} MB lent" in table  # the donor's memory column
+    assert f"+ {donor['node']} cpu {donor['mb']} MB" in table  # the model's split
 
     unload(fleet)
 
