@@ -16,6 +16,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +135,23 @@ def test_a_model_too_big_for_any_one_neuron_is_served_across_two(fleet: Fleet) -
 
     where = location(fleet.api)
     assert where is not None and where["pool"] is not None, where
+    borrower_base = fleet.neurons[where["node"]][1]
+
+    # What the neuron promises holds for a pooled model: batching (two at once, the same
+    # greedy answer), prefix reuse (the second turn of a prompt), grammars (JSON mode).
+    hits = health(borrower_base)["models"][REAL_GGUF]["prefix_cache"]["hits"]
+    with ThreadPoolExecutor(2) as pool_of_two:
+        assert list(pool_of_two.map(lambda _i: answer(fleet.api), range(2))) == [expected] * 2
+    assert health(borrower_base)["models"][REAL_GGUF]["prefix_cache"]["hits"] > hits
+    as_json = {**QUESTION, "response_format": {"type": "json_object"}, "max_tokens": 48}
+    reply = httpx.post(f"{fleet.api}/v1/chat/completions", json=as_json, timeout=120)
+    assert reply.status_code == 200, reply.text
+    choice = reply.json()["choices"][0]
+    if choice["finish_reason"] == "stop":  # whole: it parses (cut short it may not)
+        json.loads(choice["message"]["content"])
+    else:
+        assert choice["message"]["content"].lstrip().startswith(("{", "["))
+
     pool = where["pool"]
     assert pool["borrower"] == where["node"]
     assert len(pool["donors"]) == 1  # the fewest donors: one covers the rest

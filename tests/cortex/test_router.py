@@ -314,6 +314,24 @@ def test_a_victim_still_busy_after_the_fresh_poll_is_a_503() -> None:
     assert info.value.code == "insufficient_capacity" and polled == ["n"]  # asked once
 
 
+def test_a_model_that_landed_during_a_poll_is_counted_once() -> None:
+    """A poll lists the models, cortex's load lands, then the poll's /health answers with
+    the model in its memory figure: the model counts in that figure only."""
+    neurons = Neurons({"n": [2000]}, [gpu_model("m/a", 500)])
+    state = neurons.state("n")
+    began = state.poll_began()
+    state.landed(status("m/a"))  # 1000 MB, between the model list and /health
+    with_it = health([1000], {"m/a": (0, 0)})
+    with_it.models["m/a"].status = "loaded"
+    state.apply_poll([], with_it, began)
+    (device,) = view_of(state, neurons.catalogue).devices
+    assert device.free_mb == 1000  # not 0: it is in the neuron's figure already
+    without = health([2000])  # /health answered before it landed: count it here
+    state.apply_poll([], without, began)
+    (device,) = view_of(state, neurons.catalogue).devices
+    assert device.free_mb == 1000
+
+
 def test_a_poisoned_model_can_be_evicted_a_loading_one_cannot() -> None:
     neurons = Neurons({"n": [24000]}, [gpu_model("m/p"), gpu_model("m/l")])
     state = neurons.state("n")

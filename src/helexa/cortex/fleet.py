@@ -325,8 +325,9 @@ def view_of(
     A resident counts as the larger of what it uses and its profile's estimate (the
     estimate is what placement promised it: ``vram_mb``, else the size a neuron reported,
     ``sized_mb``; a neuron's free figure only shows use), and a model loaded since the last
-    poll counts in full: the free figure predates it. A model still loading is busy; a
-    poisoned one is not (evicting it is how its memory comes back).
+    poll counts in full: the free figure predates it (unless that poll's /health already
+    listed it loaded). A pooled model counts its share here only. A model still loading is
+    busy; a poisoned one is not (evicting it is how its memory comes back).
     """
     residents = []
     unaccounted: dict[int, int] = {}
@@ -336,7 +337,11 @@ def view_of(
         # A pooled model holds only its share here (the rest is lent by other neurons).
         size = status.vram_used_mb if status.rpc else max(status.vram_used_mb, estimate)
         pools = tuple(status.devices) or (CPU_POOL,)
-        reported = 0 if state.fresh(model_id) else status.vram_used_mb
+        # A fresh one is not in the free figure, unless the /health that gave the figure
+        # (asked after the model list) already had it loaded.
+        polled = state.health.models.get(model_id) if state.health is not None else None
+        counted = not state.fresh(model_id) or (polled is not None and polled.status == "loaded")
+        reported = status.vram_used_mb if counted else 0
         reserved = model_id in state.reservations  # already in pending_mb: count it once
         for pool in pools:
             if not reserved:
