@@ -84,6 +84,21 @@ want_rpmbuild() {
   fi
 }
 
+# Chromium and its driver let the dashboard's browser test run (tests/cortex/test_dashboard.py);
+# best effort (root + apt only): without them that test skips and says why.
+want_chromium() {
+  if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+      && [ "$(id -u)" = 0 ]; then
+    echo "installing chromium and chromium-driver (the dashboard's browser test)…" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        chromium chromium-driver >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive \
+           apt-get install -y -q --no-install-recommends chromium chromium-driver \
+           >/dev/null 2>&1; } \
+      || echo "note: could not install chromium; the dashboard's browser test will skip" >&2
+  fi
+}
+
 # The coding-agent CLIs (Claude Code, Codex) the end-to-end tests drive, from the npm
 # registry into a project-local folder: the versions scripts/clients.pin names, or with
 # "latest" the newest releases. Best effort: without npm the tests say why they skip.
@@ -131,6 +146,7 @@ case "$task" in
     want_llama_cpp
     pip_q -e ".[neuron,test]"
     want_rpmbuild
+    want_chromium
     want_clients pinned
     "$VENV/bin/ruff" check src tests bench
     shift || true

@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from helexa.core.browser import BrowserGuard, answer
 from helexa.core.errors import ApiError
 from helexa.core.tool_set import named
+from helexa.cortex.activity import Recent, RecentRequests
 from helexa.cortex.auth import envelope
 from helexa.cortex.metrics import Metrics
 
@@ -45,6 +46,8 @@ class RequestRecord:
     key: str | None = None  # the name of the API key (never the key) that was sent
     models: frozenset[str] | None = None  # that key's model allowlist; None: every model
     omitted_tools: tuple[str, ...] = ()  # tools left out of what the model saw (tool_set)
+    ttft_s: float | None = None  # time to the first token, as the relay saw it
+    tokens_per_s: float | None = None  # completion tokens / (first token -> end)
 
 
 ABANDONED_STATUS = 499  # logged for an abandoned request, whatever its head said
@@ -81,7 +84,9 @@ class AccessLog:
         model_label: Callable[[str | None], str],
         guard: Guard | None = None,
         browser: BrowserGuard | None = None,
+        recent: RecentRequests | None = None,
     ) -> None:
+        self.recent = recent  # the dashboard's recent requests
         self.browser = browser  # what web pages may ask (core.browser): checked first
         self.guard = guard  # who may call (cortex.auth): checked before any route runs
         self.app = app
@@ -149,6 +154,25 @@ class AccessLog:
         if record.key is not None:
             self.metrics.by_key(record.key)
         usage = record.usage or {}
+        if self.recent is not None and scope["path"] != "/admin/dashboard":
+            self.recent.add(
+                Recent(
+                    at=time.time(),
+                    method=scope["method"],
+                    path=scope["path"],
+                    model=record.model_id or record.model,
+                    node=record.node,
+                    status=status,
+                    outcome=result,
+                    secs=round(seconds, 4),
+                    prompt_tokens=usage.get("prompt_tokens"),
+                    completion_tokens=usage.get("completion_tokens"),
+                    ttft_s=record.ttft_s,
+                    tokens_per_s=record.tokens_per_s,
+                    error=record.error,
+                    key=record.key,
+                )
+            )
         log.info(
             "request",
             extra={

@@ -25,11 +25,12 @@ from helexa.core.http import (
 from helexa.core.placement import feasible
 from helexa.core.wire import ModelName, Wire
 from helexa.cortex.access import AccessLog, record_of
+from helexa.cortex.activity import WINDOW_S, RecentRequests, per_model
 from helexa.cortex.auth import Guard, may_use, visible
 from helexa.cortex.config import CortexConfig, split_listen
 from helexa.cortex.dispatch import Dispatcher
 from helexa.cortex.drain import Drain
-from helexa.cortex.fleet import Fleet, view_of
+from helexa.cortex.fleet import Fleet, NeuronState, view_of
 from helexa.cortex.keys import KeyStore, keys_path
 from helexa.cortex.metrics import Metrics
 from helexa.cortex.metrics_port import MetricsPort
@@ -41,6 +42,7 @@ from helexa.cortex.protocols import (
 )
 from helexa.cortex.relay import ClientProtocol, Endpoint
 from helexa.cortex.router import Router
+from helexa.cortex.ui import DASHBOARD_HTML
 
 log = logging.getLogger("helexa.cortex")
 
@@ -48,6 +50,10 @@ log = logging.getLogger("helexa.cortex")
 class AdminModelRequest(Wire):
     model_id: ModelName  # 400 for NUL, glob characters, '..', over 255 characters
     node: str | None = None
+
+
+class PinRequest(AdminModelRequest):
+    pinned: bool = True
 
 
 class Gateway:
@@ -73,6 +79,7 @@ class Gateway:
             keys_path(config.settings.auth.keys_file, config.path), config.settings.auth.api_key
         )
         self.router = Router(config.settings, config.catalogue, self.fleet, self.metrics)
+        self.recent = RecentRequests()  # the dashboard's recent requests and their figures
         self.drain = Drain(config.settings.gateway.drain_timeout_s)  # cortex's own SIGTERM
 
     def _after_poll(self) -> None:
@@ -162,6 +169,94 @@ class Gateway:
             )
         return {**self.health(), "neurons": neurons, "models": self.model_entries()}
 
+    def dashboard(self) -> dict[str, Any]:
+        """What the dashboard shows, in one answer: the fleet view, each neuron's state and
+        devices with what uses their memory, the models with their figures of the last
+        minutes, and the recent requests and errors."""
+        now = time.time()
+        view = self.fleet_view()
+        for entry, state in zip(view["neurons"], self.fleet.neurons.values(), strict=True):
+            entry.update(neuron_panel(state, now))
+        stats = per_model(self.recent.items(), now)
+        for entry in view["models"]:
+            entry["pinned"] = entry["id"] in self.router.pins
+            entry["last_minutes"] = stats.get(entry.get("alias_of") or entry["id"])
+        return {
+            **view,
+            "now": now,
+            "window_s": WINDOW_S,
+            "recent": [r.as_json() for r in self.recent.last(50)],
+            "errors": [r.as_json() for r in self.recent.errors(20)],
+        }
+
+
+def neuron_panel(state: NeuronState, now: float) -> dict[str, Any]:
+    """One neuron as the dashboard draws it: up, down or draining, since when it answered,
+    and each memory pool (GPUs, the CPU budget) with the models and loans in it."""
+    health = state.health
+    if not state.healthy:
+        shown = "down"
+    elif state.draining:
+        shown = "draining"
+    else:
+        shown = "up" if state.responsive else "unresponsive"
+    loads = {m: i for m, i in (health.models.items() if health else [])}
+    pools: list[dict[str, Any]] = []
+    readings = {d.index: d for d in health.devices} if health else {}
+    for device in state.discovery.devices if state.discovery else []:
+        reading = readings.get(device.index)
+        pools.append(
+            {
+                "pool": f"cuda:{device.index}",
+                "name": device.name,
+                "total_mb": device.vram_total_mb,
+                "free_mb": reading.vram_free_mb if reading else None,
+                "lent_mb": reading.lent_mb if reading else 0,
+                "models": [],
+            }
+        )
+    if health is not None:
+        cpu = health.cpu
+        pools.append(
+            {
+                "pool": "cpu",
+                "name": "CPU budget",
+                "total_mb": cpu.memory_used_mb + cpu.memory_free_mb + cpu.lent_mb,
+                "free_mb": cpu.memory_free_mb,
+                "lent_mb": cpu.lent_mb,
+                "models": [],
+            }
+        )
+    by_pool = {p["pool"]: p for p in pools}
+    models = []
+    for status in state.models.values():
+        info = loads.get(status.id)
+        keys = [f"cuda:{i}" for i in status.devices] or ["cpu"]
+        for key in keys:
+            if key in by_pool:
+                by_pool[key]["models"].append(
+                    {"id": status.id, "mb": status.vram_used_mb // len(keys)}
+                )
+        models.append(
+            {
+                "id": status.id,
+                "status": status.status,
+                "mb": status.vram_used_mb,
+                "in_flight": info.in_flight if info else 0,
+                "queued": info.queued if info else 0,
+                "error": status.error,
+            }
+        )
+    return {
+        "state": shown,
+        "last_poll_s": None if state.polled_at is None else round(now - state.polled_at, 1),
+        "last_error": state.last_error or None,
+        "pools": pools,
+        "loaded": models,
+        "activation": health.activation.model_dump() if health else None,
+        "workers": [w.model_dump() for w in health.workers] if health else [],
+    }
+
 
 def anthropic_model(entry: dict[str, Any], created: int) -> dict[str, Any]:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
@@ -212,6 +307,17 @@ def build_app(gateway: Gateway) -> ASGIApp:
     async def fleet(_request: Request) -> Response:
         return JSONResponse(gateway.fleet_view())
 
+    async def dashboard_page(_request: Request) -> Response:
+        return Response(DASHBOARD_HTML, media_type="text/html; charset=utf-8")
+
+    async def dashboard(_request: Request) -> Response:
+        return JSONResponse(gateway.dashboard())
+
+    async def admin_pin(request: Request) -> Response:
+        body = await read_body(request, PinRequest)
+        gateway.router.pin(gateway.router.resolve(body.model_id), body.pinned)
+        return JSONResponse({"status": "pinned" if body.pinned else "unpinned"})
+
     async def admin_load(request: Request) -> Response:
         body = await read_body(request, AdminModelRequest)  # the admin token: cortex.auth
         state = await gateway.router.admin_load(body.model_id, body.node)
@@ -254,6 +360,9 @@ def build_app(gateway: Gateway) -> ASGIApp:
         Route("/health", health, methods=["GET"]),
         Route("/", health, methods=["GET"]),
         Route("/admin/fleet", fleet, methods=["GET"]),
+        Route("/admin/dashboard", dashboard, methods=["GET"]),
+        Route("/admin/models/pin", admin_pin, methods=["POST"]),
+        Route("/ui", dashboard_page, methods=["GET"]),
         Route("/admin/models/load", admin_load, methods=["POST"]),
         Route("/admin/models/unload", admin_unload, methods=["POST"]),
     ]
@@ -282,4 +391,5 @@ def build_app(gateway: Gateway) -> ASGIApp:
         model_label,
         None if guard.off else guard,  # nothing configured: nothing to check per request
         BrowserGuard(listen_host, settings.http),
+        gateway.recent,
     )

@@ -43,8 +43,8 @@ if TYPE_CHECKING:
     from helexa.cortex.access import RequestRecord
 
 ADMIN_KEY_NAME = ":admin"  # what the access log and metrics call the admin token
-OPEN_PATHS = frozenset({"/health", "/"})
-READ_ONLY_ADMIN = frozenset({"/admin/fleet"})
+OPEN_PATHS = frozenset({"/health", "/", "/ui"})  # /ui: the dashboard's page, no data in it
+READ_ONLY_ADMIN = frozenset({"/admin/fleet", "/admin/dashboard"})
 ANTHROPIC_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 
 

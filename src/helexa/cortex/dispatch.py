@@ -164,16 +164,21 @@ class Dispatcher:
     def _release(self, state: NeuronState, model_id: str) -> None:
         state.end_request(model_id)
 
-    def close(self, call: Call, usage: dict[str, Any] | None, first_token_at: float | None) -> None:
+    def close(
+        self, call: Call, usage: dict[str, Any] | None, first_token_at: float | None
+    ) -> tuple[float | None, float | None]:
         """Hand the connection back and record the request's metrics: the tokens of an
-        abandoned request too (what the neuron generated before it was cancelled)."""
+        abandoned request too (what the neuron generated before it was cancelled). Returns
+        its time to first token and decode rate (None where not known)."""
         call.upstream.close()
         self._release(call.state, call.model_id)
         end = time.monotonic()
         series = self.metrics.series(call.model_id, call.node)
         series.duration.observe(end - call.started)
+        ttft = rate = None
         if first_token_at is not None:
-            series.ttft.observe(first_token_at - call.started)
+            ttft = first_token_at - call.started
+            series.ttft.observe(ttft)
         if usage:
             prompt = usage.get("prompt_tokens") or 0
             completion = usage.get("completion_tokens") or 0
@@ -181,7 +186,9 @@ class Dispatcher:
             series.completion_tokens.inc(completion)
             since = first_token_at or call.started
             if completion and end > since:
-                series.tps.observe(completion / (end - since))
+                rate = completion / (end - since)
+                series.tps.observe(rate)
+        return ttft, rate
 
 
 def elsewhere(raw: bytes) -> str | None:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -51,6 +51,7 @@ class NeuronState:
         self.down_since: float | None = None  # wall clock of the first of the failed polls
         self.last_error = ""  # why the last poll failed, as a client may read it
         self.ever_seen = False
+        self.polled_at: float | None = None  # wall clock of the last poll that answered
         self.discovery: Discovery | None = None
         self.rediscover = False  # reconnected: its hardware may have changed
         self.health: Health | None = None
@@ -241,6 +242,7 @@ class NeuronState:
         self.failures = 0
         self.down_since = None
         self.last_error = ""
+        self.polled_at = time.time()
         self.responsive = True
         self.rediscover = False
         if not self.healthy:
@@ -319,6 +321,7 @@ def view_of(
     state: NeuronState,
     catalogue: Catalogue,
     sized_mb: Callable[[ModelProfile], int | None] | None = None,
+    pins: Collection[str] = (),
 ) -> NeuronView:
     """The placement module's picture of one neuron.
 
@@ -353,7 +356,7 @@ def view_of(
                 pools=pools,
                 last_used=state.last_used(model_id),
                 in_flight=state.busy(model_id) + (status.status == "loading"),
-                pinned=bool(profile and state.name in profile.pinned_on),
+                pinned=bool(profile and state.name in profile.pinned_on) or model_id in pins,
                 priority=profile.priority if profile else 0,
             )
         )

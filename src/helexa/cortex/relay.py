@@ -275,7 +275,7 @@ class Endpoint:
         finally:
             self.drain.relayed(call.upstream)
             record.usage = usage
-            self.dispatcher.close(call, usage, first)
+            record.ttft_s, record.tokens_per_s = self.dispatcher.close(call, usage, first)
 
     async def _relay_error(
         self, call: Call, request: NeuronRequest, send: Send, record: RequestRecord

@@ -60,6 +60,7 @@ class Router:
         }
         self._defrag_tasks: dict[str, asyncio.Task[None]] = {}
         self.pools = Pools(fleet.neurons, self._post)
+        self.pins: set[str] = set()  # models pinned at run time (the dashboard): never evicted
         self.affinity: AffinityTable[tuple[str, str], str] = AffinityTable()
 
     # -- errors ---------------------------------------------------------------------------
@@ -492,7 +493,7 @@ class Router:
         self, profile: ModelProfile, exclude: frozenset[str], need: int, *, pool: bool = True
     ) -> Placement | PoolPlan:
         views = [
-            view_of(s, self.catalogue, self.weights.known_mb)
+            view_of(s, self.catalogue, self.weights.known_mb, self.pins)
             for s in self.fleet.neurons.values()
             if s.name not in exclude
         ]
@@ -625,6 +626,15 @@ class Router:
     async def _locked_load(self, state: NeuronState, profile: ModelProfile) -> None:
         async with self._neuron_locks[state.name]:
             await self._load_on(state, profile)
+
+    def pin(self, model_id: str, pinned: bool) -> None:
+        """Keep a loaded model from eviction (or let it go again), until cortex restarts."""
+        self.require_known(model_id)
+        if pinned:
+            self.pins.add(model_id)
+        else:
+            self.pins.discard(model_id)
+        log.info("pin" if pinned else "unpin", extra={"model": model_id, "by": "admin"})
 
     async def admin_unload(self, model_id: str, node: str | None) -> list[str]:
         targets = [
