@@ -13,8 +13,8 @@ import orjson
 import pytest
 from starlette.types import Message
 
-from helexa.cortex.access import record_of
 from helexa.cortex.protocols import AnthropicMessages
+from helexa.cortex.record import record_of
 from helexa.cortex.relay import Endpoint
 
 

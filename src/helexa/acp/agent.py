@@ -41,7 +41,7 @@ from acp.schema import (
 
 from helexa import __version__
 from helexa.acp.config import AcpConfig
-from helexa.acp.endpoint import Endpoint, EndpointError, ModelCache, make_endpoint
+from helexa.acp.endpoint import Endpoint, EndpointError, ModelCache
 from helexa.acp.history import prompt_text, replay, user_message
 from helexa.acp.loop import Turn, TurnResult
 from helexa.acp.options import (
@@ -64,6 +64,7 @@ from helexa.acp.store import (
 )
 from helexa.acp.toolrun import ToolRunner
 from helexa.acp.ui import AcpUi
+from helexa.acp.wires import make_endpoint
 from helexa.acp.workspace import ClientCaps, Workspace
 
 log = logging.getLogger("helexa.acp.agent")

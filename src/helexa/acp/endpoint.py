@@ -204,14 +204,3 @@ class ModelCache:
 
     def put(self, name: str, ids: list[str]) -> None:
         self._entries[name] = (time.monotonic(), ids)
-
-
-def make_endpoint(config: EndpointConfig) -> Endpoint:
-    # Imported here: each wire module imports this one for the shared types.
-    if config.wire_api == "anthropic-messages":
-        from helexa.acp.anthropic_messages import AnthropicMessagesEndpoint
-
-        return AnthropicMessagesEndpoint(config)
-    from helexa.acp.openai_chat import OpenAIChatEndpoint
-
-    return OpenAIChatEndpoint(config)

@@ -13,8 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,29 +24,13 @@ from helexa.core.tool_set import named
 from helexa.cortex.activity import Recent, RecentRequests
 from helexa.cortex.auth import envelope
 from helexa.cortex.metrics import Metrics
+from helexa.cortex.record import SCOPE_KEY, RequestRecord
 
 if TYPE_CHECKING:
     from helexa.cortex.auth import Guard
 
 log = logging.getLogger("helexa.cortex.access")
 
-SCOPE_KEY = "helexa.record"
-
-
-@dataclass
-class RequestRecord:
-    model: str | None = None  # as the client named it
-    model_id: str | None = None  # what it resolved to
-    node: str | None = None
-    usage: dict[str, Any] | None = None
-    error: str | None = None  # error code, when the answer is (or became) an error
-    request_id: str | None = None  # what the neuron knows the request by (cortex.abandon)
-    status: int = 0
-    key: str | None = None  # the name of the API key (never the key) that was sent
-    models: frozenset[str] | None = None  # that key's model allowlist; None: every model
-    omitted_tools: tuple[str, ...] = ()  # tools left out of what the model saw (tool_set)
-    ttft_s: float | None = None  # time to the first token, as the relay saw it
-    tokens_per_s: float | None = None  # completion tokens / (first token -> end)
 
 
 ABANDONED_STATUS = 499  # logged for an abandoned request, whatever its head said
@@ -64,13 +47,6 @@ def outcome(status: int, error: str | None) -> str:
     if status >= 400:
         return "error"
     return "ok" if error is None else "broken"
-
-
-def record_of(scope: Scope) -> RequestRecord:
-    record = scope.get(SCOPE_KEY)
-    if record is None:  # a handler called without the wrapper (unit tests)
-        record = scope[SCOPE_KEY] = RequestRecord()
-    return record
 
 
 class AccessLog:

@@ -24,7 +24,7 @@ from helexa.core.http import (
 )
 from helexa.core.placement import feasible
 from helexa.core.wire import ModelName, Wire
-from helexa.cortex.access import AccessLog, record_of
+from helexa.cortex.access import AccessLog
 from helexa.cortex.activity import WINDOW_S, RecentRequests, per_model
 from helexa.cortex.auth import Guard, may_use, visible
 from helexa.cortex.config import CortexConfig, split_listen
@@ -40,6 +40,7 @@ from helexa.cortex.protocols import (
     OpenAIPassthrough,
     OpenAIResponses,
 )
+from helexa.cortex.record import record_of
 from helexa.cortex.relay import ClientProtocol, Endpoint
 from helexa.cortex.router import Router
 from helexa.cortex.ui import DASHBOARD_HTML

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from starlette.types import Scope, Send
@@ -38,9 +38,7 @@ from helexa.core.auth import (
 )
 from helexa.core.errors import ApiError
 from helexa.cortex.keys import KeyStore
-
-if TYPE_CHECKING:
-    from helexa.cortex.access import RequestRecord
+from helexa.cortex.record import RequestRecord
 
 ADMIN_KEY_NAME = ":admin"  # what the access log and metrics call the admin token
 OPEN_PATHS = frozenset({"/health", "/", "/ui"})  # /ui: the dashboard's page, no data in it

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from helexa.core.settings import ConfigError
+from helexa.cortex.cli_config import config_file
 from helexa.cortex.keys_cli import keys_app
 
 app = typer.Typer(
@@ -47,24 +48,13 @@ ConfigOption = Annotated[
 ]
 
 
-def _config_path(config: Path | None) -> Path | None:
-    from helexa.cortex.config import DEFAULT_CONFIG_PATH
-
-    if config is not None:
-        if not config.exists():
-            typer.echo(f"cortex: config file {config} does not exist", err=True)
-            raise typer.Exit(2)
-        return config
-    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
-
-
 @app.command()
 def serve(config: ConfigOption = None) -> None:
     """Run the gateway: OpenAI API on gateway.listen, Prometheus on gateway.metrics_listen."""
     from helexa.core.logs import setup_logging
     from helexa.cortex.config import load_config, split_listen
 
-    path = _config_path(config)
+    path = config_file(config)
     try:
         loaded = load_config(path)
     except ConfigError as exc:

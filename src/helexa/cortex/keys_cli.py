@@ -24,11 +24,11 @@ ConfigOption = Annotated[
 
 def _keys_file(config: Path | None) -> Path:
     from helexa.core.settings import load_settings
-    from helexa.cortex.cli import _config_path
+    from helexa.cortex.cli_config import config_file
     from helexa.cortex.config import CortexSettings
     from helexa.cortex.keys import keys_path
 
-    path = _config_path(config)
+    path = config_file(config)
     try:
         settings = load_settings(CortexSettings, path)
     except ConfigError as exc:
