@@ -347,6 +347,19 @@ class Loan(Wire):
     age_s: float = 0.0
 
 
+class DownloadInfo(Wire):
+    """A download of weights, as ``/health`` shows it."""
+
+    model_id: str
+    quant: str | None = None
+    state: Literal["downloading", "done", "failed"]
+    done_bytes: int = 0
+    total_bytes: int | None = None  # None until the hub said
+    rate_bytes_s: int | None = None
+    eta_s: float | None = None
+    error: str | None = None
+
+
 class Health(Wire):
     uptime_secs: float
     devices: list[DeviceHealth]
@@ -355,6 +368,7 @@ class Health(Wire):
     models: dict[str, ModelLoadInfo]
     workers: list[WorkerHealth] = []
     loans: list[Loan] = []  # devices lent to other hosts' models
+    downloads: list[DownloadInfo] = []  # weights being (or lately) downloaded
     draining: bool = False  # shutting down: finishing what it has, admitting nothing new
     status: Literal["ok", "draining"] = "ok"  # the same, for people and load balancers
 

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("helexa.cortex.access")
 
 
-
 ABANDONED_STATUS = 499  # logged for an abandoned request, whatever its head said
 
 

@@ -72,6 +72,10 @@ def build_app(neuron: Neuron) -> Starlette:
         outcome, status = await neuron.load(spec)
         return JSONResponse({"status": outcome, "model": _dump(status)})
 
+    async def pull(request: Request) -> Response:
+        spec = await read_body(request, ModelSpec)
+        return JSONResponse(_dump(await neuron.pull(spec)))
+
     async def size(request: Request) -> Response:
         spec = await read_body(request, ModelSpec)
         return JSONResponse(_dump(await neuron.size(spec)))
@@ -203,6 +207,7 @@ def build_app(neuron: Neuron) -> Starlette:
         Route("/models/load", load, methods=["POST"]),
         Route("/models/unload", unload, methods=["POST"]),
         Route("/models/size", size, methods=["POST"]),
+        Route("/models/pull", pull, methods=["POST"]),
         Route("/workers/recycle", recycle, methods=["POST"]),
         Route("/rpc/lend", lend, methods=["POST"]),
         Route("/rpc/release", release, methods=["POST"]),

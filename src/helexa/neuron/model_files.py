@@ -48,6 +48,20 @@ class ModelFiles:
         return hide_paths(text, self.root, repr(self.model_id) if self.model_id else "<model>")
 
 
+def pull_patterns(model_id: str, quant: str | None, harness: str) -> list[str]:
+    """The files of a hub repo a load of it uses, as ``allow_patterns``: one quant of a GGUF
+    repo (never all of them), or a dense model's weights, config and tokenizer."""
+    if quant:
+        return gguf_patterns(quant)
+    if harness == "llamacpp":
+        raise bad_request(
+            f'{model_id} is a GGUF repo: name the quant to download (e.g. "quant": '
+            '"Q4_K_M"); a repo holds many',
+            param="quant",
+        )
+    return DENSE_PATTERNS
+
+
 def hf_cache_dir(setting: Path | None, env: Mapping[str, str] = os.environ) -> Path:
     """The weight cache, first hit wins: harness setting, HF_HUB_CACHE, HF_HOME/hub, default."""
     if setting is not None:

@@ -7,17 +7,33 @@ import logging
 import time
 
 from helexa.core.errors import ApiError, bad_request, model_not_found, unavailable
-from helexa.core.wire import CpuHealth, Health, ModelLoadInfo, ModelSize, ModelSpec, ModelStatus
+from helexa.core.wire import (
+    CpuHealth,
+    DownloadInfo,
+    Health,
+    ModelLoadInfo,
+    ModelSize,
+    ModelSpec,
+    ModelStatus,
+)
 from helexa.neuron.activation import ActivationTracker, prewarm
 from helexa.neuron.admission import Admission
 from helexa.neuron.config import NeuronSettings
 from helexa.neuron.device_thread import WorkerPoisoned
 from helexa.neuron.devices import CPU, cuda_key
 from helexa.neuron.discovery import MB, Hardware, total_memory_bytes
+from helexa.neuron.downloads import Downloads
 from helexa.neuron.engines import Engines, LocalEngines, WorkerEngines
 from helexa.neuron.harness.base import Harness
 from helexa.neuron.lending import Lender
-from helexa.neuron.model_files import canonical_model_id, harness_for_files
+from helexa.neuron.model_files import (
+    REPO_ID,
+    canonical_model_id,
+    harness_for_files,
+    hf_cache_dir,
+    hub_offline,
+    resolve_local_dir,
+)
 
 log = logging.getLogger("helexa.neuron")
 
@@ -50,6 +66,13 @@ class Neuron:
             self.hardware.process_memory_mb,
         )
         self.engines.count_lent(self.lender.held_bytes)
+        transformers_cache = settings.harness.transformers.hf_cache
+        self.downloads = Downloads(
+            {
+                "transformers": hf_cache_dir(transformers_cache),
+                "llamacpp": hf_cache_dir(settings.harness.llamacpp.hf_cache or transformers_cache),
+            }
+        )
         self.harnesses: dict[str, Harness] = self.engines.harnesses
         self.activation = ActivationTracker(settings.default_models)
         self._loads: dict[str, asyncio.Future[ModelStatus]] = {}
@@ -66,6 +89,7 @@ class Neuron:
         self.engines.start()
 
     async def stop(self) -> None:
+        await self.downloads.stop()
         await self.lender.stop()
         await self.engines.stop()
 
@@ -137,6 +161,8 @@ class Neuron:
         if spec.rpc:
             self._check_pooled(spec)
         harness = self.harness_for(spec)
+        if not harness.has(spec.model_id) and spec.model_id not in self._loads:
+            await self._weights_here(spec)
         if harness.has(spec.model_id):
             status = next(s for s in harness.list() if s.id == spec.model_id)
             if status.status != "failed":  # a failed one (its worker crashed) loads again
@@ -152,6 +178,41 @@ class Neuron:
             self._load_specs[spec.model_id] = spec
             pending.add_done_callback(lambda _f: self._forget_load(spec.model_id))
         return "loaded", await asyncio.shield(pending)
+
+    def _from_hub(self, spec: ModelSpec) -> bool:
+        """Whether a load of ``spec`` takes its weights from the hub (the cache), not from a
+        folder or file under model_dirs, and may fetch them (one quant of a GGUF repo)."""
+        if not REPO_ID.match(spec.model_id) or hub_offline():
+            return False
+        if resolve_local_dir(spec.model_id, self.settings.model_dirs) is not None:
+            return False
+        return spec.harness != "llamacpp" or spec.quant is not None
+
+    async def _weights_here(self, spec: ModelSpec) -> None:
+        """A load whose weights are not in the cache starts their download and answers
+        503 with its progress, instead of holding the request for the whole download."""
+        if not self._from_hub(spec):
+            return  # the harness finds (or says what is missing) as before
+        pull = self.downloads.pulls.get((spec.model_id, spec.quant))
+        if pull is None or pull.state != "downloading":
+            args = (spec.model_id, spec.quant, spec.harness)
+            if await asyncio.to_thread(self.downloads.present, *args):
+                return
+            pull = self.downloads.pull(*args)
+        raise self.downloads.waiting(pull)
+
+    async def pull(self, spec: ModelSpec) -> DownloadInfo:
+        """``POST /models/pull``: download a model's weights (in the background)."""
+        spec = self._canonical(spec)
+        args = (spec.model_id, spec.quant, spec.harness)
+        pulling = self.downloads.pulls.get((spec.model_id, spec.quant))
+        idle = pulling is None or pulling.state != "downloading"
+        if idle and (
+            resolve_local_dir(spec.model_id, self.settings.model_dirs) is not None
+            or await asyncio.to_thread(self.downloads.present, *args)
+        ):
+            return DownloadInfo(model_id=spec.model_id, quant=spec.quant, state="done")
+        return self.downloads.pull(*args).view()
 
     def _check_pooled(self, spec: ModelSpec) -> None:
         """A pooled load (remote devices) needs llama.cpp, and a worker process of its own:
@@ -346,6 +407,7 @@ class Neuron:
             models=models,
             workers=self.engines.workers(),
             loans=self.lender.views(),
+            downloads=self.downloads.views(),
             draining=self.draining,
             status="draining" if self.draining else "ok",
         )
