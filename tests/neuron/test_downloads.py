@@ -7,6 +7,8 @@ hub access says so."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,9 +16,12 @@ import httpx
 import pytest
 
 from tests.support.fake_hub import FakeHub
-from tests.support.procs import Daemon, start_neuron, wait_for
+from tests.support.fleet import start_cortex
+from tests.support.procs import Daemon, console_script, start_neuron, wait_for
 
 REPO = "helexa-test/SmolLM2-135M-Instruct-GGUF"
+OTHER = "helexa-test/Other-GGUF"  # the same file under other names, for cortex's commands
+THIRD = "helexa-test/Third-GGUF"
 CONFIG = """
 harnesses = [{name = "llamacpp"}]
 [harness.llamacpp]
@@ -27,15 +32,15 @@ context_tokens = 2048
 @pytest.fixture(scope="module")
 def hub(real_models: tuple[Path, Path]) -> Iterator[FakeHub]:
     gguf = real_models[0]
-    served = FakeHub(REPO, {gguf.name: gguf}, bytes_per_s=25e6)  # ~4 s for 94 MB
+    served = FakeHub(  # ~4 s for 94 MB
+        {repo: {gguf.name: gguf} for repo in (REPO, OTHER, THIRD)}, bytes_per_s=25e6
+    )
     yield served
     served.stop()
 
 
 @pytest.fixture(scope="module")
-def online(
-    tmp_path_factory: pytest.TempPathFactory, hub: FakeHub
-) -> Iterator[tuple[Daemon, str]]:
+def online(tmp_path_factory: pytest.TempPathFactory, hub: FakeHub) -> Iterator[tuple[Daemon, str]]:
     work = tmp_path_factory.mktemp("downloads")
     daemon, base = start_neuron(
         work,
@@ -71,9 +76,7 @@ def test_a_cold_load_downloads_in_the_background_with_progress(
         return pull["state"] == "done"
 
     wait_for("the download", finished, timeout=60)
-    partway = [
-        p for p in seen if p["total_bytes"] and 0 < p["done_bytes"] < p["total_bytes"]
-    ]
+    partway = [p for p in seen if p["total_bytes"] and 0 < p["done_bytes"] < p["total_bytes"]]
     assert partway, seen  # progress was visible while it ran
     assert any(p["rate_bytes_s"] for p in partway) and any(p["eta_s"] for p in partway)
     assert seen[-1]["done_bytes"] == seen[-1]["total_bytes"] > 90_000_000
@@ -133,3 +136,49 @@ def test_a_neuron_without_hub_access_says_so(
         assert load.status_code == 404
     finally:
         daemon.stop()
+
+
+def cortex_cli(*args: str, api: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [console_script("cortex"), "models", *args, "--endpoint", api],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def test_cortex_pulls_lists_and_deletes_weights_and_says_a_cold_load_is_downloading(
+    tmp_path: Path, online: tuple[Daemon, str]
+) -> None:
+    _daemon, base = online
+    models = "".join(
+        f'[[models]]\nid = "{repo}"\nquant = "Q4_1"\nmin_devices = 0\nvram_mb = 150\n'
+        for repo in (OTHER, THIRD)
+    )
+    cortex, api, _metrics = start_cortex(tmp_path, {"n1": base}, models)
+    try:
+        assert OTHER not in cortex_cli("ls", api=api).stdout
+        pulled = cortex_cli("pull", OTHER, api=api)
+        assert pulled.returncode == 0, pulled.stderr
+        assert f"{OTHER}: on n1" in pulled.stdout
+        listed = cortex_cli("ls", api=api)
+        assert listed.returncode == 0 and f"{OTHER}" in listed.stdout
+        assert "n1 (cache)" in listed.stdout
+        assert cortex_cli("pull", OTHER, api=api).stdout.strip() == f"{OTHER}: already on n1"
+
+        # A cold load of weights no neuron has: 503, Retry-After, and the progress.
+        chat = {"model": THIRD, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        cold = httpx.post(f"{api}/v1/chat/completions", json=chat, timeout=60)
+        assert cold.status_code == 503 and cold.headers["retry-after"]
+        error = cold.json()["error"]
+        assert error["code"] == "downloading", error
+        assert f"downloading {THIRD} Q4_1: " in error["message"]
+
+        removed = cortex_cli("rm", OTHER, "--node", "n1", api=api)
+        assert removed.returncode == 0, removed.stderr
+        assert OTHER not in cortex_cli("ls", api=api).stdout
+        again = cortex_cli("rm", OTHER, "--node", "n1", api=api)
+        assert again.returncode == 1 and "not in this neuron's Hugging Face cache" in again.stderr
+    finally:
+        cortex.stop()

@@ -1,4 +1,4 @@
-"""A local HTTP server standing in for the Hugging Face hub: one model repo, its files
+"""A local HTTP server standing in for the Hugging Face hub: model repos, their files
 served in the hub's layout (repo info, file tree, ``resolve`` with HEAD metadata and byte
 ranges), slowed down so a download's progress can be watched. huggingface_hub, pointed at
 it with ``HF_ENDPOINT``, runs its real download path against it."""
@@ -13,16 +13,15 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CHUNK = 1 << 20
 
 
 class FakeHub:
-    def __init__(self, repo: str, files: dict[str, Path], bytes_per_s: float = 30e6) -> None:
-        self.repo = repo
-        self.files = files
+    def __init__(self, repos: dict[str, dict[str, Path]], bytes_per_s: float = 30e6) -> None:
+        self.repos = repos  # repo id -> {file name: the file served}
         self.delay = CHUNK / bytes_per_s
-        self.sha256 = {name: _sha256(path) for name, path in files.items()}
+        paths = {path for files in repos.values() for path in files.values()}
+        self.sha256 = {path: _sha256(path) for path in paths}
         self.requests: list[str] = []
         hub = self
 
@@ -50,43 +49,47 @@ class FakeHub:
 
     def answer(self, handler: BaseHTTPRequestHandler, *, body: bool) -> None:
         path = handler.path.split("?", 1)[0]
-        api = f"/api/models/{self.repo}"
-        if path.startswith(f"{api}/revision/") or path == api:
-            siblings = [{"rfilename": name} for name in self.files]
-            info = {"id": self.repo, "modelId": self.repo, "sha": COMMIT, "siblings": siblings}
-            return _json(handler, info, body)
-        if path.startswith(f"{api}/tree/"):
-            tree = [
-                {
-                    "type": "file",
-                    "path": name,
-                    "size": p.stat().st_size,
-                    "oid": hashlib.sha1(name.encode()).hexdigest(),
-                    "lfs": {"oid": self.sha256[name], "size": p.stat().st_size, "pointerSize": 134},
-                }
-                for name, p in self.files.items()
-            ]
-            return _json(handler, tree, body)
-        found = re.fullmatch(rf"/{re.escape(self.repo)}/resolve/[^/]+/(.+)", path)
-        if found is None or found.group(1) not in self.files:
-            handler.send_response(404)
-            handler.send_header("X-Error-Code", "EntryNotFound")
-            handler.send_header("Content-Length", "0")
-            handler.end_headers()
-            return None
-        return self.send_file(handler, found.group(1), body)
+        for repo, files in self.repos.items():
+            api = f"/api/models/{repo}"
+            if path.startswith(f"{api}/revision/") or path == api:
+                siblings = [{"rfilename": name} for name in files]
+                info = {"id": repo, "modelId": repo, "sha": commit(repo), "siblings": siblings}
+                return _json(handler, info, body)
+            if path.startswith(f"{api}/tree/"):
+                tree = [
+                    {
+                        "type": "file",
+                        "path": name,
+                        "size": p.stat().st_size,
+                        "oid": hashlib.sha1(name.encode()).hexdigest(),
+                        "lfs": {
+                            "oid": self.sha256[p],
+                            "size": p.stat().st_size,
+                            "pointerSize": 134,
+                        },
+                    }
+                    for name, p in files.items()
+                ]
+                return _json(handler, tree, body)
+            found = re.fullmatch(rf"/{re.escape(repo)}/resolve/[^/]+/(.+)", path)
+            if found is not None and found.group(1) in files:
+                return self.send_file(handler, repo, files[found.group(1)], body)
+        handler.send_response(404)
+        handler.send_header("X-Error-Code", "RepoNotFound")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+        return None
 
-    def send_file(self, handler: BaseHTTPRequestHandler, name: str, body: bool) -> None:
-        path = self.files[name]
+    def send_file(self, handler: BaseHTTPRequestHandler, repo: str, path: Path, body: bool) -> None:
         size = path.stat().st_size
         start = 0
         ranged = re.fullmatch(r"bytes=(\d+)-", handler.headers.get("Range") or "")
         if ranged:
             start = int(ranged.group(1))
         handler.send_response(206 if ranged else 200)
-        handler.send_header("X-Repo-Commit", COMMIT)
-        handler.send_header("ETag", f'"{self.sha256[name]}"')
-        handler.send_header("X-Linked-Etag", f'"{self.sha256[name]}"')
+        handler.send_header("X-Repo-Commit", commit(repo))
+        handler.send_header("ETag", f'"{self.sha256[path]}"')
+        handler.send_header("X-Linked-Etag", f'"{self.sha256[path]}"')
         handler.send_header("X-Linked-Size", str(size))
         handler.send_header("Accept-Ranges", "bytes")
         handler.send_header("Content-Length", str(size - start))
@@ -103,6 +106,11 @@ class FakeHub:
                 except (BrokenPipeError, ConnectionResetError):
                     return
                 time.sleep(self.delay)
+
+
+def commit(repo: str) -> str:
+    """A repo's one revision: a commit hash of its own, as on the hub."""
+    return hashlib.sha1(repo.encode()).hexdigest()
 
 
 def _json(handler: BaseHTTPRequestHandler, value: object, body: bool) -> None:

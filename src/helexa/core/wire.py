@@ -360,6 +360,15 @@ class DownloadInfo(Wire):
     error: str | None = None
 
 
+class StoredModel(Wire):
+    """Weights a neuron holds (``GET /models/stored``)."""
+
+    model_id: str
+    where: Literal["cache", "model_dirs"]
+    bytes: int
+    files: list[str] = []
+
+
 class Health(Wire):
     uptime_secs: float
     devices: list[DeviceHealth]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -55,6 +57,11 @@ class AdminModelRequest(Wire):
 
 class PinRequest(AdminModelRequest):
     pinned: bool = True
+
+
+class DeleteRequest(Wire):
+    model_id: ModelName
+    node: str  # weights are deleted on one neuron at a time, named
 
 
 class Gateway:
@@ -170,6 +177,19 @@ class Gateway:
             )
         return {**self.health(), "neurons": neurons, "models": self.model_entries()}
 
+    async def stored(self) -> dict[str, Any]:
+        """Where each model's weights are: every healthy neuron's ``/models/stored``."""
+        states = [s for s in self.fleet.neurons.values() if s.healthy]
+
+        async def ask(state: NeuronState) -> Any:
+            try:
+                return orjson.loads(await self.fleet.get(state, "/models/stored"))
+            except Exception as exc:  # an old neuron, a timeout: say so for that one
+                return {"error": str(exc) or type(exc).__name__}
+
+        answers = await asyncio.gather(*(ask(s) for s in states))
+        return {state.name: answer for state, answer in zip(states, answers, strict=True)}
+
     def dashboard(self) -> dict[str, Any]:
         """What the dashboard shows, in one answer: the fleet view, each neuron's state and
         devices with what uses their memory, the models with their figures of the last
@@ -256,6 +276,7 @@ def neuron_panel(state: NeuronState, now: float) -> dict[str, Any]:
         "loaded": models,
         "activation": health.activation.model_dump() if health else None,
         "workers": [w.model_dump() for w in health.workers] if health else [],
+        "downloads": [d.model_dump() for d in health.downloads] if health else [],
     }
 
 
@@ -314,6 +335,18 @@ def build_app(gateway: Gateway) -> ASGIApp:
     async def dashboard(_request: Request) -> Response:
         return JSONResponse(gateway.dashboard())
 
+    async def admin_pull(request: Request) -> Response:
+        body = await read_body(request, AdminModelRequest)
+        node, download = await gateway.router.admin_pull(body.model_id, body.node)
+        return JSONResponse({"node": node, "download": download})
+
+    async def admin_delete(request: Request) -> Response:
+        body = await read_body(request, DeleteRequest)
+        return JSONResponse(await gateway.router.admin_delete(body.model_id, body.node))
+
+    async def admin_stored(_request: Request) -> Response:
+        return JSONResponse(await gateway.stored())
+
     async def admin_pin(request: Request) -> Response:
         body = await read_body(request, PinRequest)
         gateway.router.pin(gateway.router.resolve(body.model_id), body.pinned)
@@ -363,6 +396,9 @@ def build_app(gateway: Gateway) -> ASGIApp:
         Route("/admin/fleet", fleet, methods=["GET"]),
         Route("/admin/dashboard", dashboard, methods=["GET"]),
         Route("/admin/models/pin", admin_pin, methods=["POST"]),
+        Route("/admin/models/pull", admin_pull, methods=["POST"]),
+        Route("/admin/models/delete", admin_delete, methods=["POST"]),
+        Route("/admin/models/stored", admin_stored, methods=["GET"]),
         Route("/ui", dashboard_page, methods=["GET"]),
         Route("/admin/models/load", admin_load, methods=["POST"]),
         Route("/admin/models/unload", admin_unload, methods=["POST"]),

@@ -42,7 +42,7 @@ from helexa.cortex.record import RequestRecord
 
 ADMIN_KEY_NAME = ":admin"  # what the access log and metrics call the admin token
 OPEN_PATHS = frozenset({"/health", "/", "/ui"})  # /ui: the dashboard's page, no data in it
-READ_ONLY_ADMIN = frozenset({"/admin/fleet", "/admin/dashboard"})
+READ_ONLY_ADMIN = frozenset({"/admin/fleet", "/admin/dashboard", "/admin/models/stored"})
 ANTHROPIC_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 
 

@@ -13,6 +13,7 @@ import typer
 from helexa.core.settings import ConfigError
 from helexa.cortex.cli_config import config_file
 from helexa.cortex.keys_cli import keys_app
+from helexa.cortex.models_cli import models_app
 
 app = typer.Typer(
     add_completion=False,
@@ -290,6 +291,7 @@ def up(
 
 
 app.add_typer(keys_app, name="keys")  # cortex keys add|list|revoke (cortex.keys_cli)
+app.add_typer(models_app, name="models")  # cortex models pull|ls|rm (cortex.models_cli)
 
 
 def main() -> None:

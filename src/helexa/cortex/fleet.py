@@ -401,7 +401,7 @@ class Fleet:
         self.last_round_at: float | None = None  # monotonic end of the last complete round
         self._round = asyncio.Event()  # set after every round: waiters re-check the picture
 
-    async def _get(self, state: NeuronState, path: str) -> bytes:
+    async def get(self, state: NeuronState, path: str) -> bytes:
         response = await state.pool.request(
             "GET",
             path,
@@ -420,12 +420,10 @@ class Fleet:
         began = state.poll_began()
         try:
             if state.discovery is None or state.rediscover:
-                state.discovery = Discovery.model_validate_json(
-                    await self._get(state, "/discovery")
-                )
-            models = _MODEL_LIST.validate_json(await self._get(state, "/models"))
+                state.discovery = Discovery.model_validate_json(await self.get(state, "/discovery"))
+            models = _MODEL_LIST.validate_json(await self.get(state, "/models"))
             state.asking_health()
-            health = Health.model_validate_json(await self._get(state, "/health"))
+            health = Health.model_validate_json(await self.get(state, "/health"))
         except LocalExhaustion as exc:
             # Out of file descriptors here: says nothing about the neuron.
             log.warning("poll skipped", extra={"neuron": state.name, "error": str(exc)})

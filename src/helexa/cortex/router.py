@@ -455,6 +455,10 @@ class Router:
                     code=error.get("code") or "load_failed",
                     param="model",
                 )
+            if error.get("code") == "downloading":  # its weights are on their way there
+                raise self._unavailable(
+                    f"{profile.id!r} is not on {state.name} yet: {reason}", "downloading"
+                )
             raise self._unavailable(message, "load_failed")
         elapsed = time.monotonic() - started
         model = payload.get("model")
@@ -626,6 +630,61 @@ class Router:
     async def _locked_load(self, state: NeuronState, profile: ModelProfile) -> None:
         async with self._neuron_locks[state.name]:
             await self._load_on(state, profile)
+
+    # -- weights on the neurons (cortex models pull|ls|rm) -------------------------------------
+
+    def _neuron(self, node: str) -> NeuronState:
+        state = self.fleet.neurons.get(node)
+        if state is None:
+            raise not_found(f"no neuron named {node!r}", code="neuron_not_found", param="node")
+        return state
+
+    async def admin_pull(self, model_id: str, node: str | None) -> tuple[str, dict[str, object]]:
+        """Start downloading a model's weights on ``node``, else on the neuron a cold load
+        would pick first; returns that neuron and the download as it reported it."""
+        profile = self.catalogue.profile(model_id) or ModelProfile(id=model_id)
+        if node is not None:
+            state = self._neuron(node)
+        else:
+            views = [view_of(s, self.catalogue) for s in self.fleet.neurons.values()]
+            ranked = rank_neurons(profile, views)
+            if not ranked:
+                raise self._unavailable(
+                    f"no healthy neuron can host {model_id!r} to download it to",
+                    "no_feasible_neuron",
+                )
+            state = self.fleet.neurons[ranked[0].name]
+        status, payload = await self._post(
+            state, "/models/pull", self._spec(state, profile), SIZE_TIMEOUT_S
+        )
+        if status != 200:
+            raise self._neuron_error(state, status, payload, f"pulling {model_id!r}")
+        log.info("pull", extra={"model": model_id, "node": state.name, "by": "admin"})
+        return state.name, payload
+
+    async def admin_delete(self, model_id: str, node: str) -> dict[str, object]:
+        state = self._neuron(node)
+        status, payload = await self._post(
+            state, "/models/delete", {"model_id": model_id}, SIZE_TIMEOUT_S
+        )
+        if status != 200:
+            raise self._neuron_error(state, status, payload, f"deleting {model_id!r}")
+        log.info("weights deleted", extra={"model": model_id, "node": node, "by": "admin"})
+        return payload
+
+    @staticmethod
+    def _neuron_error(
+        state: NeuronState, status: int, payload: dict[str, object], doing: str
+    ) -> ApiError:
+        error = payload.get("error")
+        error = error if isinstance(error, dict) else {}
+        return ApiError(
+            status if status >= 400 else 502,
+            f"{doing} on {state.name}: {error.get('message', f'status {status}')}",
+            type=str(error.get("type") or "invalid_request_error"),
+            code=str(error.get("code") or "neuron_error"),
+            param=error.get("param"),  # type: ignore[arg-type]
+        )
 
     def pin(self, model_id: str, pinned: bool) -> None:
         """Keep a loaded model from eviction (or let it go again), until cortex restarts."""

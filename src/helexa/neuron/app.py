@@ -76,6 +76,14 @@ def build_app(neuron: Neuron) -> Starlette:
         spec = await read_body(request, ModelSpec)
         return JSONResponse(_dump(await neuron.pull(spec)))
 
+    async def stored(_request: Request) -> Response:
+        return JSONResponse([_dump(m) for m in await neuron.stored()])
+
+    async def delete(request: Request) -> Response:
+        body = await read_body(request, UnloadRequest)  # {model_id}
+        freed = await neuron.delete(body.model_id)
+        return JSONResponse({"status": "deleted", "freed_bytes": freed})
+
     async def size(request: Request) -> Response:
         spec = await read_body(request, ModelSpec)
         return JSONResponse(_dump(await neuron.size(spec)))
@@ -208,6 +216,8 @@ def build_app(neuron: Neuron) -> Starlette:
         Route("/models/unload", unload, methods=["POST"]),
         Route("/models/size", size, methods=["POST"]),
         Route("/models/pull", pull, methods=["POST"]),
+        Route("/models/stored", stored, methods=["GET"]),
+        Route("/models/delete", delete, methods=["POST"]),
         Route("/workers/recycle", recycle, methods=["POST"]),
         Route("/rpc/lend", lend, methods=["POST"]),
         Route("/rpc/release", release, methods=["POST"]),

@@ -15,6 +15,7 @@ from helexa.core.wire import (
     ModelSize,
     ModelSpec,
     ModelStatus,
+    StoredModel,
 )
 from helexa.neuron.activation import ActivationTracker, prewarm
 from helexa.neuron.admission import Admission
@@ -34,6 +35,9 @@ from helexa.neuron.model_files import (
     hub_offline,
     resolve_local_dir,
 )
+from helexa.neuron.stored import delete as delete_weights
+from helexa.neuron.stored import in_use as weights_in_use
+from helexa.neuron.stored import stored as stored_models
 
 log = logging.getLogger("helexa.neuron")
 
@@ -213,6 +217,20 @@ class Neuron:
         ):
             return DownloadInfo(model_id=spec.model_id, quant=spec.quant, state="done")
         return self.downloads.pull(*args).view()
+
+    async def stored(self) -> list[StoredModel]:
+        return await asyncio.to_thread(
+            stored_models, self.downloads.cache_dirs.values(), self.settings.model_dirs
+        )
+
+    async def delete(self, model_id: str) -> int:
+        """Delete a model's weights from the caches (not while it is loaded or loading)."""
+        if model_id in self._loads or any(h.has(model_id) for h in self.harnesses.values()):
+            raise weights_in_use(model_id)
+        pulling = [p for p in self.downloads.pulls.values() if p.model_id == model_id]
+        if any(p.state == "downloading" for p in pulling):
+            raise weights_in_use(model_id)
+        return await asyncio.to_thread(delete_weights, model_id, self.downloads.cache_dirs.values())
 
     def _check_pooled(self, spec: ModelSpec) -> None:
         """A pooled load (remote devices) needs llama.cpp, and a worker process of its own:
