@@ -26,7 +26,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helexa.core.tiny_model import write_tiny_model_to_hf_cache
 from helexa.core.wire import ChatMessage
 from helexa.neuron.harness.engine import Engine, Generation
 from helexa.neuron.harness.prompt import render_chat
@@ -35,6 +34,7 @@ from helexa.neuron.harness.transformers.batched import PagedBackend, kv_shape, u
 from helexa.neuron.harness.transformers.paged import PagedKv, blocks_for
 from helexa.neuron.model_files import ModelFiles, read_json
 from helexa.neuron.sampling import SamplingParams
+from helexa.up.tiny_model import write_tiny_model_to_hf_cache
 from tests.support.procs import start_neuron
 
 SHAPES = {

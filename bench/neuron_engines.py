@@ -61,12 +61,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import llama_cpp
 
-from helexa.core.tiny_model import GGUF_Q8_0_FILENAME, write_tiny_model_to_hf_cache
 from helexa.core.wire import ChatMessage
 from helexa.neuron.harness.llamacpp import binding
 from helexa.neuron.harness.llamacpp.tokenizer import GgufTokenizer, chat_template
 from helexa.neuron.harness.prompt import render_chat
 from helexa.neuron.sampling import SamplingParams
+from helexa.up.tiny_model import GGUF_Q8_0_FILENAME, write_tiny_model_to_hf_cache
 from tests.support.procs import Daemon, start_neuron
 
 T = TypeVar("T")

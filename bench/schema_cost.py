@@ -153,7 +153,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.rounds)
         return
-    from helexa.core.demo_model import demo_dense, demo_gguf
+    from helexa.up.demo_model import demo_dense, demo_gguf
 
     demo_gguf(CACHE), demo_dense(CACHE)
     engines = ["helexa-gguf", "llama-cpp-python", "helexa-hf", "llguidance"]

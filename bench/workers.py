@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 
 from bench.neuron_engines import concurrent_chat, nonce, rss, stream_chat
-from helexa.core.demo_model import demo_gguf
+from helexa.up.demo_model import demo_gguf
 from tests.support.procs import Daemon, start_neuron
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "models"

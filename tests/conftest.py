@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from helexa.core.demo_model import DemoModelUnavailable, demo_dense, demo_gguf
-from helexa.core.tiny_model import TINY_REPO_ID, write_tiny_model, write_tiny_model_to_hf_cache
+from helexa.up.demo_model import DemoModelUnavailable, demo_dense, demo_gguf
+from helexa.up.tiny_model import TINY_REPO_ID, write_tiny_model, write_tiny_model_to_hf_cache
 from tests.support.procs import Daemon, start_neuron
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

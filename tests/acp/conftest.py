@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from helexa.core.tiny_model import DEMO_SHAPE, write_tiny_model_to_hf_cache
+from helexa.up.tiny_model import DEMO_SHAPE, write_tiny_model_to_hf_cache
 from tests.acp.harness import agent_env
 from tests.support.fleet import start_cortex
 from tests.support.procs import Daemon, free_port, start_neuron

@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from helexa.core import anthropic, responses
-from helexa.core.errors import ApiError, scrub_paths
+from helexa.core.errors import ApiError, anthropic_body, scrub_paths
 from helexa.core.http import (
     LIMITS_KEY,
     MAX_JSON_DEPTH,
@@ -31,6 +30,7 @@ from helexa.core.wire import (
     check_quant,
     check_template_kwargs,
 )
+from helexa.cortex.translate import anthropic, responses
 
 USER = [{"role": "user", "content": "x"}]
 
@@ -236,7 +236,7 @@ def test_error_bodies_never_carry_server_paths() -> None:
     assert scrub_paths("model 'org/name' is not loaded") == "model 'org/name' is not loaded"
     error = ApiError(404, message)
     assert "/var/lib" not in error.openai_body()["error"]["message"]
-    assert "/var/lib" not in anthropic.api_error_body(error)["error"]["message"]
+    assert "/var/lib" not in anthropic_body(error)["error"]["message"]
     assert error.message == message  # logs keep the whole text
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helexa.core.tiny_model import write_tiny_model_to_hf_cache
+from helexa.up.tiny_model import write_tiny_model_to_hf_cache
 from tests.support.fleet import start_cortex
 from tests.support.procs import Daemon, free_port, start_neuron
 

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from helexa.core.tiny_model import TINY_REPO_ID
+from helexa.up.tiny_model import TINY_REPO_ID
 from tests.support.fleet import start_cortex
 from tests.support.procs import Daemon, console_script, free_port, start_neuron
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from helexa.core.catalogue import parse_catalogue
 from helexa.core.wire import Discovery, Health
+from helexa.cortex.catalogue import parse_catalogue
 from helexa.cortex.checkconfig import (
     KNOWN_HARNESSES,
     Probe,

@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from helexa.core.tiny_model import DEMO_SHAPE, write_tiny_model_to_hf_cache
-from helexa.cortex.up import CONTEXT_TOKENS
+from helexa.up.run import CONTEXT_TOKENS
+from helexa.up.tiny_model import DEMO_SHAPE, write_tiny_model_to_hf_cache
 from tests.cortex.conftest import Fleet
 from tests.support.clients import client
 from tests.support.fleet import start_cortex

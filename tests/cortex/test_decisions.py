@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from helexa.core.catalogue import ModelProfile, parse_catalogue
-from helexa.core.placement import (
+from helexa.core.settings import ConfigError
+from helexa.cortex.catalogue import ModelProfile, parse_catalogue
+from helexa.cortex.config import load_config
+from helexa.cortex.placement import (
     CPU_POOL,
     Device,
     NeuronView,
@@ -18,8 +20,6 @@ from helexa.core.placement import (
     plan_eviction,
     rank_neurons,
 )
-from helexa.core.settings import ConfigError
-from helexa.cortex.config import load_config
 from tests.support.procs import console_script
 
 
@@ -210,8 +210,8 @@ def test_config_cross_checks_and_cli(tmp_path: Path) -> None:
 def test_need_is_the_size_a_neuron_reports_and_is_remembered() -> None:
     import asyncio
 
-    from helexa.core.placement import need_mb
     from helexa.core.wire import ModelSize
+    from helexa.cortex.placement import need_mb
     from helexa.cortex.weights import WeightSizes
 
     asked: list[tuple[str, str]] = []
@@ -246,15 +246,15 @@ def test_gguf_need_is_file_plus_kv(tmp_path: Path) -> None:
     allocates, as the neuron reports it: never the dequantized weights."""
     import asyncio
 
-    from helexa.core.placement import need_mb
-    from helexa.core.tiny_model import DEMO_SHAPE, write_tiny_model_to_hf_cache
     from helexa.core.wire import ModelSpec
+    from helexa.cortex.placement import need_mb
     from helexa.cortex.weights import MB, WeightSizes
     from helexa.neuron.config import LlamaCppHarnessSettings, TransformersHarnessSettings
     from helexa.neuron.devices import DevicePool
     from helexa.neuron.harness.llamacpp import plan
     from helexa.neuron.harness.llamacpp.harness import LlamaCppHarness
     from helexa.neuron.harness.transformers.harness import TransformersHarness
+    from helexa.up.tiny_model import DEMO_SHAPE, write_tiny_model_to_hf_cache
 
     cache = tmp_path / "hub"
     snapshot = write_tiny_model_to_hf_cache(cache, "org/demo", with_gguf=True, **DEMO_SHAPE)
@@ -327,7 +327,7 @@ def test_router_asks_the_neuron_placement_considers(monkeypatch: pytest.MonkeyPa
 
 
 def test_replica_choice_keeps_a_conversation_on_its_replica() -> None:
-    from helexa.core.placement import choose_replica
+    from helexa.cortex.placement import choose_replica
 
     replicas = [("n1", 3), ("n2", 0), ("n3", 1)]
     assert choose_replica(replicas, None) == "n2"  # least busy

@@ -139,7 +139,7 @@ def test_gguf_profiles_without_vram_mb_are_sized_by_the_neuron(
     """No vram_mb: cortex asks the neuron (POST /models/size), which answers file + KV; room
     for the second GGUF is made by evicting the first (each ~65 MB in a 100 MB budget), where
     an unknown size would send a load the neuron must refuse."""
-    from helexa.core.tiny_model import DEMO_SHAPE, write_tiny_model_to_hf_cache
+    from helexa.up.tiny_model import DEMO_SHAPE, write_tiny_model_to_hf_cache
     from tests.support.procs import start_neuron
 
     repos = ["helexa/sized-a-GGUF", "helexa/sized-b-GGUF"]

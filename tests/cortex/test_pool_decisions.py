@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from helexa.core.catalogue import ModelProfile
 from helexa.core.errors import ApiError
-from helexa.core.placement import CPU_POOL, POOL_MARGIN, PoolPlan, Share, plan_pool
 from helexa.core.wire import LendRequest
+from helexa.cortex.catalogue import ModelProfile
+from helexa.cortex.placement import CPU_POOL, POOL_MARGIN, PoolPlan, Share, plan_pool
 from helexa.neuron.config import NeuronSettings
 from helexa.neuron.harness.llamacpp.plan import MB, pool_split
 from helexa.neuron.lending import Activity, allowlist, lend_host, loan_over

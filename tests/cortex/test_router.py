@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from helexa.core.catalogue import parse_catalogue
 from helexa.core.errors import ApiError
-from helexa.core.placement import plan_eviction
 from helexa.core.wire import Discovery, Health, ModelStatus
+from helexa.cortex.catalogue import parse_catalogue
 from helexa.cortex.config import CortexSettings, NeuronEntry
 from helexa.cortex.fleet import Fleet, NeuronState, view_of
 from helexa.cortex.metrics import Metrics
+from helexa.cortex.placement import plan_eviction
 from helexa.cortex.router import Router
 from tests.support.wire import discovery_body, health_body
 

@@ -88,7 +88,7 @@ def start_up(
 
 def seed_demo_model(home: Path, gguf: Path) -> Path:
     """The demo model where ``cortex up`` keeps it for this HOME, as if fetched before."""
-    from helexa.core.demo_model import GGUF_DIR
+    from helexa.up.demo_model import GGUF_DIR
 
     folder = home / ".cache" / "helexa" / GGUF_DIR
     folder.mkdir(parents=True)
@@ -236,8 +236,8 @@ def test_cortex_up_random(tmp_path: Path) -> None:
 
 
 def test_default_model_is_one_gguf_and_the_cache_probe_finds_it(tmp_path: Path) -> None:
-    from helexa.core.tiny_model import write_tiny_model_to_hf_cache
-    from helexa.cortex.up import DEFAULT_MODEL, cached, download_patterns, pick_quant
+    from helexa.up.run import DEFAULT_MODEL, cached, download_patterns, pick_quant
+    from helexa.up.tiny_model import write_tiny_model_to_hf_cache
 
     assert (DEFAULT_MODEL, pick_quant(DEFAULT_MODEL, None)) == ("Qwen/Qwen3-0.6B-GGUF", "Q8_0")
     assert pick_quant("Qwen/Qwen3-8B", None) is None  # dense: safetensors on transformers
@@ -297,7 +297,7 @@ def test_no_hub_no_cache_and_no_demo_model_says_run_random(tmp_path: Path) -> No
 def test_a_model_the_neuron_cannot_load_shows_the_log_and_the_tiny_command(
     tmp_path: Path,
 ) -> None:
-    from helexa.core.tiny_model import write_tiny_model_to_hf_cache
+    from helexa.up.tiny_model import write_tiny_model_to_hf_cache
 
     cache = tmp_path / "hub"
     snapshot = write_tiny_model_to_hf_cache(cache, "org/broken-GGUF", gguf_only=True)
@@ -322,7 +322,7 @@ def test_a_model_the_neuron_cannot_load_shows_the_log_and_the_tiny_command(
 def test_banner_and_commands(tmp_path: Path) -> None:
     from rich.console import Console
 
-    from helexa.cortex.up import DEFAULT_PORT, LocalFleet, default_workdir, up_command
+    from helexa.up.run import DEFAULT_PORT, LocalFleet, default_workdir, up_command
 
     assert default_workdir(DEFAULT_PORT, {"HOME": "/h"}) == Path("/h/.local/state/helexa/up")
     assert default_workdir(4000, {"XDG_STATE_HOME": "/s"}) == Path("/s/helexa/up-4000")
@@ -368,7 +368,7 @@ def test_a_missing_inference_stack_says_what_to_install(
 ) -> None:
     import importlib.util
 
-    from helexa.cortex.up import run_up
+    from helexa.up.run import run_up
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helexa.core.tiny_model import TINY_REPO_ID
 from helexa.neuron.access import model_of
 from helexa.neuron.service import Neuron
+from helexa.up.tiny_model import TINY_REPO_ID
 from tests.support.inprocess import run_neuron
 
 

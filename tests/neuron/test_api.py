@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from helexa.core.tiny_model import TINY_REPO_ID
+from helexa.up.tiny_model import TINY_REPO_ID
 from tests.conftest import GGUF_REPO_ID, LOCAL_MODEL
 
 MSGS = [{"role": "user", "content": "Tell me about the weather in the city."}]
@@ -436,7 +436,7 @@ def test_gguf_load_by_quant_tag(base: str) -> None:
 
 
 def test_size_from_the_files_without_loading(base: str, hf_cache) -> None:  # type: ignore[no-untyped-def]
-    from helexa.core.tiny_model import GGUF_Q8_0_FILENAME
+    from helexa.up.tiny_model import GGUF_Q8_0_FILENAME
 
     gguf = post(base, "/models/size", json={"model_id": GGUF_REPO_ID, "quant": "Q8_0"})
     assert gguf.status_code == 200, gguf.text

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from helexa.core.settings import ConfigError, load_settings
-from helexa.core.tiny_model import TINY_REPO_ID
 from helexa.neuron.config import NeuronSettings, unguarded_listen
+from helexa.up.tiny_model import TINY_REPO_ID
 from tests.support.fleet import start_cortex
 from tests.support.procs import Daemon, console_script, free_port, start_neuron
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helexa.core.tiny_model import GGUF_F16_FILENAME, write_tiny_model, write_tiny_model_to_hf_cache
 from helexa.neuron.weights_check import check_gguf, check_safetensors
+from helexa.up.tiny_model import GGUF_F16_FILENAME, write_tiny_model, write_tiny_model_to_hf_cache
 from tests.support.procs import start_neuron
 
 # model id → (the file to break, how)

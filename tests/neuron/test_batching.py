@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from helexa.core.tiny_model import write_tiny_model
+from helexa.up.tiny_model import write_tiny_model
 from tests.support.procs import start_neuron
 
 MODEL = "long-tiny"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helexa.core.tiny_model import GGUF_Q8_0_FILENAME, TINY_REPO_ID
+from helexa.up.tiny_model import GGUF_Q8_0_FILENAME, TINY_REPO_ID
 from tests.conftest import GGUF_REPO_ID, LOCAL_MODEL
 from tests.support.procs import console_script
 

@@ -12,10 +12,10 @@ import torch
 from transformers import AutoTokenizer
 
 from helexa.core.errors import ApiError
-from helexa.core.tiny_model import write_tiny_model
 from helexa.core.wire import ResponseFormat
 from helexa.neuron.harness.transformers.constraint import Grammars, JsonConstraint
 from helexa.neuron.sampling import OutputFormat, SamplingParams, next_token, output_format
+from helexa.up.tiny_model import write_tiny_model
 
 SCHEMA: dict[str, Any] = {
     "type": "object",

@@ -11,12 +11,12 @@ import httpx
 import pytest
 
 from helexa.core.settings import load_settings
-from helexa.core.tiny_model import write_tiny_model
 from helexa.core.wire import ModelSpec
 from helexa.neuron.app import build_app
 from helexa.neuron.config import NeuronSettings
 from helexa.neuron.harness.transformers.batched import PagedBackend
 from helexa.neuron.service import Neuron
+from helexa.up.tiny_model import write_tiny_model
 from tests.conftest import LOCAL_MODEL
 from tests.support.inprocess import IN_PROCESS, sse_frames
 from tests.support.procs import start_neuron

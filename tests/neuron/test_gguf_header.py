@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from gguf import GGUFReader
 
-from helexa.core.tiny_model import GGUF_F16_FILENAME, write_tiny_model_to_hf_cache
 from helexa.neuron.gguf_header import ArrayField, read_header
 from helexa.neuron.weights_check import GGUF_READ_ERRORS
+from helexa.up.tiny_model import GGUF_F16_FILENAME, write_tiny_model_to_hf_cache
 
 
 @pytest.fixture(scope="module")

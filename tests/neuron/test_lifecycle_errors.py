@@ -18,15 +18,15 @@ import pytest
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 from helexa.core.errors import ApiError
-from helexa.core.tiny_model import (
-    GGUF_Q8_0_FILENAME,
-    write_tiny_model,
-    write_tiny_model_to_hf_cache,
-)
 from helexa.core.wire import ModelSpec
 from helexa.neuron.harness.transformers.batched import PagedBackend
 from helexa.neuron.model_files import canonical_model_id, hub_error
 from helexa.neuron.service import Neuron
+from helexa.up.tiny_model import (
+    GGUF_Q8_0_FILENAME,
+    write_tiny_model,
+    write_tiny_model_to_hf_cache,
+)
 from tests.conftest import GGUF_REPO_ID, LOCAL_MODEL
 from tests.support.inprocess import run_neuron, sse_frames
 from tests.support.procs import Daemon, start_neuron

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from helexa.core.tiny_model import TINY_REPO_ID
+from helexa.up.tiny_model import TINY_REPO_ID
 
 USER = [{"role": "user", "content": "hi"}]
 

@@ -18,7 +18,7 @@ import jsonschema
 import openai
 import pytest
 
-from helexa.core.tiny_model import (
+from helexa.up.tiny_model import (
     GGUF_F16_FILENAME,
     GGUF_Q8_0_FILENAME,
     write_tiny_model_to_hf_cache,

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helexa.core.tiny_model import GGUF_Q8_0_FILENAME, write_tiny_model_to_hf_cache
 from helexa.neuron.harness.llamacpp import binding
 from helexa.neuron.service import Neuron
+from helexa.up.tiny_model import GGUF_Q8_0_FILENAME, write_tiny_model_to_hf_cache
 from tests.support.inprocess import Scenario, run_neuron, sse_frames
 
 MODEL = f"gguf/{GGUF_Q8_0_FILENAME}"

@@ -70,7 +70,7 @@ def count(base: str, model: str, messages: list[dict[str, Any]], **extra: Any) -
 
 
 def gguf_template(real_models: tuple[Path, Path]) -> str:
-    from helexa.core.demo_model import gguf_chat_template
+    from helexa.up.demo_model import gguf_chat_template
 
     template = gguf_chat_template(real_models[0])
     assert template and "<|im_start|>" in template

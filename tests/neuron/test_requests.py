@@ -14,12 +14,12 @@ import httpx
 import orjson
 import pytest
 
-from helexa.core.tiny_model import TINY_REPO_ID
 from helexa.neuron.access import Accounting, outcome
 from helexa.neuron.admission import Admission, Withdrawn
 from helexa.neuron.harness.base import Finish, TokenStream
 from helexa.neuron.requests import Requests, Running, request_id_of
 from helexa.neuron.service import Neuron
+from helexa.up.tiny_model import TINY_REPO_ID
 from tests.support.inprocess import run_neuron, sse_frames
 
 # --- decisions --------------------------------------------------------------------------------

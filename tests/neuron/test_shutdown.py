@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from helexa.core.tiny_model import TINY_REPO_ID
+from helexa.up.tiny_model import TINY_REPO_ID
 from tests.support.procs import start_neuron
 
 STREAM = {

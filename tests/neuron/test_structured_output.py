@@ -10,7 +10,7 @@ import jsonschema
 import openai
 import pytest
 
-from helexa.core.tiny_model import TINY_REPO_ID
+from helexa.up.tiny_model import TINY_REPO_ID
 
 MSGS = [{"role": "user", "content": "Describe the weather as JSON."}]
 SCHEMA: dict[str, Any] = {

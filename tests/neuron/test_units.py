@@ -13,7 +13,6 @@ from transformers import AutoTokenizer
 
 from helexa.core.errors import ApiError
 from helexa.core.settings import ConfigError, load_settings
-from helexa.core.tiny_model import build_tokenizer_dir
 from helexa.core.wire import ChatCompletionRequest, ModelSpec
 from helexa.neuron.activation import ActivationTracker, prewarm
 from helexa.neuron.admission import Admission
@@ -21,6 +20,7 @@ from helexa.neuron.config import NeuronSettings
 from helexa.neuron.detokenize import IncrementalDetokenizer, StopMatcher
 from helexa.neuron.model_files import hf_cache_dir, resolve_local_dir, select_gguf
 from helexa.neuron.sampling import SamplingParams, filter_logits, next_token, resolve_sampling
+from helexa.up.tiny_model import build_tokenizer_dir
 from tests.support.procs import console_script
 
 # --- sampling ---------------------------------------------------------------------------------

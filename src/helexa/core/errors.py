@@ -100,3 +100,37 @@ def unavailable(message: str, *, code: str, retry_after: int = 1) -> ApiError:
 
 def internal(message: str, *, code: str = "internal_error") -> ApiError:
     return ApiError(500, message, type="server_error", code=code)
+
+
+# --- the Anthropic envelope ---------------------------------------------------------------------
+
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    421: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    431: "request_too_large",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_type(status: int) -> str:
+    return ANTHROPIC_ERROR_TYPES.get(status, "api_error")
+
+
+def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
+    """An error in Anthropic's envelope (cortex's Anthropic routes, and the HTTP layer's
+    own errors on them)."""
+    return {"type": "error", "error": {"type": anthropic_error_type(status), "message": message}}
+
+
+def anthropic_body(exc: ApiError) -> dict[str, Any]:
+    return anthropic_error_body(exc.status, scrub_paths(exc.message))

@@ -18,8 +18,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import Receive, Scope, Send
 
-from helexa.core.anthropic import api_error_body
-from helexa.core.errors import ApiError, bad_request
+from helexa.core.errors import ApiError, anthropic_body, bad_request
 
 log = logging.getLogger("helexa.http")
 
@@ -222,7 +221,7 @@ ANTHROPIC_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 def error_body(path: str, exc: ApiError) -> bytes:
     """``exc`` in the envelope of the protocol ``path`` speaks."""
     if path.rstrip("/") in ANTHROPIC_PATHS:
-        return orjson.dumps(api_error_body(exc))
+        return orjson.dumps(anthropic_body(exc))
     return orjson.dumps(exc.openai_body())
 
 

@@ -20,11 +20,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from helexa.core.browser import BrowserGuard, answer
 from helexa.core.errors import ApiError
-from helexa.core.tool_set import named
 from helexa.cortex.activity import Recent, RecentRequests
 from helexa.cortex.auth import envelope
 from helexa.cortex.metrics import Metrics
 from helexa.cortex.record import SCOPE_KEY, RequestRecord
+from helexa.cortex.translate.tool_set import named
 
 if TYPE_CHECKING:
     from helexa.cortex.auth import Guard

@@ -16,15 +16,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from helexa.core import anthropic
 from helexa.core.browser import BrowserGuard, host_names
-from helexa.core.errors import not_found
+from helexa.core.errors import anthropic_body, not_found
 from helexa.core.http import (
     JSONResponse,
     openai_app,
     read_body,
 )
-from helexa.core.placement import feasible
 from helexa.core.wire import ModelName, Wire
 from helexa.cortex.access import AccessLog
 from helexa.cortex.activity import WINDOW_S, RecentRequests, per_model
@@ -36,6 +34,7 @@ from helexa.cortex.fleet import Fleet, NeuronState, view_of
 from helexa.cortex.keys import KeyStore, keys_path
 from helexa.cortex.metrics import Metrics
 from helexa.cortex.metrics_port import MetricsPort
+from helexa.cortex.placement import feasible
 from helexa.cortex.protocols import (
     AnthropicCountTokens,
     AnthropicMessages,
@@ -317,7 +316,7 @@ def build_app(gateway: Gateway) -> ASGIApp:
         allowed = may_use(keys_models, model_id, gateway.router.granting(name, model_id))
         if entry is None or not allowed:
             error = not_found(f"model {name!r} does not exist", code="model_not_found")
-            body = anthropic.api_error_body(error) if anthropic_shape else error.openai_body()
+            body = anthropic_body(error) if anthropic_shape else error.openai_body()
             return JSONResponse(body, status_code=error.status)
         if anthropic_shape:
             return JSONResponse(anthropic_model(entry, gateway.started))

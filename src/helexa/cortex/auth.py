@@ -25,7 +25,6 @@ from typing import Any
 import orjson
 from starlette.types import Scope, Send
 
-from helexa.core import anthropic
 from helexa.core.auth import (
     AmbiguousCredentials,
     Denial,
@@ -36,7 +35,7 @@ from helexa.core.auth import (
     same_secret,
     send_error,
 )
-from helexa.core.errors import ApiError
+from helexa.core.errors import ApiError, anthropic_body
 from helexa.cortex.keys import KeyStore
 from helexa.cortex.record import RequestRecord
 
@@ -123,7 +122,7 @@ def anthropic_envelope(path: str, headers: Headers) -> bool:
 
 def error_body(error: ApiError, anthropic_shape: bool) -> bytes:
     if anthropic_shape:
-        return orjson.dumps(anthropic.api_error_body(error))
+        return orjson.dumps(anthropic_body(error))
     return orjson.dumps(error.openai_body())
 
 

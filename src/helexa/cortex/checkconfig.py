@@ -19,11 +19,11 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import ValidationError
 
-from helexa.core.catalogue import Catalogue, ModelProfile
 from helexa.core.checks import Report
-from helexa.core.placement import CPU_POOL, Device, NeuronView, feasible, pools_for
 from helexa.core.wire import Discovery, Health
+from helexa.cortex.catalogue import Catalogue, ModelProfile
 from helexa.cortex.config import CortexSettings, NeuronEntry
+from helexa.cortex.placement import CPU_POOL, Device, NeuronView, feasible, pools_for
 
 # The harness names a neuron runs (helexa.neuron.harness.registry.KNOWN; not imported here:
 # a gateway host need not have the neuron's libraries).

@@ -275,7 +275,7 @@ def up(
     ] = None,
 ) -> None:
     """A whole local fleet on this machine: a neuron and a gateway serving a model."""
-    from helexa.cortex.up import run_up
+    from helexa.up.run import run_up
 
     raise typer.Exit(
         run_up(

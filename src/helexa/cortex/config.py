@@ -12,11 +12,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from helexa.core.auth import clean_secret
 from helexa.core.browser import HttpSettings
-from helexa.core.catalogue import Catalogue, load_catalogue
 from helexa.core.serving import LimitsSettings
 from helexa.core.settings import ConfigError, load_settings, require_unique
-from helexa.core.tool_set import HostedTools
+from helexa.cortex.catalogue import Catalogue, load_catalogue
 from helexa.cortex.keys import keys_path, read_keys
+from helexa.cortex.translate.tool_set import HostedTools
 
 DEFAULT_CONFIG_PATH = Path("/etc/cortex/cortex.toml")
 

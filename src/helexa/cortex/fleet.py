@@ -21,10 +21,10 @@ import orjson
 from pydantic import TypeAdapter, ValidationError
 
 from helexa.core.auth import bearer, is_loopback
-from helexa.core.catalogue import Catalogue, ModelProfile
-from helexa.core.placement import CPU_POOL, Device, NeuronView, Resident, need_mb
 from helexa.core.wire import Discovery, Health, ModelStatus
+from helexa.cortex.catalogue import Catalogue, ModelProfile
 from helexa.cortex.config import NeuronEntry, PollerSettings
+from helexa.cortex.placement import CPU_POOL, Device, NeuronView, Resident, need_mb
 from helexa.cortex.upstream import LocalExhaustion, Pool, UpstreamError
 
 log = logging.getLogger("helexa.cortex.fleet")

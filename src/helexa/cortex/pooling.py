@@ -18,11 +18,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from helexa.core.catalogue import ModelProfile
 from helexa.core.errors import ApiError, unavailable
-from helexa.core.placement import CPU_POOL, PoolPlan, Share
 from helexa.core.wire import Loan
+from helexa.cortex.catalogue import ModelProfile
 from helexa.cortex.fleet import NeuronState
+from helexa.cortex.placement import CPU_POOL, PoolPlan, Share
 
 log = logging.getLogger("helexa.cortex.pooling")
 

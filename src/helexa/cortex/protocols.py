@@ -12,10 +12,8 @@ from typing import Any
 import orjson
 from starlette.types import Scope
 
-from helexa.core import anthropic, responses
-from helexa.core.errors import ApiError, bad_request
+from helexa.core.errors import ApiError, anthropic_body, bad_request
 from helexa.core.http import validate
-from helexa.core.tool_set import HostedTools
 from helexa.core.wire import check_model_name
 from helexa.cortex.relay import (
     UNFINISHED,
@@ -26,6 +24,8 @@ from helexa.cortex.relay import (
     header,
     neuron_error,
 )
+from helexa.cortex.translate import anthropic, responses
+from helexa.cortex.translate.tool_set import HostedTools
 
 FIRST_TOKEN = re.compile(rb'"(?:content|text|reasoning_content)":"[^"]|"tool_calls":\[')
 USAGE_ONLY = re.compile(rb'"choices":\[\]')
@@ -205,7 +205,7 @@ class OpenAIPassthrough(OpenAIErrors):
 
 class AnthropicErrors:
     def error_body(self, exc: ApiError) -> bytes:
-        return orjson.dumps(anthropic.api_error_body(exc))
+        return orjson.dumps(anthropic_body(exc))
 
     def upstream_error(self, status: int, raw: bytes) -> bytes:
         return orjson.dumps(anthropic.error_from_openai(status, raw))

@@ -21,13 +21,13 @@ from starlette.types import Receive, Scope, Send
 
 from helexa.core.errors import ApiError
 from helexa.core.http import REQUEST_ID_HEADER, ClientGone, parse_json, receive_body
-from helexa.core.tool_set import OMITTED_HEADER, header_value
 from helexa.cortex.abandon import CANCELLABLE, ClientWatch, new_request_id
 from helexa.cortex.auth import require_model
 from helexa.cortex.dispatch import Call, Dispatcher
 from helexa.cortex.drain import Drain
 from helexa.cortex.fleet import NeuronState
 from helexa.cortex.record import RequestRecord, record_of
+from helexa.cortex.translate.tool_set import OMITTED_HEADER, header_value
 from helexa.cortex.upstream import GatewayShutdown, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("helexa.cortex.proxy")

@@ -8,9 +8,14 @@ import time
 
 import orjson
 
-from helexa.core.catalogue import Catalogue, ModelProfile
 from helexa.core.errors import ApiError, not_found, unavailable
-from helexa.core.placement import (
+from helexa.core.wire import ModelSize, ModelStatus
+from helexa.cortex.affinity import AffinityTable
+from helexa.cortex.catalogue import Catalogue, ModelProfile
+from helexa.cortex.config import CortexSettings
+from helexa.cortex.fleet import Fleet, NeuronState, view_of
+from helexa.cortex.metrics import Metrics
+from helexa.cortex.placement import (
     CPU_POOL,
     Placement,
     PoolPlan,
@@ -22,11 +27,6 @@ from helexa.core.placement import (
     rank_neurons,
     unhostable,
 )
-from helexa.core.wire import ModelSize, ModelStatus
-from helexa.cortex.affinity import AffinityTable
-from helexa.cortex.config import CortexSettings
-from helexa.cortex.fleet import Fleet, NeuronState, view_of
-from helexa.cortex.metrics import Metrics
 from helexa.cortex.pooling import Pools
 from helexa.cortex.upstream import LocalExhaustion, UpstreamError
 from helexa.cortex.weights import WeightSizes

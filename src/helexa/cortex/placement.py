@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from helexa.core.catalogue import ModelProfile
+from helexa.cortex.catalogue import ModelProfile
 
 CPU_POOL = -1  # the pool key of a neuron's CPU memory budget
 

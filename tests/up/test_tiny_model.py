@@ -17,7 +17,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from helexa.core.tiny_model import (
+from helexa.up.tiny_model import (
     GGUF_F16_FILENAME,
     GGUF_Q8_0_FILENAME,
     TINY_REPO_ID,

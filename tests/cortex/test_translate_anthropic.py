@@ -10,8 +10,8 @@ import anthropic
 import httpx2
 import pytest
 
-from helexa.core import anthropic as tr
-from helexa.core.errors import ApiError
+from helexa.core.errors import ApiError, anthropic_error_body
+from helexa.cortex.translate import anthropic as tr
 
 TOOLS = [
     {
@@ -119,7 +119,7 @@ def test_thinking_off_by_default_and_bad_blocks() -> None:
         with pytest.raises(ApiError) as nested:
             tr.to_openai(request(messages=[{"role": "user", "content": bad}]), "m")
         assert nested.value.status == 400
-    assert tr.error_body(404, "x") == {
+    assert anthropic_error_body(404, "x") == {
         "type": "error",
         "error": {"type": "not_found_error", "message": "x"},
     }

@@ -1,6 +1,6 @@
 """OpenAI Responses ⇄ OpenAI chat completions: pure functions and a streaming state machine,
-no I/O. Modelled on ``helexa.core.anthropic``; errors travel in the plain OpenAI envelope
-(``ApiError.openai_body()``)."""
+no I/O. Modelled on ``cortex.translate.anthropic``; errors travel in the plain OpenAI
+envelope (``ApiError.openai_body()``)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from helexa.core.anthropic import Event, render
 from helexa.core.errors import bad_request
-from helexa.core.tool_set import HostedTools, ToolSet, leave_out
 from helexa.core.wire import MAX_MESSAGES, MAX_TOOLS, ClientModelName, StreamFlag, Wire
+from helexa.cortex.translate.anthropic import Event, render
+from helexa.cortex.translate.tool_set import HostedTools, ToolSet, leave_out
 
 __all__ = [
     "KEEPALIVE",
