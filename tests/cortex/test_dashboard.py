@@ -186,6 +186,20 @@ def test_the_dashboard_shows_the_fleet_and_its_buttons_obey_the_keys(
     ).click()  # type: ignore[attr-defined]
     until(driver, "the pin", lambda d: "pinned" in model_row(d, "helexa/tiny-a").text)
     shoot(driver, "3-loaded-and-pinned")
+
+    admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    unknown = httpx.post(
+        f"{base}/admin/models/pin", json={"model_id": "nobody/nothing"}, headers=admin
+    )
+    assert unknown.status_code == 404, unknown.text
+    malformed = httpx.post(
+        f"{base}/admin/models/pin", json={"model_id": 3, "pinned": "x"}, headers=admin
+    )
+    assert malformed.status_code == 400, malformed.text
+    hostile = httpx.post(
+        f"{base}/admin/models/pin", json={"model_id": "<img src=x onerror=alert(1)>"}, headers=admin
+    )
+    assert hostile.status_code in (400, 404)  # never rendered as markup: the page uses text nodes
     dashboard = httpx.get(
         f"{base}/admin/dashboard", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}
     ).json()

@@ -8,15 +8,15 @@ import collections
 import statistics
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 KEPT = 500  # requests remembered
 WINDOW_S = 300.0  # what "the last minutes" means for the per-model figures
 
 
-@dataclass(frozen=True)
-class Recent:
+class Recent(NamedTuple):
+    """One request that ended (a tuple: built on every request, it must cost little)."""
+
     at: float  # wall clock, seconds
     method: str
     path: str
@@ -33,7 +33,7 @@ class Recent:
     key: str | None = None  # the API key's name, never the key
 
     def as_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return self._asdict()
 
 
 class RecentRequests:
