@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from huggingface_hub import scan_cache_dir
+from huggingface_hub import CachedRepoInfo, scan_cache_dir
 from huggingface_hub.errors import CacheNotFound
 
 from helexa.core.errors import ApiError, not_found
@@ -19,23 +19,23 @@ from helexa.core.wire import StoredModel
 log = logging.getLogger("helexa.neuron.stored")
 
 
-def _cached(cache_dirs: Iterable[Path]) -> list[StoredModel]:
-    found: dict[str, StoredModel] = {}
+def _repos(cache_dirs: Iterable[Path]) -> Iterator[CachedRepoInfo]:
+    """The model repos of each Hugging Face cache (each once, however many harnesses)."""
     for cache in dict.fromkeys(cache_dirs):
         try:
             scan = scan_cache_dir(cache)
         except CacheNotFound:
             continue
-        for repo in scan.repos:
-            if repo.repo_type != "model":
-                continue
-            files = sorted({f.file_name for rev in repo.revisions for f in rev.files})
-            found[repo.repo_id] = StoredModel(
-                model_id=repo.repo_id,
-                where="cache",
-                bytes=repo.size_on_disk,
-                files=files[:50],
-            )
+        yield from (repo for repo in scan.repos if repo.repo_type == "model")
+
+
+def _cached(cache_dirs: Iterable[Path]) -> list[StoredModel]:
+    found: dict[str, StoredModel] = {}
+    for repo in _repos(cache_dirs):
+        files = sorted({f.file_name for rev in repo.revisions for f in rev.files})
+        found[repo.repo_id] = StoredModel(
+            model_id=repo.repo_id, where="cache", bytes=repo.size_on_disk, files=files[:50]
+        )
     return list(found.values())
 
 
@@ -67,17 +67,12 @@ def stored(cache_dirs: Iterable[Path], model_dirs: Iterable[Path]) -> list[Store
 def delete(model_id: str, cache_dirs: Iterable[Path]) -> int:
     """Delete a model's weights from the Hugging Face caches; the bytes freed. Blocking."""
     freed = 0
-    for cache in dict.fromkeys(cache_dirs):
-        try:
-            scan = scan_cache_dir(cache)
-        except CacheNotFound:
-            continue
-        for repo in scan.repos:
-            if repo.repo_id == model_id and repo.repo_type == "model":
-                # The repo's whole folder (blobs, snapshots, refs): revisions are named by
-                # commit hash, which need not be unique across repos.
-                freed += repo.size_on_disk
-                shutil.rmtree(repo.repo_path)
+    for repo in _repos(cache_dirs):
+        if repo.repo_id == model_id:
+            # The repo's whole folder (blobs, snapshots, refs): revisions are named by commit
+            # hash, which need not be unique across repos.
+            freed += repo.size_on_disk
+            shutil.rmtree(repo.repo_path)
     if not freed:
         raise not_found(
             f"{model_id!r} is not in this neuron's Hugging Face cache (weights under "
