@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from helexa.core.browser import BrowserGuard, answer
 from helexa.core.errors import ApiError
-from helexa.cortex.activity import Recent, RecentRequests
+from helexa.cortex.activity import RecentRequests
 from helexa.cortex.auth import envelope
 from helexa.cortex.metrics import Metrics
 from helexa.cortex.record import SCOPE_KEY, RequestRecord
@@ -131,22 +131,7 @@ class AccessLog:
         usage = record.usage or {}
         if self.recent is not None and scope["path"] != "/admin/dashboard":
             self.recent.add(
-                Recent(
-                    at=time.time(),
-                    method=scope["method"],
-                    path=scope["path"],
-                    model=record.model_id or record.model,
-                    node=record.node,
-                    status=status,
-                    outcome=result,
-                    secs=round(seconds, 4),
-                    prompt_tokens=usage.get("prompt_tokens"),
-                    completion_tokens=usage.get("completion_tokens"),
-                    ttft_s=record.ttft_s,
-                    tokens_per_s=record.tokens_per_s,
-                    error=record.error,
-                    key=record.key,
-                )
+                time.time(), scope["method"], scope["path"], status, result, seconds, record
             )
         log.info(
             "request",

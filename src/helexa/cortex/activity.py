@@ -37,20 +37,48 @@ class Recent(NamedTuple):
 
 
 class RecentRequests:
+    """The last ``kept`` requests. The access log adds one per request, so what it adds is
+    a bare tuple holding the request's record; ``Recent`` rows are built when read."""
+
     def __init__(self, kept: int = KEPT) -> None:
-        self._items: collections.deque[Recent] = collections.deque(maxlen=kept)
+        self._items: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=kept)
 
-    def add(self, item: Recent) -> None:
-        self._items.append(item)
-
-    def last(self, n: int) -> list[Recent]:
-        return list(self._items)[-n:][::-1]  # newest first
-
-    def errors(self, n: int) -> list[Recent]:
-        return [r for r in reversed(self._items) if r.outcome != "ok"][:n]
+    def add(
+        self, at: float, method: str, path: str, status: int, outcome: str, secs: float, record: Any
+    ) -> None:
+        self._items.append((at, method, path, status, outcome, secs, record))
 
     def items(self) -> list[Recent]:
-        return list(self._items)
+        return [_row(*item) for item in self._items]
+
+    def last(self, n: int) -> list[Recent]:
+        return self.items()[-n:][::-1]  # newest first
+
+    def errors(self, n: int) -> list[Recent]:
+        return [r for r in reversed(self.items()) if r.outcome != "ok"][:n]
+
+
+def _row(
+    at: float, method: str, path: str, status: int, outcome: str, secs: float, record: Any
+) -> Recent:
+    """A request as the dashboard shows it, from its access-log record (a RequestRecord)."""
+    usage = record.usage or {}
+    return Recent(
+        at=at,
+        method=method,
+        path=path,
+        model=record.model_id or record.model,
+        node=record.node,
+        status=status,
+        outcome=outcome,
+        secs=round(secs, 4),
+        prompt_tokens=usage.get("prompt_tokens"),
+        completion_tokens=usage.get("completion_tokens"),
+        ttft_s=record.ttft_s,
+        tokens_per_s=record.tokens_per_s,
+        error=record.error,
+        key=record.key,
+    )
 
 
 def per_model(
