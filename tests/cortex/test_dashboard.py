@@ -23,7 +23,10 @@ SCREENSHOTS = Path(__file__).resolve().parents[2] / ".cache" / "screenshots"
 ROOT = Path(__file__).resolve().parents[2]
 
 webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    StaleElementReferenceException,
+    TimeoutException,
+)
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -89,8 +92,15 @@ def shoot(driver: object, name: str) -> None:
 
 
 def until(driver: object, what: str, check, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
+    """Wait for ``check``; the page redraws every 2 s, so an element read in between may be
+    gone (stale): that is tried again, not a failure."""
     try:
-        WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: check(d))
+        WebDriverWait(
+            driver,
+            timeout,
+            poll_frequency=0.2,
+            ignored_exceptions=(StaleElementReferenceException,),
+        ).until(lambda d: check(d))
     except TimeoutException:
         shoot(driver, f"failed-{what.replace(' ', '-')}")
         raise AssertionError(f"the page never showed {what}") from None
@@ -101,6 +111,17 @@ def use_key(driver: object, secret: str) -> None:
     box.clear()
     box.send_keys(secret)
     driver.find_element(By.ID, "use-key").click()  # type: ignore[attr-defined]
+
+
+def press(driver: object, model: str, action: str) -> None:
+    """Click a model's button (found afresh: the row may have been redrawn)."""
+
+    def attempt(d) -> bool:  # type: ignore[no-untyped-def]
+        button = f'button[data-action="{action}"]'
+        model_row(d, model).find_element(By.CSS_SELECTOR, button).click()
+        return True
+
+    until(driver, f"the {action} button of {model}", attempt)
 
 
 def model_row(driver: object, model: str) -> object:
@@ -128,27 +149,33 @@ def test_the_dashboard_shows_the_fleet_and_its_buttons_obey_the_keys(
     # An API key reads it: the neuron, its CPU budget, the catalogue.
     use_key(driver, key)
     until(driver, "the fleet", lambda d: d.find_element(By.ID, "fleet-status").text == "ok")
-    neuron = driver.find_element(By.CSS_SELECTOR, '.neuron[data-name="box"]')  # type: ignore[attr-defined]
-    assert neuron.get_attribute("data-state") == "up"
-    assert "CPU budget" in neuron.text and "of 200 MB used" in neuron.text
-    assert model_row(driver, "helexa/tiny-a").get_attribute("data-loaded") == "false"
+
+    def shows_the_neuron(d) -> bool:  # type: ignore[no-untyped-def]
+        neuron = d.find_element(By.CSS_SELECTOR, '.neuron[data-name="box"]')
+        return (
+            neuron.get_attribute("data-state") == "up"
+            and "CPU budget" in neuron.text
+            and "of 200 MB used" in neuron.text
+            and model_row(d, "helexa/tiny-a").get_attribute("data-loaded") == "false"
+        )
+
+    until(driver, "the neuron and its CPU budget", shows_the_neuron)
     shoot(driver, "1-fleet")
 
     # ... but its buttons are refused, and say why.
-    model_row(driver, "helexa/tiny-a").find_element(
-        By.CSS_SELECTOR, 'button[data-action="load"]'
-    ).click()  # type: ignore[attr-defined]
-    until(driver, "the refusal", lambda d: "403" in d.find_element(By.ID, "message").text)
-    assert "admin" in driver.find_element(By.ID, "message").text  # type: ignore[attr-defined]
+    press(driver, "helexa/tiny-a", "load")
+    until(
+        driver,
+        "the refusal, and why",
+        lambda d: "403" in (text := d.find_element(By.ID, "message").text) and "admin" in text,
+    )
     assert httpx.get(f"{base}/v1/models", headers={"authorization": f"Bearer {key}"}).json()
     shoot(driver, "2-refused")
 
     # The admin token loads, pins and unloads; the page follows each change.
     use_key(driver, ADMIN_TOKEN)
     until(driver, "the fleet again", lambda d: d.find_element(By.ID, "fleet-status").text == "ok")
-    model_row(driver, "helexa/tiny-a").find_element(
-        By.CSS_SELECTOR, 'button[data-action="load"]'
-    ).click()  # type: ignore[attr-defined]
+    press(driver, "helexa/tiny-a", "load")
     until(
         driver,
         "the model loaded",
@@ -180,10 +207,8 @@ def test_the_dashboard_shows_the_fleet_and_its_buttons_obey_the_keys(
         "the request",
         lambda d: "/v1/chat/completions" in d.find_element(By.ID, "recent").text,
     )
-    assert "viewer" in driver.find_element(By.ID, "recent").text  # type: ignore[attr-defined]
-    model_row(driver, "helexa/tiny-a").find_element(
-        By.CSS_SELECTOR, 'button[data-action="pin"]'
-    ).click()  # type: ignore[attr-defined]
+    until(driver, "the key's name", lambda d: "viewer" in d.find_element(By.ID, "recent").text)
+    press(driver, "helexa/tiny-a", "pin")
     until(driver, "the pin", lambda d: "pinned" in model_row(d, "helexa/tiny-a").text)
     shoot(driver, "3-loaded-and-pinned")
 
@@ -206,9 +231,7 @@ def test_the_dashboard_shows_the_fleet_and_its_buttons_obey_the_keys(
     entry = next(m for m in dashboard["models"] if m["id"] == "helexa/tiny-a")
     assert entry["pinned"] and entry["last_minutes"]["requests"] >= 1
 
-    model_row(driver, "helexa/tiny-a").find_element(
-        By.CSS_SELECTOR, 'button[data-action="unload"]'
-    ).click()  # type: ignore[attr-defined]
+    press(driver, "helexa/tiny-a", "unload")
     until(
         driver,
         "the model unloaded",

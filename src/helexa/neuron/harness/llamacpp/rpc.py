@@ -102,6 +102,10 @@ def reachable(endpoint: str, timeout_s: float = 5.0) -> str | None:
     before the donor's gate sees it, so a refusal shows as a reset just after: an admitted
     connection stays silent (ggml's server waits for the client to speak first)."""
     host, _, port = endpoint.rpartition(":")
+    refused = (
+        "its gate refused this host: the loan admits other addresses than the one this host "
+        "connects from (cortex names a borrower by the host of its URL in cortex.toml)"
+    )
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as sock:
             sock.settimeout(REFUSAL_WAIT_S)
@@ -112,12 +116,10 @@ def reachable(endpoint: str, timeout_s: float = 5.0) -> str | None:
             except ConnectionResetError:
                 closed = True
             if closed:
-                return (
-                    "its gate refused this host: the loan admits other addresses than the one "
-                    "this host connects from (cortex names a borrower by the host of its URL "
-                    "in cortex.toml)"
-                )
+                return refused
             return "it answered before being asked: not a ggml RPC server"
+    except ConnectionResetError:  # on loopback the gate's reset can beat connect() back
+        return refused
     except (OSError, ValueError) as exc:
         return str(exc) or type(exc).__name__
 
