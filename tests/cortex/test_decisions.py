@@ -283,16 +283,17 @@ def test_gguf_need_is_file_plus_kv(tmp_path: Path) -> None:
     assert file_bytes < dequantized  # Q8_0 as stored is smaller than fp32 weights
 
 
-def test_router_asks_the_neuron_placement_considers(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_load_owner_asks_the_neuron_placement_considers() -> None:
     """No vram_mb: the router asks /models/size of the neuron with the most room first (with
     the spec its load would send), falls back to another, and asks once per model."""
     import asyncio
 
-    from helexa.core.wire import Discovery, Health
+    from helexa.core.wire import Discovery, Health, ModelSize
     from helexa.cortex.config import CortexSettings, NeuronEntry
     from helexa.cortex.fleet import Fleet
+    from helexa.cortex.loads import Loads
     from helexa.cortex.metrics import Metrics
-    from helexa.cortex.router import Router
+    from helexa.cortex.neuron_client import NeuronRefused
     from tests.support.wire import discovery_body, health_body
 
     settings = CortexSettings(
@@ -307,23 +308,23 @@ def test_router_asks_the_neuron_placement_considers(monkeypatch: pytest.MonkeyPa
         state.healthy = state.responsive = name != "down"
         state.discovery = Discovery.model_validate(discovery_body([], ("llamacpp",), hostname=name))
         state.health = Health.model_validate(health_body([], cpu_free_mb=free))
-    router = Router(settings, catalogue, fleet, Metrics())
     calls: list[tuple[str, str, dict]] = []
 
-    async def post(state, path, body, timeout):  # type: ignore[no-untyped-def]
-        calls.append((state.name, path, body))
-        if state.name == "big":
-            return 503, {"error": {"message": "busy"}}
-        return 200, {"bytes": 700 * 1024 * 1024 + 1, "weights_bytes": 600, "kv_bytes": 100}
+    class Sizes:  # the neurons' /models/size, scripted: "big" is busy
+        async def size(self, state, spec):  # type: ignore[no-untyped-def]
+            calls.append((state.name, "/models/size", spec))
+            if state.name == "big":
+                raise NeuronRefused(503, {"message": "busy"})
+            return ModelSize(bytes=700 * 1024 * 1024 + 1, weights_bytes=600, kv_bytes=100)
 
-    monkeypatch.setattr(router, "_post", post)
+    loads = Loads(settings, catalogue, fleet, Metrics(), Sizes())  # type: ignore[arg-type]
     profile = catalogue.profile("org/m-GGUF")
     assert profile is not None and profile.harness == "llamacpp"
-    need = asyncio.run(router._need(profile, frozenset()))
+    need = asyncio.run(loads._need(profile, frozenset()))
     assert need == 701
     spec = {"model_id": "org/m-GGUF", "harness": "llamacpp", "quant": "Q4_K_M", "devices": []}
     assert calls == [("big", "/models/size", spec), ("small", "/models/size", spec)]
-    assert asyncio.run(router._need(profile, frozenset())) == 701 and len(calls) == 2
+    assert asyncio.run(loads._need(profile, frozenset())) == 701 and len(calls) == 2
 
 
 def test_replica_choice_keeps_a_conversation_on_its_replica() -> None:

@@ -11,11 +11,21 @@ from typing import Any
 import pytest
 
 from helexa.core.errors import ApiError
-from helexa.core.wire import Discovery, Health, ModelStatus
+from helexa.core.wire import (
+    Discovery,
+    DownloadInfo,
+    Health,
+    LendRequest,
+    Loan,
+    ModelSize,
+    ModelStatus,
+)
 from helexa.cortex.catalogue import parse_catalogue
 from helexa.cortex.config import CortexSettings, NeuronEntry
 from helexa.cortex.fleet import Fleet, NeuronState, view_of
+from helexa.cortex.loads import Loads
 from helexa.cortex.metrics import Metrics
+from helexa.cortex.neuron_client import LoadReply
 from helexa.cortex.placement import plan_eviction
 from helexa.cortex.router import Router
 from tests.support.wire import discovery_body, health_body
@@ -42,6 +52,52 @@ def status(model_id: str, state: str = "loaded", devices: list[int] | None = Non
     )
 
 
+class ScriptedClient:
+    """The neurons' lifecycle API, scripted: each call is recorded as the route it stands
+    for; ``hold[(neuron, route)]`` holds a call until set."""
+
+    def __init__(self) -> None:
+        self.posts: list[tuple[str, str, dict[str, Any]]] = []
+        self.hold: dict[tuple[str, str], asyncio.Event] = {}
+        self.canonical: dict[str, str] = {}  # model id -> the id the neuron reports instead
+
+    async def _called(self, state: NeuronState, path: str, body: dict[str, Any]) -> None:
+        self.posts.append((state.name, path, body))
+        gate = self.hold.get((state.name, path))
+        if gate is not None:
+            await gate.wait()
+
+    async def load(self, state: NeuronState, spec: dict[str, Any]) -> LoadReply:
+        await self._called(state, "/models/load", spec)
+        model_id = self.canonical.get(spec["model_id"], spec["model_id"])
+        devices = spec.get("devices")
+        return LoadReply("loaded", status(model_id, devices=[0] if devices is None else devices))
+
+    async def unload(self, state: NeuronState, model_id: str) -> None:
+        await self._called(state, "/models/unload", {"model_id": model_id})
+
+    async def size(self, state: NeuronState, spec: dict[str, Any]) -> ModelSize:
+        raise AssertionError("sized: give the test models vram_mb")
+
+    async def recycle(self, state: NeuronState) -> list[str]:
+        await self._called(state, "/workers/recycle", {})
+        return ["cuda:0"]
+
+    async def lend(self, state: NeuronState, request: LendRequest) -> Loan:
+        raise AssertionError("no pooled loads here")
+
+    async def release(self, state: NeuronState, loan_id: str) -> None:
+        await self._called(state, "/rpc/release", {"loan_id": loan_id})
+
+    async def pull(self, state: NeuronState, spec: dict[str, Any]) -> DownloadInfo:
+        await self._called(state, "/models/pull", spec)
+        return DownloadInfo(model_id=str(spec["model_id"]), state="downloading")
+
+    async def delete(self, state: NeuronState, model_id: str) -> int:
+        await self._called(state, "/models/delete", {"model_id": model_id})
+        return 0
+
+
 class Neurons:
     """A router over in-process neuron states whose lifecycle answers are scripted."""
 
@@ -58,35 +114,16 @@ class Neurons:
             state.discovery = discovery(name, sizes)
             state.health = health(sizes)
         self.metrics = Metrics()
-        self.router = Router(self.settings, self.catalogue, self.fleet, self.metrics)
-        self.posts: list[tuple[str, str, dict[str, Any]]] = []
-        self.hold: dict[tuple[str, str], asyncio.Event] = {}  # (neuron, path) held until set
-        self.on_post: Any = None
-        self.router._post = self._post  # type: ignore[method-assign]
+        self.client = ScriptedClient()
+        self.loads = Loads(self.settings, self.catalogue, self.fleet, self.metrics, self.client)
+        self.router = Router(self.settings, self.catalogue, self.fleet, self.loads)
+        self.posts = self.client.posts
+        self.hold = self.client.hold
 
     def state(self, name: str) -> NeuronState:
         return self.fleet.neurons[name]
 
-    async def _post(
-        self, state: NeuronState, path: str, body: dict[str, Any], timeout: float
-    ) -> tuple[int, dict[str, Any]]:
-        self.posts.append((state.name, path, body))
-        if self.on_post is not None:
-            self.on_post(state, path, body)
-        gate = self.hold.get((state.name, path))
-        if gate is not None:
-            await gate.wait()
-        if path == "/models/load":
-            devices = body.get("devices") or [0]
-            return 200, {
-                "status": "loaded",
-                "model": status(body["model_id"], devices=devices).model_dump(),
-            }
-        if path == "/workers/recycle":
-            return 200, {"recycled": ["cuda:0"]}
-        return 200, {"status": "unloaded"}
-
-    def loads(self) -> list[tuple[str, dict[str, Any]]]:
+    def loads_posted(self) -> list[tuple[str, dict[str, Any]]]:
         return [(n, b) for n, p, b in self.posts if p == "/models/load"]
 
 
@@ -106,7 +143,7 @@ def test_the_cold_load_names_the_device_it_made_room_on() -> None:
     neurons = Neurons({"n": [24000, 24000]}, [gpu_model("m/a", 8000)])
     neurons.state("n").health = health([2000, 20000])
     asyncio.run(neurons.router.route("m/a"))
-    assert neurons.loads() == [
+    assert neurons.loads_posted() == [
         ("n", {"model_id": "m/a", "harness": "transformers", "devices": [1]})
     ]
     assert neurons.state("n").loaded("m/a") and neurons.state("n").reservations == {}
@@ -116,7 +153,7 @@ def test_cpu_placement_names_no_device() -> None:
     neurons = Neurons({"c": []}, [gpu_model("m/cpu", 100, min_devices=0)])
     neurons.state("c").health = health([], cpu_free=4000)
     asyncio.run(neurons.router.route("m/cpu"))
-    assert neurons.loads()[0][1]["devices"] == []
+    assert neurons.loads_posted()[0][1]["devices"] == []
 
 
 def test_requests_joining_a_load_in_progress_do_not_post_it_again() -> None:
@@ -127,7 +164,7 @@ def test_requests_joining_a_load_in_progress_do_not_post_it_again() -> None:
 
     async def scenario() -> list[NeuronState]:
         first = asyncio.ensure_future(neurons.router.route("m/a"))
-        await until(neurons.loads)
+        await until(neurons.loads_posted)
         # What the next poll reports while the neuron loads it.
         neurons.state("n").models["m/a"] = status("m/a", "loading")
         joiners = [asyncio.ensure_future(neurons.router.route("m/a")) for _ in range(5)]
@@ -137,7 +174,7 @@ def test_requests_joining_a_load_in_progress_do_not_post_it_again() -> None:
 
     states = asyncio.run(scenario())
     assert {s.name for s in states} == {"n"}
-    assert len(neurons.loads()) == 1
+    assert len(neurons.loads_posted()) == 1
     cold = neurons.metrics.cold_starts.labels("m/a", "n")._value.get()
     assert cold == 1
 
@@ -157,7 +194,7 @@ def test_a_neuron_pre_warming_the_model_is_waited_for_not_posted_to() -> None:
 
     neurons.fleet.poll_one = _no_poll  # type: ignore[method-assign]
     assert asyncio.run(scenario()).name == "n"
-    assert neurons.loads() == []
+    assert neurons.loads_posted() == []
 
 
 async def _no_poll(_state: NeuronState) -> None:
@@ -173,7 +210,7 @@ def test_defrag_waits_for_a_quiet_neuron_then_has_it_recycle_its_workers() -> No
     state.begin_request("m/a")  # serving a request
 
     async def scenario() -> None:
-        task = asyncio.ensure_future(neurons.router._defrag(state))
+        task = asyncio.ensure_future(neurons.loads.defrag(state))
         await asyncio.sleep(0.05)
         assert neurons.posts == []  # nothing is recycled while m/a serves
         state.end_request("m/a")
@@ -409,7 +446,7 @@ def test_spec_without_a_planned_pool_leaves_the_choice_to_the_neuron() -> None:
     neurons = Neurons({"n": [24000]}, [gpu_model("m/a")])
     profile = neurons.catalogue.profile("m/a")
     assert profile is not None
-    assert "devices" not in Router._spec(neurons.state("n"), profile)
+    assert "devices" not in Loads._spec(neurons.state("n"), profile)
 
 
 def test_an_admin_load_keeps_its_neuron_locked_after_its_client_leaves() -> None:
@@ -418,12 +455,12 @@ def test_an_admin_load_keeps_its_neuron_locked_after_its_client_leaves() -> None
 
     async def scenario() -> None:
         caller = asyncio.ensure_future(neurons.router.admin_load("m/a", "n"))
-        await until(neurons.loads)
+        await until(neurons.loads_posted)
         caller.cancel()  # the admin client disconnects mid-load
         await asyncio.sleep(0.01)
-        assert neurons.router._neuron_locks["n"].locked()  # the load still owns the neuron
+        assert neurons.loads._neuron_locks["n"].locked()  # the load still owns the neuron
         gate.set()
-        await until(lambda: not neurons.router._neuron_locks["n"].locked())
+        await until(lambda: not neurons.loads._neuron_locks["n"].locked())
         assert neurons.state("n").loaded("m/a")
 
     asyncio.run(scenario())
@@ -433,10 +470,7 @@ def test_a_local_folder_the_neuron_names_otherwise_is_a_400_naming_its_id() -> N
     neurons = Neurons({"c": []}, [gpu_model("./models/x", 100, min_devices=0)])
     neurons.state("c").health = health([], cpu_free=4000)
 
-    async def canonical(state: NeuronState, path: str, body: dict[str, Any], timeout: float):  # type: ignore[no-untyped-def]
-        return 200, {"status": "loaded", "model": status("models/x", devices=[]).model_dump()}
-
-    neurons.router._post = canonical  # type: ignore[method-assign]
+    neurons.client.canonical["./models/x"] = "models/x"
     with pytest.raises(ApiError) as info:
         asyncio.run(neurons.router.route("./models/x"))
     assert info.value.status == 400 and info.value.code == "model_id_not_canonical"
@@ -480,7 +514,7 @@ def test_a_draining_neuron_gets_no_new_request_even_as_the_only_replica() -> Non
     neurons.state("a").saw_draining()
     assert neurons.router.replica("m/a") is None
     state = asyncio.run(neurons.router.route("m/a"))
-    assert state.name == "b" and [n for n, _b in neurons.loads()] == ["b"]
+    assert state.name == "b" and [n for n, _b in neurons.loads_posted()] == ["b"]
     assert not view_of(neurons.state("a"), neurons.catalogue).healthy
     with pytest.raises(ApiError) as info:
         asyncio.run(neurons.router.route("m/x"))

@@ -22,6 +22,7 @@ from tests.support.procs import Daemon, console_script, start_neuron, wait_for
 REPO = "helexa-test/SmolLM2-135M-Instruct-GGUF"
 OTHER = "helexa-test/Other-GGUF"  # the same file under other names, for cortex's commands
 THIRD = "helexa-test/Third-GGUF"
+FOURTH = "helexa-test/Fourth-GGUF"  # in no catalogue: pulled with --quant
 CONFIG = """
 harnesses = [{name = "llamacpp"}]
 [harness.llamacpp]
@@ -33,7 +34,7 @@ context_tokens = 2048
 def hub(real_models: tuple[Path, Path]) -> Iterator[FakeHub]:
     gguf = real_models[0]
     served = FakeHub(  # ~4 s for 94 MB
-        {repo: {gguf.name: gguf} for repo in (REPO, OTHER, THIRD)}, bytes_per_s=25e6
+        {repo: {gguf.name: gguf} for repo in (REPO, OTHER, THIRD, FOURTH)}, bytes_per_s=25e6
     )
     yield served
     served.stop()
@@ -166,6 +167,12 @@ def test_cortex_pulls_lists_and_deletes_weights_and_says_a_cold_load_is_download
         assert listed.returncode == 0 and f"{OTHER}" in listed.stdout
         assert "n1 (cache)" in listed.stdout
         assert cortex_cli("pull", OTHER, api=api).stdout.strip() == f"{OTHER}: already on n1"
+        # A model the catalogue does not list: its GGUF file named on the command line.
+        no_quant = cortex_cli("pull", FOURTH, "--node", "n1", api=api)
+        assert no_quant.returncode == 1 and "quant" in no_quant.stderr
+        fourth = cortex_cli("pull", FOURTH, "--node", "n1", "--quant", "Q4_1", api=api)
+        assert fourth.returncode == 0 and f"{FOURTH}: on n1" in fourth.stdout, fourth.stderr
+        assert FOURTH in cortex_cli("ls", api=api).stdout
 
         # A cold load of weights no neuron has: 503, Retry-After, and the progress.
         chat = {"model": THIRD, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}

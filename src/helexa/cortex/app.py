@@ -7,9 +7,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
+from pydantic import AfterValidator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -23,7 +24,7 @@ from helexa.core.http import (
     openai_app,
     read_body,
 )
-from helexa.core.wire import ModelName, Wire
+from helexa.core.wire import ModelName, Wire, check_quant
 from helexa.cortex.access import AccessLog
 from helexa.cortex.activity import WINDOW_S, RecentRequests, per_model
 from helexa.cortex.auth import Guard, may_use, visible
@@ -32,8 +33,10 @@ from helexa.cortex.dispatch import Dispatcher
 from helexa.cortex.drain import Drain
 from helexa.cortex.fleet import Fleet, NeuronState, view_of
 from helexa.cortex.keys import KeyStore, keys_path
+from helexa.cortex.loads import Loads
 from helexa.cortex.metrics import Metrics
 from helexa.cortex.metrics_port import MetricsPort
+from helexa.cortex.neuron_client import HttpNeuronClient
 from helexa.cortex.placement import feasible
 from helexa.cortex.protocols import (
     AnthropicCountTokens,
@@ -52,6 +55,10 @@ log = logging.getLogger("helexa.cortex")
 class AdminModelRequest(Wire):
     model_id: ModelName  # 400 for NUL, glob characters, '..', over 255 characters
     node: str | None = None
+
+
+class PullRequest(AdminModelRequest):
+    quant: Annotated[str | None, AfterValidator(check_quant)] = None  # else the catalogue's
 
 
 class PinRequest(AdminModelRequest):
@@ -85,13 +92,18 @@ class Gateway:
         self.keys = KeyStore(
             keys_path(config.settings.auth.keys_file, config.path), config.settings.auth.api_key
         )
-        self.router = Router(config.settings, config.catalogue, self.fleet, self.metrics)
+        proxy = config.settings.proxy
+        client = HttpNeuronClient(
+            connect_timeout_s=proxy.connect_timeout_s, load_timeout_s=proxy.load_timeout_s
+        )
+        self.loads = Loads(config.settings, config.catalogue, self.fleet, self.metrics, client)
+        self.router = Router(config.settings, config.catalogue, self.fleet, self.loads)
         self.recent = RecentRequests()  # the dashboard's recent requests and their figures
         self.drain = Drain(config.settings.gateway.drain_timeout_s)  # cortex's own SIGTERM
 
     def _after_poll(self) -> None:
         self.metrics.refresh(self.fleet)
-        self.router.pools.sweep()  # loans of pooled models their borrower has dropped
+        self.loads.pools.sweep()  # loans of pooled models their borrower has dropped
 
     def model_entries(self) -> list[dict[str, Any]]:
         catalogue = self.config.catalogue
@@ -106,7 +118,7 @@ class Gateway:
                     "status": s.models[model_id].status,
                     "vram_used_mb": s.models[model_id].vram_used_mb,
                     # a pooled model: its share here, and the donors lending it the rest
-                    "pool": self.router.pools.split_of(model_id, s.name),
+                    "pool": self.loads.pools.split_of(model_id, s.name),
                 }
                 for s in self.fleet.neurons.values()
                 if model_id in s.models
@@ -199,7 +211,7 @@ class Gateway:
             entry.update(neuron_panel(state, now))
         stats = per_model(self.recent.items(), now)
         for entry in view["models"]:
-            entry["pinned"] = entry["id"] in self.router.pins
+            entry["pinned"] = entry["id"] in self.loads.pins
             entry["last_minutes"] = stats.get(entry.get("alias_of") or entry["id"])
         return {
             **view,
@@ -335,20 +347,23 @@ def build_app(gateway: Gateway) -> ASGIApp:
         return JSONResponse(gateway.dashboard())
 
     async def admin_pull(request: Request) -> Response:
-        body = await read_body(request, AdminModelRequest)
-        node, download = await gateway.router.admin_pull(body.model_id, body.node)
-        return JSONResponse({"node": node, "download": download})
+        body = await read_body(request, PullRequest)
+        node, download = await gateway.loads.admin_pull(body.model_id, body.node, body.quant)
+        return JSONResponse({"node": node, "download": download.model_dump(mode="json")})
 
     async def admin_delete(request: Request) -> Response:
         body = await read_body(request, DeleteRequest)
-        return JSONResponse(await gateway.router.admin_delete(body.model_id, body.node))
+        freed = await gateway.loads.admin_delete(body.model_id, body.node)
+        return JSONResponse({"status": "deleted", "freed_bytes": freed})
 
     async def admin_stored(_request: Request) -> Response:
         return JSONResponse(await gateway.stored())
 
     async def admin_pin(request: Request) -> Response:
         body = await read_body(request, PinRequest)
-        gateway.router.pin(gateway.router.resolve(body.model_id), body.pinned)
+        model_id = gateway.router.resolve(body.model_id)
+        gateway.router.require_known(model_id)
+        gateway.loads.pin(model_id, body.pinned)
         return JSONResponse({"status": "pinned" if body.pinned else "unpinned"})
 
     async def admin_load(request: Request) -> Response:
@@ -358,7 +373,7 @@ def build_app(gateway: Gateway) -> ASGIApp:
 
     async def admin_unload(request: Request) -> Response:
         body = await read_body(request, AdminModelRequest)
-        nodes = await gateway.router.admin_unload(body.model_id, body.node)
+        nodes = await gateway.loads.admin_unload(body.model_id, body.node)
         return JSONResponse({"status": "unloaded", "nodes": nodes})
 
     @asynccontextmanager
@@ -371,7 +386,7 @@ def build_app(gateway: Gateway) -> ASGIApp:
             yield
         finally:
             await gateway.metrics_port.close()
-            await gateway.router.stop()
+            await gateway.loads.stop()
             await gateway.fleet.stop()
 
     dispatcher = Dispatcher(gateway.router, gateway.fleet, gateway.metrics)

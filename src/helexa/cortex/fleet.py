@@ -483,6 +483,17 @@ class Fleet:
         for state in self.neurons.values():
             state.pool.close()
 
+    def serving(self, model_id: str, exclude: frozenset[str] = frozenset()) -> list[NeuronState]:
+        """The neurons a request for ``model_id`` may go to now: healthy, not draining (it
+        would refuse: better a cold load elsewhere), with the model loaded; of those, the
+        ones that answered their last health check, when any did."""
+        candidates = [
+            s
+            for s in self.neurons.values()
+            if s.healthy and not s.draining and s.name not in exclude and s.loaded(model_id)
+        ]
+        return [s for s in candidates if s.responsive] or candidates
+
     def healthy_count(self) -> int:
         return sum(s.healthy for s in self.neurons.values())
 

@@ -42,18 +42,25 @@ def _call(method: str, endpoint: str, path: str, key: str | None, body: Any = No
     return response.json()
 
 
-def _download(endpoint: str, key: str | None, node: str, model_id: str) -> dict[str, Any] | None:
+def _download(
+    endpoint: str, key: str | None, node: str, model_id: str, quant: str | None
+) -> dict[str, Any] | None:
     fleet = _call("GET", endpoint, "/admin/dashboard", key)
     neuron = next((n for n in fleet["neurons"] if n["name"] == node), None)
     if neuron is None:
         return None
-    return next((d for d in neuron.get("downloads", []) if d["model_id"] == model_id), None)
+    downloads = neuron.get("downloads", [])
+    return next((d for d in downloads if (d["model_id"], d["quant"]) == (model_id, quant)), None)
 
 
 @models_app.command()
 def pull(
-    model: Annotated[str, typer.Argument(help="the model id (its quant from models.toml)")],
+    model: Annotated[str, typer.Argument(help="the model id")],
     node: Annotated[str | None, typer.Option(help="the neuron to download to")] = None,
+    quant: Annotated[
+        str | None,
+        typer.Option(help="a GGUF repo's file to fetch, e.g. Q4_K_M (default: models.toml's)"),
+    ] = None,
     endpoint: Endpoint = "http://127.0.0.1:31313",
     key: Key = None,
 ) -> None:
@@ -66,8 +73,10 @@ def pull(
         TransferSpeedColumn,
     )
 
-    started = _call("POST", endpoint, "/admin/models/pull", key, {"model_id": model, "node": node})
+    body = {"model_id": model, "node": node, "quant": quant}
+    started = _call("POST", endpoint, "/admin/models/pull", key, body)
     where = started["node"]
+    quant = started["download"]["quant"]  # the catalogue's, when not given
     if started["download"]["state"] == "done":
         typer.echo(f"{model}: already on {where}")
         return
@@ -75,7 +84,7 @@ def pull(
     with Progress("{task.description}", *columns) as progress:
         task = progress.add_task(f"{model} → {where}", total=None)
         while True:
-            state = _download(endpoint, key, where, model) or started["download"]
+            state = _download(endpoint, key, where, model, quant) or started["download"]
             progress.update(task, completed=state["done_bytes"], total=state["total_bytes"])
             if state["state"] != "downloading":
                 break

@@ -1,7 +1,7 @@
 """Loans cortex arranges for pooled models (docs/pooling.md): one GGUF model run by a
 borrower neuron over its own device and devices other neurons lend it (ggml RPC servers).
 
-The plan is ``core.placement.plan_pool`` (pure). Here are its effects: ask each donor for
+The plan is ``placement.plan_pool`` (pure). Here are its effects: ask each donor for
 its loan (``POST /rpc/lend``, naming the borrower, the only host its RPC server will admit)
 before the borrower loads, give them back (``POST /rpc/release``) when the load fails or
 the model is unloaded, and keep the record of who lends what to whom for ``/v1/models`` and
@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from helexa.core.errors import ApiError, unavailable
-from helexa.core.wire import Loan
+from helexa.core.wire import LendRequest
 from helexa.cortex.catalogue import ModelProfile
 from helexa.cortex.fleet import NeuronState
+from helexa.cortex.neuron_client import NeuronClient, NeuronRefused
 from helexa.cortex.placement import CPU_POOL, PoolPlan, Share
 
 log = logging.getLogger("helexa.cortex.pooling")
-
-LEND_TIMEOUT_S = 90.0  # longer than a donor gives its RPC server to start (60 s)
-# (neuron, path, body, timeout) -> (status, payload): the router's own call to a neuron
-Post = Callable[[NeuronState, str, dict[str, object], float], Awaitable[tuple[int, dict]]]
 
 
 @dataclass(frozen=True)
@@ -78,9 +74,9 @@ def host_of(state: NeuronState) -> str:
 
 
 class Pools:
-    def __init__(self, neurons: dict[str, NeuronState], post: Post) -> None:
+    def __init__(self, neurons: dict[str, NeuronState], client: NeuronClient) -> None:
         self._neurons = neurons
-        self._post = post
+        self._client = client
         self.models: dict[tuple[str, str], Pooled] = {}  # (model, borrower) -> its pool
         self._releases: set[asyncio.Task[None]] = set()
 
@@ -97,20 +93,18 @@ class Pools:
         return loans
 
     async def _lend_one(self, profile: ModelProfile, share: Share, borrower: str) -> LoanRecord:
-        state = self._neurons[share.neuron]
-        body: dict[str, object] = {
-            "device": None if share.pool == CPU_POOL else share.pool,
-            "mb": share.mb,
-            "borrower": borrower,
-            "model_id": profile.id,
-        }
+        request = LendRequest(
+            device=None if share.pool == CPU_POOL else share.pool,
+            mb=share.mb,
+            borrower=borrower,
+            model_id=profile.id,
+        )
         try:
-            status, payload = await self._post(state, "/rpc/lend", body, LEND_TIMEOUT_S)
+            loan = await self._client.lend(self._neurons[share.neuron], request)
+        except NeuronRefused as exc:
+            raise lend_failed(share, exc.message) from exc
         except Exception as exc:
             raise lend_failed(share, str(exc)) from exc
-        if status != 200:
-            raise lend_failed(share, (payload.get("error") or {}).get("message", str(status)))
-        loan = Loan.model_validate(payload)
         return LoanRecord(share.neuron, share.pool, share.mb, loan.id, loan.endpoint)
 
     async def release(self, loans: tuple[LoanRecord, ...]) -> None:
@@ -122,7 +116,7 @@ class Pools:
         if state is None:
             return
         try:
-            await self._post(state, "/rpc/release", {"loan_id": loan.loan_id}, LEND_TIMEOUT_S)
+            await self._client.release(state, loan.loan_id)
         except Exception as exc:
             log.info("loan not released", extra={"node": loan.donor, "error": str(exc)})
 
