@@ -15,9 +15,9 @@ from acp.schema import PromptResponse, TextContentBlock
 
 from helexa.acp.agent import HelexaAgent
 from helexa.acp.config import AcpConfig, EndpointConfig
-from helexa.acp.endpoint import Finish, StreamEvent, TextDelta
 from helexa.acp.store import SessionStore, StoredSession, snapshot
 from helexa.acp.workspace import ClientCaps, Workspace
+from helexa.core.stream import Finish, StreamEvent, TextDelta
 
 
 class SlowEndpoint:

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from helexa.acp.context import ELIDED, fit_to_window, request_messages, wire_messages
-from helexa.acp.endpoint import ToolCall
 from helexa.acp.loop import assistant_message, stop_reason_for, unanswered_calls
 from helexa.acp.options import model_choices
 from helexa.acp.policy import ALLOW_ALWAYS, ALLOW_ONCE, Verdict, decide, remembered_after
@@ -23,6 +22,7 @@ from helexa.acp.tools import (
     resolve_path,
 )
 from helexa.acp.workspace import ToolError, keep_tail
+from helexa.core.stream import ToolCall
 
 CWD = Path("/proj")
 

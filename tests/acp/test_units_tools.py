@@ -16,11 +16,11 @@ from acp import start_tool_call
 from helexa.acp.anthropic_messages import to_anthropic
 from helexa.acp.context import wire_messages
 from helexa.acp.display import Content, diff_content, for_storage, text_content
-from helexa.acp.endpoint import Finish, TextDelta, ToolCallDelta
 from helexa.acp.history import replay
 from helexa.acp.openai_chat import request_body
 from helexa.acp.policy import Verdict, decide
 from helexa.acp.tools import CallView
+from helexa.core.stream import Finish, TextDelta, ToolCallDelta
 from tests.acp.test_units_turn import FakeEndpoint, RecordingUi, call, make_turn, prompt
 
 

@@ -14,20 +14,14 @@ import pytest
 
 from helexa.acp.config import EndpointConfig
 from helexa.acp.display import Content
-from helexa.acp.endpoint import (
-    EndpointError,
-    Finish,
-    ReasoningDelta,
-    StreamEvent,
-    TextDelta,
-    ToolCallDelta,
-)
+from helexa.acp.endpoint import EndpointError
 from helexa.acp.history import replay, user_message
 from helexa.acp.loop import Turn
 from helexa.acp.store import SessionStore, StoredSession, new_session_id
 from helexa.acp.toolrun import ToolRunner
 from helexa.acp.tools import CallView
 from helexa.acp.workspace import ClientCaps, Workspace
+from helexa.core.stream import Finish, ReasoningDelta, StreamEvent, TextDelta, ToolCallDelta
 
 
 class FakeEndpoint:

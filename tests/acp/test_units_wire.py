@@ -8,19 +8,18 @@ import pytest
 
 from helexa.acp.anthropic_messages import AnthropicStreamParser, to_anthropic, to_anthropic_tools
 from helexa.acp.config import EndpointConfig
-from helexa.acp.endpoint import (
-    EndpointError,
+from helexa.acp.endpoint import EndpointError, describe_http_error
+from helexa.acp.openai_chat import parse_chunk, request_body
+from helexa.acp.sse import parse_lines
+from helexa.acp.tools import openai_tools
+from helexa.core.stream import (
     Finish,
     ReasoningDelta,
     TextDelta,
     ToolCallAccumulator,
     ToolCallDelta,
-    UsageInfo,
-    describe_http_error,
+    Usage,
 )
-from helexa.acp.openai_chat import parse_chunk, request_body
-from helexa.acp.sse import parse_lines
-from helexa.acp.tools import openai_tools
 
 
 def test_sse_framing() -> None:
@@ -57,7 +56,7 @@ def test_openai_chunks_become_events() -> None:
         TextDelta("hi"),
         ToolCallDelta(0, "c1", "grep", "{"),
         Finish("length"),
-        UsageInfo(5, 7),
+        Usage(5, 7),
     ]
     with pytest.raises(EndpointError, match="boom"):
         parse_chunk({"error": {"message": "boom"}})
@@ -150,7 +149,7 @@ def test_anthropic_events_become_events() -> None:
         TextDelta("x"),
         ToolCallDelta(2, "tu", "grep", ""),
         ToolCallDelta(2, arguments='{"pattern"'),
-        UsageInfo(11, 3),
+        Usage(11, 3),
         Finish("tool_calls"),
     ]
     with pytest.raises(EndpointError):

@@ -11,6 +11,7 @@ import httpx2
 import pytest
 
 from helexa.core.errors import ApiError, anthropic_error_body
+from helexa.core.stream import chunk_events
 from helexa.cortex.translate import anthropic as tr
 
 TOOLS = [
@@ -196,7 +197,7 @@ def translate(stream: list[dict], model: str = "claude-x") -> bytes:
     translator = tr.StreamTranslator(model)
     events = translator.start()
     for chunk in stream:
-        events += translator.feed(chunk)
+        events += translator.feed(chunk_events(chunk))
     return tr.render(events + translator.finish())
 
 
@@ -278,7 +279,7 @@ def test_error_event_is_raised_by_the_sdk() -> None:
     translator = tr.StreamTranslator("claude-x")
     sse = tr.render(
         translator.start()
-        + translator.feed(chunks({"content": "a"})[1])
+        + translator.feed(chunk_events(chunks({"content": "a"})[1]))
         + translator.error(502, "neuron died")
     )
     with pytest.raises(anthropic.APIStatusError, match="neuron died"):

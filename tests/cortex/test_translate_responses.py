@@ -16,6 +16,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from helexa.core.errors import ApiError
+from helexa.core.stream import chunk_events
 from helexa.cortex.translate import responses as tr
 from helexa.cortex.translate.tool_set import header_value
 
@@ -355,7 +356,7 @@ def test_namespaced_calls_come_back_with_their_namespace() -> None:
     translator = tr.StreamTranslator("m", request(tools=CODEX_TOOLS, stream=True), tools)
     events: list[tr.Event] = []
     for chunk in chunks(call_delta(0, "{}", "multi_agent_v1__exec_command", "c3")):
-        events += translator.feed(chunk)
+        events += translator.feed(chunk_events(chunk))
     events += translator.finish()
     state, _ = accumulate(events)
     assert state._completed_response is not None
@@ -549,7 +550,7 @@ def translate(stream: list[dict], req: tr.ResponsesRequest | None = None) -> lis
     translator = tr.StreamTranslator("gpt-x", req or request(stream=True))
     events: list[tr.Event] = []
     for chunk in stream:
-        events += translator.feed(chunk)
+        events += translator.feed(chunk_events(chunk))
     return events + translator.finish()
 
 
@@ -698,7 +699,7 @@ def test_length_stop_is_incomplete() -> None:
 def test_error_mid_stream_fails_the_response() -> None:
     translator = tr.StreamTranslator("gpt-x", request(stream=True))
     stream = chunks({"content": "a"})
-    events = translator.feed(stream[0]) + translator.feed(stream[1])
+    events = translator.feed(chunk_events(stream[0])) + translator.feed(chunk_events(stream[1]))
     events += translator.error(502, "neuron died")
     assert names(events)[-1] == "response.failed"
     _, fired = accumulate(events)
@@ -729,7 +730,7 @@ def test_ping_opens_once_and_render_shape() -> None:
     translator = tr.StreamTranslator("gpt-x")
     opening = translator.ping()
     assert names(opening) == ["response.created", "response.in_progress"]
-    assert translator.ping() == [] and translator.feed(chunks()[0]) == []
+    assert translator.ping() == [] and translator.feed(chunk_events(chunks()[0])) == []
     assert translator.usage == {"prompt_tokens": 9, "completion_tokens": 0, "total_tokens": 9}
     raw = tr.render(opening[:1])
     head, data, tail = raw.split(b"\n", 2)

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from helexa.core.settings import load_settings
+from helexa.core.stream import ReasoningDelta, TextDelta, ToolCallDelta, openai_message
 from helexa.core.wire import ModelSpec
 from helexa.neuron.app import build_app
 from helexa.neuron.config import NeuronSettings
 from helexa.neuron.harness.engine import StepChunk
 from helexa.neuron.harness.transformers.batched import PagedBackend
-from helexa.neuron.output_parser import TaggedOutput, merge_deltas
+from helexa.neuron.output_parser import TaggedOutput
 from helexa.neuron.service import Neuron
 from tests.conftest import LOCAL_MODEL
 from tests.support.inprocess import IN_PROCESS
@@ -30,8 +31,8 @@ OUTPUT = (
 
 
 def run(parser: TaggedOutput, pieces: list[str]) -> dict:
-    deltas = [d for p in pieces for d in parser.feed(p)] + parser.finish()
-    return merge_deltas(deltas)
+    events = [e for p in pieces for e in parser.feed(p)] + parser.finish()
+    return openai_message(events)
 
 
 @pytest.mark.parametrize("split", range(1, len(OUTPUT)))
@@ -45,13 +46,22 @@ def test_any_two_way_split(split: int) -> None:
     assert calls[0]["id"].startswith("call_") and calls[0]["id"] != calls[1]["id"]
 
 
-def test_char_by_char_and_deltas_are_incremental() -> None:
+def test_char_by_char_and_events_are_incremental() -> None:
     parser = TaggedOutput(reasoning=True, tools=True)
-    deltas = [d for ch in OUTPUT for d in parser.feed(ch)] + parser.finish()
-    assert all("<" not in d.get("content", "") for d in deltas)
-    assert sum("reasoning_content" in d for d in deltas) > 5  # streamed, not held to the end
-    assert [d["tool_calls"][0]["index"] for d in deltas if "tool_calls" in d] == [0, 1]
+    events = [e for ch in OUTPUT for e in parser.feed(ch)] + parser.finish()
+    assert all("<" not in e.text for e in events if isinstance(e, TextDelta))
+    assert sum(isinstance(e, ReasoningDelta) for e in events) > 5  # streamed, not held back
+    assert [e.index for e in events if isinstance(e, ToolCallDelta)] == [0, 1]
     assert parser.saw_tool_calls
+
+
+def test_text_of_one_kind_in_a_feed_is_one_event() -> None:
+    parser = TaggedOutput(reasoning=True, tools=True)
+    assert parser.feed("a <thi") == [TextDelta("a ")]  # a tag may begin: held back
+    assert parser.feed("nk> why</think> so <tool_call>{bad}</tool_call> on") == [
+        ReasoningDelta("why"),
+        TextDelta("so <tool_call>{bad}</tool_call>on"),
+    ]
 
 
 def test_malformed_and_unterminated_calls_are_reported_as_text() -> None:

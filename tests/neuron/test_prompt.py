@@ -10,6 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from helexa.core.errors import ApiError
+from helexa.core.stream import ToolCallDelta
 from helexa.core.wire import ChatMessage
 from helexa.neuron.harness.control_tokens import control_texts
 from helexa.neuron.harness.generic_tools import generic_tool_messages, renders_tools
@@ -132,10 +133,10 @@ def test_a_template_without_tools_gets_the_generic_tool_prompt(plain: Any) -> No
     prompt = facts.prepared(rendered.ids, rendered.text, generic_tools=True)
     assert prompt.tool_call_tags  # the model's <tool_call> lines are parsed back as calls
     parser = TaggedOutput(reasoning=False, tools=True)
-    deltas = parser.feed('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}')
-    deltas += parser.feed("</tool_call>") + parser.finish()
-    calls = [d for d in deltas if "tool_calls" in d]
-    assert calls and calls[0]["tool_calls"][0]["function"]["name"] == "get_weather"
+    events = parser.feed('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}')
+    events += parser.feed("</tool_call>") + parser.finish()
+    calls = [e for e in events if isinstance(e, ToolCallDelta)]
+    assert calls and calls[0].name == "get_weather"
 
 
 def test_generic_tool_history_is_written_as_text() -> None:

@@ -11,16 +11,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from helexa.acp.context import IS_ERROR
-from helexa.acp.endpoint import (
-    EndpointError,
+from helexa.acp.endpoint import EndpointError
+from helexa.acp.http_endpoint import HttpEndpoint
+from helexa.core.stream import (
     Finish,
     ReasoningDelta,
     StreamEvent,
     TextDelta,
     ToolCallDelta,
-    UsageInfo,
+    Usage,
 )
-from helexa.acp.http_endpoint import HttpEndpoint
 
 ANTHROPIC_VERSION = "2023-06-01"
 _STOP = {
@@ -155,7 +155,7 @@ class AnthropicStreamParser:
             events: list[StreamEvent] = []
             usage = data.get("usage") or {}
             if usage:
-                events.append(UsageInfo(self.input_tokens, int(usage.get("output_tokens") or 0)))
+                events.append(Usage(self.input_tokens, int(usage.get("output_tokens") or 0)))
             reason = (data.get("delta") or {}).get("stop_reason")
             if reason:
                 events.append(Finish(_STOP.get(reason, "stop")))

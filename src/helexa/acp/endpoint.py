@@ -1,15 +1,16 @@
 """The model endpoint seam: one streaming call per round, as wire-neutral events.
 
 Two wire APIs implement it (``openai_chat``, ``anthropic_messages``); the agent loop only
-sees the events below. Every failure to talk to the endpoint becomes an ``EndpointError``
-whose message is meant for the user, never a hang or a traceback.
+sees their events, the stream vocabulary of ``helexa.core.stream``, with ``Finish.reason``
+normalised across wire APIs to "stop" | "length" | "tool_calls" | "refusal". Every
+failure to talk to the endpoint becomes an ``EndpointError`` whose message is meant for
+the user, never a hang or a traceback.
 """
 
 from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -17,94 +18,7 @@ from typing import Any, Protocol
 import httpx
 
 from helexa.acp.config import EndpointConfig
-
-
-@dataclass
-class TextDelta:
-    text: str
-
-
-@dataclass
-class ReasoningDelta:
-    text: str
-
-
-@dataclass
-class ToolCallDelta:
-    """A piece of a tool call: ``index`` groups pieces (None: the server sent none), the
-    first piece carries the id and the name."""
-
-    index: int | None
-    id: str | None = None
-    name: str | None = None
-    arguments: str = ""
-
-
-@dataclass
-class UsageInfo:
-    input_tokens: int = 0
-    output_tokens: int = 0
-
-
-@dataclass
-class Finish:
-    # Normalised across wire APIs: "stop" | "length" | "tool_calls" | "refusal".
-    reason: str
-
-
-StreamEvent = TextDelta | ReasoningDelta | ToolCallDelta | UsageInfo | Finish
-
-
-@dataclass
-class ToolCall:
-    id: str
-    name: str
-    arguments: str  # JSON text, as the model wrote it
-
-    def to_openai(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "type": "function",
-            "function": {"name": self.name, "arguments": self.arguments},
-        }
-
-
-@dataclass
-class ToolCallAccumulator:
-    _calls: dict[int, ToolCall] = field(default_factory=dict)
-
-    def add(self, delta: ToolCallDelta) -> None:
-        index = delta.index if delta.index is not None else self._unindexed(delta.id)
-        call = self._calls.get(index)
-        if call is None:
-            call = ToolCall(id="", name="", arguments="")
-            self._calls[index] = call
-        if delta.id:
-            call.id = delta.id
-        if delta.name and not call.name:  # some servers repeat the name in every piece
-            call.name = delta.name
-        call.arguments += delta.arguments
-
-    def _unindexed(self, call_id: str | None) -> int:
-        """Where a piece without an index goes: a new call when it brings a new id, else
-        the latest call."""
-        if not self._calls:
-            return 0
-        last = max(self._calls)
-        if call_id and self._calls[last].id and self._calls[last].id != call_id:
-            return last + 1
-        return last
-
-    def calls(self) -> list[ToolCall]:
-        out = []
-        for index in sorted(self._calls):
-            call = self._calls[index]
-            if not call.name:
-                continue
-            # Some servers omit ids; the conversation needs one to pair results with calls.
-            call.id = call.id or f"call_{uuid.uuid4().hex[:12]}"
-            out.append(call)
-        return out
+from helexa.core.stream import StreamEvent
 
 
 class EndpointError(Exception):

@@ -21,21 +21,20 @@ from typing import Any
 from helexa.acp.config import EndpointConfig
 from helexa.acp.context import request_messages
 from helexa.acp.display import error_text, for_storage, text_content
-from helexa.acp.endpoint import (
-    Endpoint,
-    EndpointError,
+from helexa.acp.endpoint import Endpoint, EndpointError
+from helexa.acp.store import StoredSession
+from helexa.acp.toolrun import ToolOutcome, ToolRunner
+from helexa.acp.tools import openai_tools
+from helexa.acp.ui import Ui
+from helexa.core.stream import (
     Finish,
     ReasoningDelta,
     TextDelta,
     ToolCall,
     ToolCallAccumulator,
     ToolCallDelta,
-    UsageInfo,
+    Usage,
 )
-from helexa.acp.store import StoredSession
-from helexa.acp.toolrun import ToolOutcome, ToolRunner
-from helexa.acp.tools import openai_tools
-from helexa.acp.ui import Ui
 
 log = logging.getLogger("helexa.acp.loop")
 
@@ -157,7 +156,7 @@ class Turn:
         self._text, self._reasoning = [], []
         calls = ToolCallAccumulator()
         finish: str | None = None
-        usage: UsageInfo | None = None
+        usage: Usage | None = None
         async for event in self.endpoint.stream(messages, tools, self.session.model, max_tokens):
             if isinstance(event, TextDelta):
                 self._text.append(event.text)
@@ -167,7 +166,7 @@ class Turn:
                 await self.ui.thought(event.text)
             elif isinstance(event, ToolCallDelta):
                 calls.add(event)
-            elif isinstance(event, UsageInfo):
+            elif isinstance(event, Usage):
                 usage = event
             elif isinstance(event, Finish):
                 finish = event.reason
@@ -237,7 +236,7 @@ class Turn:
         number: int,
         finish: str | None,
         calls: list[ToolCall],
-        usage: UsageInfo | None,
+        usage: Usage | None,
         started: float,
         sent: int,
     ) -> None:

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from helexa.acp.context import IS_ERROR
-from helexa.acp.endpoint import (
-    EndpointError,
-    Finish,
-    ReasoningDelta,
-    StreamEvent,
-    TextDelta,
-    ToolCallDelta,
-    UsageInfo,
-)
+from helexa.acp.endpoint import EndpointError
 from helexa.acp.http_endpoint import HttpEndpoint
+from helexa.core.stream import Finish, StreamEvent, chunk_events
 
 _FINISH = {
     "stop": "stop",
@@ -51,48 +43,16 @@ def _openai_message(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_chunk(chunk: dict[str, Any]) -> list[StreamEvent]:
-    """One ``chat.completion.chunk`` as events (pure)."""
+    """One ``chat.completion.chunk`` as events (pure), its finish reason normalised."""
     if "error" in chunk:
         error = chunk["error"]
         message = error.get("message") if isinstance(error, dict) else error
         raise EndpointError(f"the endpoint reported an error mid-stream: {message}")
-    events: list[StreamEvent] = []
-    for choice in chunk.get("choices") or []:
-        delta = choice.get("delta") or choice.get("message") or {}
-        # reasoning_content: cortex, vLLM, DeepSeek; reasoning: newer vLLM and OpenRouter.
-        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-        if isinstance(reasoning, str) and reasoning:
-            events.append(ReasoningDelta(reasoning))
-        content = delta.get("content")
-        if isinstance(content, str) and content:
-            events.append(TextDelta(content))
-        for call in delta.get("tool_calls") or []:
-            function = call.get("function") or {}
-            events.append(
-                ToolCallDelta(
-                    index=call.get("index"),
-                    id=call.get("id"),
-                    name=function.get("name"),
-                    arguments=_arguments_text(function.get("arguments")),
-                )
-            )
-        if choice.get("finish_reason"):
-            events.append(Finish(_FINISH.get(choice["finish_reason"], "stop")))
-    usage = chunk.get("usage")
-    if isinstance(usage, dict):
-        events.append(
-            UsageInfo(
-                input_tokens=int(usage.get("prompt_tokens") or 0),
-                output_tokens=int(usage.get("completion_tokens") or 0),
-            )
-        )
+    events = chunk_events(chunk)
+    for i, event in enumerate(events):
+        if isinstance(event, Finish):
+            events[i] = Finish(_FINISH.get(event.reason, "stop"))
     return events
-
-
-def _arguments_text(value: Any) -> str:
-    if value is None:
-        return ""
-    return value if isinstance(value, str) else json.dumps(value)
 
 
 class OpenAIChatEndpoint(HttpEndpoint):

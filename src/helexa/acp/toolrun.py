@@ -23,7 +23,6 @@ from helexa.acp.display import (
     terminal_content,
     text_content,
 )
-from helexa.acp.endpoint import ToolCall
 from helexa.acp.policy import Verdict, decide, is_allowed, remembered_after
 from helexa.acp.store import StoredSession
 from helexa.acp.tools import (
@@ -43,6 +42,7 @@ from helexa.acp.tools import (
 )
 from helexa.acp.ui import Ui
 from helexa.acp.workspace import CommandResult, ToolError, Workspace
+from helexa.core.stream import ToolCall
 
 log = logging.getLogger("helexa.acp.tools")
 

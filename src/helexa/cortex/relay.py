@@ -21,6 +21,13 @@ from starlette.types import Receive, Scope, Send
 
 from helexa.core.errors import ApiError
 from helexa.core.http import REQUEST_ID_HEADER, ClientGone, parse_json, receive_body
+from helexa.core.stream import (
+    ReasoningDelta,
+    StreamEvent,
+    TextDelta,
+    ToolCallDelta,
+    chunk_events,
+)
 from helexa.cortex.abandon import CANCELLABLE, ClientWatch, new_request_id
 from helexa.cortex.auth import require_model
 from helexa.cortex.dispatch import Call, Dispatcher
@@ -400,12 +407,12 @@ def neuron_error(error: Any) -> tuple[int, str, str]:
 
 
 class Translator(Protocol):
-    """An event translator from OpenAI chat chunks (core.anthropic, core.responses)."""
+    """An event translator from the events of OpenAI chat chunks (cortex.translate)."""
 
     @property
     def usage(self) -> dict[str, Any]: ...
 
-    def feed(self, chunk: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]: ...
+    def feed(self, events: list[StreamEvent]) -> list[tuple[str, dict[str, Any]]]: ...
 
     def finish(self) -> list[tuple[str, dict[str, Any]]]: ...
 
@@ -419,12 +426,8 @@ def render_events(events: list[tuple[str, dict[str, Any]]]) -> bytes:
     )
 
 
-def _has_output(chunk: dict[str, Any]) -> bool:
-    for choice in chunk.get("choices") or ():
-        delta = choice.get("delta") or {}
-        if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
-            return True
-    return False
+def _has_output(events: list[StreamEvent]) -> bool:
+    return any(isinstance(e, (TextDelta, ReasoningDelta, ToolCallDelta)) for e in events)
 
 
 class EventCodec:
@@ -482,9 +485,10 @@ class EventCodec:
                 status, message, self.error = neuron_error(parsed["error"])
                 self.complete = True
                 return render_events(out + self.translator.error(status, message)), True
-            if self.first_token_at is None and _has_output(parsed):
+            events = chunk_events(parsed)
+            if self.first_token_at is None and _has_output(events):
                 self.first_token_at = time.monotonic()
-            out += self.translator.feed(parsed)
+            out += self.translator.feed(events)
         return (render_events(out) if out else pings), False
 
     def end(self) -> bytes:

@@ -20,6 +20,7 @@ from helexa.core.http import (
     sse_data,
     unless_disconnected,
 )
+from helexa.core.stream import openai_message
 from helexa.core.wire import ChatCompletionRequest, CompletionRequest
 from helexa.neuron.admission import Admission, Place, Withdrawn
 from helexa.neuron.device_thread import WorkerPoisoned
@@ -37,7 +38,7 @@ from helexa.neuron.openai_format import (
     finish_reason,
     text_completion,
 )
-from helexa.neuron.output_parser import OutputParser, PlainText, TaggedOutput, merge_deltas
+from helexa.neuron.output_parser import OutputParser, PlainText, TaggedOutput
 from helexa.neuron.requests import Running
 from helexa.neuron.sampling import resolve_sampling
 from helexa.neuron.worker.supervisor import crashed
@@ -228,7 +229,7 @@ def whole_answer(
     body: ChatCompletionRequest | CompletionRequest, parser: OutputParser, text: str, finish: Finish
 ) -> JSONResponse:
     if isinstance(body, ChatCompletionRequest):
-        message = merge_deltas([*parser.feed(text), *parser.finish()])
+        message = openai_message([*parser.feed(text), *parser.finish()])
         return JSONResponse(
             chat_completion(body.model, message, finish, tool_calls=parser.saw_tool_calls)
         )
@@ -319,7 +320,7 @@ def stream_end(
 ) -> bytes:
     """The last chunks of a stream that ended as usual (a cancel by id included): what the
     parser held back, the finish reason, the usage when asked, ``[DONE]``."""
-    tail = [sse_data(chunks.delta(d)) for d in parser.finish()]
+    tail = [sse_data(chunks.delta(event)) for event in parser.finish()]
     reason = finish_reason(finish, tool_calls=parser.saw_tool_calls)
     tail.append(sse_data(chunks.final(reason, finish.stop_sequence)))
     if include_usage:
@@ -348,7 +349,7 @@ async def stream_body(
                 yield SSE_KEEPALIVE
                 continue
             if pieces:
-                frames = [sse_data(chunks.delta(d)) for d in parser.feed("".join(pieces))]
+                frames = [sse_data(chunks.delta(e)) for e in parser.feed("".join(pieces))]
                 if frames:
                     yield b"".join(frames)
     except Exception as exc:

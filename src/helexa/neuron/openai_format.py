@@ -6,6 +6,7 @@ import time
 import uuid
 from typing import Any
 
+from helexa.core.stream import Output, TextDelta, Usage, openai_delta, openai_usage
 from helexa.neuron.harness.base import Finish
 
 
@@ -13,12 +14,8 @@ def completion_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage_of(finish: Finish) -> dict[str, int]:
-    return {
-        "prompt_tokens": finish.prompt_tokens,
-        "completion_tokens": finish.completion_tokens,
-        "total_tokens": finish.prompt_tokens + finish.completion_tokens,
-    }
+def usage_of(finish: Finish) -> dict[str, Any]:
+    return openai_usage(Usage(finish.prompt_tokens, finish.completion_tokens))
 
 
 def finish_reason(finish: Finish, *, tool_calls: bool) -> str:
@@ -61,23 +58,27 @@ class ChunkFactory:
             ]
         )
         if prompt_tokens is not None:
-            chunk["usage"] = {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": 0,
-                "total_tokens": prompt_tokens,
-            }
+            chunk["usage"] = openai_usage(Usage(prompt_tokens, 0))
         return chunk
 
-    def delta(self, delta: dict[str, Any]) -> dict[str, Any]:
+    def delta(self, event: Output) -> dict[str, Any]:
+        """The chunk of one output event (legacy completions: text only)."""
         if self.chat:
             return self._chunk(
-                [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]
+                [
+                    {
+                        "index": 0,
+                        "delta": openai_delta(event),
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ]
             )
         return self._chunk(
             [
                 {
                     "index": 0,
-                    "text": delta.get("content", ""),
+                    "text": event.text if isinstance(event, TextDelta) else "",
                     "logprobs": None,
                     "finish_reason": None,
                 }

@@ -1,9 +1,10 @@
-"""Generated text → OpenAI message deltas.
+"""Generated text → stream events (``helexa.core.stream``).
 
-A parser sees text as it streams and returns delta fragments (``{"content": …}``,
-``{"reasoning_content": …}``, ``{"tool_calls": […]}``). ``PlainText`` passes text through;
-``TaggedOutput`` understands Qwen/Hermes-style ``<think>…</think>`` reasoning and
-``<tool_call>{json}</tool_call>`` calls, whatever the token boundaries.
+A parser sees text as it streams and returns output events (``TextDelta``,
+``ReasoningDelta``, ``ToolCallDelta``), which the neuron encodes as OpenAI chunks or one
+message. ``PlainText`` passes text through; ``TaggedOutput`` understands Qwen/Hermes-style
+``<think>…</think>`` reasoning and ``<tool_call>{json}</tool_call>`` calls, whatever the
+token boundaries.
 """
 
 from __future__ import annotations
@@ -11,20 +12,20 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from typing import Any, Protocol
+from typing import Protocol
+
+from helexa.core.stream import Output, ReasoningDelta, TextDelta, ToolCallDelta
 
 log = logging.getLogger("helexa.neuron.output")
-
-Delta = dict[str, Any]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 
 
 class OutputParser(Protocol):
-    def feed(self, text: str) -> list[Delta]: ...
+    def feed(self, text: str) -> list[Output]: ...
 
-    def finish(self) -> list[Delta]: ...
+    def finish(self) -> list[Output]: ...
 
     @property
     def saw_tool_calls(self) -> bool: ...
@@ -33,10 +34,10 @@ class OutputParser(Protocol):
 class PlainText:
     saw_tool_calls = False
 
-    def feed(self, text: str) -> list[Delta]:
-        return [{"content": text}] if text else []
+    def feed(self, text: str) -> list[Output]:
+        return [TextDelta(text)] if text else []
 
-    def finish(self) -> list[Delta]:
+    def finish(self) -> list[Output]:
         return []
 
 
@@ -95,43 +96,35 @@ class TaggedOutput:
             tags.append(CALL_OPEN)
         return tuple(tags)
 
-    def _emit(self, out: list[Delta], key: str, text: str) -> None:
+    def _emit(
+        self, out: list[Output], kind: type[TextDelta] | type[ReasoningDelta], text: str
+    ) -> None:
         if self._trim:
             text = text.lstrip()
             if not text:
                 return
             self._trim = False
-        if out and key in out[-1] and len(out[-1]) == 1:
-            out[-1][key] += text
+        last = out[-1] if out else None
+        if isinstance(last, kind):  # text of one kind in a row is one event
+            out[-1] = kind(last.text + text)
         else:
-            out.append({key: text})
+            out.append(kind(text))
 
-    def _close_call(self, out: list[Delta]) -> None:
+    def _close_call(self, out: list[Output]) -> None:
         parsed = parse_tool_call(self._call.strip())
         if parsed is None:
             self.malformed_calls += 1
             log.warning("malformed tool call reported as text", extra={"raw": self._call[:200]})
-            self._emit(out, "content", CALL_OPEN + self._call + CALL_CLOSE)
+            self._emit(out, TextDelta, CALL_OPEN + self._call + CALL_CLOSE)
         else:
             name, arguments = parsed
-            out.append(
-                {
-                    "tool_calls": [
-                        {
-                            "index": self._calls,
-                            "id": f"call_{uuid.uuid4().hex[:24]}",
-                            "type": "function",
-                            "function": {"name": name, "arguments": arguments},
-                        }
-                    ]
-                }
-            )
+            out.append(ToolCallDelta(self._calls, f"call_{uuid.uuid4().hex[:24]}", name, arguments))
             self._calls += 1
         self._call = ""
         self._trim = True
 
-    def feed(self, text: str) -> list[Delta]:
-        out: list[Delta] = []
+    def feed(self, text: str) -> list[Output]:
+        out: list[Output] = []
         buffer = self._held + text
         self._held = ""
         while buffer:
@@ -141,14 +134,14 @@ class TaggedOutput:
                 if hits:
                     index, tag = min(hits)
                     if index:
-                        self._emit(out, "content", buffer[:index])
+                        self._emit(out, TextDelta, buffer[:index])
                     buffer = buffer[index + len(tag) :]
                     self._mode = "think" if tag == THINK_OPEN else "call"
                     self._trim = self._mode == "think"
                     continue
                 keep = _partial_tag_len(buffer, tags)
                 if len(buffer) > keep:
-                    self._emit(out, "content", buffer[: len(buffer) - keep])
+                    self._emit(out, TextDelta, buffer[: len(buffer) - keep])
                 self._held = buffer[len(buffer) - keep :]
                 break
             close = THINK_CLOSE if self._mode == "think" else CALL_CLOSE
@@ -156,7 +149,7 @@ class TaggedOutput:
             if index >= 0:
                 if self._mode == "think":
                     if index:
-                        self._emit(out, "reasoning_content", buffer[:index])
+                        self._emit(out, ReasoningDelta, buffer[:index])
                     self._trim = True
                 else:
                     self._call += buffer[:index]
@@ -168,48 +161,20 @@ class TaggedOutput:
             body = buffer[: len(buffer) - keep]
             if self._mode == "think":
                 if body:
-                    self._emit(out, "reasoning_content", body)
+                    self._emit(out, ReasoningDelta, body)
             else:
                 self._call += body
             self._held = buffer[len(buffer) - keep :]
             break
         return out
 
-    def finish(self) -> list[Delta]:
-        out: list[Delta] = []
+    def finish(self) -> list[Output]:
+        out: list[Output] = []
         held, self._held = self._held, ""
         if self._mode == "call":  # cut off mid-call (length): report what there was
             self.malformed_calls += 1
-            self._emit(out, "content", CALL_OPEN + self._call + held)
+            self._emit(out, TextDelta, CALL_OPEN + self._call + held)
             self._call = ""
         elif held:
-            self._emit(out, "reasoning_content" if self._mode == "think" else "content", held)
+            self._emit(out, ReasoningDelta if self._mode == "think" else TextDelta, held)
         return out
-
-
-def merge_deltas(deltas: list[Delta]) -> dict[str, Any]:
-    """Fold streamed deltas into one assistant message (non-streaming answers)."""
-    message: dict[str, Any] = {"role": "assistant", "content": None}
-    content: list[str] = []
-    reasoning: list[str] = []
-    calls: dict[int, dict[str, Any]] = {}
-    for delta in deltas:
-        if delta.get("content"):
-            content.append(delta["content"])
-        if delta.get("reasoning_content"):
-            reasoning.append(delta["reasoning_content"])
-        for call in delta.get("tool_calls") or []:
-            slot = calls.setdefault(
-                call["index"],
-                {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
-            )
-            slot["id"] = call.get("id") or slot["id"]
-            function = call.get("function") or {}
-            slot["function"]["name"] += function.get("name") or ""
-            slot["function"]["arguments"] += function.get("arguments") or ""
-    message["content"] = "".join(content) if content or not calls else None
-    if reasoning:
-        message["reasoning_content"] = "".join(reasoning)
-    if calls:
-        message["tool_calls"] = [calls[i] for i in sorted(calls)]
-    return message

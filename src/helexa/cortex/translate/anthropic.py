@@ -11,6 +11,16 @@ import orjson
 from pydantic import Field
 
 from helexa.core.errors import anthropic_error_body, bad_request
+from helexa.core.stream import (
+    Finish,
+    ReasoningDelta,
+    StreamEvent,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+    chunk_events,
+    openai_usage,
+)
 from helexa.core.wire import MAX_MESSAGES, MAX_STOP, MAX_TOOLS, ClientModelName, StreamFlag, Wire
 from helexa.cortex.translate.tool_set import HostedTools, ToolSet, leave_out
 
@@ -422,38 +432,44 @@ def tool_input(arguments: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"value": value}
 
 
-def stop_reason(finish: str | None, stop_sequence: Any) -> tuple[str, str | None]:
-    if finish == "tool_calls":
+def stop_reason(finish: Finish | None) -> tuple[str, str | None]:
+    """Anthropic's stop_reason and stop_sequence for an OpenAI finish (None: none came)."""
+    if finish is None:
+        return "end_turn", None
+    if finish.reason == "tool_calls":
         return "tool_use", None
-    if finish == "length":
+    if finish.reason == "length":
         return "max_tokens", None
-    if isinstance(stop_sequence, str) and stop_sequence:
-        return "stop_sequence", stop_sequence
+    if finish.stop_sequence:
+        return "stop_sequence", finish.stop_sequence
     return "end_turn", None
 
 
 def from_openai(resp: dict[str, Any], requested_model: str) -> dict[str, Any]:
-    choice = resp["choices"][0]
-    message = choice.get("message") or {}
+    if not resp["choices"]:  # malformed: the relay answers 502
+        raise IndexError("a chat completion without a choice")
     content: list[dict[str, Any]] = []
-    if message.get("reasoning_content"):
-        content.append(
-            {"type": "thinking", "thinking": message["reasoning_content"], "signature": ""}
-        )
-    if message.get("content"):
-        content.append({"type": "text", "text": message["content"]})
-    for call in message.get("tool_calls") or []:
-        function = call.get("function") or {}
-        content.append(
-            {
-                "type": "tool_use",
-                "id": call.get("id") or f"toolu_{uuid.uuid4().hex}",
-                "name": function.get("name", ""),
-                "input": tool_input(function.get("arguments") or ""),
-            }
-        )
-    reason, sequence = stop_reason(choice.get("finish_reason"), choice.get("stop_reason"))
-    usage = resp.get("usage") or {}
+    finish: Finish | None = None
+    usage = Usage()
+    for event in chunk_events(resp):  # reasoning, text, calls: the blocks' order
+        if isinstance(event, ReasoningDelta):
+            content.append({"type": "thinking", "thinking": event.text, "signature": ""})
+        elif isinstance(event, TextDelta):
+            content.append({"type": "text", "text": event.text})
+        elif isinstance(event, ToolCallDelta):
+            content.append(
+                {
+                    "type": "tool_use",
+                    "id": event.id or f"toolu_{uuid.uuid4().hex}",
+                    "name": event.name or "",
+                    "input": tool_input(event.arguments),
+                }
+            )
+        elif isinstance(event, Finish):
+            finish = event
+        elif isinstance(event, Usage):
+            usage = event
+    reason, sequence = stop_reason(finish)
     return {
         "id": message_id(),
         "type": "message",
@@ -462,10 +478,7 @@ def from_openai(resp: dict[str, Any], requested_model: str) -> dict[str, Any]:
         "content": content,
         "stop_reason": reason,
         "stop_sequence": sequence,
-        "usage": {
-            "input_tokens": usage.get("prompt_tokens", 0),
-            "output_tokens": usage.get("completion_tokens", 0),
-        },
+        "usage": {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens},
     }
 
 
@@ -485,7 +498,8 @@ PING: Event = ("ping", {"type": "ping"})
 
 
 class StreamTranslator:
-    """Feeds on OpenAI chat chunks, emits the Anthropic event sequence.
+    """Feeds on the events of OpenAI chat chunks (``chunk_events``), emits the Anthropic
+    event sequence.
 
     message_start → (content_block_start → content_block_delta* → content_block_stop)*
     → message_delta (stop_reason, usage) → message_stop. Blocks open lazily and close
@@ -498,9 +512,8 @@ class StreamTranslator:
         self._index = -1
         self._open: str | None = None  # "thinking" | "text" | "tool_use"
         self._tool_index: int | None = None  # OpenAI index of the open tool call
-        self._finish: str | None = None
-        self._stop_sequence: Any = None
-        self._usage: dict[str, Any] = {}
+        self._finish: Finish | None = None
+        self._usage: Usage | None = None
         self._started = False
 
     def start(self, input_tokens: int = 0) -> list[Event]:
@@ -556,49 +569,48 @@ class StreamTranslator:
             )
         )
 
-    def feed(self, chunk: dict[str, Any]) -> list[Event]:
+    def feed(self, events: list[StreamEvent]) -> list[Event]:
+        """The events of one chunk. On the first, ``message_start`` takes the prompt's
+        token count from its usage (the neuron's opening chunk carries it)."""
         out: list[Event] = []
-        if chunk.get("usage"):
-            self._usage = chunk["usage"]
         if not self._started:
-            out += self.start(int(self._usage.get("prompt_tokens") or 0))
-        for choice in chunk.get("choices") or []:
-            delta = choice.get("delta") or {}
-            if delta.get("reasoning_content"):
-                if self._open != "thinking":
-                    self._begin(out, {"type": "thinking", "thinking": "", "signature": ""})
-                self._delta(out, {"type": "thinking_delta", "thinking": delta["reasoning_content"]})
-            if delta.get("content"):
+            usage = next((e for e in events if isinstance(e, Usage)), None)
+            out += self.start(usage.input_tokens if usage else 0)
+        for event in events:
+            if isinstance(event, TextDelta):
                 if self._open != "text":
                     self._begin(out, {"type": "text", "text": ""})
-                self._delta(out, {"type": "text_delta", "text": delta["content"]})
-            for call in delta.get("tool_calls") or []:
-                function = call.get("function") or {}
-                index = call.get("index", 0)
+                self._delta(out, {"type": "text_delta", "text": event.text})
+            elif isinstance(event, ReasoningDelta):
+                if self._open != "thinking":
+                    self._begin(out, {"type": "thinking", "thinking": "", "signature": ""})
+                self._delta(out, {"type": "thinking_delta", "thinking": event.text})
+            elif isinstance(event, ToolCallDelta):
+                index = event.index or 0
                 if self._open != "tool_use" or index != self._tool_index:
                     self._begin(
                         out,
                         {
                             "type": "tool_use",
-                            "id": call.get("id") or f"toolu_{uuid.uuid4().hex[:24]}",
-                            "name": function.get("name") or "",
+                            "id": event.id or f"toolu_{uuid.uuid4().hex[:24]}",
+                            "name": event.name or "",
                             "input": {},
                         },
                     )
                     self._tool_index = index
-                if function.get("arguments"):
-                    self._delta(
-                        out, {"type": "input_json_delta", "partial_json": function["arguments"]}
-                    )
-            if choice.get("finish_reason"):
-                self._finish = choice["finish_reason"]
-                self._stop_sequence = choice.get("stop_reason")
+                if event.arguments:
+                    self._delta(out, {"type": "input_json_delta", "partial_json": event.arguments})
+            elif isinstance(event, Finish):
+                self._finish = event
+            elif isinstance(event, Usage):
+                self._usage = event
         return out
 
     def finish(self) -> list[Event]:
         out: list[Event] = [] if self._started else self.start()
         self._close(out)
-        reason, sequence = stop_reason(self._finish, self._stop_sequence)
+        reason, sequence = stop_reason(self._finish)
+        usage = self._usage or Usage()
         out.append(
             (
                 "message_delta",
@@ -606,8 +618,8 @@ class StreamTranslator:
                     "type": "message_delta",
                     "delta": {"stop_reason": reason, "stop_sequence": sequence},
                     "usage": {
-                        "input_tokens": self._usage.get("prompt_tokens", 0),
-                        "output_tokens": self._usage.get("completion_tokens", 0),
+                        "input_tokens": usage.input_tokens,
+                        "output_tokens": usage.output_tokens,
                     },
                 },
             )
@@ -617,7 +629,8 @@ class StreamTranslator:
 
     @property
     def usage(self) -> dict[str, Any]:
-        return self._usage
+        """The latest usage, as OpenAI reports it (for the access log and metrics)."""
+        return {} if self._usage is None else openai_usage(self._usage)
 
     @staticmethod
     def error(status: int, message: str) -> list[Event]:

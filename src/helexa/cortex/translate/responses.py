@@ -13,6 +13,16 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from helexa.core.errors import bad_request
+from helexa.core.stream import (
+    Finish,
+    ReasoningDelta,
+    StreamEvent,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+    chunk_events,
+    openai_usage,
+)
 from helexa.core.wire import MAX_MESSAGES, MAX_TOOLS, ClientModelName, StreamFlag, Wire
 from helexa.cortex.translate.anthropic import Event, render
 from helexa.cortex.translate.tool_set import HostedTools, ToolSet, leave_out
@@ -476,17 +486,14 @@ def _echo(req: ResponsesRequest | None, model: str) -> dict[str, Any]:
     }
 
 
-def _usage(usage: dict[str, Any]) -> dict[str, Any]:
-    prompt = int(usage.get("prompt_tokens") or 0)
-    completion = int(usage.get("completion_tokens") or 0)
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
+def _usage(usage: Usage | None) -> dict[str, Any]:
+    usage = usage or Usage()
     return {
-        "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
-        "output_tokens": completion,
-        "output_tokens_details": {"reasoning_tokens": reasoning},
-        "total_tokens": int(usage.get("total_tokens") or prompt + completion),
+        "input_tokens": usage.input_tokens,
+        "input_tokens_details": {"cached_tokens": usage.cached_tokens, "cache_write_tokens": 0},
+        "output_tokens": usage.output_tokens,
+        "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+        "total_tokens": usage.input_tokens + usage.output_tokens,
     }
 
 
@@ -549,19 +556,25 @@ def from_openai(
     tools: ToolSet | None = None,
 ) -> dict[str, Any]:
     tools = tools or ToolSet()
-    choice = resp["choices"][0]
-    message = choice.get("message") or {}
+    if not resp["choices"]:  # malformed: the relay answers 502
+        raise IndexError("a chat completion without a choice")
     output: list[dict[str, Any]] = []
-    if message.get("reasoning_content"):
-        output.append(_settle(_item("reasoning"), message["reasoning_content"], "completed"))
-    if message.get("content"):
-        output.append(_settle(_item("message"), message["content"], "completed"))
-    for call in message.get("tool_calls") or []:
-        function = call.get("function") or {}
-        item = _item("function_call", call_id=call.get("id") or _id("call"))
-        item.update(tools.call_fields(function.get("name") or ""))
-        output.append(_settle(item, function.get("arguments") or "", "completed"))
-    status: Status = "incomplete" if choice.get("finish_reason") == "length" else "completed"
+    finish: Finish | None = None
+    usage: Usage | None = None
+    for event in chunk_events(resp):  # reasoning, text, calls: the items' order
+        if isinstance(event, ReasoningDelta):
+            output.append(_settle(_item("reasoning"), event.text, "completed"))
+        elif isinstance(event, TextDelta):
+            output.append(_settle(_item("message"), event.text, "completed"))
+        elif isinstance(event, ToolCallDelta):
+            item = _item("function_call", call_id=event.id or _id("call"))
+            item.update(tools.call_fields(event.name or ""))
+            output.append(_settle(item, event.arguments, "completed"))
+        elif isinstance(event, Finish):
+            finish = event
+        elif isinstance(event, Usage):
+            usage = event
+    status: Status = "incomplete" if finish and finish.reason == "length" else "completed"
     if status == "incomplete" and output:
         output[-1]["status"] = "incomplete"  # the item the token limit cut short
     created = int(resp.get("created") or time.time())
@@ -572,7 +585,7 @@ def from_openai(
         _echo(request, requested_model),
         status,
         output,
-        _usage(resp.get("usage") or {}),
+        _usage(usage),
     )
 
 
@@ -590,7 +603,8 @@ def error_code(status: int) -> str:
 
 
 class StreamTranslator:
-    """Feeds on OpenAI chat chunks, emits the Responses event sequence.
+    """Feeds on the events of OpenAI chat chunks (``chunk_events``), emits the Responses
+    event sequence.
 
     response.created → response.in_progress → per output item: output_item.added →
     [content_part.added] → *.delta* → *.done → [content_part.done] → output_item.done →
@@ -616,8 +630,8 @@ class StreamTranslator:
         self._open: dict[str, Any] | None = None
         self._text: list[str] = []  # what the open item has said so far
         self._tool_index: int | None = None  # OpenAI index of the open function call
-        self._finish: str | None = None
-        self._usage: dict[str, Any] = {}
+        self._finish: Finish | None = None
+        self._usage: Usage | None = None
 
     def _emit(self, out: list[Event], name: str, **data: Any) -> None:
         out.append((name, {"type": name, "sequence_number": self._sequence, **data}))
@@ -725,47 +739,46 @@ class StreamTranslator:
     def _kind(self) -> str | None:
         return self._open["type"] if self._open is not None else None
 
-    def feed(self, chunk: dict[str, Any]) -> list[Event]:
-        out: list[Event] = []
-        if chunk.get("usage"):
-            self._usage = chunk["usage"]
-        if not self._started:
-            out += self.start()
-        for choice in chunk.get("choices") or []:
-            delta = choice.get("delta") or {}
-            if delta.get("reasoning_content"):
-                if self._kind() != "reasoning":
-                    self._begin(out, _item("reasoning", status="in_progress"))
-                self._delta(out, delta["reasoning_content"])
-            if delta.get("content"):
+    def feed(self, events: list[StreamEvent]) -> list[Event]:
+        """The events of one chunk."""
+        out: list[Event] = [] if self._started else self.start()
+        for event in events:
+            if isinstance(event, TextDelta):
                 if self._kind() != "message":
                     self._begin(out, _item("message", status="in_progress"))
-                self._delta(out, delta["content"])
-            for call in delta.get("tool_calls") or []:
-                function = call.get("function") or {}
-                index = call.get("index", 0)
+                self._delta(out, event.text)
+            elif isinstance(event, ReasoningDelta):
+                if self._kind() != "reasoning":
+                    self._begin(out, _item("reasoning", status="in_progress"))
+                self._delta(out, event.text)
+            elif isinstance(event, ToolCallDelta):
+                index = event.index or 0
                 if self._kind() != "function_call" or index != self._tool_index:
-                    item = _item("function_call", call_id=call.get("id") or _id("call"))
-                    item.update(self._tools.call_fields(function.get("name") or ""))
+                    item = _item("function_call", call_id=event.id or _id("call"))
+                    item.update(self._tools.call_fields(event.name or ""))
                     item["status"] = "in_progress"
                     self._begin(out, item)
                     self._tool_index = index
-                if function.get("arguments"):
-                    self._delta(out, function["arguments"])
-            if choice.get("finish_reason"):
-                self._finish = choice["finish_reason"]
+                if event.arguments:
+                    self._delta(out, event.arguments)
+            elif isinstance(event, Finish):
+                self._finish = event
+            elif isinstance(event, Usage):
+                self._usage = event
         return out
 
     def finish(self) -> list[Event]:
         out: list[Event] = [] if self._started else self.start()
-        status: Status = "incomplete" if self._finish == "length" else "completed"
+        length = self._finish is not None and self._finish.reason == "length"
+        status: Status = "incomplete" if length else "completed"
         self._close(out, status)
         self._emit(out, f"response.{status}", response=self._response(status, _usage(self._usage)))
         return out
 
     @property
     def usage(self) -> dict[str, Any]:
-        return self._usage
+        """The latest usage, as OpenAI reports it (for the access log and metrics)."""
+        return {} if self._usage is None else openai_usage(self._usage)
 
     def error(self, status: int, message: str) -> list[Event]:
         """``response.failed`` carrying what was said so far; nothing follows it. The SDK
