@@ -527,3 +527,29 @@ def test_a_refused_poll_carries_the_neurons_own_words() -> None:
     body = b'{"error": {"message": "add the name to [http] allowed_hosts", "code": "x"}}'
     assert _said(body) == ": add the name to [http] allowed_hosts"
     assert _said(b"<html>") == "" and _said(b'{"error": "flat"}') == ""
+
+
+def test_a_pull_with_a_quant_is_a_gguf_pull_and_a_dense_profile_takes_none() -> None:
+    neurons = Neurons({"n": [24000]}, [gpu_model("org/dense")])
+    node, download = asyncio.run(neurons.loads.admin_pull("org/some-model", "n", "Q4_K_M"))
+    assert node == "n" and download.state == "downloading"
+    [(_n, path, spec)] = neurons.posts
+    assert path == "/models/pull"
+    assert (spec["harness"], spec["quant"]) == ("llamacpp", "Q4_K_M")  # not transformers
+    with pytest.raises(ApiError) as info:
+        asyncio.run(neurons.loads.admin_pull("org/dense", "n", "Q4_K_M"))
+    assert info.value.status == 400 and info.value.param == "quant"
+
+
+def test_an_admin_command_to_a_neuron_that_does_not_answer_is_a_503() -> None:
+    from helexa.cortex.upstream import ConnectFailed
+
+    neurons = Neurons({"n": [24000]}, [gpu_model("m/a")])
+
+    async def unreachable(state: NeuronState, model_id: str) -> int:
+        raise ConnectFailed("cannot connect to n:1")
+
+    neurons.client.delete = unreachable  # type: ignore[method-assign]
+    with pytest.raises(ApiError) as info:
+        asyncio.run(neurons.loads.admin_delete("m/a", "n"))
+    assert info.value.status == 503 and "cannot connect" in info.value.message

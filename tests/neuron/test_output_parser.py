@@ -69,6 +69,10 @@ def test_malformed_and_unterminated_calls_are_reported_as_text() -> None:
     message = run(parser, ['Hi <tool_call>{not json}</tool_call> and <tool_call>{"na'])
     assert message["content"] == 'Hi <tool_call>{not json}</tool_call>and <tool_call>{"na'
     assert "tool_calls" not in message and parser.malformed_calls == 2
+    # A call without a name is text too: a whole answer and a stream must agree on that.
+    nameless = TaggedOutput(reasoning=False, tools=True)
+    message = run(nameless, ['<tool_call>{"name": "", "arguments": {}}</tool_call>'])
+    assert "tool_calls" not in message and not nameless.saw_tool_calls
 
 
 def test_prompt_that_opened_think_and_tags_disabled() -> None:

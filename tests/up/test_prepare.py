@@ -63,7 +63,8 @@ def test_a_missing_model_is_downloaded_by_the_neuron_with_progress_then_loaded(
     monkeypatch.setattr(up, "download_info", recorded)
     try:
         up.prepare_model()
-        assert up.kind == "hub" and up.neuron is not None
+        assert up.kind == "hub"
+        assert up.neuron is None  # the neuron that downloaded is gone: one serves offline
         printed = out.getvalue()
         assert f"downloading {REPO} (Q4_1) into {cache}" in printed
         assert f"✓ {REPO} (Q4_1) downloaded into {cache}" in printed
@@ -75,6 +76,10 @@ def test_a_missing_model_is_downloaded_by_the_neuron_with_progress_then_loaded(
         partway = [s for s in seen if s["total_bytes"] and 0 < s["done_bytes"] < s["total_bytes"]]
         assert partway and seen[-1]["state"] == "done", seen
         assert list(cache.glob("models--helexa-test--*/snapshots/*/*Q4_1*.gguf"))
+        up.start_neuron()
+        assert up.neuron is not None
+        environ = Path(f"/proc/{up.neuron.proc.pid}/environ").read_bytes().split(b"\0")
+        assert b"HF_HUB_OFFLINE=1" in environ
         up.load()
         [served] = httpx.get(f"{up.neuron_url}/models", timeout=5).json()
         assert served["id"] == REPO and served["harness"] == "llamacpp"

@@ -13,6 +13,8 @@ import asyncio
 import logging
 import time
 
+from pydantic import ValidationError
+
 from helexa.core.errors import ApiError, not_found, unavailable
 from helexa.core.wire import DownloadInfo, ModelSize
 from helexa.cortex.catalogue import Catalogue, ModelProfile
@@ -250,10 +252,7 @@ class Loads:
 
     async def _ask_size(self, name: str, profile: ModelProfile) -> ModelSize:
         state = self.fleet.neurons[name]
-        try:
-            return await self.client.size(state, self._spec(state, profile))
-        except NeuronRefused as exc:
-            raise RuntimeError(exc.message) from exc
+        return await self.client.size(state, self._spec(state, profile))
 
     @staticmethod
     def _spec(
@@ -486,9 +485,19 @@ class Loads:
         """Start downloading a model's weights (the ``quant`` file of a GGUF repo, else the
         catalogue's) on ``node``, else on the neuron a cold load would pick first; returns
         that neuron and the download as it reported it."""
-        profile = self.catalogue.profile(model_id) or ModelProfile(id=model_id)
-        if quant is not None:
-            profile = ModelProfile.model_validate({**profile.model_dump(), "quant": quant})
+        profile = self.catalogue.profile(model_id)
+        if profile is None:
+            profile = ModelProfile(id=model_id, quant=quant)  # a quant makes it a GGUF repo
+        elif quant is not None:
+            if profile.harness != "llamacpp":
+                raise ApiError(
+                    400,
+                    f"{model_id!r} is a {profile.harness} model in the catalogue: it has no "
+                    "GGUF files to choose with quant",
+                    code="invalid_quant",
+                    param="quant",
+                )
+            profile = profile.model_copy(update={"quant": quant})
         if node is not None:
             state = self.neuron(node)
         else:
@@ -504,6 +513,8 @@ class Loads:
             download = await self.client.pull(state, self._spec(state, profile))
         except NeuronRefused as exc:
             raise neuron_error(state.name, exc.status, exc.error, f"pulling {model_id!r}") from exc
+        except (UpstreamError, ValidationError) as exc:
+            raise self._neuron_failed(state, f"pulling {model_id!r}", exc) from exc
         log.info("pull", extra={"model": model_id, "node": state.name, "by": "admin"})
         return state.name, download
 
@@ -513,8 +524,22 @@ class Loads:
             freed = await self.client.delete(state, model_id)
         except NeuronRefused as exc:
             raise neuron_error(node, exc.status, exc.error, f"deleting {model_id!r}") from exc
+        except (UpstreamError, ValidationError) as exc:
+            raise self._neuron_failed(state, f"deleting {model_id!r}", exc) from exc
         log.info("weights deleted", extra={"model": model_id, "node": node, "by": "admin"})
         return freed
+
+    def _neuron_failed(self, state: NeuronState, doing: str, exc: Exception) -> ApiError:
+        """A neuron that could not be reached (503: it may be back soon) or answered
+        something that is not its API (502)."""
+        if isinstance(exc, ValidationError):
+            return ApiError(
+                502,
+                f"{doing} on {state.name}: the neuron's answer was not understood",
+                type="api_error",
+                code="bad_neuron_reply",
+            )
+        return self._unavailable(f"{doing} on {state.name} failed: {exc}", "upstream_unavailable")
 
     def pin(self, model_id: str, pinned: bool) -> None:
         """Keep a loaded model from eviction (or let it go again), until cortex restarts."""

@@ -76,7 +76,8 @@ def pull(
     body = {"model_id": model, "node": node, "quant": quant}
     started = _call("POST", endpoint, "/admin/models/pull", key, body)
     where = started["node"]
-    quant = started["download"]["quant"]  # the catalogue's, when not given
+    # As the neuron names it: its canonical id, and the catalogue's quant when none was given.
+    model, quant = started["download"]["model_id"], started["download"]["quant"]
     if started["download"]["state"] == "done":
         typer.echo(f"{model}: already on {where}")
         return

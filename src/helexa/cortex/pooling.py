@@ -93,13 +93,13 @@ class Pools:
         return loans
 
     async def _lend_one(self, profile: ModelProfile, share: Share, borrower: str) -> LoanRecord:
-        request = LendRequest(
-            device=None if share.pool == CPU_POOL else share.pool,
-            mb=share.mb,
-            borrower=borrower,
-            model_id=profile.id,
-        )
         try:
+            request = LendRequest(
+                device=None if share.pool == CPU_POOL else share.pool,
+                mb=share.mb,
+                borrower=borrower,
+                model_id=profile.id,
+            )
             loan = await self._client.lend(self._neurons[share.neuron], request)
         except NeuronRefused as exc:
             raise lend_failed(share, exc.message) from exc

@@ -58,8 +58,8 @@ def parse_tool_call(raw: str) -> tuple[str, str] | None:
         call = json.loads(raw)
     except ValueError:
         return None
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-        return None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
+        return None  # a call needs a name: without one it is text the model wrote
     arguments = call.get("arguments", call.get("parameters", {}))
     if isinstance(arguments, str):
         try:

@@ -48,7 +48,7 @@ DEFAULT_QUANT = "Q8_0"
 # A load compiles nothing but may read GBs from a slow disk; a download has no limit (it
 # ends when the neuron says done or failed, or its process exits).
 LOAD_TIMEOUT_S = 1800
-NEURON_START_TIMEOUT_S = 120
+NEURON_START_TIMEOUT_S = 600  # a first import of torch and CUDA can be slow
 # KV cells of the served model's context (capped at what it was trained for): room for Claude
 # Code's whole prompt (~54 k tokens with the tiny model's small vocabulary) and its answer.
 CONTEXT_TOKENS = 65536
@@ -368,6 +368,7 @@ class LocalFleet:
             )
         self.start_neuron(hub=True)
         self.pull()
+        self.stop_neuron()  # it serves offline, as a neuron of a fleet whose weights are here
 
     def spec(self) -> dict[str, str]:
         """The model as the neuron's API takes it (``/models/pull``, ``/models/load``)."""
@@ -482,6 +483,7 @@ class LocalFleet:
             env={k: v for k, v in merged.items() if v is not None},
             start_new_session=True,
         )
+        handle.close()  # the child holds its own descriptor
         child = Child(name, proc, log)
         self.children.append(child)
         self.spawned.append(child)
