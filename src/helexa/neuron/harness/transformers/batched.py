@@ -7,6 +7,7 @@ sequence, together with their finite-logits flags); greedy rows are picked in on
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -296,6 +297,10 @@ class SequentialBackend(TorchBackend):
     def __init__(self, model: Any, device: torch.device) -> None:
         super().__init__(model, device)
         self._caches: dict[int, Any] = {}
+        # transformers 5.x renamed forward's ``past_key_values`` to ``cache`` (the old name
+        # warns, then goes in 5.40); 4.x knows only the old one.
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def forget(self, slot: int, start: int = 0) -> None:
         self._caches.pop(slot, None)  # without prefix reuse the engine only forgets whole slots
@@ -321,8 +326,8 @@ class SequentialBackend(TorchBackend):
             with torch.inference_mode():
                 out = self._model(
                     input_ids=torch.tensor([chunk.tokens], device=self._device),
-                    past_key_values=cache,
                     use_cache=True,
+                    **{self._cache_arg: cache},
                     logits_to_keep=1,
                 )
             if chunk.logits:
