@@ -19,6 +19,7 @@ from helexa.core.wire import (
     Loan,
     ModelSize,
     ModelStatus,
+    StoredModel,
 )
 from helexa.cortex.catalogue import parse_catalogue
 from helexa.cortex.config import CortexSettings, NeuronEntry
@@ -96,6 +97,9 @@ class ScriptedClient:
     async def delete(self, state: NeuronState, model_id: str) -> int:
         await self._called(state, "/models/delete", {"model_id": model_id})
         return 0
+
+    async def stored(self, state: NeuronState) -> list[StoredModel]:
+        return []
 
 
 class Neurons:

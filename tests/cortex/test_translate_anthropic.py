@@ -13,6 +13,7 @@ import pytest
 from helexa.core.errors import ApiError, anthropic_error_body
 from helexa.core.stream import chunk_events
 from helexa.cortex.translate import anthropic as tr
+from tests.support.wire import call_delta
 
 TOOLS = [
     {
@@ -181,16 +182,6 @@ def chunks(*deltas: dict, finish: str = "stop", stop: str | None = None) -> list
     )
     out.append({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 5}})
     return out
-
-
-def call_delta(index: int, args: str, name: str | None = None, id_: str | None = None) -> dict:
-    function: dict[str, Any] = {"arguments": args}
-    if name:
-        function["name"] = name
-    call: dict[str, Any] = {"index": index, "function": function}
-    if id_:
-        call.update(id=id_, type="function")
-    return {"tool_calls": [call]}
 
 
 def translate(stream: list[dict], model: str = "claude-x") -> bytes:

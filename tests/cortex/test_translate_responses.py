@@ -19,6 +19,7 @@ from helexa.core.errors import ApiError
 from helexa.core.stream import chunk_events
 from helexa.cortex.translate import responses as tr
 from helexa.cortex.translate.tool_set import header_value
+from tests.support.wire import call_delta
 
 STREAM_EVENT: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 
@@ -534,16 +535,6 @@ def chunks(*deltas: dict, finish: str = "stop") -> list[dict]:
         {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}}
     )
     return out
-
-
-def call_delta(index: int, args: str, name: str | None = None, id_: str | None = None) -> dict:
-    function: dict[str, Any] = {"arguments": args}
-    if name:
-        function["name"] = name
-    call: dict[str, Any] = {"index": index, "function": function}
-    if id_:
-        call.update(id=id_, type="function")
-    return {"tool_calls": [call]}
 
 
 def translate(stream: list[dict], req: tr.ResponsesRequest | None = None) -> list[tr.Event]:

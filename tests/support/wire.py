@@ -1,4 +1,5 @@
-"""A neuron's /discovery and /health bodies, built for tests that script a fleet."""
+"""Neuron bodies built for tests: /discovery and /health (a scripted fleet), and pieces of
+OpenAI chat chunks (the translators' tests)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,14 @@ def health_body(
         },
         "models": {m: {"in_flight": f, "queued": q} for m, (f, q) in (models or {}).items()},
     }
+
+
+def call_delta(index: int, args: str, name: str | None = None, id_: str | None = None) -> dict:
+    """A chunk delta carrying one tool-call piece (the first piece names the call)."""
+    function: dict[str, Any] = {"arguments": args}
+    if name:
+        function["name"] = name
+    call: dict[str, Any] = {"index": index, "function": function}
+    if id_:
+        call.update(id=id_, type="function")
+    return {"tool_calls": [call]}

@@ -1,7 +1,8 @@
 """``cortex up`` gets a hub model's weights through the neuron's public API, as any client
-would: ``GET /models/stored`` (is it here?), ``POST /models/pull`` and ``/health``'s
-downloads (a progress bar), ``POST /models/load``. The neuron is a real one, its hub a local
-stand-in (``tests/support/fake_hub.py``, ``HF_ENDPOINT``) serving the real SmolLM2 GGUF."""
+would: ``POST /models/pull`` (offline: is it here?; with the hub: download it) and
+``/health``'s downloads (a progress bar), ``POST /models/load``. The neuron is a real one,
+its hub a local stand-in (``tests/support/fake_hub.py``, ``HF_ENDPOINT``) serving the real
+SmolLM2 GGUF."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import httpx
 import pytest
 from rich.console import Console
 
-from helexa.up.run import LocalFleet, UpFailed, holds, pick_quant
+from helexa.up.run import LocalFleet, UpFailed, pick_quant
 from tests.support.fake_hub import FakeHub
 from tests.support.procs import free_port
 
@@ -117,20 +118,7 @@ def test_a_download_the_hub_refuses_says_why_and_what_to_run(
     assert up.children == []
 
 
-def test_what_the_neuron_holds_is_read_from_models_stored() -> None:
+def test_the_quant_defaults_to_q8_0_for_gguf_repos_only() -> None:
     assert pick_quant("Qwen/Qwen3-0.6B-GGUF", None) == "Q8_0"
     assert pick_quant("Qwen/Qwen3-8B", None) is None  # dense: safetensors on transformers
     assert pick_quant("Qwen/Qwen3-0.6B-GGUF", "Q4_K_M") == "Q4_K_M"
-    gguf = {"model_id": "org/m-GGUF", "where": "cache", "bytes": 1, "files": ["m-Q8_0.gguf"]}
-    assert holds([gguf], "org/m-GGUF", "Q8_0")
-    assert holds([gguf], "org/m-GGUF", "q8_0")  # tags are matched as the neuron does
-    assert not holds([gguf], "org/m-GGUF", "Q4_K_M")  # another quant is not enough
-    assert not holds([gguf], "org/m-GGUF", "8_0")  # a tag is not part of a word
-    assert not holds([gguf], "org/m-GGUF", None)  # and no dense weights
-    assert not holds([{**gguf, "where": "model_dirs"}], "org/m-GGUF", "Q8_0")
-    assert not holds([], "org/m-GGUF", "Q8_0")
-    dense = {"model_id": "org/d", "where": "cache", "bytes": 1, "files": ["config.json"]}
-    assert not holds([dense], "org/d", None)
-    assert holds([{**dense, "files": ["config.json", "model.safetensors"]}], "org/d", None)
-    many = [f"f{i:02}.json" for i in range(50)]
-    assert holds([{**gguf, "files": many}], "org/m-GGUF", "Q8_0") is None  # cut short: ask

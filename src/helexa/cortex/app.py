@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-import orjson
 from pydantic import AfterValidator
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -194,9 +193,10 @@ class Gateway:
 
         async def ask(state: NeuronState) -> Any:
             try:
-                return orjson.loads(await self.fleet.get(state, "/models/stored"))
+                stored = await self.loads.client.stored(state)
             except Exception as exc:  # an old neuron, a timeout: say so for that one
                 return {"error": str(exc) or type(exc).__name__}
+            return [entry.model_dump(mode="json") for entry in stored]
 
         answers = await asyncio.gather(*(ask(s) for s in states))
         return {state.name: answer for state, answer in zip(states, answers, strict=True)}

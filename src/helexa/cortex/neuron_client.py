@@ -13,7 +13,7 @@ from typing import NamedTuple, Protocol
 
 import orjson
 
-from helexa.core.wire import DownloadInfo, LendRequest, Loan, ModelSize, ModelStatus
+from helexa.core.wire import DownloadInfo, LendRequest, Loan, ModelSize, ModelStatus, StoredModel
 from helexa.cortex.fleet import NeuronState
 
 # A ModelSpec as cortex sends it (/models/load, /models/size, /models/pull): built by
@@ -22,6 +22,7 @@ LoadSpec = dict[str, object]
 
 SIZE_TIMEOUT_S = 60.0  # /models/size reads file headers: a neuron that takes longer is sick
 LEND_TIMEOUT_S = 90.0  # longer than a donor gives its RPC server to start (60 s)
+STORED_TIMEOUT_S = 10.0  # a walk of the caches' folders: one neuron must not hold up `ls`
 
 
 class NeuronRefused(Exception):
@@ -67,6 +68,8 @@ class NeuronClient(Protocol):
     async def delete(self, neuron: NeuronState, model_id: str) -> int:
         """The bytes freed."""
         ...
+
+    async def stored(self, neuron: NeuronState) -> list[StoredModel]: ...
 
 
 class HttpNeuronClient:
@@ -114,6 +117,15 @@ class HttpNeuronClient:
         freed = payload.get("freed_bytes")
         return freed if isinstance(freed, int) else 0
 
+    async def stored(self, neuron: NeuronState) -> list[StoredModel]:
+        status, payload = await self._request(
+            neuron, "GET", "/models/stored", None, STORED_TIMEOUT_S
+        )
+        if status != 200 or not isinstance(payload, list):
+            error = payload if isinstance(payload, dict) else {}
+            raise NeuronRefused(status if status != 200 else 502, _error_of(error))
+        return [StoredModel.model_validate(entry) for entry in payload]
+
     async def _call(
         self, neuron: NeuronState, path: str, body: dict[str, object], timeout: float
     ) -> dict[str, object]:
@@ -125,10 +137,23 @@ class HttpNeuronClient:
     async def _post(
         self, neuron: NeuronState, path: str, body: dict[str, object], timeout: float
     ) -> tuple[int, dict[str, object]]:
+        status, payload = await self._request(neuron, "POST", path, body, timeout)
+        if not isinstance(payload, dict):  # every lifecycle answer is an object
+            payload = {"error": {"message": f"unexpected answer: {str(payload)[:300]}"}}
+        return status, payload
+
+    async def _request(
+        self,
+        neuron: NeuronState,
+        method: str,
+        path: str,
+        body: dict[str, object] | None,
+        timeout: float,
+    ) -> tuple[int, object]:
         response = await neuron.pool.request(
-            "POST",
+            method,
             path,
-            orjson.dumps(body),
+            None if body is None else orjson.dumps(body),
             connect_timeout=self.connect_timeout_s,
             header_timeout=timeout,
         )
@@ -137,12 +162,9 @@ class HttpNeuronClient:
         finally:
             response.close()
         try:
-            payload = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            payload = None
-        if not isinstance(payload, dict):  # a proxy's error page, a stray body
-            payload = {"error": {"message": raw.decode(errors="replace")[:300]}}
-        return response.status, payload
+            return response.status, orjson.loads(raw)
+        except orjson.JSONDecodeError:  # a proxy's error page, a stray body
+            return response.status, {"error": {"message": raw.decode(errors="replace")[:300]}}
 
 
 def _error_of(payload: dict[str, object]) -> dict[str, object]:

